@@ -1,0 +1,1 @@
+"""Exporters: where usage, meter events and invoices go downstream."""

@@ -1,0 +1,3 @@
+from meter_gateway.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Exact aggregation: window arithmetic, per-method partial aggregates, billable quantity."""

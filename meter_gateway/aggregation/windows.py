@@ -1,0 +1,82 @@
+"""Window truncation as pure functions of (timestamp, window, time zone).
+
+Timestamps are integer nanoseconds since the epoch. Hour, day and month windows are aligned in
+the given IANA zone (an hour in Asia/Kolkata starts at :30 UTC; a day in a DST zone may last 23
+or 25 hours). Rollup buckets are UTC hours.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Literal
+from zoneinfo import ZoneInfo
+
+Window = Literal["hour", "day", "month"]
+NS = 1_000_000_000
+BUCKET_NS = 3600 * NS
+
+
+def _local(ts_ns: int, tz: ZoneInfo) -> datetime:
+    return datetime.fromtimestamp(ts_ns // NS, tz=tz)
+
+
+def _ns(dt: datetime) -> int:
+    return int((dt - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(microseconds=1)) * 1000
+
+
+def truncate(ts_ns: int, window: Window, tz: ZoneInfo) -> int:
+    """Start of the window holding ``ts_ns``."""
+    if window == "hour":
+        offset = _local(ts_ns, tz).utcoffset()
+        off_ns = int(offset.total_seconds()) * NS if offset is not None else 0
+        return ts_ns - (ts_ns + off_ns) % BUCKET_NS
+    local = _local(ts_ns, tz)
+    if window == "day":
+        start = datetime(local.year, local.month, local.day, tzinfo=tz)
+    else:
+        start = datetime(local.year, local.month, 1, tzinfo=tz)
+    s = _ns(start)
+    return s if s <= ts_ns else s - BUCKET_NS  # a skipped local midnight: nearest earlier hour
+
+
+def next_start(start_ns: int, window: Window, tz: ZoneInfo) -> int:
+    """Start of the window after the one starting at ``start_ns``."""
+    if window == "hour":
+        return _next_hour(start_ns, tz)
+    local = _local(start_ns, tz)
+    if window == "day":
+        nxt = datetime(local.year, local.month, local.day, tzinfo=tz) + timedelta(days=1)
+        nxt = datetime(nxt.year, nxt.month, nxt.day, tzinfo=tz)
+    else:
+        year, month = (local.year + 1, 1) if local.month == 12 else (local.year, local.month + 1)
+        nxt = datetime(year, month, 1, tzinfo=tz)
+    return truncate(_ns(nxt), window, tz) if _ns(nxt) > start_ns else start_ns + BUCKET_NS
+
+
+def _next_hour(start_ns: int, tz: ZoneInfo) -> int:
+    # Offsets change by whole quarter hours at most once around a given instant; stepping one
+    # hour and re-truncating keeps windows contiguous across DST changes.
+    candidate = truncate(start_ns + BUCKET_NS, "hour", tz)
+    return candidate if candidate > start_ns else start_ns + BUCKET_NS
+
+
+def split(from_ns: int, to_ns: int, window: Window, tz: ZoneInfo) -> list[tuple[int, int]]:
+    """Every window in ``[from_ns, to_ns)``, in order, clipped to the range."""
+    if to_ns <= from_ns:
+        return []
+    out = []
+    start = truncate(from_ns, window, tz)
+    while start < to_ns:
+        end = next_start(start, window, tz)
+        out.append((max(start, from_ns), min(end, to_ns)))
+        start = end
+    return out
+
+
+def floor_bucket(ts_ns: int) -> int:
+    return ts_ns - ts_ns % BUCKET_NS
+
+
+def ceil_bucket(ts_ns: int) -> int:
+    r = ts_ns % BUCKET_NS
+    return ts_ns if r == 0 else ts_ns - r + BUCKET_NS

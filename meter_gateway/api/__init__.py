@@ -1,0 +1,1 @@
+"""The HTTP API: ingest, usage queries, catalog, rejected records, operations endpoints."""

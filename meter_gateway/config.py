@@ -1,0 +1,483 @@
+"""The gateway's YAML configuration: typed, validated once at start-up, every error with its path.
+
+Precedence is simple: the file says everything; ``${NAME}`` in any string is replaced by the
+environment variable NAME (a missing variable is an error naming the path); anything the file
+leaves out takes the default written next to its field here.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from datetime import timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from meter_gateway.decimals import DecimalError, parse_value
+
+_DURATION_PART = re.compile(r"(\d+)(ms|s|m|h|d|w)")
+_DURATION_UNITS = {
+    "ms": timedelta(milliseconds=1),
+    "s": timedelta(seconds=1),
+    "m": timedelta(minutes=1),
+    "h": timedelta(hours=1),
+    "d": timedelta(days=1),
+    "w": timedelta(weeks=1),
+}
+_SLUG = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def parse_duration(raw: object) -> timedelta:
+    """``90s``, ``5m``, ``24h``, ``35d``, ``1h30m``; a bare number is seconds."""
+    if isinstance(raw, timedelta):
+        return raw
+    if isinstance(raw, bool):
+        raise ValueError("expected a duration such as 90s, 5m, 24h or 35d")
+    if isinstance(raw, int | float):
+        return timedelta(seconds=raw)
+    if not isinstance(raw, str):
+        raise ValueError("expected a duration such as 90s, 5m, 24h or 35d")
+    text = raw.strip()
+    pos, total = 0, timedelta()
+    for m in _DURATION_PART.finditer(text):
+        if m.start() != pos:
+            break
+        total += int(m.group(1)) * _DURATION_UNITS[m.group(2)]
+        pos = m.end()
+    if pos != len(text) or not text:
+        raise ValueError(f"{raw!r} is not a duration (expected e.g. 90s, 5m, 24h, 35d)")
+    return total
+
+
+def _parse_decimal(raw: object) -> Decimal:
+    try:
+        return parse_value(raw)
+    except DecimalError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def _parse_listen(raw: object) -> str:
+    if not isinstance(raw, str) or ":" not in raw:
+        raise ValueError(f"{raw!r} is not host:port")
+    host, _, port = raw.rpartition(":")
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{raw!r} has no valid port")
+    if not host:
+        raise ValueError(f"{raw!r} has no host")
+    return raw
+
+
+Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
+Dec = Annotated[Decimal, BeforeValidator(_parse_decimal)]
+Listen = Annotated[str, BeforeValidator(_parse_listen)]
+Slug = Annotated[str, Field(pattern=_SLUG)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --- server, store, ingest, auth -------------------------------------------------------------
+
+
+class ListenConfig(_Model):
+    listen: Listen
+    enabled: bool = True
+
+
+class ServerConfig(_Model):
+    http: ListenConfig = ListenConfig(listen="127.0.0.1:8080")
+    otlp_grpc: ListenConfig = ListenConfig(listen="127.0.0.1:4317")
+    otlp_http: ListenConfig = ListenConfig(listen="127.0.0.1:4318")
+
+
+class StoreConfig(_Model):
+    url: str = "sqlite:///./meter-gateway.db"
+
+    @field_validator("url")
+    @classmethod
+    def _known_scheme(cls, v: str) -> str:
+        if not (v.startswith("sqlite://") or v.startswith(("postgresql://", "postgres://"))):
+            raise ValueError(f"{v!r}: expected sqlite:///path or postgresql://...")
+        return v
+
+
+class IngestConfig(_Model):
+    dedup_window: Duration = timedelta(days=35)
+    late_arrival_limit: Duration = timedelta(days=35)
+    future_tolerance: Duration = timedelta(minutes=5)
+    # Limits that keep one client from exhausting the gateway.
+    max_body_bytes: int = Field(default=10 * 1024 * 1024, gt=0)
+    max_decompressed_bytes: int = Field(default=100 * 1024 * 1024, gt=0)
+    max_batch_records: int = Field(default=100_000, gt=0)
+    # Records waiting for commit, across all requests; past it ingest answers 429.
+    max_queue_records: int = Field(default=500_000, gt=0)
+    # Records one group commit takes at most.
+    max_commit_records: int = Field(default=50_000, gt=0)
+    retry_after: Duration = timedelta(seconds=1)
+    metadata_max_bytes: int = Field(default=16 * 1024, gt=0)
+
+
+Scope = Literal["ingest", "read", "admin"]
+
+
+class ApiKeyConfig(_Model):
+    name: str
+    key: str | None = Field(default=None, min_length=16)
+    key_env: str | None = None
+    scopes: tuple[Scope, ...] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ApiKeyConfig:
+        if (self.key is None) == (self.key_env is None):
+            raise ValueError("set exactly one of 'key' or 'key_env'")
+        return self
+
+    def resolve(self, environ: Mapping[str, str]) -> str:
+        if self.key is not None:
+            return self.key
+        assert self.key_env is not None
+        value = environ.get(self.key_env)
+        if not value:
+            raise ValueError(f"environment variable {self.key_env} (key_env) is not set")
+        return value
+
+
+class AuthConfig(_Model):
+    api_keys: tuple[ApiKeyConfig, ...] = ()
+    # /metrics, /healthz, /readyz answer without a key unless this is false.
+    open_operations: bool = True
+
+
+class BillingConfig(_Model):
+    timezone: str = "UTC"
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, v: str) -> str:
+        try:
+            ZoneInfo(v)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"{v!r} is not an IANA time zone") from None
+        return v
+
+
+# --- catalog ---------------------------------------------------------------------------------
+
+Aggregation = Literal[
+    "sum", "count", "max", "min", "avg", "last", "unique_count", "weighted_sum", "time_weighted_avg"
+]
+Interval = Literal["none", "hour", "day", "month"]
+Rounding = Literal["none", "ceil", "floor", "round"]
+
+
+class Dimension(_Model):
+    id: Slug
+    name: str
+    unit: str = "unit"
+    aggregation: Aggregation = "sum"
+    aggregation_interval: Interval = "none"
+    usage_increment: Dec = Decimal(1)
+    rounding: Rounding = "none"
+    price: Dec | None = None
+    unit_cost: Dec | None = None
+    unique_key: str | None = None
+    measurement: str | None = None
+    description: str = ""
+
+    @model_validator(mode="after")
+    def _coherent(self) -> Dimension:
+        if self.usage_increment <= 0:
+            raise ValueError("usage_increment must be > 0")
+        if self.aggregation == "unique_count" and not self.unique_key:
+            raise ValueError("aggregation unique_count needs unique_key (a metadata key)")
+        for name in ("price", "unit_cost"):
+            v = getattr(self, name)
+            if v is not None and v < 0:
+                raise ValueError(f"{name} must be >= 0")
+        return self
+
+
+class Tier(_Model):
+    up_to: Dec | None
+    unit_price: Dec = Decimal(0)
+    flat_fee: Dec = Decimal(0)
+
+
+class Charge(_Model):
+    dimension: Slug
+    model: Literal["per_unit", "graduated", "volume", "package"] = "per_unit"
+    unit_price: Dec | None = None
+    tiers: tuple[Tier, ...] = ()
+    package_size: Dec | None = None
+    package_price: Dec | None = None
+    free_units: Dec = Decimal(0)
+
+    @model_validator(mode="after")
+    def _model_fields(self) -> Charge:
+        if self.model in ("graduated", "volume"):
+            if not self.tiers:
+                raise ValueError(f"model {self.model} needs tiers")
+            bounds = [t.up_to for t in self.tiers]
+            if any(b is None for b in bounds[:-1]) or bounds[-1] is not None:
+                raise ValueError("only the last tier is unbounded (up_to: null), and it must be")
+            finite = [b for b in bounds if b is not None]
+            if finite != sorted(set(finite)):
+                raise ValueError("tier up_to bounds must increase")
+        if self.model == "package" and (
+            self.package_size is None or self.package_size <= 0 or self.package_price is None
+        ):
+            raise ValueError("model package needs package_size > 0 and package_price")
+        return self
+
+
+class Offering(_Model):
+    id: Slug
+    name: str
+    currency: str = Field(default="USD", pattern=r"^[A-Z]{3}$")
+    charges: tuple[Charge, ...] = ()
+
+    @model_validator(mode="after")
+    def _one_charge_per_dimension(self) -> Offering:
+        seen = [c.dimension for c in self.charges]
+        dup = {d for d in seen if seen.count(d) > 1}
+        if dup:
+            raise ValueError(f"more than one charge for dimension(s) {sorted(dup)}")
+        return self
+
+
+class Customer(_Model):
+    id: Slug
+    name: str
+    offering: Slug | None = None
+    aliases: tuple[str, ...] = ()
+    stripe_account_id: str | None = None
+
+
+class RuleMatch(_Model):
+    source: Literal["otlp", "remote_write", "vector", "prometheus"] | None = None
+    metric: str | None = None
+    attributes: dict[str, str] = Field(default_factory=dict)
+
+
+class Rule(_Model):
+    match: RuleMatch = RuleMatch()
+    dimension: Slug
+    customer_attribute: str = "tenant"
+    scale: Dec = Decimal(1)
+
+
+class MeterThreshold(_Model):
+    value: Dec | None = None
+    percent: Dec | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> MeterThreshold:
+        if (self.value is None) == (self.percent is None):
+            raise ValueError("set exactly one of 'value' or 'percent'")
+        return self
+
+
+class Meter(_Model):
+    id: Slug
+    customer: Slug
+    dimension: Slug
+    reset: Literal["daily", "monthly", "billing_period", "never"] = "monthly"
+    capacity: Dec | None = None
+    thresholds: tuple[MeterThreshold, ...] = ()
+
+
+# --- receivers, exporters --------------------------------------------------------------------
+
+
+class PrometheusSeries(_Model):
+    dimension: Slug
+    query: str
+    customer_label: str = "tenant"
+    kind: Literal["counter", "gauge"] = "counter"
+    scale: Dec = Decimal(1)
+
+
+class PrometheusReceiverConfig(_Model):
+    url: str
+    headers: dict[str, str] = Field(default_factory=dict)
+    interval: Duration = timedelta(seconds=60)
+    delay: Duration = timedelta(seconds=30)
+    series: tuple[PrometheusSeries, ...] = ()
+
+
+class ReceiversConfig(_Model):
+    prometheus: PrometheusReceiverConfig | None = None
+
+
+class ExportersConfig(_Model):
+    pass
+
+
+# --- the whole file --------------------------------------------------------------------------
+
+
+class Config(_Model):
+    server: ServerConfig = ServerConfig()
+    store: StoreConfig = StoreConfig()
+    ingest: IngestConfig = IngestConfig()
+    auth: AuthConfig = AuthConfig()
+    billing: BillingConfig = BillingConfig()
+    dimensions: tuple[Dimension, ...] = ()
+    offerings: tuple[Offering, ...] = ()
+    customers: tuple[Customer, ...] = ()
+    rules: tuple[Rule, ...] = ()
+    meters: tuple[Meter, ...] = ()
+    receivers: ReceiversConfig = ReceiversConfig()
+    exporters: ExportersConfig = ExportersConfig()
+
+    @model_validator(mode="after")
+    def _references(self) -> Config:
+        errors: list[str] = []
+        dims = _unique_ids("dimensions", [d.id for d in self.dimensions], errors)
+        offers = _unique_ids("offerings", [o.id for o in self.offerings], errors)
+        custs = _unique_ids("customers", [c.id for c in self.customers], errors)
+        for i, o in enumerate(self.offerings):
+            for j, c in enumerate(o.charges):
+                if c.dimension not in dims:
+                    errors.append(
+                        f"offerings.{i}.charges.{j}.dimension: unknown dimension {c.dimension!r}"
+                    )
+        aliases: dict[str, str] = {}
+        for i, cust in enumerate(self.customers):
+            if cust.offering is not None and cust.offering not in offers:
+                errors.append(f"customers.{i}.offering: unknown offering {cust.offering!r}")
+            for a in cust.aliases:
+                owner = aliases.setdefault(a, cust.id)
+                if owner != cust.id or (a in custs and a != cust.id):
+                    errors.append(f"customers.{i}.aliases: {a!r} already names {owner!r}")
+        for i, r in enumerate(self.rules):
+            if r.dimension not in dims:
+                errors.append(f"rules.{i}.dimension: unknown dimension {r.dimension!r}")
+        for i, m in enumerate(self.meters):
+            if m.dimension not in dims:
+                errors.append(f"meters.{i}.dimension: unknown dimension {m.dimension!r}")
+            if m.customer not in custs:
+                errors.append(f"meters.{i}.customer: unknown customer {m.customer!r}")
+        if self.receivers.prometheus is not None:
+            for i, s in enumerate(self.receivers.prometheus.series):
+                if s.dimension not in dims:
+                    errors.append(
+                        f"receivers.prometheus.series.{i}.dimension: unknown dimension "
+                        f"{s.dimension!r}"
+                    )
+        if errors:
+            raise ValueError("; ".join(errors))
+        return self
+
+
+def _unique_ids(kind: str, ids: list[str], errors: list[str]) -> set[str]:
+    seen: set[str] = set()
+    for i, x in enumerate(ids):
+        if x in seen:
+            errors.append(f"{kind}.{i}.id: duplicate id {x!r}")
+        seen.add(x)
+    return seen
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; ``errors`` holds one ``path: message`` line per problem."""
+
+    def __init__(self, errors: list[str]) -> None:
+        super().__init__("\n".join(errors))
+        self.errors = errors
+
+
+def substitute_env(node: Any, environ: Mapping[str, str], path: str, errors: list[str]) -> Any:
+    """Replace ``${NAME}`` in every string of a parsed YAML tree."""
+    if isinstance(node, str):
+
+        def repl(m: re.Match[str]) -> str:
+            name = m.group(1)
+            if name not in environ:
+                errors.append(f"{path or '<root>'}: environment variable {name} is not set")
+                return ""
+            return environ[name]
+
+        return _ENV_REF.sub(repl, node)
+    if isinstance(node, dict):
+        return {
+            k: substitute_env(v, environ, f"{path}.{k}" if path else str(k), errors)
+            for k, v in node.items()
+        }
+    if isinstance(node, list):
+        return [substitute_env(v, environ, f"{path}.{i}", errors) for i, v in enumerate(node)]
+    return node
+
+
+def parse_config(text: str, environ: Mapping[str, str] | None = None) -> Config:
+    """Parse and validate YAML text; raises ConfigError listing every problem."""
+    env = os.environ if environ is None else environ
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"<yaml>: {exc}"]) from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(["<root>: expected a mapping of settings"])
+    errors: list[str] = []
+    raw = substitute_env(raw, env, "", errors)
+    if errors:
+        raise ConfigError(errors)
+    try:
+        config = Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc)) from None
+    key_errors = []
+    for i, k in enumerate(config.auth.api_keys):
+        try:
+            k.resolve(env)
+        except ValueError as exc:
+            key_errors.append(f"auth.api_keys.{i}: {exc}")
+    if key_errors:
+        raise ConfigError(key_errors)
+    return config
+
+
+def load_config(path: str | Path | None, environ: Mapping[str, str] | None = None) -> Config:
+    """Load the config file, or the defaults when no file is given."""
+    if path is None:
+        return parse_config("", environ)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"{path}: {exc.strerror}"]) from None
+    return parse_config(text, environ)
+
+
+def _format_errors(exc: ValidationError) -> list[str]:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "<root>"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif (
+            "input" in err
+            and err["type"] not in ("missing",)
+            and not isinstance(err["input"], dict | list)
+        ):
+            msg = f"{msg} (got {err['input']!r})"
+        lines.append(f"{loc}: {msg}")
+    return lines

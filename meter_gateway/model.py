@@ -1,0 +1,121 @@
+"""The records that flow through the pipeline: observations in, usage records out.
+
+Receivers produce ``Observation``s (a metric point with attributes) or, for REST, usage records
+directly; the pipeline turns both into ``UsageRecord``s, and a ``Batch`` carries the valid records
+of one request together with the rejected ones and why.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from decimal import Decimal
+from enum import StrEnum
+from typing import Any
+
+
+class Source(StrEnum):
+    """Which receiver produced a record; doubles as a metric label value."""
+
+    REST = "rest"
+    VECTOR = "vector"
+    OTLP = "otlp"
+    REMOTE_WRITE = "remote_write"
+    PROMETHEUS = "prometheus"
+
+
+class Reason(StrEnum):
+    """Why a record was rejected; the values double as metric label values."""
+
+    MALFORMED = "malformed"
+    MISSING_FIELD = "missing_field"
+    INVALID_VALUE = "invalid_value"
+    INVALID_TIMESTAMP = "invalid_timestamp"
+    TOO_LATE = "too_late"
+    IN_FUTURE = "in_future"
+    UNKNOWN_CUSTOMER = "unknown_customer"
+    UNKNOWN_DIMENSION = "unknown_dimension"
+    NEGATIVE_VALUE = "negative_value"
+    UNMAPPED = "unmapped"
+    TOO_LARGE = "too_large"
+
+
+class ObservationKind(StrEnum):
+    AMOUNT = "amount"  # a delta: add it up
+    CUMULATIVE = "cumulative"  # a monotonic counter's running total
+    LEVEL = "level"  # a gauge sample
+
+
+@dataclass(frozen=True, slots=True)
+class Observation:
+    """A metric point before mapping rules decide which customer and dimension it bills."""
+
+    source: Source
+    name: str
+    attributes: dict[str, str]
+    value: Decimal
+    kind: ObservationKind
+    timestamp_ns: int
+    natural_key: str | None = None
+    resource_attributes: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class UsageRecord:
+    """One validated usage record, ready to commit."""
+
+    timestamp_ns: int
+    customer_id: str
+    dimension_id: str
+    value: Decimal
+    record_id: str | None = None
+    metadata: dict[str, Any] | None = None
+    source: Source = Source.REST
+    # 16-byte digest of the dedup identity (record id or natural key); None: never deduplicated.
+    dedup_key: bytes | None = None
+    # metadata[unique_key] for unique_count dimensions, kept in the distinct-value rollup.
+    unique_value: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RecordError:
+    """Why one record of a request was rejected."""
+
+    index: int
+    field: str | None
+    error: str
+    reason: Reason
+    raw: str | None = None  # the record as received (truncated), for the rejected store
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "index": self.index,
+            "field": self.field,
+            "error": self.error,
+            "reason": self.reason.value,
+        }
+
+
+@dataclass(slots=True)
+class Batch:
+    """What one request or export carries into the commit: valid records and rejected ones."""
+
+    source: Source
+    records: list[UsageRecord] = field(default_factory=list)
+    errors: list[RecordError] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class CommitResult:
+    accepted: int
+    duplicates: int
+    rejected: int
+
+
+def dedup_key(namespace: str, identity: str) -> bytes:
+    """The 128-bit dedup digest of an identity within a namespace ("id", "otlp", ...)."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(namespace.encode())
+    h.update(b"\x00")
+    h.update(identity.encode("utf-8", "surrogatepass"))
+    return h.digest()

@@ -1,0 +1,1 @@
+"""The ingest pipeline: decode → validate → map → (dedup, aggregate, commit in the store)."""

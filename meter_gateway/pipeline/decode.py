@@ -1,0 +1,213 @@
+"""Bodies to JSON documents: decompression with limits, JSON / JSON array / NDJSON framing.
+
+Numbers stay exact: orjson parses bodies whose numbers all have at most 15 significant digits
+(those round-trip through a double); any body with a longer digit run is parsed with the
+standard library into ``Decimal``s.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import zlib
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+import cramjam
+import orjson
+import zstandard
+
+# A run of 16+ digits/dots may be a number a double cannot hold exactly.
+_LONG_NUMBER = re.compile(rb"[0-9.]{16,}")
+
+
+class DecodeError(Exception):
+    """The whole body is unusable; ``status`` is the HTTP status to answer."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class ItemError:
+    """One item of a body (an NDJSON line) that is not JSON."""
+
+    index: int
+    error: str
+    raw: str
+
+
+Item = dict[str, Any] | ItemError
+
+
+def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
+    """Undo ``Content-Encoding``; never produce more than ``limit`` bytes."""
+    codings = [c.strip().lower() for c in (encoding or "").split(",") if c.strip()]
+    for coding in reversed(codings):
+        if coding in ("identity", ""):
+            continue
+        if coding in ("gzip", "x-gzip"):
+            body = _zlib(body, 16 + zlib.MAX_WBITS, limit, "gzip")
+        elif coding == "deflate":
+            # RFC 9110 deflate is zlib-wrapped; some clients send raw deflate.
+            try:
+                body = _zlib(body, zlib.MAX_WBITS, limit, "deflate")
+            except DecodeError:
+                body = _zlib(body, -zlib.MAX_WBITS, limit, "deflate")
+        elif coding == "zstd":
+            body = _zstd(body, limit)
+        elif coding == "snappy":
+            body = _snappy(body, limit)
+        else:
+            raise DecodeError(
+                415,
+                f"unsupported Content-Encoding {coding!r} "
+                "(expected gzip, deflate, zstd, snappy or identity)",
+            )
+    return body
+
+
+def _zlib(body: bytes, wbits: int, limit: int, name: str) -> bytes:
+    d = zlib.decompressobj(wbits)
+    try:
+        out = d.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise DecodeError(400, f"body is not valid {name}: {exc}") from None
+    if len(out) > limit:
+        raise DecodeError(413, f"decompressed body exceeds {limit} bytes")
+    if not d.eof:
+        raise DecodeError(400, f"{name} body is truncated")
+    return out
+
+
+def _zstd(body: bytes, limit: int) -> bytes:
+    try:
+        reader = zstandard.ZstdDecompressor().stream_reader(body, read_across_frames=True)
+        out = reader.read(limit + 1)
+    except zstandard.ZstdError as exc:
+        raise DecodeError(400, f"body is not valid zstd: {exc}") from None
+    if len(out) > limit:
+        raise DecodeError(413, f"decompressed body exceeds {limit} bytes")
+    if not out and body:
+        raise DecodeError(400, "zstd body is truncated or empty")
+    return bytes(out)
+
+
+def _snappy(body: bytes, limit: int) -> bytes:
+    try:
+        size = int(cramjam.snappy.decompress_raw_len(body))
+    except Exception as exc:  # cramjam raises its own DecompressionError
+        raise DecodeError(400, f"body is not valid snappy (raw block): {exc}") from None
+    if size > limit:
+        raise DecodeError(413, f"decompressed body exceeds {limit} bytes")
+    try:
+        return bytes(cramjam.snappy.decompress_raw(body))
+    except Exception as exc:
+        raise DecodeError(400, f"body is not valid snappy (raw block): {exc}") from None
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a valid JSON number")
+
+
+def loads(data: bytes) -> Any:
+    """Parse one JSON document exactly (see module docstring)."""
+    if _LONG_NUMBER.search(data) is None:
+        try:
+            return orjson.loads(data)
+        except orjson.JSONDecodeError:
+            pass  # the standard library's message says where, and it also handles big ints
+    try:
+        return json.loads(data, parse_float=Decimal, parse_constant=_reject_constant)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"body is not UTF-8: {exc.reason} at byte {exc.start}") from None
+
+
+def parse_items(body: bytes, content_type: str | None, max_items: int) -> list[Item]:
+    """Split a body into JSON objects: a single object, a JSON array, or NDJSON lines.
+
+    A body that is not JSON at all raises DecodeError (400); one bad NDJSON line only fails
+    that line. More than ``max_items`` items raises DecodeError (413).
+    """
+    ctype = (content_type or "").split(";")[0].strip().lower()
+    text = body.strip()
+    if not text:
+        return []
+    ndjson = ctype in (
+        "application/x-ndjson",
+        "application/ndjson",
+        "application/jsonl",
+        "application/json-lines",
+        "text/plain",
+    )
+    if text[:1] == b"[" and not ndjson:
+        doc = _whole(text)
+        if not isinstance(doc, list):
+            raise DecodeError(400, "expected a JSON array of records")
+        if len(doc) > max_items:
+            raise DecodeError(413, f"batch has {len(doc)} records; the limit is {max_items}")
+        return [
+            d
+            if isinstance(d, dict)
+            else ItemError(i, f"expected a JSON object, got {_kind(d)}", _clip(d))
+            for i, d in enumerate(doc)
+        ]
+    if not ndjson:
+        try:
+            doc = loads(text)
+        except ValueError as exc:
+            if b"\n" not in text:
+                raise DecodeError(400, f"body is not valid JSON: {exc}") from None
+        else:  # one object, possibly pretty-printed over several lines
+            if isinstance(doc, dict):
+                return [doc]
+            raise DecodeError(400, f"expected a JSON object, array or NDJSON, got {_kind(doc)}")
+    lines = [ln for ln in text.split(b"\n") if ln.strip()]
+    if len(lines) > max_items:
+        raise DecodeError(413, f"batch has {len(lines)} records; the limit is {max_items}")
+    items: list[Item] = []
+    for i, line in enumerate(lines):
+        try:
+            doc = loads(line)
+        except ValueError as exc:
+            items.append(
+                ItemError(
+                    i, f"line {i + 1} is not JSON: {exc}", line[:4096].decode("utf-8", "replace")
+                )
+            )
+            continue
+        items.append(
+            doc
+            if isinstance(doc, dict)
+            else ItemError(i, f"expected a JSON object, got {_kind(doc)}", _clip(doc))
+        )
+    return items
+
+
+def _whole(text: bytes) -> Any:
+    try:
+        return loads(text)
+    except ValueError as exc:
+        raise DecodeError(400, f"body is not valid JSON: {exc}") from None
+
+
+def _kind(doc: Any) -> str:
+    return {
+        dict: "an object",
+        list: "an array",
+        str: "a string",
+        bool: "a boolean",
+        type(None): "null",
+    }.get(type(doc), "a number")
+
+
+def _clip(doc: Any) -> str:
+    try:
+        return orjson.dumps(doc, default=str).decode()[:4096]
+    except TypeError:
+        return repr(doc)[:4096]

@@ -1,0 +1,315 @@
+"""Decoded JSON items → validated usage records, or per-record errors that say what to fix.
+
+Accepts Paigo's record shape (``customerId``, ``dimensionId``, ``recordValue``, ``timestamp``,
+optional ``id`` and ``metadata``), Logstash's ``@timestamp`` in place of ``timestamp``, ignores
+envelope fields (``host``, ``message``, ``@version``...), and turns Vector metric events into
+observations for the mapping rules.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from decimal import Decimal
+from typing import Any
+
+import orjson
+
+from meter_gateway.catalog import Catalog
+from meter_gateway.clock import Clock
+from meter_gateway.config import IngestConfig
+from meter_gateway.decimals import DecimalError, parse_value
+from meter_gateway.model import (
+    Batch,
+    Observation,
+    ObservationKind,
+    Reason,
+    RecordError,
+    Source,
+    UsageRecord,
+    dedup_key,
+)
+from meter_gateway.pipeline.decode import Item, ItemError
+from meter_gateway.pipeline.mapping import Mapped, Mapper
+from meter_gateway.pipeline.timestamps import parse_timestamp
+
+_METRIC_VALUES = (
+    "counter",
+    "gauge",
+    "set",
+    "distribution",
+    "aggregated_histogram",
+    "aggregated_summary",
+    "sketch",
+)
+MAX_ID_LENGTH = 512
+NS = 1_000_000_000
+
+
+class _Reject(Exception):
+    def __init__(self, reason: Reason, field: str | None, error: str) -> None:
+        self.reason, self.field, self.error = reason, field, error
+
+
+class Validator:
+    def __init__(
+        self, catalog: Callable[[], Catalog], clock: Clock, limits: IngestConfig, mapper: Mapper
+    ) -> None:
+        self._catalog = catalog
+        self._clock = clock
+        self._limits = limits
+        self._mapper = mapper
+        self._late_ns = int(limits.late_arrival_limit.total_seconds()) * NS
+        self._future_ns = int(limits.future_tolerance.total_seconds()) * NS
+
+    def batch(self, items: list[Item], source: Source) -> Batch:
+        batch = Batch(source)
+        catalog = self._catalog()
+        now = self._clock.now_ns()
+        lo, hi = now - self._late_ns, now + self._future_ns
+        records, errors = batch.records, batch.errors
+        for index, item in enumerate(items):
+            if isinstance(item, ItemError):
+                errors.append(RecordError(index, None, item.error, Reason.MALFORMED, item.raw))
+                continue
+            try:
+                if "recordValue" not in item and _is_vector_metric(item):
+                    records.append(self._metric(item, catalog, lo, hi))
+                else:
+                    records.append(self._record(item, catalog, lo, hi, source))
+            except _Reject as r:
+                errors.append(RecordError(index, r.field, r.error, r.reason, _clip(item)))
+        return batch
+
+    def _record(
+        self, item: dict[str, Any], catalog: Catalog, lo: int, hi: int, source: Source
+    ) -> UsageRecord:
+        customer = item.get("customerId")
+        if customer is None:
+            raise _Reject(Reason.MISSING_FIELD, "customerId", "customerId is required")
+        dimension = item.get("dimensionId")
+        if dimension is None:
+            raise _Reject(Reason.MISSING_FIELD, "dimensionId", "dimensionId is required")
+        if "recordValue" not in item:
+            raise _Reject(
+                Reason.MISSING_FIELD,
+                "recordValue",
+                "recordValue is required (a decimal number or string)",
+            )
+        raw_ts = item.get("timestamp", item.get("@timestamp"))
+        if raw_ts is None:
+            raise _Reject(
+                Reason.MISSING_FIELD,
+                "timestamp",
+                "timestamp is required (RFC 3339, e.g. 2026-05-01T12:00:00Z)",
+            )
+        ts = _timestamp(raw_ts, "timestamp" if "timestamp" in item else "@timestamp")
+        try:
+            value = parse_value(item["recordValue"])
+        except DecimalError as exc:
+            raise _Reject(Reason.INVALID_VALUE, "recordValue", str(exc)) from None
+        rid = item.get("id")
+        if rid is not None:
+            if isinstance(rid, int) and not isinstance(rid, bool):
+                rid = str(rid)
+            if not isinstance(rid, str) or not rid or len(rid) > MAX_ID_LENGTH:
+                raise _Reject(
+                    Reason.INVALID_VALUE,
+                    "id",
+                    f"id must be a non-empty string of at most {MAX_ID_LENGTH} "
+                    f"characters, got {_short(rid)}",
+                )
+        metadata = item.get("metadata")
+        if metadata is not None:
+            if not isinstance(metadata, dict):
+                raise _Reject(
+                    Reason.INVALID_VALUE,
+                    "metadata",
+                    f"metadata must be a JSON object, got {_short(metadata)}",
+                )
+            if len(orjson.dumps(metadata, default=str)) > self._limits.metadata_max_bytes:
+                raise _Reject(
+                    Reason.TOO_LARGE,
+                    "metadata",
+                    f"metadata exceeds {self._limits.metadata_max_bytes} bytes",
+                )
+        return self._finish(
+            catalog,
+            customer,
+            dimension,
+            value,
+            ts,
+            lo,
+            hi,
+            rid,
+            metadata or None,
+            source,
+            dedup_key("id", rid) if rid is not None else None,
+        )
+
+    def _finish(
+        self,
+        catalog: Catalog,
+        customer: Any,
+        dimension: Any,
+        value: Decimal,
+        ts: int,
+        lo: int,
+        hi: int,
+        rid: str | None,
+        metadata: dict[str, Any] | None,
+        source: Source,
+        key: bytes | None,
+    ) -> UsageRecord:
+        if not isinstance(customer, str) or (cid := catalog.customer_id(customer)) is None:
+            raise _Reject(
+                Reason.UNKNOWN_CUSTOMER,
+                "customerId",
+                f"unknown customer {_short(customer)} (not a customer id or alias)",
+            )
+        dim = catalog.dimensions.get(dimension) if isinstance(dimension, str) else None
+        if dim is None:
+            raise _Reject(
+                Reason.UNKNOWN_DIMENSION, "dimensionId", f"unknown dimension {_short(dimension)}"
+            )
+        if value < 0 and dim.aggregation != "weighted_sum":
+            raise _Reject(
+                Reason.NEGATIVE_VALUE,
+                "recordValue",
+                f"{value} is negative; only weighted_sum dimensions take negative "
+                f"values, {dim.id!r} aggregates by {dim.aggregation}",
+            )
+        if ts < lo:
+            raise _Reject(
+                Reason.TOO_LATE,
+                "timestamp",
+                "timestamp is older than the late-arrival limit "
+                f"({self._limits.late_arrival_limit})",
+            )
+        if ts > hi:
+            raise _Reject(
+                Reason.IN_FUTURE,
+                "timestamp",
+                f"timestamp is more than {self._limits.future_tolerance} in the future",
+            )
+        unique = None
+        if dim.unique_key is not None:
+            raw_u = (metadata or {}).get(dim.unique_key)
+            if raw_u is None:
+                raise _Reject(
+                    Reason.MISSING_FIELD,
+                    f"metadata.{dim.unique_key}",
+                    f"dimension {dim.id!r} counts distinct metadata.{dim.unique_key}; "
+                    "the record has none",
+                )
+            unique = raw_u if isinstance(raw_u, str) else orjson.dumps(raw_u).decode()
+        return UsageRecord(ts, cid, dim.id, value, rid, metadata, source, key, unique)
+
+    def _metric(self, item: dict[str, Any], catalog: Catalog, lo: int, hi: int) -> UsageRecord:
+        obs = vector_observation(item)
+        if obs.kind is ObservationKind.CUMULATIVE:
+            raise _Reject(
+                Reason.INVALID_VALUE,
+                "kind",
+                "absolute counters are not accepted yet: send incremental counters "
+                "(Vector: a metric_to_log-free pipeline with incremental metrics)",
+            )
+        mapped = self._mapper.map(obs)
+        if not isinstance(mapped, Mapped):
+            raise _Reject(mapped.reason, mapped.field, mapped.error)
+        value = self._mapper.scale(mapped, obs)
+        assert isinstance(value, Decimal)
+        key = None if obs.natural_key is None else dedup_key("vector", obs.natural_key)
+        meta: dict[str, Any] = {"metric": obs.name, "tags": obs.attributes}
+        return self._finish(
+            catalog,
+            mapped.customer_name,
+            mapped.dimension_id,
+            value,
+            obs.timestamp_ns,
+            lo,
+            hi,
+            None,
+            meta,
+            Source.VECTOR,
+            key,
+        )
+
+
+def _is_vector_metric(item: dict[str, Any]) -> bool:
+    return (
+        isinstance(item.get("name"), str)
+        and item.get("kind") in ("absolute", "incremental")
+        and any(k in item for k in _METRIC_VALUES)
+    )
+
+
+def vector_observation(item: dict[str, Any]) -> Observation:
+    """A Vector metric event (JSON codec) as an observation; raises _Reject if unusable."""
+    name = item["name"]
+    tags = item.get("tags") or {}
+    if not isinstance(tags, dict):
+        raise _Reject(Reason.MALFORMED, "tags", "tags must be an object")
+    attrs = {str(k): v if isinstance(v, str) else orjson.dumps(v).decode() for k, v in tags.items()}
+    if "timestamp" not in item:
+        raise _Reject(Reason.MISSING_FIELD, "timestamp", "metric event has no timestamp")
+    ts = _timestamp(item["timestamp"], "timestamp")
+    incremental = item["kind"] == "incremental"
+    if "counter" in item:
+        raw, kind = (
+            _value_of(item, "counter"),
+            (ObservationKind.AMOUNT if incremental else ObservationKind.CUMULATIVE),
+        )
+    elif "gauge" in item:
+        raw, kind = _value_of(item, "gauge"), ObservationKind.LEVEL
+    else:
+        present = next(k for k in _METRIC_VALUES if k in item)
+        raise _Reject(
+            Reason.INVALID_VALUE,
+            present,
+            f"{present} metrics carry no billable amount; send a counter or gauge",
+        )
+    try:
+        value = parse_value(raw)
+    except DecimalError as exc:
+        raise _Reject(Reason.INVALID_VALUE, "value", str(exc)) from None
+    if kind is ObservationKind.AMOUNT and value < 0:
+        raise _Reject(Reason.NEGATIVE_VALUE, "counter.value", "incremental counter is negative")
+    namespace = item.get("namespace")
+    full = f"{namespace}.{name}" if isinstance(namespace, str) and namespace else name
+    # A level or a running total is identified by (series, time): a resent sample counts once.
+    # Increments carry no identity of their own, so they are not deduplicated.
+    identity = (
+        None
+        if kind is ObservationKind.AMOUNT
+        else orjson.dumps([full, sorted(attrs.items()), ts]).decode()
+    )
+    return Observation(Source.VECTOR, name, attrs, value, kind, ts, identity)
+
+
+def _value_of(item: dict[str, Any], key: str) -> Any:
+    obj = item[key]
+    if not isinstance(obj, dict) or "value" not in obj:
+        raise _Reject(Reason.MALFORMED, key, f"{key} must be an object with a value")
+    return obj["value"]
+
+
+def _timestamp(raw: Any, field: str) -> int:
+    if not isinstance(raw, str):
+        raise _Reject(
+            Reason.INVALID_TIMESTAMP,
+            field,
+            f"expected an RFC 3339 timestamp string, got {_short(raw)}",
+        )
+    try:
+        return parse_timestamp(raw)
+    except ValueError as exc:
+        raise _Reject(Reason.INVALID_TIMESTAMP, field, str(exc)) from None
+
+
+def _short(v: Any) -> str:
+    text = repr(v)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _clip(item: dict[str, Any]) -> str:
+    return orjson.dumps(item, default=str).decode()[:8192]

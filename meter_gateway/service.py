@@ -1,0 +1,80 @@
+"""The gateway service: builds every component from the config and owns their lifetimes.
+
+Components are handed what they need (store, clock, telemetry, the next stage); nothing reaches
+for a global. ``Gateway.close`` drains the commit queue before closing the store.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Mapping
+from decimal import Decimal
+from zoneinfo import ZoneInfo
+
+from meter_gateway.api.auth import KeyRing
+from meter_gateway.catalog import CatalogService
+from meter_gateway.clock import Clock, SystemClock
+from meter_gateway.config import Config
+from meter_gateway.decimals import fmt
+from meter_gateway.pipeline.ingest import Ingestor
+from meter_gateway.pipeline.mapping import Mapper
+from meter_gateway.pipeline.validate import Validator
+from meter_gateway.store import Store, open_store
+from meter_gateway.telemetry import PeriodUsage, PeriodUsageCollector, Telemetry
+from meter_gateway.usage import current_period, period_usage
+
+log = logging.getLogger(__name__)
+
+
+class Gateway:
+    def __init__(
+        self,
+        config: Config,
+        clock: Clock | None = None,
+        environ: Mapping[str, str] | None = None,
+        store: Store | None = None,
+    ) -> None:
+        self.config = config
+        self.clock = clock or SystemClock()
+        self.tz = ZoneInfo(config.billing.timezone)
+        self.telemetry = Telemetry()
+        self.keys = KeyRing(config.auth.api_keys, os.environ if environ is None else environ)
+        if not self.keys.enabled:
+            log.warning("no API keys configured: the API is open to anyone who can reach it")
+        ingest = config.ingest
+        self.store = store or open_store(
+            config.store.url, int(ingest.dedup_window.total_seconds()), self.clock.now_ns()
+        )
+        self.catalog = CatalogService(self.store, config)
+        self.mapper = Mapper(config.rules)
+        self.validator = Validator(lambda: self.catalog.current, self.clock, ingest, self.mapper)
+        self.ingestor = Ingestor(
+            self.store,
+            self.clock,
+            self.telemetry,
+            ingest.max_queue_records,
+            ingest.max_commit_records,
+            ingest.retry_after.total_seconds(),
+        )
+        self.telemetry.add_collector(PeriodUsageCollector(self._period_usage))
+        self.ready = True
+
+    def _period_usage(self) -> Iterable[PeriodUsage]:
+        from meter_gateway.aggregation.engine import billable_quantity
+
+        catalog = self.catalog.current
+        start, end = current_period(self.clock.now_ns(), self.tz)
+        now = min(self.clock.now_ns() + 1, end)
+        for c, d in self.store.pairs(None, None, now):
+            dim = catalog.dimensions.get(d)
+            if dim is None or c not in catalog.customers:
+                continue
+            usage = period_usage(self.store, catalog, c, dim, start, now)
+            quantity = billable_quantity(self.store, c, dim, start, now, self.tz)
+            yield PeriodUsage(c, d, fmt(usage if usage is not None else Decimal(0)), fmt(quantity))
+
+    def close(self) -> None:
+        self.ready = False
+        self.ingestor.close()
+        self.store.close()

@@ -1,0 +1,16 @@
+"""Stores: where committed usage, dedup keys, rollups, the catalog and rejected records live."""
+
+from __future__ import annotations
+
+from meter_gateway.store.base import RawPoint, RejectedRow, RollupRow, Store, StoredRecord
+
+__all__ = ["RawPoint", "RejectedRow", "RollupRow", "Store", "StoredRecord", "open_store"]
+
+
+def open_store(url: str, dedup_window_s: int, now_ns: int) -> Store:
+    """Open the store a ``store.url`` names."""
+    if url.startswith("sqlite://"):
+        from meter_gateway.store.sqlite import SQLiteStore, path_from_url
+
+        return SQLiteStore(path_from_url(url), dedup_window_s, now_ns)
+    raise ValueError(f"unsupported store URL {url!r} (PostgreSQL support is not built yet)")

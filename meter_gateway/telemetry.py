@@ -1,0 +1,134 @@
+"""The gateway's own metrics, declared in one place, on one registry made per service.
+
+Every name starts with ``meter_gateway_``; units are suffixes; ``receiver`` label values are
+``model.Source`` values and ``reason`` label values are ``model.Reason`` values.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from meter_gateway import __version__
+
+_LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+_SIZES = (1, 10, 100, 1_000, 5_000, 10_000, 50_000, 100_000)
+
+
+class Telemetry:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        r = self.registry = registry or CollectorRegistry(auto_describe=True)
+        self.info = Info("meter_gateway_build", "Version of the running gateway.", registry=r)
+        self.info.info({"version": __version__})
+        self.received = Counter(
+            "meter_gateway_records_received_total",
+            "Records received, before validation and dedup.",
+            ["receiver"],
+            registry=r,
+        )
+        self.accepted = Counter(
+            "meter_gateway_records_accepted_total",
+            "Records committed as new usage.",
+            ["receiver"],
+            registry=r,
+        )
+        self.duplicates = Counter(
+            "meter_gateway_records_duplicate_total",
+            "Records recognised as already counted (same id or natural "
+            "key within the dedup window).",
+            ["receiver"],
+            registry=r,
+        )
+        self.rejected = Counter(
+            "meter_gateway_records_rejected_total",
+            "Records rejected and kept in the rejected-records store.",
+            ["receiver", "reason"],
+            registry=r,
+        )
+        self.requests = Counter(
+            "meter_gateway_requests_total",
+            "Ingest requests by outcome.",
+            ["receiver", "code"],
+            registry=r,
+        )
+        self.overloaded = Counter(
+            "meter_gateway_overloaded_total",
+            "Batches turned away because the commit queue was full.",
+            ["receiver"],
+            registry=r,
+        )
+        self.commit_failures = Counter(
+            "meter_gateway_commit_failures_total", "Group commits the store failed.", registry=r
+        )
+        self.batch_seconds = Histogram(
+            "meter_gateway_batch_duration_seconds",
+            "Time from receiving a batch to answering it.",
+            ["receiver"],
+            buckets=_LATENCY,
+            registry=r,
+        )
+        self.commit_seconds = Histogram(
+            "meter_gateway_commit_duration_seconds",
+            "Time one group commit takes, fsync included.",
+            buckets=_LATENCY,
+            registry=r,
+        )
+        self.commit_records = Histogram(
+            "meter_gateway_commit_records", "Records per group commit.", buckets=_SIZES, registry=r
+        )
+        self.queue_records = Gauge(
+            "meter_gateway_queue_records", "Records waiting for commit.", registry=r
+        )
+
+    def add_collector(self, collector: Collector) -> None:
+        self.registry.register(collector)
+
+
+@dataclass(frozen=True, slots=True)
+class PeriodUsage:
+    customer: str
+    dimension: str
+    usage: str
+    quantity: str
+
+
+class PeriodUsageCollector(Collector):
+    """Per customer and dimension usage and billable quantity for the current billing period.
+
+    Computed at scrape time from the store's rollups, at most every ``ttl_s`` seconds.
+    """
+
+    def __init__(self, compute: Callable[[], Iterable[PeriodUsage]], ttl_s: float = 10.0) -> None:
+        self._compute = compute
+        self._ttl = ttl_s
+        self._lock = threading.Lock()
+        self._cached: list[PeriodUsage] = []
+        self._at = float("-inf")
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        with self._lock:
+            if time.monotonic() - self._at > self._ttl:
+                self._cached = list(self._compute())
+                self._at = time.monotonic()
+            rows = self._cached
+        usage = GaugeMetricFamily(
+            "meter_gateway_period_usage",
+            "Aggregated usage in the current billing period so far.",
+            labels=["customer", "dimension"],
+        )
+        quantity = GaugeMetricFamily(
+            "meter_gateway_period_billable_quantity",
+            "Billable quantity in the current billing period so far.",
+            labels=["customer", "dimension"],
+        )
+        for row in rows:
+            usage.add_metric([row.customer, row.dimension], float(row.usage))
+            quantity.add_metric([row.customer, row.dimension], float(row.quantity))
+        yield usage
+        yield quantity
