@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import signal
+from types import FrameType
 
 import uvicorn
 
@@ -11,6 +13,17 @@ from meter_gateway.config import Config
 from meter_gateway.service import Gateway
 
 log = logging.getLogger(__name__)
+
+
+class _Server(uvicorn.Server):
+    """uvicorn re-raises the signal after its graceful shutdown, which would skip our drain and
+    exit with -15; here SIGTERM/SIGINT only mean "stop taking requests"."""
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.should_exit and sig == signal.SIGINT:
+            self.force_exit = True
+        else:
+            self.should_exit = True
 
 
 def split_listen(listen: str) -> tuple[str, int]:
@@ -34,7 +47,7 @@ def serve(config: Config) -> int:
             timeout_graceful_shutdown=30,
             server_header=False,
         )
-        server = uvicorn.Server(uv)
+        server = _Server(uv)
         log.info("meter-gateway listening on http://%s:%d", host, port)
         server.run()  # returns once a signal asked it to stop and open requests finished
     finally:

@@ -104,12 +104,28 @@ class PeriodUsageCollector(Collector):
     Computed at scrape time from the store's rollups, at most every ``ttl_s`` seconds.
     """
 
-    def __init__(self, compute: Callable[[], Iterable[PeriodUsage]], ttl_s: float = 10.0) -> None:
+    def __init__(self, compute: Callable[[], Iterable[PeriodUsage]], ttl_s: float = 2.0) -> None:
         self._compute = compute
         self._ttl = ttl_s
         self._lock = threading.Lock()
         self._cached: list[PeriodUsage] = []
         self._at = float("-inf")
+
+    def describe(self) -> Iterable[GaugeMetricFamily]:
+        # Names only: registering must not run the (store-reading) computation.
+        return [self._family(n, h) for n, h in self._FAMILIES]
+
+    _FAMILIES = (
+        ("meter_gateway_period_usage", "Aggregated usage in the current billing period so far."),
+        (
+            "meter_gateway_period_billable_quantity",
+            "Billable quantity in the current billing period so far.",
+        ),
+    )
+
+    @staticmethod
+    def _family(name: str, doc: str) -> GaugeMetricFamily:
+        return GaugeMetricFamily(name, doc, labels=["customer", "dimension"])
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
         with self._lock:

@@ -1,0 +1,194 @@
+"""Every aggregation method of SPEC §2 over real SQLite rollups and raw records."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from decimal import Decimal
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from meter_gateway.aggregation.engine import aggregate, billable_quantity
+from meter_gateway.aggregation.windows import split
+from meter_gateway.config import Dimension
+from meter_gateway.store.sqlite import SQLiteStore
+from tests.helpers import commit, open_store, rec, ts
+
+UTC = ZoneInfo("UTC")
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[SQLiteStore]:
+    s = open_store(tmp_path)
+    yield s
+    s.close()
+
+
+def dim(aggregation: str, **kw: object) -> Dimension:
+    return Dimension.model_validate({"id": "d1", "name": "D", "aggregation": aggregation, **kw})
+
+
+def hours(frm: str, to: str) -> list[tuple[int, int]]:
+    return split(ts(frm), ts(to), "hour", UTC)
+
+
+def test_ten_tenths_sum_to_exactly_one(store: SQLiteStore) -> None:
+    commit(store, *[rec(f"2026-05-01T10:{i:02d}:00", "0.1") for i in range(10)])
+    [v] = aggregate(
+        store, "c1", dim("sum"), [(ts("2026-05-01T00:00:00"), ts("2026-05-02T00:00:00"))]
+    )
+    assert v == Decimal("1")
+    assert str(v) == "1.0"  # exact decimal arithmetic: no 0.9999999999999999
+
+
+@pytest.mark.parametrize(
+    ("method", "expected"),
+    [
+        ("sum", ["3", "0", "10"]),
+        ("count", ["2", "0", "2"]),
+        ("max", ["2", None, "6"]),
+        ("min", ["1", None, "4"]),
+        ("avg", ["1.5", None, "5"]),
+        ("last", ["2", None, "4"]),
+    ],
+)
+def test_simple_methods_per_hour_window(
+    store: SQLiteStore, method: str, expected: list[str | None]
+) -> None:
+    commit(
+        store,
+        rec("2026-05-01T10:10:00", "1"),
+        rec("2026-05-01T10:50:00", "2"),
+        rec("2026-05-01T12:59:00", "4"),
+        rec("2026-05-01T12:05:00", "6"),
+    )
+    values = aggregate(
+        store, "c1", dim(method), hours("2026-05-01T10:00:00", "2026-05-01T13:00:00")
+    )
+    assert values == [None if e is None else Decimal(e) for e in expected]
+
+
+def test_last_ties_go_to_the_record_received_last(store: SQLiteStore) -> None:
+    commit(store, rec("2026-05-01T10:00:00", "1"))
+    commit(store, rec("2026-05-01T10:00:00", "7"))
+    commit(store, rec("2026-05-01T09:00:00", "9"))  # earlier timestamp, received later
+    [v] = aggregate(
+        store, "c1", dim("last"), [(ts("2026-05-01T00:00:00"), ts("2026-05-02T00:00:00"))]
+    )
+    assert v == Decimal(7)
+
+
+def test_unaligned_ranges_read_raw_records_at_the_edges(store: SQLiteStore) -> None:
+    commit(
+        store,
+        rec("2026-05-01T10:10:00", "1"),
+        rec("2026-05-01T10:40:00", "2"),
+        rec("2026-05-01T11:20:00", "4"),
+        rec("2026-05-01T11:50:00", "8"),
+    )
+    d = dim("sum")
+    assert aggregate(store, "c1", d, [(ts("2026-05-01T10:30:00"), ts("2026-05-01T11:30:00"))]) == [
+        Decimal(6)
+    ]
+    assert aggregate(store, "c1", d, [(ts("2026-05-01T10:00:00"), ts("2026-05-01T10:40:00"))]) == [
+        Decimal(1)
+    ]
+    # the boundary is inclusive at the start, exclusive at the end
+    assert aggregate(store, "c1", d, [(ts("2026-05-01T10:40:00"), ts("2026-05-01T11:50:00"))]) == [
+        Decimal(6)
+    ]
+
+
+def test_half_hour_time_zone_days(store: SQLiteStore) -> None:
+    # Asia/Kolkata is UTC+5:30: its day starts at 18:30 UTC, inside a rollup bucket.
+    commit(store, rec("2026-05-01T18:10:00", "1"), rec("2026-05-01T18:40:00", "2"))
+    tz = ZoneInfo("Asia/Kolkata")
+    spans = split(ts("2026-05-01T00:00:00"), ts("2026-05-03T00:00:00"), "day", tz)
+    values = aggregate(store, "c1", dim("sum"), spans)
+    assert values[:2] == [Decimal(1), Decimal(2)]
+
+
+def test_unique_count_counts_distinct_keys_across_hours(store: SQLiteStore) -> None:
+    commit(
+        store,
+        rec("2026-05-01T10:00:00", "1", unique="alice"),
+        rec("2026-05-01T10:30:00", "1", unique="bob"),
+        rec("2026-05-01T11:00:00", "1", unique="alice"),
+        rec("2026-05-01T11:10:00", "1", unique="carol"),
+    )
+    d = dim("unique_count", unique_key="user_id")
+    assert aggregate(store, "c1", d, hours("2026-05-01T10:00:00", "2026-05-01T13:00:00")) == [
+        Decimal(2),
+        Decimal(2),
+        Decimal(0),
+    ]
+    assert aggregate(store, "c1", d, [(ts("2026-05-01T00:00:00"), ts("2026-05-02T00:00:00"))]) == [
+        Decimal(3)
+    ]
+
+
+def test_weighted_sum_is_the_time_weighted_level_of_changes(store: SQLiteStore) -> None:
+    # +10 GB at 10:00, +20 at 10:30, -30 at 11:15: level 10, 30, then 0.
+    commit(
+        store,
+        rec("2026-05-01T10:00:00", "10"),
+        rec("2026-05-01T10:30:00", "20"),
+        rec("2026-05-01T11:15:00", "-30"),
+    )
+    d = dim("weighted_sum")
+    values = aggregate(store, "c1", d, hours("2026-05-01T09:00:00", "2026-05-01T13:00:00"))
+    # 10:00-11:00: half at 10, half at 30 → 20; 11:00-12:00: a quarter at 30 → 7.5
+    assert values == [Decimal(0), Decimal(20), Decimal("7.5"), Decimal(0)]
+    # the level carries across windows and into unaligned ranges
+    assert aggregate(store, "c1", d, [(ts("2026-05-01T10:45:00"), ts("2026-05-01T11:00:00"))]) == [
+        Decimal(30)
+    ]
+
+
+def test_time_weighted_avg_holds_levels_across_windows(store: SQLiteStore) -> None:
+    commit(store, rec("2026-05-01T10:00:00", "4"), rec("2026-05-01T10:45:00", "8"))
+    d = dim("time_weighted_avg")
+    values = aggregate(store, "c1", d, hours("2026-05-01T09:00:00", "2026-05-01T12:00:00"))
+    # before the first record ever the level is 0; 10:00-11:00 = 4·¾ + 8·¼ = 5; then 8 holds
+    assert values == [Decimal(0), Decimal(5), Decimal(8)]
+
+
+def test_billable_quantity_rounds_each_interval(store: SQLiteStore) -> None:
+    # SPEC example: minutes, increment 60, ceil, hourly: 47 minutes in an hour bill as 1 hour.
+    commit(
+        store,
+        rec("2026-05-01T10:05:00", "47"),
+        rec("2026-05-01T11:05:00", "61"),
+        rec("2026-05-01T11:35:00", "59"),
+    )
+    d = dim("sum", aggregation_interval="hour", usage_increment=60, rounding="ceil")
+    q = billable_quantity(store, "c1", d, ts("2026-05-01T00:00:00"), ts("2026-05-02T00:00:00"), UTC)
+    assert q == Decimal(1 + 2)
+    none = dim("sum", usage_increment=60, rounding="ceil")  # one interval: 167 min → 3
+    assert billable_quantity(
+        store, "c1", none, ts("2026-05-01T00:00:00"), ts("2026-05-02T00:00:00"), UTC
+    ) == Decimal(3)
+
+
+@pytest.mark.parametrize(
+    ("rounding", "expected"), [("none", "2.5"), ("floor", "2"), ("ceil", "3"), ("round", "3")]
+)
+def test_rounding_modes(store: SQLiteStore, rounding: str, expected: str) -> None:
+    commit(store, rec("2026-05-01T10:05:00", "25"))
+    d = dim("sum", usage_increment=10, rounding=rounding)
+    assert billable_quantity(
+        store, "c1", d, ts("2026-05-01T00:00:00"), ts("2026-05-02T00:00:00"), UTC
+    ) == Decimal(expected)
+
+
+def test_rollups_survive_reopen_and_merge_with_new_records(tmp_path: Path) -> None:
+    s = open_store(tmp_path)
+    commit(s, rec("2026-05-01T10:05:00", "1.5", rid="a"))
+    s.close()
+    s = open_store(tmp_path)
+    commit(s, rec("2026-05-01T10:06:00", "2.25", rid="b"), rec("2026-05-01T10:07:00", "9", rid="a"))
+    assert aggregate(
+        s, "c1", dim("sum"), [(ts("2026-05-01T10:00:00"), ts("2026-05-01T11:00:00"))]
+    ) == [Decimal("3.75")]
+    s.close()

@@ -1,0 +1,90 @@
+"""Building blocks for tests that drive the store and engine directly."""
+
+from __future__ import annotations
+
+import itertools
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from meter_gateway.model import Batch, Source, UsageRecord, dedup_key
+from meter_gateway.store.sqlite import SQLiteStore
+
+NS = 1_000_000_000
+
+
+def ts(text: str) -> int:
+    """'2026-05-01T12:00:00' (UTC) → ns."""
+    return int(datetime.fromisoformat(text).replace(tzinfo=UTC).timestamp()) * NS
+
+
+def rec(
+    when: str,
+    value: str,
+    customer: str = "c1",
+    dimension: str = "d1",
+    rid: str | None = None,
+    unique: str | None = None,
+) -> UsageRecord:
+    return UsageRecord(
+        ts(when),
+        customer,
+        dimension,
+        Decimal(value),
+        rid,
+        None,
+        Source.REST,
+        dedup_key("id", rid) if rid else None,
+        unique,
+    )
+
+
+def open_store(tmp_path: Path, now: str = "2026-05-02T00:00:00") -> SQLiteStore:
+    return SQLiteStore(str(tmp_path / "t.db"), 35 * 86400, ts(now))
+
+
+def commit(store: SQLiteStore, *records: UsageRecord, now: str = "2026-05-02T00:00:00") -> None:
+    store.commit([Batch(Source.REST, list(records))], ts(now))
+
+
+# --- for tests against a running gateway --------------------------------------------
+
+_ids = itertools.count()
+
+
+def next_id() -> int:
+    return next(_ids)
+
+
+def now_iso(delta: timedelta = timedelta()) -> str:
+    return (datetime.now(UTC) + delta).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def record(customer: str = "acme", value: Any = "1", **extra: Any) -> dict[str, Any]:
+    return {
+        "id": f"rest-{next(_ids)}-{datetime.now(UTC).timestamp()}",
+        "timestamp": now_iso(),
+        "customerId": customer,
+        "dimensionId": "data-processed",
+        "recordValue": value,
+        **extra,
+    }
+
+
+def total(client: httpx.Client, customer: str, dimension: str = "data-processed") -> Decimal:
+    r = client.get(
+        "/v1/usage",
+        params={
+            "customerId": customer,
+            "dimensionId": dimension,
+            "window": "month",
+            "from": "2020-01-01T00:00:00Z",
+            "to": now_iso(timedelta(minutes=10)),
+        },
+    )
+    assert r.status_code == 200, r.text
+    return sum((Decimal(w["value"]) for w in r.json()["data"]), Decimal(0))
+

@@ -1,0 +1,105 @@
+"""Group commit and back-pressure of the Ingestor, over a real SQLite store."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+from meter_gateway.clock import FixedClock
+from meter_gateway.model import Batch, CommitResult, Source
+from meter_gateway.pipeline.ingest import CommitFailed, Ingestor, Overloaded, ShuttingDown
+from meter_gateway.store.sqlite import SQLiteStore
+from meter_gateway.telemetry import Telemetry
+from tests.helpers import open_store, rec, ts
+
+
+class GatedStore:
+    """A real store whose commits wait for a gate, so a test can hold the writer busy."""
+
+    def __init__(self, inner: SQLiteStore) -> None:
+        self.inner = inner
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+        self.groups: list[int] = []
+        self.fail = False
+
+    def commit(self, batches: Sequence[Batch], now_ns: int) -> list[CommitResult]:
+        self.entered.set()
+        self.gate.wait(10)
+        self.groups.append(len(batches))
+        if self.fail:
+            raise OSError("disk full")
+        return self.inner.commit(batches, now_ns)
+
+
+def batch(n: int, prefix: str) -> Batch:
+    return Batch(
+        Source.REST, [rec("2026-05-01T10:00:00", "1", rid=f"{prefix}{i}") for i in range(n)]
+    )
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> GatedStore:
+    return GatedStore(open_store(tmp_path))
+
+
+def make(store: GatedStore, max_queue: int = 100) -> Ingestor:
+    return Ingestor(
+        store, FixedClock(ts("2026-05-02T00:00:00")), Telemetry(), max_queue, 10_000, 1.0
+    )  # type: ignore[arg-type]
+
+
+def test_full_queue_answers_overloaded_instead_of_growing(store: GatedStore) -> None:
+    ing = make(store, max_queue=100)
+
+    async def scenario() -> None:
+        first = asyncio.ensure_future(ing.submit(batch(60, "a")))
+        await asyncio.get_running_loop().run_in_executor(None, store.entered.wait, 5)
+        second = asyncio.ensure_future(ing.submit(batch(30, "b")))  # queued behind the first
+        await asyncio.sleep(0)
+        with pytest.raises(Overloaded):
+            await ing.submit(batch(20, "c"))  # 60 + 30 + 20 > 100
+        store.gate.set()
+        assert (await first).accepted == 60
+        assert (await second).accepted == 30
+
+    asyncio.run(scenario())
+    ing.close()
+    store.inner.close()
+
+
+def test_waiting_batches_commit_together_in_one_group(store: GatedStore) -> None:
+    ing = make(store, max_queue=10_000)
+
+    async def scenario() -> list[CommitResult]:
+        first = asyncio.ensure_future(ing.submit(batch(1, "first")))
+        await asyncio.get_running_loop().run_in_executor(None, store.entered.wait, 5)
+        rest = [asyncio.ensure_future(ing.submit(batch(10, f"r{i}-"))) for i in range(5)]
+        await asyncio.sleep(0.01)
+        store.gate.set()
+        await first
+        return list(await asyncio.gather(*rest))
+
+    results = asyncio.run(scenario())
+    assert [r.accepted for r in results] == [10] * 5
+    assert store.groups == [1, 5]  # the five waiting batches shared one transaction
+    ing.close()
+    store.inner.close()
+
+
+def test_failed_commit_fails_every_waiter_and_stores_nothing(store: GatedStore) -> None:
+    ing = make(store)
+    store.fail = True
+    store.gate.set()
+    with pytest.raises(CommitFailed, match="disk full"):
+        ing.submit_sync(batch(5, "x"), timeout=5)
+    store.fail = False
+    assert ing.submit_sync(batch(5, "x"), timeout=5).accepted == 5  # no key was left marked
+    ing.close()
+    with pytest.raises(ShuttingDown):
+        ing.submit_sync(batch(1, "y"))
+    store.inner.close()
