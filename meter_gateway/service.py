@@ -9,20 +9,20 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterable, Mapping
-from decimal import Decimal
 from zoneinfo import ZoneInfo
 
 from meter_gateway.api.auth import KeyRing
 from meter_gateway.catalog import CatalogService
 from meter_gateway.clock import Clock, SystemClock
 from meter_gateway.config import Config
-from meter_gateway.decimals import fmt
+from meter_gateway.decimals import EXACT, ZERO, fmt
 from meter_gateway.pipeline.ingest import Ingestor
 from meter_gateway.pipeline.mapping import Mapper
 from meter_gateway.pipeline.validate import Validator
+from meter_gateway.pricing import round_money
 from meter_gateway.store import Store, open_store
 from meter_gateway.telemetry import PeriodUsage, PeriodUsageCollector, Telemetry
-from meter_gateway.usage import current_period, period_usage
+from meter_gateway.usage import current_period, period_usage, summary
 
 log = logging.getLogger(__name__)
 
@@ -61,18 +61,28 @@ class Gateway:
         self.ready = True
 
     def _period_usage(self) -> Iterable[PeriodUsage]:
-        from meter_gateway.aggregation.engine import billable_quantity
-
         catalog = self.catalog.current
         start, end = current_period(self.clock.now_ns(), self.tz)
         now = min(self.clock.now_ns() + 1, end)
-        for c, d in self.store.pairs(None, None, now):
-            dim = catalog.dimensions.get(d)
-            if dim is None or c not in catalog.customers:
+        customers = sorted({c for c, _ in self.store.pairs(None, None, now)})
+        for c in customers:
+            if c not in catalog.customers:
                 continue
-            usage = period_usage(self.store, catalog, c, dim, start, now)
-            quantity = billable_quantity(self.store, c, dim, start, now, self.tz)
-            yield PeriodUsage(c, d, fmt(usage if usage is not None else Decimal(0)), fmt(quantity))
+            s = summary(self.store, catalog, c, start, now, self.tz)
+            currency = s.currency or "USD"
+            for line in s.lines:
+                dim = line.dimension
+                usage = period_usage(self.store, catalog, c, dim, start, now)
+                cost = EXACT.multiply(line.quantity, dim.unit_cost or ZERO)
+                yield PeriodUsage(
+                    c,
+                    dim.id,
+                    currency,
+                    fmt(usage if usage is not None else ZERO),
+                    fmt(line.quantity),
+                    fmt(line.amount if line.amount is not None else ZERO),
+                    fmt(round_money(cost, currency)),
+                )
 
     def close(self) -> None:
         self.ready = False

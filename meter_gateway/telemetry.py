@@ -92,16 +92,51 @@ class Telemetry:
 
 @dataclass(frozen=True, slots=True)
 class PeriodUsage:
+    """One customer's and dimension's current billing period so far (exact decimal text)."""
+
     customer: str
     dimension: str
+    currency: str
     usage: str
     quantity: str
+    revenue: str  # the priced line amount; "0" when the offering does not charge the dimension
+    cost: str  # billable quantity × the dimension's unit_cost
+
+
+_PERIOD_FAMILIES = (
+    (
+        "meter_gateway_period_usage",
+        "Aggregated usage in the current billing period so far.",
+        "usage",
+        False,
+    ),
+    (
+        "meter_gateway_period_billable_quantity",
+        "Billable quantity in the current billing period so far.",
+        "quantity",
+        False,
+    ),
+    (
+        "meter_gateway_period_revenue",
+        "Amount billed in the current billing period so far (currency minor-unit rounded).",
+        "revenue",
+        True,
+    ),
+    (
+        "meter_gateway_period_cost",
+        "What the usage of the current billing period so far cost (quantity × unit_cost).",
+        "cost",
+        True,
+    ),
+)
 
 
 class PeriodUsageCollector(Collector):
-    """Per customer and dimension usage and billable quantity for the current billing period.
+    """Per customer and dimension usage, quantity, revenue and cost of the current period.
 
-    Computed at scrape time from the store's rollups, at most every ``ttl_s`` seconds.
+    Computed at scrape time from the store's rollups, at most every ``ttl_s`` seconds. Every
+    replica reports the same totals (they come from the shared store), so dashboards aggregate
+    these with ``max by (customer, dimension)``, never ``sum``.
     """
 
     def __init__(self, compute: Callable[[], Iterable[PeriodUsage]], ttl_s: float = 2.0) -> None:
@@ -111,21 +146,26 @@ class PeriodUsageCollector(Collector):
         self._cached: list[PeriodUsage] = []
         self._at = float("-inf")
 
+    @staticmethod
+    def _families() -> list[tuple[GaugeMetricFamily, str, bool]]:
+        return [
+            (
+                GaugeMetricFamily(
+                    name,
+                    doc,
+                    labels=["customer", "dimension", "currency"]
+                    if money
+                    else ["customer", "dimension"],
+                ),
+                attr,
+                money,
+            )
+            for name, doc, attr, money in _PERIOD_FAMILIES
+        ]
+
     def describe(self) -> Iterable[GaugeMetricFamily]:
         # Names only: registering must not run the (store-reading) computation.
-        return [self._family(n, h) for n, h in self._FAMILIES]
-
-    _FAMILIES = (
-        ("meter_gateway_period_usage", "Aggregated usage in the current billing period so far."),
-        (
-            "meter_gateway_period_billable_quantity",
-            "Billable quantity in the current billing period so far.",
-        ),
-    )
-
-    @staticmethod
-    def _family(name: str, doc: str) -> GaugeMetricFamily:
-        return GaugeMetricFamily(name, doc, labels=["customer", "dimension"])
+        return [f for f, _, _ in self._families()]
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
         with self._lock:
@@ -133,18 +173,11 @@ class PeriodUsageCollector(Collector):
                 self._cached = list(self._compute())
                 self._at = time.monotonic()
             rows = self._cached
-        usage = GaugeMetricFamily(
-            "meter_gateway_period_usage",
-            "Aggregated usage in the current billing period so far.",
-            labels=["customer", "dimension"],
-        )
-        quantity = GaugeMetricFamily(
-            "meter_gateway_period_billable_quantity",
-            "Billable quantity in the current billing period so far.",
-            labels=["customer", "dimension"],
-        )
+        families = self._families()
         for row in rows:
-            usage.add_metric([row.customer, row.dimension], float(row.usage))
-            quantity.add_metric([row.customer, row.dimension], float(row.quantity))
-        yield usage
-        yield quantity
+            for family, attr, money in families:
+                labels = [row.customer, row.dimension]
+                if money:
+                    labels.append(row.currency)
+                family.add_metric(labels, float(getattr(row, attr)))
+        return [f for f, _, _ in families]

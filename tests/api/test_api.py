@@ -7,6 +7,7 @@ from decimal import Decimal
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.gatewayproc import READ_KEY, GatewayProcess
 from tests.helpers import now_iso, record
@@ -167,11 +168,16 @@ def test_operations_endpoints_are_open(
         "meter_gateway_queue_records",
     ):
         assert name in text, name
-    line = next(
-        ln
-        for ln in text.splitlines()
-        if ln.startswith(
-            f'meter_gateway_period_usage{{customer="{customer}",dimension="data-processed"}}'
-        )
-    )
-    assert Decimal(line.split()[-1]) == Decimal("2.5")
+
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): Decimal(str(s.value))
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+    }
+    pair = (("customer", customer), ("dimension", "data-processed"))
+    money = tuple(sorted((*pair, ("currency", "USD"))))
+    assert samples["meter_gateway_period_usage", pair] == Decimal("2.5")
+    assert samples["meter_gateway_period_billable_quantity", pair] == Decimal("2.5")
+    # $0.08/GB billed, $0.02/GB cost: the profit-margin dashboard's inputs
+    assert samples["meter_gateway_period_revenue", money] == Decimal("0.2")
+    assert samples["meter_gateway_period_cost", money] == Decimal("0.05")
