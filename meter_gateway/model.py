@@ -103,6 +103,9 @@ class Batch:
     source: Source
     records: list[UsageRecord] = field(default_factory=list)
     errors: list[RecordError] = field(default_factory=list)
+    # Receiver state that must move with these records (cumulative-stream baselines, query
+    # watermarks): key → new value, None deletes. Written in the same transaction.
+    state: dict[str, bytes | None] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

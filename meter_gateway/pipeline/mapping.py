@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from decimal import Decimal
 
 from meter_gateway.config import Rule
 from meter_gateway.decimals import EXACT
@@ -56,7 +57,7 @@ class Mapper:
             f"no mapping rule matches {obs.source.value} metric {obs.name!r}",
         )
 
-    def scale(self, mapped: Mapped, obs: Observation) -> object:
+    def scale(self, mapped: Mapped, obs: Observation) -> Decimal:
         return EXACT.multiply(obs.value, self.rules[mapped.rule_index].scale)
 
 

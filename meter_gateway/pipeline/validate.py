@@ -8,7 +8,7 @@ observations for the mapping rules.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from decimal import Decimal
 from typing import Any
 
@@ -210,16 +210,52 @@ class Validator:
             raise _Reject(
                 Reason.INVALID_VALUE,
                 "kind",
-                "absolute counters are not accepted yet: send incremental counters "
-                "(Vector: a metric_to_log-free pipeline with incremental metrics)",
+                "absolute counters are not accepted yet: send incremental counters",
             )
+        return self._observation(obs, catalog, lo, hi)
+
+    def observations(self, observations: Sequence[Observation], source: Source) -> Batch:
+        """Map and validate observations (amounts or levels) into a batch.
+
+        Cumulative observations must already be converted to amounts by the receiver; the
+        index of an error is the observation's position in ``observations``.
+        """
+        batch = Batch(source)
+        catalog = self._catalog()
+        now = self._clock.now_ns()
+        lo, hi = now - self._late_ns, now + self._future_ns
+        for index, obs in enumerate(observations):
+            try:
+                if obs.kind is ObservationKind.CUMULATIVE:
+                    raise _Reject(
+                        Reason.INVALID_VALUE,
+                        "kind",
+                        "cumulative values must be converted to deltas first",
+                    )
+                batch.records.append(self._observation(obs, catalog, lo, hi))
+            except _Reject as r:
+                raw = orjson.dumps(
+                    {
+                        "source": obs.source.value,
+                        "name": obs.name,
+                        "attributes": obs.attributes,
+                        "value": str(obs.value),
+                        "kind": obs.kind.value,
+                        "timeUnixNano": obs.timestamp_ns,
+                    },
+                    default=str,
+                ).decode()[:8192]
+                batch.errors.append(RecordError(index, r.field, r.error, r.reason, raw))
+        return batch
+
+    def _observation(self, obs: Observation, catalog: Catalog, lo: int, hi: int) -> UsageRecord:
         mapped = self._mapper.map(obs)
         if not isinstance(mapped, Mapped):
             raise _Reject(mapped.reason, mapped.field, mapped.error)
         value = self._mapper.scale(mapped, obs)
         assert isinstance(value, Decimal)
-        key = None if obs.natural_key is None else dedup_key("vector", obs.natural_key)
-        meta: dict[str, Any] = {"metric": obs.name, "tags": obs.attributes}
+        key = None if obs.natural_key is None else dedup_key(obs.source.value, obs.natural_key)
+        meta: dict[str, Any] = {"metric": obs.name, "attributes": obs.attributes}
         return self._finish(
             catalog,
             mapped.customer_name,
@@ -230,7 +266,7 @@ class Validator:
             hi,
             None,
             meta,
-            Source.VECTOR,
+            obs.source,
             key,
         )
 

@@ -73,6 +73,14 @@ class Store(Protocol):
         """Dedup, write records, update rollups and store rejected records in one transaction."""
         ...
 
+    def state_get(self, keys: Sequence[str]) -> dict[str, bytes]:
+        """Committed receiver state for these keys (absent keys are left out)."""
+        ...
+
+    def state_scan(self, prefix: str) -> dict[str, bytes]:
+        """Committed receiver state whose keys start with ``prefix``."""
+        ...
+
     # --- catalog (dimensions, offerings, customers, meters) as JSON documents
     def catalog_load(self) -> dict[str, dict[str, dict[str, Any]]]: ...
 

@@ -58,6 +58,10 @@ MIGRATIONS: tuple[str, ...] = (
         reason TEXT NOT NULL, field TEXT, error TEXT NOT NULL, raw TEXT);
     CREATE INDEX rejected_reason ON rejected (reason, seq);
     """,
+    # 2: receiver state that commits with the records it describes
+    """
+    CREATE TABLE receiver_state (key TEXT PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID;
+    """,
 )
 
 _RollupKey = tuple[str, str, int]
@@ -273,6 +277,16 @@ class SQLiteStore:
                 conn.executemany("INSERT OR IGNORE INTO rollup_distinct VALUES (?,?,?,?)", distinct)
             if rejected_rows:
                 conn.executemany("INSERT INTO rejected VALUES (?,?,?,?,?,?,?)", rejected_rows)
+            for b in batches:
+                if b.state:
+                    conn.executemany(
+                        "INSERT OR REPLACE INTO receiver_state VALUES (?, ?)",
+                        [(k, v) for k, v in b.state.items() if v is not None],
+                    )
+                    conn.executemany(
+                        "DELETE FROM receiver_state WHERE key = ?",
+                        [(k,) for k, v in b.state.items() if v is None],
+                    )
 
         # Committed: only now do the in-memory views move.
         self._next_seq = seq
@@ -330,6 +344,27 @@ class SQLiteStore:
             self._conn.execute("DELETE FROM dedup_log WHERE seen_s < ?", (cutoff,))
         self.dedup.compact(now_s)
         self._last_purge_s = now_s
+
+    # --- receiver state --------------------------------------------------------------------
+
+    def state_get(self, keys: Sequence[str]) -> dict[str, bytes]:
+        out: dict[str, bytes] = {}
+        conn = self._reader()
+        for i in range(0, len(keys), 500):
+            chunk = list(keys[i : i + 500])
+            marks = ",".join("?" * len(chunk))
+            for k, v in conn.execute(
+                f"SELECT key, value FROM receiver_state WHERE key IN ({marks})", chunk
+            ):
+                out[k] = bytes(v)
+        return out
+
+    def state_scan(self, prefix: str) -> dict[str, bytes]:
+        cur = self._reader().execute(
+            "SELECT key, value FROM receiver_state WHERE key >= ? AND key < ? ORDER BY key",
+            (prefix, prefix + "\U0010ffff"),
+        )
+        return {k: bytes(v) for k, v in cur}
 
     # --- catalog -----------------------------------------------------------------------------
 

@@ -98,3 +98,21 @@ def test_a_second_process_cannot_open_the_same_file(tmp_path: Path) -> None:
 )
 def test_sqlite_urls(url: str, path: str) -> None:
     assert path_from_url(url) == path
+
+
+def test_receiver_state_commits_with_its_records_and_only_then(tmp_path: Path) -> None:
+    s = open_store(tmp_path)
+    b = Batch(Source.OTLP, [rec("2026-05-01T10:00:00", "1")], state={"otlp/a": b"1", "x/b": b"2"})
+    s.commit([b], NOW)
+    assert s.state_get(["otlp/a", "x/b", "missing"]) == {"otlp/a": b"1", "x/b": b"2"}
+    assert s.state_scan("otlp/") == {"otlp/a": b"1"}
+    bad = rec("2026-05-01T10:00:00", "1")
+    bad.customer_id = None  # type: ignore[assignment]
+    with pytest.raises(Exception, match="NOT NULL"):
+        s.commit([Batch(Source.OTLP, [bad], state={"otlp/a": b"99", "x/b": None})], NOW)
+    assert s.state_get(["otlp/a", "x/b"]) == {"otlp/a": b"1", "x/b": b"2"}
+    s.commit([Batch(Source.OTLP, [], state={"x/b": None})], NOW)
+    s.close()
+    s = open_store(tmp_path)
+    assert s.state_scan("") == {"otlp/a": b"1"}
+    s.close()
