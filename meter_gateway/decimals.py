@@ -7,6 +7,7 @@ enough that sums of valid values never round.
 from __future__ import annotations
 
 import decimal
+import re
 from decimal import Decimal
 
 # |value| < 1e21 with at most 18 decimal places is at most 39 significant digits; time-weighted
@@ -23,8 +24,17 @@ class DecimalError(ValueError):
     """A value that is not an acceptable usage decimal; the message says why."""
 
 
+_PLAIN = re.compile(r"-?[0-9]{1,21}(?:\.[0-9]{1,18})?")
+
+
 def parse_value(raw: object) -> Decimal:
     """Parse a usage value: a JSON number or a decimal string, finite, |v| < 1e21, ≤ 18 places."""
+    if type(raw) is str and _PLAIN.fullmatch(raw):
+        # The common case, already known finite and within 18 places.
+        value = Decimal(raw)
+        if value.adjusted() >= 21:
+            raise DecimalError(f"{raw!r} is too large: |value| must be < 1e21")
+        return value if value else ZERO
     if isinstance(raw, bool):
         raise DecimalError("expected a decimal number or decimal string, got a boolean")
     if isinstance(raw, Decimal):

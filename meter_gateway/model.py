@@ -117,8 +117,5 @@ class CommitResult:
 
 def dedup_key(namespace: str, identity: str) -> bytes:
     """The 128-bit dedup digest of an identity within a namespace ("id", "otlp", ...)."""
-    h = hashlib.blake2b(digest_size=16)
-    h.update(namespace.encode())
-    h.update(b"\x00")
-    h.update(identity.encode("utf-8", "surrogatepass"))
-    return h.digest()
+    data = f"{namespace}\x00{identity}".encode("utf-8", "surrogatepass")
+    return hashlib.blake2b(data, digest_size=16).digest()

@@ -211,7 +211,7 @@ class SQLiteStore:
                     str(v),
                     r.record_id,
                     orjson.dumps(r.metadata) if r.metadata else None,
-                    r.source.value,
+                    r.source,
                     now_ns,
                 )
             )
