@@ -100,10 +100,23 @@ class ListenConfig(_Model):
     enabled: bool = True
 
 
+class TlsListenConfig(ListenConfig):
+    """A listener that serves TLS when both PEM files are given."""
+
+    cert_file: str | None = None
+    key_file: str | None = None
+
+    @model_validator(mode="after")
+    def _both_or_neither(self) -> TlsListenConfig:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("TLS needs both cert_file and key_file (or neither)")
+        return self
+
+
 class ServerConfig(_Model):
     http: ListenConfig = ListenConfig(listen="127.0.0.1:8080")
-    otlp_grpc: ListenConfig = ListenConfig(listen="127.0.0.1:4317")
-    otlp_http: ListenConfig = ListenConfig(listen="127.0.0.1:4318")
+    otlp_grpc: TlsListenConfig = TlsListenConfig(listen="127.0.0.1:4317")
+    otlp_http: TlsListenConfig = TlsListenConfig(listen="127.0.0.1:4318")
 
 
 class StoreConfig(_Model):

@@ -23,6 +23,7 @@ from meter_gateway.pricing import round_money
 from meter_gateway.store import Store, open_store
 from meter_gateway.telemetry import PeriodUsage, PeriodUsageCollector, Telemetry
 from meter_gateway.usage import current_period, period_usage, summary
+from receivers.otlp import OtlpMetrics
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,17 @@ class Gateway:
             ingest.max_queue_records,
             ingest.max_commit_records,
             ingest.retry_after.total_seconds(),
+        )
+        # OTLP exports (gRPC and HTTP) → observations → validator → ingestor; server.py serves it.
+        self.otlp = OtlpMetrics(
+            self.validator,
+            self.mapper,
+            self.ingestor,
+            self.store,
+            lambda: self.catalog.current,
+            self.clock,
+            ingest,
+            self.telemetry,
         )
         self.telemetry.add_collector(PeriodUsageCollector(self._period_usage))
         self.ready = True

@@ -85,6 +85,15 @@ class Telemetry:
         self.queue_records = Gauge(
             "meter_gateway_queue_records", "Records waiting for commit.", registry=r
         )
+        self.otlp_skipped = Counter(
+            "meter_gateway_otlp_points_skipped_total",
+            "OTLP data points that added no record: no_value (NaN or no recorded value), "
+            "repeated (a cumulative point already counted), baseline (first point of a "
+            "cumulative run with an unknown start), unchanged (a cumulative value that did "
+            "not move).",
+            ["reason"],
+            registry=r,
+        )
 
     def add_collector(self, collector: Collector) -> None:
         self.registry.register(collector)

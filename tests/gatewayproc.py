@@ -80,8 +80,19 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _accepts(listen: str) -> bool:
+    host, _, port = listen.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
 class GatewayProcess:
-    """A gateway subprocess; ``url`` is its HTTP API."""
+    """A gateway subprocess; ``url`` is its HTTP API, ``otlp_grpc`` (host:port) and
+    ``otlp_http`` (base URL) its OTLP receivers, each on a free port unless the config sets one.
+    """
 
     def __init__(
         self, workdir: Path, config: dict[str, Any] | None = None, env: dict[str, str] | None = None
@@ -89,11 +100,15 @@ class GatewayProcess:
         self.workdir = workdir
         self.config = dict(BASE_CONFIG if config is None else config)
         self.port = free_port()
-        self.config.setdefault("server", {})
-        self.config["server"] = {
-            **self.config["server"],
-            "http": {"listen": f"127.0.0.1:{self.port}"},
-        }
+        server = dict(self.config.get("server") or {})
+        server["http"] = {"listen": f"127.0.0.1:{self.port}"}
+        for name in ("otlp_grpc", "otlp_http"):
+            listener = dict(server.get(name) or {})
+            listener.setdefault("listen", f"127.0.0.1:{free_port()}")
+            server[name] = listener
+        self.config["server"] = server
+        self.otlp_grpc = str(server["otlp_grpc"]["listen"])
+        self.otlp_http = "http://" + str(server["otlp_http"]["listen"])
         self.config.setdefault("store", {"url": f"sqlite:///{workdir / 'gateway.db'}"})
         self.config_path = workdir / "gateway.yaml"
         self.config_path.write_text(yaml.safe_dump(self.config))
@@ -117,12 +132,19 @@ class GatewayProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"gateway exited {self.proc.returncode}:\n{self.log()}")
             try:
-                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
+                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200 and all(
+                    _accepts(listen)
+                    for name, listen in self._otlp_listeners()
+                    if self.config["server"][name].get("enabled", True)
+                ):
                     return self
             except httpx.TransportError:
                 pass
             time.sleep(0.05)
         raise RuntimeError(f"gateway did not become ready:\n{self.log()}")
+
+    def _otlp_listeners(self) -> list[tuple[str, str]]:
+        return [(n, str(self.config["server"][n]["listen"])) for n in ("otlp_grpc", "otlp_http")]
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
         assert self.proc is not None

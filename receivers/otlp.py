@@ -1,0 +1,932 @@
+"""OTLP metrics → observations, shared by the gRPC and the HTTP receiver.
+
+``OtlpMetrics.export`` walks one ``ExportMetricsServiceRequest``: delta sums and histograms
+become amounts, gauges levels, and cumulative sums, histograms and summaries are turned into
+deltas per stream (``convert``) against state that commits in the same transaction as the
+records. Every point gets a natural key (stream identity + time), so a retried export counts once.
+
+Streams, as WIRE_FORMATS.md "OTLP metrics" defines them: resource, scope, metric name, unit,
+type, temporality, monotonicity and point attributes identify a *series*; its start time tells
+one run of the counter from the next. Per series the state keeps (start, last time, last value).
+On a series' first point a start before the time is a true start (the whole value is the delta),
+a start equal to the time (or unset) is unknown and only sets the baseline. A later start time is
+a new run (an app restart): its value counts from zero again. A drop in a monotonic sum or a
+histogram count is a reset. A point at or before the last time seen is a repeat and adds nothing.
+
+Histograms (explicit and exponential) and summaries carry two observations, ``<name>.count``
+and ``<name>.sum``; a point is rejected as unmapped only when neither maps. NaN points and points
+flagged ``NO_RECORDED_VALUE`` are skipped.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any, NamedTuple, Protocol
+
+import orjson
+from google.protobuf import json_format  # type: ignore[import-untyped]
+from google.protobuf.message import DecodeError  # type: ignore[import-untyped]
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
+    ExportMetricsServiceRequest,
+)
+
+from meter_gateway.clock import Clock
+from meter_gateway.config import IngestConfig, Rule
+from meter_gateway.decimals import EXACT, ZERO, DecimalError, parse_value
+from meter_gateway.model import (
+    Batch,
+    CommitResult,
+    Observation,
+    ObservationKind,
+    Reason,
+    RecordError,
+    Source,
+    UsageRecord,
+    dedup_key,
+)
+from meter_gateway.pipeline.mapping import Mapped, Unmapped
+from meter_gateway.telemetry import Telemetry
+
+log = logging.getLogger(__name__)
+
+STATE_PREFIX = "otlp/"
+NS = 1_000_000_000
+DELTA, CUMULATIVE = 1, 2
+NO_RECORDED_VALUE = 1  # DataPointFlags.DATA_POINT_FLAGS_NO_RECORDED_VALUE_MASK
+MAX_ATTRIBUTES = 128  # per point or resource; more is rejected as too_large
+MAX_ERROR_MESSAGES = 5  # distinct messages quoted in a partial success
+
+AMOUNT, LEVEL = ObservationKind.AMOUNT, ObservationKind.LEVEL
+OTLP = Source.OTLP
+_NAMESPACE = OTLP.value  # dedup namespace of natural keys, as the validator uses it
+
+# Why a point added nothing; label values of meter_gateway_otlp_points_skipped_total.
+SKIP_NO_VALUE = "no_value"  # NaN or NO_RECORDED_VALUE
+SKIP_REPEATED = "repeated"  # a cumulative point already counted (a retried export)
+SKIP_BASELINE = "baseline"  # first point of a run with an unknown start time
+SKIP_UNCHANGED = "unchanged"  # a cumulative value that did not move
+
+
+# --- the stages this receiver is handed ------------------------------------------------------
+
+
+class ObservationSink(Protocol):
+    """Maps and validates observations (``pipeline.validate.Validator``)."""
+
+    def observations(self, observations: Sequence[Observation], source: Source) -> Batch: ...
+
+
+class RuleMatcher(Protocol):
+    """The mapping rules (``pipeline.mapping.Mapper``)."""
+
+    rules: tuple[Rule, ...]
+
+    def map(self, obs: Observation) -> Mapped | Unmapped: ...
+
+
+class Committer(Protocol):
+    """Commits a batch durably (``pipeline.ingest.Ingestor``)."""
+
+    def submit_sync(self, batch: Batch, timeout: float | None = None) -> CommitResult: ...
+
+
+class StateReader(Protocol):
+    """Reads committed receiver state (``store.base.Store``)."""
+
+    def state_get(self, keys: Sequence[str]) -> dict[str, bytes]: ...
+
+
+# --- errors and results ----------------------------------------------------------------------
+
+
+class OtlpError(Exception):
+    """A request the receiver refuses as a whole; ``status`` is the HTTP status to answer."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class StreamsBusy(Exception):
+    """Another export held the same cumulative streams for too long; retry."""
+
+
+@dataclass(frozen=True, slots=True)
+class ExportOutcome:
+    points: int
+    accepted: int
+    duplicates: int
+    rejected: int  # data points rejected (partial success)
+    error_message: str
+
+
+# --- decoding --------------------------------------------------------------------------------
+
+
+def decode_protobuf(body: bytes) -> Any:
+    """An ``ExportMetricsServiceRequest`` from protobuf bytes; unknown fields are ignored."""
+    request = ExportMetricsServiceRequest()
+    try:
+        request.ParseFromString(body)
+    except (DecodeError, RecursionError, ValueError) as exc:
+        raise OtlpError(
+            400, f"body is not a valid OTLP ExportMetricsServiceRequest protobuf: {exc}"
+        ) from None
+    return request
+
+
+def decode_json(body: bytes) -> Any:
+    """An ``ExportMetricsServiceRequest`` from OTLP/JSON.
+
+    64-bit integers may be strings or numbers, enums are integers, unknown fields are ignored,
+    and trace and span ids of exemplars are hex (protobuf's JSON mapping expects base64).
+    """
+    try:
+        doc = orjson.loads(body) if body.strip() else {}
+    except orjson.JSONDecodeError as exc:
+        raise OtlpError(400, f"body is not valid JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise OtlpError(400, "expected a JSON object with resourceMetrics")
+    _hex_ids_to_base64(doc)
+    request = ExportMetricsServiceRequest()
+    try:
+        json_format.ParseDict(doc, request, ignore_unknown_fields=True)
+    except (json_format.ParseError, RecursionError, ValueError, TypeError) as exc:
+        raise OtlpError(400, f"body is not a valid OTLP/JSON metrics request: {exc}") from None
+    return request
+
+
+def _hex_ids_to_base64(doc: dict[str, Any]) -> None:
+    for rm in _dicts(doc.get("resourceMetrics")):
+        for sm in _dicts(rm.get("scopeMetrics")):
+            for metric in _dicts(sm.get("metrics")):
+                for kind in ("sum", "gauge", "histogram", "exponentialHistogram"):
+                    data = metric.get(kind)
+                    if not isinstance(data, dict):
+                        continue
+                    for point in _dicts(data.get("dataPoints")):
+                        for ex in _dicts(point.get("exemplars")):
+                            for key in ("traceId", "spanId", "trace_id", "span_id"):
+                                v = ex.get(key)
+                                if isinstance(v, str) and v:
+                                    try:
+                                        ex[key] = base64.b64encode(bytes.fromhex(v)).decode()
+                                    except ValueError:
+                                        raise OtlpError(
+                                            400, f"exemplar {key} {v[:40]!r} is not hex"
+                                        ) from None
+
+
+def _dicts(v: Any) -> Iterable[dict[str, Any]]:
+    return [x for x in v if isinstance(x, dict)] if isinstance(v, list) else []
+
+
+def count_points(request: Any) -> int:
+    n = 0
+    for rm in request.resource_metrics:
+        for sm in rm.scope_metrics:
+            for m in sm.metrics:
+                kind = m.WhichOneof("data")
+                if kind is not None:
+                    n += len(getattr(m, kind).data_points)
+    return n
+
+
+# --- attributes ------------------------------------------------------------------------------
+
+
+def any_value_text(v: Any) -> str:
+    """An OTLP ``AnyValue`` as the text mapping rules compare with."""
+    which = v.WhichOneof("value")
+    if which == "string_value":
+        return str(v.string_value)
+    if which == "int_value":
+        return str(v.int_value)
+    if which == "bool_value":
+        return "true" if v.bool_value else "false"
+    if which == "double_value":
+        return repr(v.double_value)
+    if which is None:
+        return ""
+    return orjson.dumps(_any_json(v)).decode()
+
+
+def _any_json(v: Any) -> Any:
+    which = v.WhichOneof("value")
+    if which == "array_value":
+        return [_any_json(x) for x in v.array_value.values]
+    if which == "kvlist_value":
+        return {kv.key: _any_json(kv.value) for kv in v.kvlist_value.values}
+    if which == "bytes_value":
+        return base64.b64encode(v.bytes_value).decode()
+    if which == "double_value":
+        d = v.double_value
+        return d if d == d and d not in (float("inf"), float("-inf")) else repr(d)
+    if which is None:
+        return None
+    return getattr(v, which)
+
+
+def attributes(kvs: Any, max_bytes: int) -> dict[str, str] | str:
+    """Attributes as text, or why they are refused (too many, too large)."""
+    if len(kvs) > MAX_ATTRIBUTES:
+        return f"{len(kvs)} attributes; at most {MAX_ATTRIBUTES} are accepted"
+    out: dict[str, str] = {}
+    size = 0
+    for kv in kvs:
+        v = kv.value
+        text = v.string_value if v.WhichOneof("value") == "string_value" else any_value_text(v)
+        out[kv.key] = text
+        size += len(kv.key) + len(text)
+    if size > max_bytes:
+        return f"attributes take {size} bytes; at most {max_bytes} are accepted"
+    return out
+
+
+# --- cumulative → delta ----------------------------------------------------------------------
+
+
+class StreamState(NamedTuple):
+    """The last committed point of a cumulative series."""
+
+    start: int
+    time: int
+    value: Decimal  # the running total (a histogram's count)
+    sum: Decimal | None = None  # a histogram's running sum
+
+
+def encode_state(s: StreamState) -> bytes:
+    """``start time value [sum]``: plain ASCII, cheap to write once per point."""
+    if s.sum is None:
+        return f"{s.start} {s.time} {s.value}".encode()
+    return f"{s.start} {s.time} {s.value} {s.sum}".encode()
+
+
+def decode_state(raw: bytes) -> StreamState:
+    parts = raw.split()
+    total = Decimal(parts[3].decode()) if len(parts) > 3 else None
+    return StreamState(int(parts[0]), int(parts[1]), Decimal(parts[2].decode()), total)
+
+
+class Step(NamedTuple):
+    """What one cumulative point adds: ``kind`` is "delta", a SKIP_* reason or "stale"."""
+
+    kind: str
+    delta: Decimal
+    delta_sum: Decimal | None
+    state: StreamState | None  # the series' state after the point (None: unchanged)
+
+
+def convert(
+    state: StreamState | None,
+    start: int,
+    t: int,
+    value: Decimal,
+    total: Decimal | None,
+    monotonic: bool,
+) -> Step:
+    """One cumulative point against its series' last state (pure; see the module docstring)."""
+    new = StreamState(start, t, value, total)
+    if state is None or start > state.start:
+        if start == 0 or start >= t:  # unknown start: the value so far is only a baseline
+            return Step(SKIP_BASELINE, ZERO, None, new)
+        return Step("delta", value, total, new)
+    if start < state.start:
+        return Step("stale", ZERO, None, None)
+    if t <= state.time:
+        return Step(SKIP_REPEATED, ZERO, None, None)
+    if monotonic and value < state.value:  # a reset within one run: count from zero
+        return Step("delta", value, total, new)
+    delta = EXACT.subtract(value, state.value)
+    if total is None:
+        dsum = None
+    else:
+        dsum = EXACT.subtract(total, state.sum) if state.sum is not None else total
+    if delta == 0 and not dsum:
+        return Step(SKIP_UNCHANGED, ZERO, None, new)
+    return Step("delta", delta, dsum, new)
+
+
+class StreamTable:
+    """Committed state of cumulative series: a cache over the store, and a hold per series.
+
+    An export holds every series it converts from reading their state until its batch has
+    committed (or failed), so two exports touching one series never compute against the same
+    old state. Holds are taken all at once or not at all, so exports cannot deadlock. The
+    cache only ever moves after a successful commit.
+    """
+
+    def __init__(
+        self, reader: StateReader, max_cached: int = 1_000_000, wait_s: float = 30.0
+    ) -> None:
+        self._reader = reader
+        self._max_cached = max_cached
+        self._wait_s = wait_s
+        self._cond = threading.Condition()
+        self._held: set[str] = set()
+        self._cache: dict[str, StreamState] = {}
+
+    @contextmanager
+    def hold(self, sids: set[str]) -> Iterator[None]:
+        deadline = time.monotonic() + self._wait_s
+        with self._cond:
+            while not self._held.isdisjoint(sids):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not self._cond.wait(remaining):
+                    raise StreamsBusy("cumulative streams are busy with another export")
+            self._held |= sids
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._held -= sids
+                self._cond.notify_all()
+
+    def load(self, sids: Iterable[str]) -> dict[str, StreamState]:
+        """The committed state of held series (absent: never seen)."""
+        out: dict[str, StreamState] = {}
+        missing: list[str] = []
+        cache = self._cache
+        for sid in sids:
+            st = cache.get(sid)
+            if st is None:
+                missing.append(sid)
+            else:
+                out[sid] = st
+        if missing:
+            rows = self._reader.state_get([STATE_PREFIX + s for s in missing])
+            for key, raw in rows.items():
+                out[key[len(STATE_PREFIX) :]] = decode_state(raw)
+        return out
+
+    def committed(self, states: dict[str, StreamState]) -> None:
+        if len(self._cache) + len(states) > self._max_cached:
+            self._cache.clear()
+        self._cache.update(states)
+
+
+# --- the receiver ----------------------------------------------------------------------------
+
+
+class _Cumulative(NamedTuple):
+    """A cumulative point waiting for its series' state."""
+
+    ordinal: int
+    sid: str
+    name: str
+    attrs: dict[str, str]
+    resource: dict[str, str]
+    start: int
+    time: int
+    value: Decimal
+    sum: Decimal | None
+    monotonic: bool
+    histogram: bool
+    want_count: bool = True  # histograms: whether the count half is mapped
+
+
+class _Mapped(NamedTuple):
+    """How every point of one series maps, learned from validating one of them."""
+
+    catalog: object  # the catalog snapshot it was validated against
+    customer: str
+    dimension: str
+    scale: Decimal | None  # None: 1
+    metadata: dict[str, Any]
+    unique: str | None
+
+
+class _Export:
+    """What one request turns into: records, observations still to validate, errors."""
+
+    def __init__(self, catalog: object, lo: int, hi: int) -> None:
+        self.catalog = catalog
+        self.lo, self.hi = lo, hi
+        self.records: list[UsageRecord] = []  # points of series whose mapping is known
+        self.slow: list[Observation] = []  # points the validator has to see
+        self.slow_ordinals: list[int] = []
+        self.slow_keys: list[str] = []
+        self.cumulative: list[_Cumulative] = []
+        self.errors: list[RecordError] = []
+        self.skipped: dict[str, int] = {}
+        self.points = 0
+
+    def reject(
+        self, ordinal: int, reason: Reason, field: str, error: str, name: str, detail: Any = None
+    ) -> None:
+        raw = orjson.dumps({"metric": name, "point": detail}, default=str).decode()[:8192]
+        self.errors.append(RecordError(ordinal, field, error, reason, raw))
+
+    def skip(self, reason: str, n: int = 1) -> None:
+        self.skipped[reason] = self.skipped.get(reason, 0) + n
+
+
+class OtlpMetrics:
+    """Turns OTLP metric exports into committed usage; one instance serves both protocols.
+
+    ``export`` is synchronous and blocks until the batch is durable: run it on a worker thread.
+    It raises ``OtlpError`` (bad request), ``StreamsBusy``, and the ingestor's ``Overloaded``,
+    ``CommitFailed`` and ``ShuttingDown``.
+
+    Mapping depends only on a point's series (name, attributes, resource), so the validator
+    sees the first point of each series; once it accepted one, later points of that series
+    under the same catalog snapshot become records directly, as long as their value is not
+    negative and their time is well inside the accepted range. Anything else goes through the
+    validator, which stays the one judge of what is valid and why not.
+    """
+
+    def __init__(
+        self,
+        sink: ObservationSink,
+        rules: RuleMatcher,
+        committer: Committer,
+        state: StateReader,
+        catalog: Callable[[], object],
+        clock: Clock,
+        limits: IngestConfig,
+        telemetry: Telemetry,
+        commit_timeout_s: float = 60.0,
+        max_cached_series: int = 1_000_000,
+    ) -> None:
+        self._sink = sink
+        self._rules = rules
+        self._committer = committer
+        self.streams = StreamTable(state, max_cached_series)
+        self._catalog = catalog
+        self._clock = clock
+        self._telemetry = telemetry
+        self._max_points = limits.max_batch_records
+        self._max_attr_bytes = limits.metadata_max_bytes
+        # A minute inside the validator's own bounds, so a fast-path record is never one the
+        # validator would have refused a moment later.
+        self._late_ns = int(limits.late_arrival_limit.total_seconds() - 60) * NS
+        self._future_ns = int(limits.future_tolerance.total_seconds()) * NS
+        self._commit_timeout = commit_timeout_s
+        self._max_cached = max_cached_series
+        self._series: dict[tuple[Any, ...], str] = {}
+        self._mapped: dict[str, _Mapped] = {}
+        self._halves: dict[str, tuple[bool, bool]] = {}
+
+    def export(self, request: Any) -> ExportOutcome:
+        n = count_points(request)
+        if n > self._max_points:
+            raise OtlpError(
+                413,
+                f"export holds {n} data points; at most {self._max_points} are accepted per "
+                "request (lower the exporter's max_export_batch_size)",
+            )
+        now = self._clock.now_ns()
+        ex = _Export(self._catalog(), now - self._late_ns, now + self._future_ns)
+        self._walk(request, ex)
+        t = self._telemetry
+        t.received.labels(OTLP.value).inc(ex.points)
+        if not ex.cumulative:
+            outcome = self._commit(ex, {})
+        else:
+            sids = {c.sid for c in ex.cumulative}
+            with self.streams.hold(sids):
+                states = self.streams.load(sids)
+                changed = self._convert(ex, states)
+                outcome = self._commit(ex, changed)
+                self.streams.committed(changed)
+        for reason, count in ex.skipped.items():
+            t.otlp_skipped.labels(reason).inc(count)
+        return outcome
+
+    def _commit(self, ex: _Export, changed: dict[str, StreamState]) -> ExportOutcome:
+        errors = ex.errors
+        if ex.slow:
+            checked = self._sink.observations(ex.slow, OTLP)
+            self._learn(ex, checked)
+            ordinals = ex.slow_ordinals
+            errors.extend(
+                RecordError(ordinals[e.index], e.field, e.error, e.reason, e.raw)
+                for e in checked.errors
+            )
+            ex.records.extend(checked.records)
+        batch = Batch(OTLP, ex.records, errors)
+        batch.state = {STATE_PREFIX + sid: encode_state(s) for sid, s in changed.items()}
+        if batch.records or batch.errors or batch.state:
+            result = self._committer.submit_sync(batch, self._commit_timeout)
+        else:
+            result = CommitResult(0, 0, 0)
+        return ExportOutcome(
+            ex.points,
+            result.accepted,
+            result.duplicates,
+            len({e.index for e in errors}),
+            _summarize(errors, ex.points),
+        )
+
+    def _learn(self, ex: _Export, checked: Batch) -> None:
+        """Remember how the series of accepted observations map."""
+        refused = {e.index for e in checked.errors}
+        records = iter(checked.records)
+        mapped = self._mapped
+        if len(mapped) >= self._max_cached:
+            mapped.clear()
+        for i, obs in enumerate(ex.slow):
+            if i in refused:
+                continue
+            record = next(records)
+            key = ex.slow_keys[i]
+            if key in mapped or record.value < 0:
+                continue
+            rule = self._rules.map(obs)
+            if not isinstance(rule, Mapped):
+                continue
+            scale = self._rules.rules[rule.rule_index].scale
+            mapped[key] = _Mapped(
+                ex.catalog,
+                record.customer_id,
+                record.dimension_id,
+                None if scale == 1 else scale,
+                record.metadata or {},
+                record.unique_value,
+            )
+
+    def _emit(
+        self,
+        ex: _Export,
+        key: str,
+        name: str,
+        attrs: dict[str, str],
+        resource: dict[str, str],
+        value: Decimal,
+        kind: ObservationKind,
+        t: int,
+        natural_key: str,
+        ordinal: int,
+    ) -> None:
+        m = self._mapped.get(key)
+        if m is not None and m.catalog is ex.catalog and ex.lo <= t <= ex.hi:
+            v = value if m.scale is None else EXACT.multiply(value, m.scale)
+            if v >= 0:
+                ex.records.append(
+                    UsageRecord(
+                        t,
+                        m.customer,
+                        m.dimension,
+                        v,
+                        None,
+                        m.metadata,
+                        OTLP,
+                        dedup_key(_NAMESPACE, natural_key),
+                        m.unique,
+                    )
+                )
+                return
+        ex.slow.append(Observation(OTLP, name, attrs, value, kind, t, natural_key, resource))
+        ex.slow_ordinals.append(ordinal)
+        ex.slow_keys.append(key)
+
+    # --- walking the request -----------------------------------------------------------------
+
+    def _series_id(self, identity: tuple[Any, ...]) -> str:
+        sid = self._series.get(identity)
+        if sid is None:
+            if len(self._series) >= self._max_cached:
+                self._series.clear()
+            sid = hashlib.blake2b(orjson.dumps(identity), digest_size=16).hexdigest()
+            self._series[identity] = sid
+        return sid
+
+    def _walk(self, request: Any, ex: _Export) -> None:
+        max_bytes = self._max_attr_bytes
+        ordinal = -1
+        for rm in request.resource_metrics:
+            resource = attributes(rm.resource.attributes, max_bytes)
+            res_id = (
+                orjson.dumps(sorted(resource.items())).decode()
+                if isinstance(resource, dict)
+                else ""
+            )
+            for sm in rm.scope_metrics:
+                scope = sm.scope
+                scope_attrs = attributes(scope.attributes, max_bytes)
+                scope_id = (
+                    scope.name,
+                    scope.version,
+                    tuple(sorted(scope_attrs.items())) if isinstance(scope_attrs, dict) else (),
+                )
+                for m in sm.metrics:
+                    kind = m.WhichOneof("data")
+                    if kind is None:
+                        continue
+                    data = getattr(m, kind)
+                    points = data.data_points
+                    first = ordinal + 1
+                    ordinal += len(points)
+                    ex.points += len(points)
+                    if not isinstance(resource, dict) or not isinstance(scope_attrs, dict):
+                        where = "resource" if isinstance(resource, str) else "scope"
+                        why = resource if isinstance(resource, str) else scope_attrs
+                        for i in range(len(points)):
+                            ex.reject(
+                                first + i,
+                                Reason.TOO_LARGE,
+                                f"{where}.attributes",
+                                f"{where} attributes refused: {why}",
+                                m.name,
+                            )
+                        continue
+                    if kind == "sum":
+                        self._numbers(ex, m, data, first, resource, res_id, scope_id, True)
+                    elif kind == "gauge":
+                        self._numbers(ex, m, data, first, resource, res_id, scope_id, False)
+                    else:
+                        self._distributions(ex, m, kind, data, first, resource, res_id, scope_id)
+
+    def _bad_temporality(
+        self, ex: _Export, m: Any, kind: str, temporality: int, first: int
+    ) -> None:
+        for i in range(len(getattr(m, kind).data_points)):
+            ex.reject(
+                first + i,
+                Reason.INVALID_VALUE,
+                "aggregationTemporality",
+                f"{kind} {m.name!r} has aggregation temporality {temporality}; "
+                "expected 1 (delta) or 2 (cumulative)",
+                m.name,
+            )
+
+    def _numbers(
+        self,
+        ex: _Export,
+        m: Any,
+        data: Any,
+        first: int,
+        resource: dict[str, str],
+        res_id: str,
+        scope_id: tuple[Any, ...],
+        is_sum: bool,
+    ) -> None:
+        name = m.name
+        if is_sum:
+            temporality = data.aggregation_temporality
+            monotonic = bool(data.is_monotonic)
+            if temporality not in (DELTA, CUMULATIVE):
+                self._bad_temporality(ex, m, "sum", temporality, first)
+                return
+        else:
+            temporality, monotonic = 0, False
+        type_ = "sum" if is_sum else "gauge"
+        base = (res_id, scope_id, name, m.unit, type_, temporality, monotonic)
+        max_bytes = self._max_attr_bytes
+        series, emit = self._series, self._emit
+        kind = AMOUNT if is_sum else LEVEL
+        ordinal = first - 1
+        for p in data.data_points:
+            ordinal += 1
+            if p.flags & NO_RECORDED_VALUE:
+                ex.skip(SKIP_NO_VALUE)
+                continue
+            which = p.WhichOneof("value")
+            if which == "as_int":
+                value = Decimal(p.as_int)
+            elif which == "as_double":
+                d = p.as_double
+                if d != d:
+                    ex.skip(SKIP_NO_VALUE)
+                    continue
+                try:
+                    value = parse_value(d)
+                except DecimalError as exc:
+                    ex.reject(ordinal, Reason.INVALID_VALUE, "asDouble", str(exc), name, repr(d))
+                    continue
+            else:
+                ex.reject(
+                    ordinal,
+                    Reason.MISSING_FIELD,
+                    "value",
+                    "data point has neither asInt nor asDouble",
+                    name,
+                )
+                continue
+            t = p.time_unix_nano
+            if not t:
+                ex.reject(
+                    ordinal, Reason.INVALID_TIMESTAMP, "timeUnixNano", "timeUnixNano is 0", name
+                )
+                continue
+            attrs = attributes(p.attributes, max_bytes)
+            if isinstance(attrs, str):
+                ex.reject(ordinal, Reason.TOO_LARGE, "attributes", attrs, name)
+                continue
+            identity = (base, tuple(sorted(attrs.items())))
+            sid = series.get(identity) or self._series_id(identity)
+            if temporality == CUMULATIVE:
+                ex.cumulative.append(
+                    _Cumulative(
+                        ordinal,
+                        sid,
+                        name,
+                        attrs,
+                        resource,
+                        p.start_time_unix_nano,
+                        t,
+                        value,
+                        None,
+                        monotonic,
+                        False,
+                    )
+                )
+            elif is_sum:
+                if monotonic and value < 0:
+                    ex.reject(
+                        ordinal,
+                        Reason.NEGATIVE_VALUE,
+                        "value",
+                        f"monotonic delta sum {name!r} has a negative value {value}",
+                        name,
+                    )
+                    continue
+                nk = f"{sid}:{p.start_time_unix_nano}:{t}"
+                emit(ex, sid, name, attrs, resource, value, kind, t, nk, ordinal)
+            else:
+                emit(ex, sid, name, attrs, resource, value, kind, t, f"{sid}:{t}", ordinal)
+
+    def _wanted_halves(
+        self, sid: str, name: str, attrs: dict[str, str], resource: dict[str, str], t: int
+    ) -> tuple[bool, bool]:
+        """Which of a distribution's count and sum some rule maps; (True, _) when neither, so
+        that validation rejects the point with its reason."""
+        halves = self._halves.get(sid)
+        if halves is None:
+            probes = [
+                Observation(OTLP, f"{name}.{part}", attrs, ZERO, AMOUNT, t, None, resource)
+                for part in ("count", "sum")
+            ]
+            want_count, want_sum = (isinstance(self._rules.map(o), Mapped) for o in probes)
+            halves = (want_count or not want_sum, want_sum)
+            if len(self._halves) >= self._max_cached:
+                self._halves.clear()
+            self._halves[sid] = halves
+        return halves
+
+    def _distributions(
+        self,
+        ex: _Export,
+        m: Any,
+        kind: str,
+        data: Any,
+        first: int,
+        resource: dict[str, str],
+        res_id: str,
+        scope_id: tuple[Any, ...],
+    ) -> None:
+        name = m.name
+        temporality = CUMULATIVE if kind == "summary" else data.aggregation_temporality
+        if temporality not in (DELTA, CUMULATIVE):
+            self._bad_temporality(ex, m, kind, temporality, first)
+            return
+        base = (res_id, scope_id, name, m.unit, kind, temporality, True)
+        count_name, sum_name = f"{name}.count", f"{name}.sum"
+        ordinal = first - 1
+        for p in data.data_points:
+            ordinal += 1
+            if p.flags & NO_RECORDED_VALUE:
+                ex.skip(SKIP_NO_VALUE)
+                continue
+            t = p.time_unix_nano
+            if not t:
+                ex.reject(
+                    ordinal, Reason.INVALID_TIMESTAMP, "timeUnixNano", "timeUnixNano is 0", name
+                )
+                continue
+            attrs = attributes(p.attributes, self._max_attr_bytes)
+            if isinstance(attrs, str):
+                ex.reject(ordinal, Reason.TOO_LARGE, "attributes", attrs, name)
+                continue
+            total: Decimal | None = None
+            if (kind == "summary" or p.HasField("sum")) and p.sum == p.sum:  # NaN: count only
+                try:
+                    total = parse_value(p.sum)
+                except DecimalError as exc:
+                    ex.reject(ordinal, Reason.INVALID_VALUE, "sum", str(exc), name, repr(p.sum))
+                    continue
+            count = Decimal(p.count)
+            sid = self._series_id((base, tuple(sorted(attrs.items()))))
+            want_count, want_sum = self._wanted_halves(sid, name, attrs, resource, t)
+            if not want_sum:
+                total = None
+            start = p.start_time_unix_nano
+            if temporality == CUMULATIVE:
+                ex.cumulative.append(
+                    _Cumulative(
+                        ordinal,
+                        sid,
+                        name,
+                        attrs,
+                        resource,
+                        start,
+                        t,
+                        count,
+                        total,
+                        True,
+                        True,
+                        want_count,
+                    )
+                )
+                continue
+            if want_count:
+                nk = f"{sid}:c:{start}:{t}"
+                self._emit(
+                    ex, sid + "c", count_name, attrs, resource, count, AMOUNT, t, nk, ordinal
+                )
+            if total is not None:
+                nk = f"{sid}:s:{start}:{t}"
+                self._emit(ex, sid + "s", sum_name, attrs, resource, total, AMOUNT, t, nk, ordinal)
+
+    def _convert(self, ex: _Export, states: dict[str, StreamState]) -> dict[str, StreamState]:
+        """Cumulative points → amounts; returns the series whose state moved."""
+        points = ex.cumulative
+        if len({c.sid for c in points}) < len(points):
+            points = sorted(points, key=lambda c: c.time)  # several points of one series
+        changed: dict[str, StreamState] = {}
+        emit = self._emit
+        for c in points:
+            sid = c.sid
+            step = convert(
+                changed.get(sid) or states.get(sid), c.start, c.time, c.value, c.sum, c.monotonic
+            )
+            if step.state is not None:
+                changed[sid] = step.state
+            if step.kind != "delta":
+                if step.kind == "stale":
+                    ex.reject(
+                        c.ordinal,
+                        Reason.INVALID_TIMESTAMP,
+                        "startTimeUnixNano",
+                        f"start time {c.start} is older than the start of the series' current "
+                        "run: a point of an earlier run arrived after a newer one",
+                        c.name,
+                    )
+                else:
+                    ex.skip(step.kind)
+                continue
+            span = f"{c.start}:{c.time}"
+            if not c.histogram:
+                emit(
+                    ex,
+                    sid,
+                    c.name,
+                    c.attrs,
+                    c.resource,
+                    step.delta,
+                    AMOUNT,
+                    c.time,
+                    f"{sid}:{span}",
+                    c.ordinal,
+                )
+                continue
+            if c.want_count:
+                emit(
+                    ex,
+                    sid + "c",
+                    f"{c.name}.count",
+                    c.attrs,
+                    c.resource,
+                    step.delta,
+                    AMOUNT,
+                    c.time,
+                    f"{sid}:c:{span}",
+                    c.ordinal,
+                )
+            if step.delta_sum is not None:
+                emit(
+                    ex,
+                    sid + "s",
+                    f"{c.name}.sum",
+                    c.attrs,
+                    c.resource,
+                    step.delta_sum,
+                    AMOUNT,
+                    c.time,
+                    f"{sid}:s:{span}",
+                    c.ordinal,
+                )
+        return changed
+
+
+def _summarize(errors: Sequence[RecordError], points: int) -> str:
+    if not errors:
+        return ""
+    rejected = len({e.index for e in errors})
+    seen: dict[str, int] = {}
+    for e in errors:
+        seen[e.error] = seen.get(e.error, 0) + 1
+    quoted = list(seen.items())[:MAX_ERROR_MESSAGES]
+    parts = [f"{msg} ({n} points)" if n > 1 else msg for msg, n in quoted]
+    more = len(seen) - MAX_ERROR_MESSAGES
+    tail = f"; and {more} more kinds of error" if more > 0 else ""
+    return f"{rejected} of {points} data points rejected: " + "; ".join(parts) + tail
