@@ -102,7 +102,7 @@ async def ingest(request: Request, gw: Gateway) -> Response:
         body_out["errors_truncated"] = True
     # A lone record that was rejected is an error to its sender; in a batch, the good records
     # were stored and the answer must be 2xx so Vector and Logstash do not drop or retry them.
-    single = len(items) == 1 and body.lstrip()[:1] == b"{" and result.rejected == 1
+    single = items.single and result.rejected == 1
     status = 422 if single else 200
     t.requests.labels(source.value, str(status)).inc()
     t.batch_seconds.labels(source.value).observe(time.perf_counter() - started)

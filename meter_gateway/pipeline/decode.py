@@ -43,6 +43,12 @@ class ItemError:
 Item = dict[str, Any] | ItemError
 
 
+class Parsed(list[Item]):
+    """The items of a body; ``single`` is true for a bare JSON object (not an array or NDJSON)."""
+
+    single: bool = False
+
+
 def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
     """Undo ``Content-Encoding``; never produce more than ``limit`` bytes."""
     codings = [c.strip().lower() for c in (encoding or "").split(",") if c.strip()]
@@ -128,7 +134,7 @@ def loads(data: bytes) -> Any:
         raise ValueError(f"body is not UTF-8: {exc.reason} at byte {exc.start}") from None
 
 
-def parse_items(body: bytes, content_type: str | None, max_items: int) -> list[Item]:
+def parse_items(body: bytes, content_type: str | None, max_items: int) -> Parsed:
     """Split a body into JSON objects: a single object, a JSON array, or NDJSON lines.
 
     A body that is not JSON at all raises DecodeError (400); one bad NDJSON line only fails
@@ -137,7 +143,7 @@ def parse_items(body: bytes, content_type: str | None, max_items: int) -> list[I
     ctype = (content_type or "").split(";")[0].strip().lower()
     text = body.strip()
     if not text:
-        return []
+        return Parsed()
     ndjson = ctype in (
         "application/x-ndjson",
         "application/ndjson",
@@ -151,12 +157,12 @@ def parse_items(body: bytes, content_type: str | None, max_items: int) -> list[I
             raise DecodeError(400, "expected a JSON array of records")
         if len(doc) > max_items:
             raise DecodeError(413, f"batch has {len(doc)} records; the limit is {max_items}")
-        return [
+        return Parsed(
             d
             if isinstance(d, dict)
             else ItemError(i, f"expected a JSON object, got {_kind(d)}", _clip(d))
             for i, d in enumerate(doc)
-        ]
+        )
     if not ndjson:
         try:
             doc = loads(text)
@@ -165,7 +171,9 @@ def parse_items(body: bytes, content_type: str | None, max_items: int) -> list[I
                 raise DecodeError(400, f"body is not valid JSON: {exc}") from None
         else:  # one object, possibly pretty-printed over several lines
             if isinstance(doc, dict):
-                return [doc]
+                single = Parsed([doc])
+                single.single = True
+                return single
             raise DecodeError(400, f"expected a JSON object, array or NDJSON, got {_kind(doc)}")
     lines = [ln for ln in text.split(b"\n") if ln.strip()]
     if len(lines) > max_items:
@@ -180,8 +188,8 @@ def parse_items(body: bytes, content_type: str | None, max_items: int) -> list[I
         except ValueError:
             docs = None
     if isinstance(docs, list) and len(docs) == len(lines) and all(type(d) is dict for d in docs):
-        return docs
-    items: list[Item] = []
+        return Parsed(docs)
+    items = Parsed()
     for i, line in enumerate(lines):
         try:
             doc = loads(line)

@@ -205,7 +205,7 @@ class Validator:
         return UsageRecord(ts, cid, dim.id, value, rid, metadata, source, key, unique)
 
     def _metric(self, item: dict[str, Any], catalog: Catalog, lo: int, hi: int) -> UsageRecord:
-        obs = vector_observation(item)
+        obs = vector_observation(item, self._clock.now_ns())
         if obs.kind is ObservationKind.CUMULATIVE:
             raise _Reject(
                 Reason.INVALID_VALUE,
@@ -279,16 +279,15 @@ def _is_vector_metric(item: dict[str, Any]) -> bool:
     )
 
 
-def vector_observation(item: dict[str, Any]) -> Observation:
+def vector_observation(item: dict[str, Any], received_ns: int) -> Observation:
     """A Vector metric event (JSON codec) as an observation; raises _Reject if unusable."""
     name = item["name"]
     tags = item.get("tags") or {}
     if not isinstance(tags, dict):
         raise _Reject(Reason.MALFORMED, "tags", "tags must be an object")
     attrs = {str(k): v if isinstance(v, str) else orjson.dumps(v).decode() for k, v in tags.items()}
-    if "timestamp" not in item:
-        raise _Reject(Reason.MISSING_FIELD, "timestamp", "metric event has no timestamp")
-    ts = _timestamp(item["timestamp"], "timestamp")
+    # StatsD and aggregated metrics often carry no timestamp: they count at receipt.
+    ts = _timestamp(item["timestamp"], "timestamp") if "timestamp" in item else received_ns
     incremental = item["kind"] == "incremental"
     if "counter" in item:
         raw, kind = (
@@ -312,13 +311,17 @@ def vector_observation(item: dict[str, Any]) -> Observation:
         raise _Reject(Reason.NEGATIVE_VALUE, "counter.value", "incremental counter is negative")
     namespace = item.get("namespace")
     full = f"{namespace}.{name}" if isinstance(namespace, str) and namespace else name
-    # A level or a running total is identified by (series, time): a resent sample counts once.
-    # Increments carry no identity of their own, so they are not deduplicated.
-    identity = (
-        None
-        if kind is ObservationKind.AMOUNT
-        else orjson.dumps([full, sorted(attrs.items()), ts]).decode()
-    )
+    # A sample is identified by (series, time) — and, for increments, value — so a batch that
+    # Vector resends after a timeout counts once. Vector emits one event per series per
+    # timestamp (aggregate flushes, statsd receipt in ns), so distinct increments never share
+    # all three. Events stamped at receipt (no timestamp) have no stable identity.
+    identity = None
+    if "timestamp" in item:
+        parts: list[Any] = [full, sorted(attrs.items()), ts]
+        if kind is ObservationKind.AMOUNT:
+            parts.append(str(value))
+        identity = orjson.dumps(parts).decode()
+
     return Observation(Source.VECTOR, name, attrs, value, kind, ts, identity)
 
 

@@ -284,3 +284,11 @@ def test_basic_auth_with_the_key_as_password_as_logstash_sends_it(
     )
     assert r.status_code == 200
     assert r.json()["accepted"] == 1
+
+
+def test_a_one_line_ndjson_batch_with_a_bad_record_is_still_2xx(client: httpx.Client) -> None:
+    # Vector drops a batch on any 4xx: a batch of one is still a batch.
+    body = orjson.dumps(record("ghost-customer", "1"))
+    r = client.post("/v1/usage", content=body, headers={"Content-Type": "application/x-ndjson"})
+    assert r.status_code == 200
+    assert r.json()["rejected"] == 1
