@@ -513,6 +513,7 @@ class OtlpMetrics:
                 for e in checked.errors
             )
             ex.records.extend(checked.records)
+            errors.sort(key=lambda e: e.index)
         batch = Batch(OTLP, ex.records, errors)
         batch.state = {STATE_PREFIX + sid: encode_state(s) for sid, s in changed.items()}
         if batch.records or batch.errors or batch.state:

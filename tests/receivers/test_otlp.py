@@ -1,0 +1,380 @@
+"""OTLP decoding and cumulative→delta conversion (receivers/otlp.py), in process.
+
+Golden files: each ``tests/testdata/otlp/exports/<case>.json`` holds OTLP/JSON requests that
+are exported in order through a real in-process gateway (SQLite store, ingestor, validator)
+with a fixed clock; ``<case>.expected.yaml`` is what was committed (records, rejected points)
+and what each export answered. Regenerate with ``REGEN_GOLDEN=1 pytest tests/receivers`` and
+review the diff.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections.abc import Iterator
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from google.protobuf import json_format
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
+    ExportMetricsServiceRequest,
+)
+
+from meter_gateway.clock import FixedClock
+from meter_gateway.config import parse_config
+from meter_gateway.decimals import fmt
+from meter_gateway.pipeline.timestamps import format_timestamp
+from meter_gateway.service import Gateway
+from receivers.otlp import (
+    OtlpError,
+    StreamState,
+    convert,
+    decode_json,
+    decode_protobuf,
+    decode_state,
+    encode_state,
+)
+from tests.exporters.otlp_app import TESTDATA, gateway_config
+
+EXPORTS = TESTDATA / "exports"
+CASES = sorted(p.stem for p in EXPORTS.glob("*.json"))
+NOW = 1777637400000000000  # 2026-05-01T12:10:00Z; the golden points are stamped 12:00-12:05
+T0 = 1777636800000000000
+MIN = 60 * 10**9
+REGEN = os.environ.get("REGEN_GOLDEN") == "1"
+
+
+# --- building requests (also used by the gRPC and HTTP tests) -------------------------------
+
+
+def attrs(**kv: Any) -> list[dict[str, Any]]:
+    return [{"key": k, "value": {"stringValue": str(v)}} for k, v in kv.items()]
+
+
+def point(
+    value: int | float, time_ns: int, start_ns: int | None = None, **kv: Any
+) -> dict[str, Any]:
+    p: dict[str, Any] = {"timeUnixNano": str(time_ns), "attributes": attrs(**kv)}
+    if start_ns is not None:
+        p["startTimeUnixNano"] = str(start_ns)
+    if isinstance(value, int):
+        p["asInt"] = str(value)
+    else:
+        p["asDouble"] = value
+    return p
+
+
+def sum_metric(
+    points: list[dict[str, Any]],
+    name: str = "app.data.processed",
+    temporality: int = 1,
+    monotonic: bool = True,
+) -> dict[str, Any]:
+    return {
+        "name": name,
+        "sum": {
+            "aggregationTemporality": temporality,
+            "isMonotonic": monotonic,
+            "dataPoints": points,
+        },
+    }
+
+
+def request_json(*metrics: dict[str, Any], service: str = "test") -> dict[str, Any]:
+    return {
+        "resourceMetrics": [
+            {
+                "resource": {"attributes": attrs(**{"service.name": service})},
+                "scopeMetrics": [{"scope": {"name": "test"}, "metrics": list(metrics)}],
+            }
+        ]
+    }
+
+
+def request(*metrics: dict[str, Any], service: str = "test") -> Any:
+    return json_format.ParseDict(
+        request_json(*metrics, service=service), ExportMetricsServiceRequest()
+    )
+
+
+# --- an in-process gateway -------------------------------------------------------------------
+
+
+@pytest.fixture
+def gw(tmp_path: Path) -> Iterator[Gateway]:
+    yield from _gateway(tmp_path)
+
+
+def _gateway(tmp_path: Path) -> Iterator[Gateway]:
+    config = gateway_config(store={"url": f"sqlite:///{tmp_path / 'g.db'}"})
+    g = Gateway(parse_config(yaml.safe_dump(config)), clock=FixedClock(NOW))
+    try:
+        yield g
+    finally:
+        g.close()
+
+
+def committed(g: Gateway) -> dict[str, Any]:
+    records = g.store.records(None, None, 0, 2**62, None, 10_000)
+    rejected = g.store.rejected(None, 10_000, None)
+    return {
+        "records": sorted(
+            (
+                {
+                    "time": format_timestamp(r.timestamp_ns),
+                    "customer": r.customer_id,
+                    "dimension": r.dimension_id,
+                    "value": fmt(r.value),
+                    "metric": (r.metadata or {}).get("metric"),
+                }
+                for r in records
+            ),
+            key=lambda r: (r["time"], r["customer"], r["dimension"], r["metric"], r["value"]),
+        ),
+        "rejected": [
+            {"reason": r.reason, "field": r.field, "error": r.error[:200]} for r in rejected
+        ],
+        "totals": _totals(records),
+    }
+
+
+def _totals(records: Any) -> dict[str, str]:
+    out: dict[str, Decimal] = {}
+    for r in records:
+        key = f"{r.customer_id}/{r.dimension_id}"
+        out[key] = out.get(key, Decimal(0)) + r.value
+    return {k: fmt(v) for k, v in sorted(out.items())}
+
+
+# --- golden exports --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_golden_exports(tmp_path: Path, case: str) -> None:
+    doc = json.loads((EXPORTS / f"{case}.json").read_text())
+    for g in _gateway(tmp_path):
+        answers = []
+        for body in doc["requests"]:
+            outcome = g.otlp.export(decode_json(json.dumps(body).encode()))
+            answers.append(
+                {
+                    "points": outcome.points,
+                    "accepted": outcome.accepted,
+                    "duplicates": outcome.duplicates,
+                    "rejected": outcome.rejected,
+                    "error_message": outcome.error_message[:300],
+                }
+            )
+        got = {"about": doc["about"], "answers": answers, **committed(g)}
+    expected_path = EXPORTS / f"{case}.expected.yaml"
+    if REGEN or not expected_path.exists():
+        expected_path.write_text(
+            yaml.safe_dump(got, sort_keys=False, width=100, allow_unicode=True)
+        )
+        if not REGEN:
+            pytest.fail(f"wrote {expected_path.name}; review it and run again")
+    assert got == yaml.safe_load(expected_path.read_text())
+
+
+# --- conversion rules (pure) -----------------------------------------------------------------
+
+
+def S(start: int, t: int, value: str, total: str | None = None) -> StreamState:
+    return StreamState(start, t, Decimal(value), None if total is None else Decimal(total))
+
+
+@pytest.mark.parametrize(
+    ("state", "point", "kind", "delta"),
+    [
+        (None, (100, 160, "42"), "delta", "42"),  # true start: the whole value
+        (None, (160, 160, "42"), "baseline", "0"),  # unknown start: nothing
+        (None, (0, 160, "42"), "baseline", "0"),  # no start at all: unknown
+        (S(100, 160, "42"), (100, 220, "50"), "delta", "8"),
+        (S(100, 160, "42"), (100, 220, "42"), "unchanged", "0"),
+        (S(100, 160, "42"), (100, 160, "42"), "repeated", "0"),  # a retried export
+        (S(100, 220, "50"), (100, 160, "42"), "repeated", "0"),  # an older export, late
+        (S(100, 160, "42"), (100, 220, "5"), "delta", "5"),  # a drop: reset, count from 0
+        (S(100, 160, "42"), (200, 220, "5"), "delta", "5"),  # new start time: app restart
+        (S(100, 160, "42"), (220, 220, "5"), "baseline", "0"),  # restart, unknown start
+        (S(200, 260, "5"), (100, 280, "60"), "stale", "0"),  # a point of the older run
+        (S(0, 160, "42"), (0, 220, "45.5"), "delta", "3.5"),  # unknown start continues
+    ],
+)
+def test_convert_monotonic(
+    state: StreamState | None, point: tuple[int, int, str], kind: str, delta: str
+) -> None:
+    start, t, value = point
+    step = convert(state, start, t, Decimal(value), None, True)
+    assert (step.kind, step.delta) == (kind, Decimal(delta))
+    if kind in ("delta", "baseline", "unchanged"):
+        assert step.state == S(start, t, value)
+    else:
+        assert step.state is None
+
+
+def test_convert_non_monotonic_gives_signed_changes() -> None:
+    step = convert(S(100, 160, "40"), 100, 220, Decimal(25), None, False)
+    assert (step.kind, step.delta) == ("delta", Decimal(-15))
+
+
+def test_convert_histogram_sum_follows_count() -> None:
+    step = convert(S(100, 160, "2", "1500"), 100, 220, Decimal(5), Decimal("1600.5"), True)
+    assert (step.delta, step.delta_sum) == (Decimal(3), Decimal("100.5"))
+    reset = convert(S(100, 160, "5", "1600"), 100, 220, Decimal(1), Decimal(100), True)
+    assert (reset.delta, reset.delta_sum) == (Decimal(1), Decimal(100))
+
+
+@pytest.mark.parametrize(
+    "state", [S(1, 2, "3"), S(0, 2, "1E+3", "-0.25"), S(5, 6, "0.000000000000000001", "0")]
+)
+def test_state_round_trips(state: StreamState) -> None:
+    assert decode_state(encode_state(state)) == state
+
+
+# --- decoding --------------------------------------------------------------------------------
+
+
+def test_json_accepts_numbers_or_strings_hex_ids_and_unknown_fields() -> None:
+    body = request_json(
+        sum_metric(
+            [
+                {
+                    "timeUnixNano": T0 + MIN,  # a number, not a string
+                    "startTimeUnixNano": str(T0),
+                    "asInt": 42,
+                    "attributes": attrs(tenant="acme"),
+                    "exemplars": [
+                        {
+                            "timeUnixNano": str(T0),
+                            "asInt": "1",
+                            "traceId": "5b8efff798038103d269b633813fc60c",
+                            "spanId": "eee19b7ec3c1b174",
+                        }
+                    ],
+                    "someFutureField": {"x": 1},
+                }
+            ]
+        )
+    )
+    body["futureTopLevel"] = True
+    req = decode_json(json.dumps(body).encode())
+    p = req.resource_metrics[0].scope_metrics[0].metrics[0].sum.data_points[0]
+    assert (p.time_unix_nano, p.as_int) == (T0 + MIN, 42)
+    assert p.exemplars[0].trace_id.hex() == "5b8efff798038103d269b633813fc60c"
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b"{not json", "not valid JSON"),
+        (b"[1, 2]", "expected a JSON object"),
+        (b'{"resourceMetrics": 7}', "not a valid OTLP/JSON"),
+        (
+            b'{"resourceMetrics": [{"scopeMetrics": [{"metrics": [{"sum": {"dataPoints": '
+            b'[{"asInt": "x"}]}}]}]}]}',
+            "not a valid OTLP/JSON",
+        ),
+    ],
+)
+def test_json_errors_say_what_is_wrong(body: bytes, message: str) -> None:
+    with pytest.raises(OtlpError, match=message) as exc:
+        decode_json(body)
+    assert exc.value.status == 400
+
+
+def test_empty_bodies_are_empty_requests() -> None:
+    assert len(decode_json(b"").resource_metrics) == 0
+    assert len(decode_protobuf(b"").resource_metrics) == 0
+
+
+@pytest.mark.parametrize("body", [b"\xff\xff\xff\xff", b"\x0a\xff\x01abc", b"\x0a" * 3000])
+def test_malformed_protobuf_is_a_clear_error(body: bytes) -> None:
+    with pytest.raises(OtlpError, match="not a valid OTLP ExportMetricsServiceRequest"):
+        decode_protobuf(body)
+
+
+# --- the receiver ----------------------------------------------------------------------------
+
+
+def test_retried_delta_export_counts_once(gw: Gateway) -> None:
+    req = request(sum_metric([point(5, T0 + MIN, T0, tenant="acme")]))
+    first, second = gw.otlp.export(req), gw.otlp.export(req)
+    assert (first.accepted, first.duplicates) == (1, 0)
+    assert (second.accepted, second.duplicates) == (0, 1)
+
+
+def test_state_survives_a_restart(tmp_path: Path) -> None:
+    def export(g: Gateway, value: int, minute: int) -> None:
+        g.otlp.export(
+            request(sum_metric([point(value, T0 + minute * MIN, T0, tenant="acme")], temporality=2))
+        )
+
+    for g in _gateway(tmp_path):
+        export(g, 10, 1)
+        export(g, 12, 2)
+    for g in _gateway(tmp_path):  # a new process: the cache is empty, the store has the state
+        export(g, 12, 2)  # a retry of the last export
+        export(g, 20, 3)
+        assert committed(g)["totals"] == {"acme/data-processed": "20"}
+
+
+def test_concurrent_exports_of_one_stream_never_share_a_baseline(gw: Gateway) -> None:
+    """Many threads export successive totals of the same cumulative streams at once: each
+    export converts against the state the previous commit left, so the sum is exact."""
+    totals = list(range(1, 41))
+    errors: list[BaseException] = []
+
+    def export(i: int) -> None:
+        try:
+            gw.otlp.export(
+                request(
+                    sum_metric(
+                        [
+                            point(totals[i], T0 + (i + 1) * MIN // 10, T0, tenant="acme"),
+                            point(2 * totals[i], T0 + (i + 1) * MIN // 10, T0, tenant="dumm-ai"),
+                        ],
+                        temporality=2,
+                    )
+                )
+            )
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=export, args=(i,)) for i in range(len(totals))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    # Exports may arrive out of order: an older total after a newer one is a repeat, never a
+    # reset, so the sum is the largest total (time order decides, not arrival order).
+    assert committed(gw)["totals"] == {
+        "acme/data-processed": "40",
+        "dumm-ai/data-processed": "80",
+    }
+
+
+def test_catalog_changes_apply_to_known_series(gw: Gateway) -> None:
+    req1 = request(sum_metric([point(5, T0 + MIN, T0, tenant="newco")]))
+    assert gw.otlp.export(req1).rejected == 1  # unknown customer
+    gw.catalog.put("customers", gw.catalog.parse("customers", {"id": "newco", "name": "New Co"}))
+    req2 = request(sum_metric([point(6, T0 + 2 * MIN, T0 + MIN, tenant="newco")]))
+    assert gw.otlp.export(req2).accepted == 1
+
+
+def test_too_many_points_is_refused_whole(tmp_path: Path) -> None:
+    config = gateway_config(
+        store={"url": f"sqlite:///{tmp_path / 'g.db'}"}, ingest={"max_batch_records": 3}
+    )
+    g = Gateway(parse_config(yaml.safe_dump(config)), clock=FixedClock(NOW))
+    try:
+        points = [point(1, T0 + MIN, T0, tenant="acme", n=i) for i in range(4)]
+        with pytest.raises(OtlpError, match="4 data points; at most 3") as exc:
+            g.otlp.export(request(sum_metric(points)))
+        assert exc.value.status == 413
+    finally:
+        g.close()
