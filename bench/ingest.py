@@ -238,6 +238,13 @@ def proc_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def machine_busy_s() -> float:
+    """CPU seconds all processes on the machine have used (non-idle time in /proc/stat)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:8]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields) - idle) / os.sysconf("SC_CLK_TCK")
+
+
 def proc_rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -337,7 +344,7 @@ class PhaseResult:
 
 def run_load(
     gw: GatewayProcess, plan: Plan, procs: int, connections: int
-) -> tuple[list[ClientResult], float]:
+) -> tuple[list[ClientResult], float, float]:
     ctx = mp.get_context("fork")
     barrier = ctx.Barrier(procs + 1)
     out = ctx.Queue()
@@ -351,12 +358,13 @@ def run_load(
         c.start()
     barrier.wait(timeout=600)  # every client has built its bodies and connected
     assert gw.proc is not None
-    cpu0 = proc_cpu_s(gw.proc.pid)
+    cpu0, busy0 = proc_cpu_s(gw.proc.pid), machine_busy_s()
     results = [out.get(timeout=3600) for _ in children]
     server_cpu = proc_cpu_s(gw.proc.pid) - cpu0
+    busy = machine_busy_s() - busy0
     for c in children:
         c.join()
-    return results, server_cpu
+    return results, server_cpu, busy
 
 
 def commit_stats(gw: GatewayProcess) -> str:
@@ -495,7 +503,7 @@ def phase(name: str, args: argparse.Namespace, root: Path, run: int) -> PhaseRes
         if args.py_spy:
             spy = start_py_spy(pid, f"{args.py_spy}-{name}.{args.py_spy_format}", args.py_spy_gil)
             time.sleep(0.5)
-        results, server_cpu = run_load(gw, plan, args.procs, args.connections)
+        results, server_cpu, machine_cpu = run_load(gw, plan, args.procs, args.connections)
         if spy is not None:
             spy.send_signal(signal.SIGINT)
             spy.wait(60)
@@ -538,7 +546,9 @@ def phase(name: str, args: argparse.Namespace, root: Path, run: int) -> PhaseRes
         print(
             f"[{name}] CPU during load: server {server_cpu:.2f}s "
             f"({100 * server_cpu / wall:.0f}% of one core), clients {res.client_cpu_s:.2f}s "
-            f"({100 * res.client_cpu_s / wall:.0f}%), server RSS {proc_rss_mb(pid):.0f} MB"
+            f"({100 * res.client_cpu_s / wall:.0f}%), anything else "
+            f"{max(0.0, machine_cpu - server_cpu - res.client_cpu_s):.2f}s; "
+            f"server RSS {proc_rss_mb(pid):.0f} MB"
         )
         print(f"[{name}] {commit_stats(gw)}")
         problems = verify(gw, plan, ok_batches, accepted, known)
