@@ -8,7 +8,6 @@ standard library into ``Decimal``s.
 from __future__ import annotations
 
 import json
-import re
 import zlib
 from dataclasses import dataclass
 from decimal import Decimal
@@ -18,8 +17,11 @@ import cramjam
 import orjson
 import zstandard
 
-# A run of 16+ digits/dots may be a number a double cannot hold exactly.
-_LONG_NUMBER = re.compile(rb"[0-9.]{16,}")
+# A run of 16+ digits/dots may be a number a double cannot hold exactly. Mapping digits and
+# dots to "1" and everything else to "0" turns the check into one substring search, several
+# times faster than a regex scan of the body.
+_DIGITS = bytes(0x31 if chr(b) in "0123456789." else 0x30 for b in range(256))
+_LONG_RUN = b"1" * 16
 
 
 class DecodeError(Exception):
@@ -121,7 +123,7 @@ def _reject_constant(name: str) -> Any:
 
 def loads(data: bytes) -> Any:
     """Parse one JSON document exactly (see module docstring)."""
-    if _LONG_NUMBER.search(data) is None:
+    if _LONG_RUN not in data.translate(_DIGITS):
         try:
             return orjson.loads(data)
         except orjson.JSONDecodeError:
