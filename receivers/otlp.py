@@ -50,7 +50,6 @@ from meter_gateway.model import (
     RecordError,
     Source,
     UsageRecord,
-    dedup_key,
 )
 from meter_gateway.pipeline.mapping import Mapped, Unmapped
 from meter_gateway.telemetry import Telemetry
@@ -66,7 +65,20 @@ MAX_ERROR_MESSAGES = 5  # distinct messages quoted in a partial success
 
 AMOUNT, LEVEL = ObservationKind.AMOUNT, ObservationKind.LEVEL
 OTLP = Source.OTLP
-_NAMESPACE = OTLP.value  # dedup namespace of natural keys, as the validator uses it
+# The validator's dedup digest of an OTLP natural key is model.dedup_key("otlp", key): BLAKE2b
+# over "otlp", a NUL and the key. Natural keys are ASCII, so hashing on from a copy of the
+# prefix's state gives the same digest for less work (tests check they agree).
+_KEY_HASH = hashlib.blake2b(OTLP.value.encode() + b"\x00", digest_size=16)
+_FIXED64_TAGS = frozenset((0x11, 0x19, 0x21, 0x31))  # start, time, asDouble, asInt
+_EXEMPLARS_TAG = 0x2A
+_MAX_CACHED_KEY = 1024  # bytes of serialized attributes worth remembering
+
+
+def natural_dedup_key(natural_key: str) -> bytes:
+    h = _KEY_HASH.copy()
+    h.update(natural_key.encode())
+    return h.digest()
+
 
 # Why a point added nothing; label values of meter_gateway_otlp_points_skipped_total.
 SKIP_NO_VALUE = "no_value"  # NaN or NO_RECORDED_VALUE
@@ -473,6 +485,7 @@ class OtlpMetrics:
         self._commit_timeout = commit_timeout_s
         self._max_cached = max_cached_series
         self._series: dict[tuple[Any, ...], str] = {}
+        self._points: dict[tuple[str, bytes], tuple[str, dict[str, str]]] = {}
         self._mapped: dict[str, _Mapped] = {}
         self._halves: dict[str, tuple[bool, bool]] = {}
 
@@ -581,7 +594,7 @@ class OtlpMetrics:
                         None,
                         m.metadata,
                         OTLP,
-                        dedup_key(_NAMESPACE, natural_key),
+                        natural_dedup_key(natural_key),
                         m.unique,
                     )
                 )
@@ -660,6 +673,49 @@ class OtlpMetrics:
                 m.name,
             )
 
+    def _point_series(
+        self, base: tuple[Any, ...], base_id: str, p: Any
+    ) -> tuple[str, dict[str, str]] | str:
+        """A point's series id and attributes, or why its attributes are refused.
+
+        Cached by the point's serialized attributes: upb serializes fields in field-number
+        order, so after the fixed-size start, time and value fields (and any exemplars) the
+        bytes are the attributes, flags and unknown fields. Whatever the bytes hold, equal
+        bytes mean equal attributes, so a wrong guess only costs a cache miss.
+        """
+        raw = p.SerializeToString()
+        i, n = 0, len(raw)
+        while i < n:
+            tag = raw[i]
+            if tag in _FIXED64_TAGS:
+                i += 9
+            elif tag == _EXEMPLARS_TAG:
+                length, j = 0, i + 1
+                shift = 0
+                while j < n:
+                    byte = raw[j]
+                    length |= (byte & 0x7F) << shift
+                    j += 1
+                    shift += 7
+                    if byte < 0x80:
+                        break
+                i = j + length
+            else:
+                break
+        key = (base_id, raw[i:])
+        found = self._points.get(key)
+        if found is not None:
+            return found
+        attrs = attributes(p.attributes, self._max_attr_bytes)
+        if isinstance(attrs, str):
+            return attrs
+        entry = (self._series_id((base, tuple(sorted(attrs.items())))), attrs)
+        if len(key[1]) <= _MAX_CACHED_KEY:
+            if len(self._points) >= self._max_cached:
+                self._points.clear()
+            self._points[key] = entry
+        return entry
+
     def _numbers(
         self,
         ex: _Export,
@@ -682,9 +738,12 @@ class OtlpMetrics:
             temporality, monotonic = 0, False
         type_ = "sum" if is_sum else "gauge"
         base = (res_id, scope_id, name, m.unit, type_, temporality, monotonic)
-        max_bytes = self._max_attr_bytes
-        series, emit = self._series, self._emit
+        base_id = self._series_id(base)
+        points, point_series, emit = self._points, self._point_series, self._emit
+        mapped, catalog, lo, hi = self._mapped, ex.catalog, ex.lo, ex.hi
+        records = ex.records
         kind = AMOUNT if is_sum else LEVEL
+        cumulative = temporality == CUMULATIVE
         ordinal = first - 1
         for p in data.data_points:
             ordinal += 1
@@ -719,29 +778,25 @@ class OtlpMetrics:
                     ordinal, Reason.INVALID_TIMESTAMP, "timeUnixNano", "timeUnixNano is 0", name
                 )
                 continue
-            attrs = attributes(p.attributes, max_bytes)
-            if isinstance(attrs, str):
-                ex.reject(ordinal, Reason.TOO_LARGE, "attributes", attrs, name)
+            raw = p.SerializeToString()
+            # The usual layout (see _point_series): start, time, value, then the attributes.
+            if raw[:1] == b"\x11" and raw[9:10] == b"\x19" and raw[27:28] == b"\x3a":
+                series = points.get((base_id, raw[27:])) or point_series(base, base_id, p)
+            else:
+                series = point_series(base, base_id, p)
+            if isinstance(series, str):
+                ex.reject(ordinal, Reason.TOO_LARGE, "attributes", series, name)
                 continue
-            identity = (base, tuple(sorted(attrs.items())))
-            sid = series.get(identity) or self._series_id(identity)
-            if temporality == CUMULATIVE:
+            sid, attrs = series
+            start = p.start_time_unix_nano
+            if cumulative:
                 ex.cumulative.append(
                     _Cumulative(
-                        ordinal,
-                        sid,
-                        name,
-                        attrs,
-                        resource,
-                        p.start_time_unix_nano,
-                        t,
-                        value,
-                        None,
-                        monotonic,
-                        False,
+                        ordinal, sid, name, attrs, resource, start, t, value, None, monotonic, False
                     )
                 )
-            elif is_sum:
+                continue
+            if is_sum:
                 if monotonic and value < 0:
                     ex.reject(
                         ordinal,
@@ -751,10 +806,29 @@ class OtlpMetrics:
                         name,
                     )
                     continue
-                nk = f"{sid}:{p.start_time_unix_nano}:{t}"
-                emit(ex, sid, name, attrs, resource, value, kind, t, nk, ordinal)
+                nk = f"{sid}:{start}:{t}"
             else:
-                emit(ex, sid, name, attrs, resource, value, kind, t, f"{sid}:{t}", ordinal)
+                nk = f"{sid}:{t}"
+            # The fast path of _emit, inline: this loop is the receiver's hot path.
+            hit = mapped.get(sid)
+            if hit is not None and hit.catalog is catalog and lo <= t <= hi and value >= 0:
+                h = _KEY_HASH.copy()
+                h.update(nk.encode())
+                records.append(
+                    UsageRecord(
+                        t,
+                        hit.customer,
+                        hit.dimension,
+                        value if hit.scale is None else EXACT.multiply(value, hit.scale),
+                        None,
+                        hit.metadata,
+                        OTLP,
+                        h.digest(),
+                        hit.unique,
+                    )
+                )
+                continue
+            emit(ex, sid, name, attrs, resource, value, kind, t, nk, ordinal)
 
     def _wanted_halves(
         self, sid: str, name: str, attrs: dict[str, str], resource: dict[str, str], t: int

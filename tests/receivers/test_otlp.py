@@ -27,6 +27,7 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
 from meter_gateway.clock import FixedClock
 from meter_gateway.config import parse_config
 from meter_gateway.decimals import fmt
+from meter_gateway.model import dedup_key
 from meter_gateway.pipeline.timestamps import format_timestamp
 from meter_gateway.service import Gateway
 from receivers.otlp import (
@@ -37,6 +38,7 @@ from receivers.otlp import (
     decode_protobuf,
     decode_state,
     encode_state,
+    natural_dedup_key,
 )
 from tests.exporters.otlp_app import TESTDATA, gateway_config
 
@@ -298,6 +300,28 @@ def test_malformed_protobuf_is_a_clear_error(body: bytes) -> None:
 
 
 # --- the receiver ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key", ["0123abcd:1:2", "f" * 32 + ":0:1777636860000000000", ""])
+def test_fast_path_dedup_keys_are_the_validators(key: str) -> None:
+    assert natural_dedup_key(key) == dedup_key("otlp", key)
+
+
+def test_a_series_is_the_same_with_or_without_exemplars_and_value_types(gw: Gateway) -> None:
+    """Series are looked up by their serialized attributes; exemplars, flags and the value's
+    type sit elsewhere in a point and must not make a new series (a cumulative stream would
+    otherwise restart and count its whole total again)."""
+    first = point(10, T0 + MIN, T0, tenant="acme", region="eu")
+    second = point(15.5, T0 + 2 * MIN, T0, region="eu", tenant="acme")  # other attribute order
+    second["exemplars"] = [
+        {"timeUnixNano": str(T0 + MIN), "asInt": "3", "spanId": "eee19b7ec3c1b174"}
+    ]
+    third = point(16, T0 + 3 * MIN, T0, tenant="acme", region="eu")
+    third["flags"] = 2  # a reserved bit: not "no recorded value"
+    for p in (first, second, third):
+        body = json.dumps(request_json(sum_metric([p], temporality=2))).encode()
+        gw.otlp.export(decode_json(body))
+    assert committed(gw)["totals"] == {"acme/data-processed": "16"}
 
 
 def test_retried_delta_export_counts_once(gw: Gateway) -> None:
