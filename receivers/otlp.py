@@ -62,6 +62,7 @@ DELTA, CUMULATIVE = 1, 2
 NO_RECORDED_VALUE = 1  # DataPointFlags.DATA_POINT_FLAGS_NO_RECORDED_VALUE_MASK
 MAX_ATTRIBUTES = 128  # per point or resource; more is rejected as too_large
 MAX_ERROR_MESSAGES = 5  # distinct messages quoted in a partial success
+EXPIRY_INTERVAL_NS = 3600 * 1_000_000_000  # how often stale cumulative series are forgotten
 
 AMOUNT, LEVEL = ObservationKind.AMOUNT, ObservationKind.LEVEL
 OTLP = Source.OTLP
@@ -114,6 +115,8 @@ class StateReader(Protocol):
     """Reads committed receiver state (``store.base.Store``)."""
 
     def state_get(self, keys: Sequence[str]) -> dict[str, bytes]: ...
+
+    def state_scan(self, prefix: str) -> dict[str, bytes]: ...
 
 
 # --- errors and results ----------------------------------------------------------------------
@@ -385,6 +388,10 @@ class StreamTable:
             self._cache.clear()
         self._cache.update(states)
 
+    def forget(self, sids: Iterable[str]) -> None:
+        for sid in sids:
+            self._cache.pop(sid, None)
+
 
 # --- the receiver ----------------------------------------------------------------------------
 
@@ -467,7 +474,7 @@ class OtlpMetrics:
         limits: IngestConfig,
         telemetry: Telemetry,
         commit_timeout_s: float = 60.0,
-        max_cached_series: int = 1_000_000,
+        max_cached_series: int = 250_000,
     ) -> None:
         self._sink = sink
         self._rules = rules
@@ -483,6 +490,9 @@ class OtlpMetrics:
         self._late_ns = int(limits.late_arrival_limit.total_seconds() - 60) * NS
         self._future_ns = int(limits.future_tolerance.total_seconds()) * NS
         self._commit_timeout = commit_timeout_s
+        self._state = state
+        self._expire_after_ns = int(limits.late_arrival_limit.total_seconds()) * NS
+        self._expired_at = clock.now_ns()
         self._max_cached = max_cached_series
         self._series: dict[tuple[Any, ...], str] = {}
         self._points: dict[tuple[str, bytes], tuple[str, dict[str, str]]] = {}
@@ -498,6 +508,14 @@ class OtlpMetrics:
                 "request (lower the exporter's max_export_batch_size)",
             )
         now = self._clock.now_ns()
+        if now - self._expired_at >= EXPIRY_INTERVAL_NS:
+            self._expired_at = now
+            threading.Thread(
+                target=self._expire_quietly,
+                args=(now - self._expire_after_ns,),
+                name="otlp-expire-streams",
+                daemon=True,
+            ).start()
         ex = _Export(self._catalog(), now - self._late_ns, now + self._future_ns)
         self._walk(request, ex)
         t = self._telemetry
@@ -514,6 +532,39 @@ class OtlpMetrics:
         for reason, count in ex.skipped.items():
             t.otlp_skipped.labels(reason).inc(count)
         return outcome
+
+    def expire_streams(self, before_ns: int, limit: int = 10_000) -> int:
+        """Forget cumulative series whose last point is older than ``before_ns``.
+
+        Run hourly with ``before_ns`` = now − the late-arrival limit: no point that old would be
+        accepted anyway. (A series silent that long that comes back with the same start time
+        counts as a new series.) Returns how many were forgotten.
+        """
+        rows = self._state.state_scan(STATE_PREFIX)
+        stale = {
+            key[len(STATE_PREFIX) :]
+            for key, raw in rows.items()
+            if decode_state(raw).time < before_ns
+        }
+        stale = set(sorted(stale)[:limit])
+        if not stale:
+            return 0
+        with self.streams.hold(stale):
+            current = self.streams.load(stale)  # what is committed now, under the holds
+            gone = {sid for sid, st in current.items() if st.time < before_ns}
+            if gone:
+                batch = Batch(OTLP, state=dict.fromkeys((STATE_PREFIX + s for s in gone), None))
+                self._committer.submit_sync(batch, self._commit_timeout)
+            self.streams.forget(gone)
+        return len(gone)
+
+    def _expire_quietly(self, before_ns: int) -> None:
+        try:
+            n = self.expire_streams(before_ns)
+            if n:
+                log.info("forgot %d cumulative OTLP series not seen for the late-arrival limit", n)
+        except Exception:
+            log.exception("expiring cumulative OTLP series failed; will retry in an hour")
 
     def _commit(self, ex: _Export, changed: dict[str, StreamState]) -> ExportOutcome:
         errors = ex.errors

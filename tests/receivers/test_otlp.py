@@ -346,6 +346,23 @@ def test_state_survives_a_restart(tmp_path: Path) -> None:
         assert committed(g)["totals"] == {"acme/data-processed": "20"}
 
 
+def test_series_silent_past_the_late_arrival_limit_are_forgotten(gw: Gateway) -> None:
+    def export(value: int, minute: int, tenant: str) -> None:
+        t = T0 + minute * MIN
+        gw.otlp.export(request(sum_metric([point(value, t, T0, tenant=tenant)], temporality=2)))
+
+    export(10, 1, "acme")
+    export(5, 3, "dumm-ai")
+    assert gw.otlp.expire_streams(T0 + 2 * MIN) == 1  # acme's last point is older
+    assert len(gw.store.state_scan("otlp/")) == 1
+    export(12, 4, "dumm-ai")  # still known: a step of 7
+    export(12, 4, "acme")  # forgotten: a new series, its whole total counts
+    assert committed(gw)["totals"] == {
+        "acme/data-processed": "22",
+        "dumm-ai/data-processed": "12",
+    }
+
+
 def test_concurrent_exports_of_one_stream_never_share_a_baseline(gw: Gateway) -> None:
     """Many threads export successive totals of the same cumulative streams at once: each
     export converts against the state the previous commit left, so the sum is exact."""

@@ -8,6 +8,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -281,4 +282,68 @@ def test_tls_on_both_otlp_listeners(tmp_path: Path) -> None:
         with gw.client() as c:
             assert total(c, "acme") == 5
     finally:
+        assert gw.stop() == 0
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_sigterm_drains_exports_in_flight(tmp_path: Path, protocol: str) -> None:
+    """SIGTERM while exports stream in: every answered export is stored, the process exits 0,
+    and re-sending the unanswered ones after a restart makes the total exact (natural keys)."""
+    gw = GatewayProcess(tmp_path, gateway_config()).start()
+    t = now_ns()
+    bodies = [
+        request(
+            sum_metric([point(1, t, t - NS, tenant="acme", export=str(i), n=n) for n in range(50)])
+        ).SerializeToString()
+        for i in range(200)
+    ]
+    answered: list[int] = []
+    lock = threading.Lock()
+    counter = iter(range(len(bodies)))
+    http = httpx.Client(timeout=30)  # one client: each new one loads the CA bundle
+
+    def send_one(i: int) -> bool:
+        try:
+            if protocol == "grpc":
+                export(gw.otlp_grpc, bodies[i])
+                return True
+            r = http.post(
+                f"{gw.otlp_http}/v1/metrics",
+                content=bodies[i],
+                headers={"content-type": "application/x-protobuf", "authorization": AUTH[0][1]},
+            )
+            return r.status_code == 200
+        except (grpc.RpcError, httpx.TransportError):
+            return False
+
+    def worker() -> None:
+        while True:
+            with lock:
+                i = next(counter, None)
+            if i is None:
+                return
+            if send_one(i):
+                with lock:
+                    answered.append(i)
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for th in threads:
+        th.start()
+    time.sleep(0.3)
+    assert gw.stop() == 0, gw.log()
+    for th in threads:
+        th.join()
+    assert answered  # (and, on any machine this runs on, some were still in flight)
+    gw.start()
+    try:
+        with gw.client() as c:
+            assert total(c, "acme") >= 50 * len(answered)  # answered means stored
+        retries = sorted(set(range(len(bodies))) - set(answered))  # what clients would retry
+        retries += answered[:10]  # and retries of answered ones count once
+        with ThreadPoolExecutor(8) as pool:
+            assert all(pool.map(send_one, retries))
+        with gw.client() as c:
+            assert total(c, "acme") == 50 * len(bodies)
+    finally:
+        http.close()
         assert gw.stop() == 0
