@@ -419,3 +419,18 @@ def test_too_many_points_is_refused_whole(tmp_path: Path) -> None:
         assert exc.value.status == 413
     finally:
         g.close()
+
+
+def test_otlp_listener_tls_needs_both_files() -> None:
+    from meter_gateway.config import ConfigError
+
+    with pytest.raises(ConfigError) as exc:
+        parse_config("server: {otlp_grpc: {listen: '127.0.0.1:4317', cert_file: /c.pem}}")
+    assert exc.value.errors == [
+        "server.otlp_grpc: TLS needs both cert_file and key_file (or neither)"
+    ]
+    config = parse_config(
+        "server: {otlp_http: {listen: '0.0.0.0:4318', cert_file: /c.pem, key_file: /k.pem}}"
+    )
+    assert config.server.otlp_http.cert_file == "/c.pem"
+    assert config.server.otlp_grpc.listen == "127.0.0.1:4317"  # the default stays
