@@ -13,6 +13,7 @@ last answer. Afterwards the per-customer totals are checked against what was sen
     python -m bench.otlp --protocol grpc --temporality cumulative
     python -m bench.otlp --quick
     python -m bench.otlp --py-spy /tmp/otlp           # flame graphs of the server per phase
+    python -m bench.otlp --py-spy /tmp/otlp --py-spy-format gil   # where the GIL goes
 """
 
 from __future__ import annotations
@@ -279,7 +280,7 @@ def phase(args: argparse.Namespace, protocol: str, workdir: Path) -> dict[str, A
         barrier.wait(timeout=600)
         assert gw.proc is not None
         if args.py_spy:
-            spy = start_py_spy(gw.proc.pid, f"{args.py_spy}-{protocol}{args.py_spy_format}")
+            spy = start_py_spy(gw.proc.pid, f"{args.py_spy}-{protocol}", args.py_spy_format)
         cpu0 = proc_cpu_s(gw.proc.pid)
         results = [out.get(timeout=3600) for _ in children]
         server_cpu = proc_cpu_s(gw.proc.pid) - cpu0
@@ -317,15 +318,16 @@ def phase(args: argparse.Namespace, protocol: str, workdir: Path) -> dict[str, A
         gw.stop()
 
 
-def start_py_spy(pid: int, out: str) -> subprocess.Popen[bytes] | None:
-    """``out`` ending in .txt: collapsed stacks (``--gil``: only samples holding the GIL, which is
-    what bounds throughput here); anything else: a flame graph of every thread."""
+def start_py_spy(pid: int, prefix: str, kind: str) -> subprocess.Popen[bytes] | None:
+    """``kind`` svg: a flame graph of every thread; gil: collapsed stacks of the samples that hold
+    the GIL (what bounds throughput here); all: collapsed stacks of every busy thread."""
     exe = shutil.which("py-spy")
     if exe is None:
         print("py-spy not found; profiling skipped")
         return None
-    raw = out.endswith(".txt")
-    fmt = ["--format", "raw", *([] if "nogil" in out else ["--gil"])] if raw else []
+    out = f"{prefix}.svg" if kind == "svg" else f"{prefix}.{kind}.txt"
+    fmt = [] if kind == "svg" else ["--format", "raw", *(["--gil"] if kind == "gil" else [])]
+    print(f"py-spy -> {out}")
     return subprocess.Popen(
         [exe, "record", "--pid", str(pid), "--threads", "--rate", "200", "--output", out,
          "--nonblocking", *fmt],
@@ -344,12 +346,12 @@ def main() -> int:
     p.add_argument("--procs", type=int, default=2, help="client processes")
     p.add_argument("--customers", type=int, default=50)
     p.add_argument("--quick", action="store_true", help="a small run")
-    p.add_argument("--py-spy", default=None, help="record the server to <prefix>-<protocol>.svg")
+    p.add_argument("--py-spy", default=None, help="profile the server into <prefix>-<protocol>.*")
     p.add_argument(
         "--py-spy-format",
-        default=".svg",
-        choices=[".svg", ".txt"],
-        help=".txt: collapsed stacks of GIL-holding samples",
+        default="svg",
+        choices=["svg", "gil", "all"],
+        help="svg: flame graph; gil / all: collapsed stacks of GIL holders / busy threads",
     )
     args = p.parse_args()
     if args.quick:
