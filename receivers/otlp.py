@@ -11,7 +11,9 @@ one run of the counter from the next. Per series the state keeps (start, last ti
 On a series' first point a start before the time is a true start (the whole value is the delta),
 a start equal to the time (or unset) is unknown and only sets the baseline. A later start time is
 a new run (an app restart): its value counts from zero again. A drop in a monotonic sum or a
-histogram count is a reset. A point at or before the last time seen is a repeat and adds nothing.
+histogram count is a reset. A point at or before the last time seen is a repeat and adds nothing,
+and a step of zero adds no record (the state still moves). State of series silent for longer
+than the late-arrival limit is forgotten, hourly.
 
 Histograms (explicit and exponential) and summaries carry two observations, ``<name>.count``
 and ``<name>.sum``; a point is rejected as unmapped only when neither maps. NaN points and points
