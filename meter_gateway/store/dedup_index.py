@@ -1,41 +1,100 @@
 """The in-memory index of dedup keys seen within the dedup window.
 
-Random 128-bit keys in an on-disk B-tree cost a random page write each; here they live in two
-sorted numpy arrays (high and low 64 bits, plus first-seen seconds) with a small dict of recent
-keys in front, compacted into the arrays in O(n) merges. The store persists the keys
-append-only and rebuilds this index at start-up; it is exact (full 128-bit comparison) and only
-the store's single writer touches it.
+Random 128-bit keys in an on-disk B-tree cost a random page write each; here they live in a few
+sorted runs of numpy arrays (high and low 64 bits, plus first-seen seconds) with a small dict of
+recent keys in front. Recent keys become a new run when the dict fills; a run is merged into the
+one before it only once it has grown to a quarter of that one's size (the logarithmic method),
+so the writer rarely touches the big run and merges stay O(n) insertions, not sorts. The store
+persists the keys append-only and rebuilds this index at start-up; it is exact (full 128-bit
+comparison) and only the store's single writer touches it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 
 _U64 = np.dtype("<u8")
 _KEY = np.dtype([("hi", ">u8"), ("lo", ">u8")])
+_U64Array = npt.NDArray[np.uint64]
+_I64Array = npt.NDArray[np.int64]
 
 
-def _split(keys: bytes) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64]]:
+def _split(keys: bytes) -> tuple[_U64Array, _U64Array]:
     arr = np.frombuffer(keys, dtype=_KEY)
     return arr["hi"].astype(_U64), arr["lo"].astype(_U64)
+
+
+@dataclass(frozen=True, slots=True)
+class _Run:
+    """Keys sorted by their high half (equal high halves adjacent, in any order)."""
+
+    hi: _U64Array
+    lo: _U64Array
+    seen: _I64Array
+
+    @staticmethod
+    def sorted(hi: _U64Array, lo: _U64Array, seen: _I64Array) -> _Run:
+        order = np.argsort(hi)
+        return _Run(hi[order], lo[order], seen[order])
+
+    def __len__(self) -> int:
+        return len(self.hi)
+
+    def merge(self, newer: _Run) -> _Run:
+        at = np.searchsorted(self.hi, newer.hi)
+        return _Run(
+            np.insert(self.hi, at, newer.hi),
+            np.insert(self.lo, at, newer.lo),
+            np.insert(self.seen, at, newer.seen),
+        )
+
+    def without_before(self, cutoff: int) -> _Run:
+        if not len(self) or int(self.seen.min()) >= cutoff:
+            return self
+        keep = self.seen >= cutoff
+        return _Run(self.hi[keep], self.lo[keep], self.seen[keep])
+
+    def probe(self, hi: _U64Array, lo: _U64Array, cutoff: int, out: list[bool]) -> None:
+        n = len(self.hi)
+        if not n:
+            return
+        # Sorted probes walk the big array in one direction: about twice as fast.
+        order = np.argsort(hi)
+        pos = np.empty_like(order)
+        pos[order] = np.searchsorted(self.hi, hi[order])
+        hit_hi = (pos < n) & (self.hi[np.minimum(pos, n - 1)] == hi)
+        for i in np.flatnonzero(hit_hi).tolist():
+            if out[i]:
+                continue
+            j = int(pos[i])
+            # Equal high halves are adjacent; walk them (almost always exactly one).
+            while j < n and self.hi[j] == hi[i]:
+                if self.lo[j] == lo[i] and self.seen[j] >= cutoff:
+                    out[i] = True
+                    break
+                j += 1
 
 
 class DedupIndex:
     """Set of 16-byte keys with a first-seen time; keys older than the window are absent."""
 
-    def __init__(self, window_s: int, compact_at: int = 262_144) -> None:
+    def __init__(self, window_s: int, compact_at: int = 262_144, growth: int = 4) -> None:
         self.window_s = window_s
         self._compact_at = compact_at
-        self._hi: npt.NDArray[np.uint64] = np.empty(0, _U64)
-        self._lo: npt.NDArray[np.uint64] = np.empty(0, _U64)
-        self._seen: npt.NDArray[np.int64] = np.empty(0, np.int64)
+        self._growth = growth
+        self._runs: list[_Run] = []  # oldest (largest) first
         self._recent: dict[bytes, int] = {}
 
     def __len__(self) -> int:
-        return len(self._hi) + len(self._recent)
+        return sum(len(r) for r in self._runs) + len(self._recent)
+
+    @property
+    def runs(self) -> int:
+        return len(self._runs)
 
     def contains(self, keys: Sequence[bytes], now_s: int) -> list[bool]:
         """For each key: seen within the window before ``now_s``?"""
@@ -43,23 +102,10 @@ class DedupIndex:
             return []
         cutoff = now_s - self.window_s
         out = [False] * len(keys)
-        if len(self._hi):
+        if self._runs:
             hi, lo = _split(b"".join(keys))
-            # Sorted probes walk the big array in one direction: about twice as fast.
-            order = np.argsort(hi)
-            pos = np.empty_like(order)
-            pos[order] = np.searchsorted(self._hi, hi[order])
-            n = len(self._hi)
-            clipped = np.minimum(pos, n - 1)
-            hit_hi = (pos < n) & (self._hi[clipped] == hi)
-            for i in np.flatnonzero(hit_hi).tolist():
-                j = int(pos[i])
-                # Equal high halves are adjacent; walk them (almost always exactly one).
-                while j < n and self._hi[j] == hi[i]:
-                    if self._lo[j] == lo[i] and self._seen[j] >= cutoff:
-                        out[i] = True
-                        break
-                    j += 1
+            for run in self._runs:
+                run.probe(hi, lo, cutoff, out)
         recent = self._recent
         for i, k in enumerate(keys):
             if not out[i]:
@@ -73,7 +119,7 @@ class DedupIndex:
         for k in keys:
             recent[k] = seen_s
         if len(recent) >= self._compact_at:
-            self.compact(seen_s)
+            self._flush_recent(seen_s - self.window_s)
 
     def load(self, groups: Iterable[tuple[bytes, int]]) -> None:
         """Bulk-add blobs of concatenated keys, each with its first-seen second (start-up)."""
@@ -83,37 +129,26 @@ class DedupIndex:
             seen.append(np.full(len(keys) // 16, seen_s, np.int64))
         if blobs:
             hi, lo = _split(b"".join(blobs))
-            self._merge(hi, lo, np.concatenate(seen), cutoff=None)
+            self._push(_Run.sorted(hi, lo, np.concatenate(seen)), cutoff=None)
 
     def compact(self, now_s: int) -> None:
-        """Fold recent keys into the sorted arrays and drop keys older than the window."""
+        """Fold recent keys into the runs and drop keys older than the window everywhere."""
         cutoff = now_s - self.window_s
-        if self._recent:
-            keys = b"".join(self._recent.keys())
-            seen = np.fromiter(self._recent.values(), np.int64, len(self._recent))
-            hi, lo = _split(keys)
-            self._recent = {}
-        else:
-            hi = lo = np.empty(0, _U64)
-            seen = np.empty(0, np.int64)
-        self._merge(hi, lo, seen, cutoff)
+        self._runs = [r for r in (run.without_before(cutoff) for run in self._runs) if len(r)]
+        self._flush_recent(cutoff)
 
-    def _merge(
-        self,
-        hi: npt.NDArray[np.uint64],
-        lo: npt.NDArray[np.uint64],
-        seen: npt.NDArray[np.int64],
-        cutoff: int | None,
-    ) -> None:
-        # Sorted by the high half only: lookups walk every entry with an equal high half.
-        order = np.argsort(hi)
-        hi, lo, seen = hi[order], lo[order], seen[order]
-        if len(self._hi):
-            at = np.searchsorted(self._hi, hi)
-            hi = np.insert(self._hi, at, hi)
-            lo = np.insert(self._lo, at, lo)
-            seen = np.insert(self._seen, at, seen)
-        if cutoff is not None and len(seen) and int(seen.min()) < cutoff:
-            keep = seen >= cutoff
-            hi, lo, seen = hi[keep], lo[keep], seen[keep]
-        self._hi, self._lo, self._seen = hi, lo, seen
+    def _flush_recent(self, cutoff: int) -> None:
+        if not self._recent:
+            return
+        hi, lo = _split(b"".join(self._recent.keys()))
+        seen = np.fromiter(self._recent.values(), np.int64, len(self._recent))
+        self._recent = {}
+        self._push(_Run.sorted(hi, lo, seen), cutoff)
+
+    def _push(self, run: _Run, cutoff: int | None) -> None:
+        runs = self._runs
+        runs.append(run)
+        while len(runs) >= 2 and len(runs[-2]) <= self._growth * len(runs[-1]):
+            newer = runs.pop()
+            merged = runs.pop().merge(newer)
+            runs.append(merged if cutoff is None else merged.without_before(cutoff))

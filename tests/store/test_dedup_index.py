@@ -41,3 +41,18 @@ def test_keys_sharing_the_high_half_are_told_apart() -> None:
     ix.add([b], 1)
     ix.compact(1)
     assert ix.contains([a, b, c], 2) == [True, True, True]
+
+
+def test_many_compactions_keep_every_key_and_few_runs() -> None:
+    ix = DedupIndex(window_s=1000, compact_at=100, growth=4)
+    all_keys: list[bytes] = []
+    for second in range(60):
+        batch = keys(50)
+        all_keys += batch
+        assert ix.contains(batch, second) == [False] * 50
+        ix.add(batch, second)
+    assert ix.contains(all_keys, 60) == [True] * len(all_keys)
+    assert ix.runs <= 4  # logarithmic in the number of keys, not one per compaction
+    ix.compact(1030)  # keys first seen before second 30 have left the window
+    assert ix.contains(all_keys, 1030) == [False] * 1500 + [True] * 1500
+    assert len(ix) == 1500
