@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import ssl
 import subprocess
 import threading
@@ -257,7 +256,6 @@ def make_cert(directory: Path) -> tuple[Path, Path]:
     return cert, key
 
 
-@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
 def test_tls_on_both_otlp_listeners(tmp_path: Path) -> None:
     cert, key = make_cert(tmp_path)
     tls = {"cert_file": str(cert), "key_file": str(key)}
