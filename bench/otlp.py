@@ -41,6 +41,7 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
     ExportMetricsServiceResponse,
 )
 
+from bench.ingest import commit_stats
 from tests.gatewayproc import BASE_CONFIG, INGEST_KEY, GatewayProcess
 
 NS = 1_000_000_000
@@ -207,25 +208,6 @@ def gateway_config(customers: int) -> dict[str, Any]:
     ]
     config["rules"] = [{"match": {"source": "otlp", "metric": METRIC}, "dimension": DIMENSION}]
     return config
-
-
-def commit_stats(gw: GatewayProcess) -> str:
-    with gw.client() as c:
-        text = c.get("/metrics").text
-    m: dict[str, float] = {}
-    for line in text.splitlines():
-        if line.startswith(("meter_gateway_commit_records_", "meter_gateway_commit_duration_")):
-            key, _, val = line.rpartition(" ")
-            m[key] = float(val)
-    n = m.get("meter_gateway_commit_records_count", 0)
-    if not n:
-        return "no commits"
-    recs = m.get("meter_gateway_commit_records_sum", 0)
-    secs = m.get("meter_gateway_commit_duration_seconds_sum", 0)
-    return (
-        f"{n:.0f} group commits of {recs / n:,.0f} records, {1000 * secs / n:.1f} ms each; "
-        f"writer in commits {secs:.2f}s ({1e6 * secs / max(recs, 1):.1f} us/record)"
-    )
 
 
 def verify(gw: GatewayProcess, plan: Plan, exports_ok: int) -> list[str]:

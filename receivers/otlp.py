@@ -77,6 +77,13 @@ _EXEMPLARS_TAG = 0x2A
 _MAX_CACHED_KEY = 1024  # bytes of serialized attributes worth remembering
 
 
+def _put_bounded(cache: dict[Any, Any], key: Any, value: Any, limit: int) -> None:
+    """Insert into a memo that is simply emptied when full (its entries are all recomputable)."""
+    if len(cache) >= limit:
+        cache.clear()
+    cache[key] = value
+
+
 def natural_dedup_key(natural_key: str) -> bytes:
     h = _KEY_HASH.copy()
     h.update(natural_key.encode())
@@ -661,10 +668,8 @@ class OtlpMetrics:
     def _series_id(self, identity: tuple[Any, ...]) -> str:
         sid = self._series.get(identity)
         if sid is None:
-            if len(self._series) >= self._max_cached:
-                self._series.clear()
             sid = hashlib.blake2b(orjson.dumps(identity), digest_size=16).hexdigest()
-            self._series[identity] = sid
+            _put_bounded(self._series, identity, sid, self._max_cached)
         return sid
 
     def _walk(self, request: Any, ex: _Export) -> None:
@@ -764,9 +769,7 @@ class OtlpMetrics:
             return attrs
         entry = (self._series_id((base, tuple(sorted(attrs.items())))), attrs)
         if len(key[1]) <= _MAX_CACHED_KEY:
-            if len(self._points) >= self._max_cached:
-                self._points.clear()
-            self._points[key] = entry
+            _put_bounded(self._points, key, entry, self._max_cached)
         return entry
 
     def _numbers(
@@ -896,9 +899,7 @@ class OtlpMetrics:
             ]
             want_count, want_sum = (isinstance(self._rules.map(o), Mapped) for o in probes)
             halves = (want_count or not want_sum, want_sum)
-            if len(self._halves) >= self._max_cached:
-                self._halves.clear()
-            self._halves[sid] = halves
+            _put_bounded(self._halves, sid, halves, self._max_cached)
         return halves
 
     def _distributions(

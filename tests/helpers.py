@@ -74,7 +74,10 @@ def record(customer: str = "acme", value: Any = "1", **extra: Any) -> dict[str, 
     }
 
 
-def total(client: httpx.Client, customer: str, dimension: str = "data-processed") -> Decimal:
+def month_values(
+    client: httpx.Client, customer: str, dimension: str, to: timedelta = timedelta(minutes=10)
+) -> list[str | None]:
+    """The month windows' values of a customer's dimension, from 2020 to now + ``to``."""
     r = client.get(
         "/v1/usage",
         params={
@@ -82,9 +85,13 @@ def total(client: httpx.Client, customer: str, dimension: str = "data-processed"
             "dimensionId": dimension,
             "window": "month",
             "from": "2020-01-01T00:00:00Z",
-            "to": now_iso(timedelta(minutes=10)),
+            "to": now_iso(to),
         },
     )
     assert r.status_code == 200, r.text
-    return sum((Decimal(w["value"]) for w in r.json()["data"]), Decimal(0))
+    return [w["value"] for w in r.json()["data"]]
 
+
+def total(client: httpx.Client, customer: str, dimension: str = "data-processed") -> Decimal:
+    values = month_values(client, customer, dimension)
+    return sum((Decimal(v) for v in values if v is not None), Decimal(0))

@@ -444,12 +444,7 @@ class SQLiteStore:
     ) -> list[tuple[str, str]]:
         sql = "SELECT DISTINCT customer, dimension FROM rollups WHERE bucket < ?"
         args: list[Any] = [before_ns]
-        if customer is not None:
-            sql += " AND customer = ?"
-            args.append(customer)
-        if dimension is not None:
-            sql += " AND dimension = ?"
-            args.append(dimension)
+        sql += _pair_filter(customer, dimension, args)
         return [(c, d) for c, d in self._reader().execute(sql + " ORDER BY 1, 2", args)]
 
     def records(
@@ -466,12 +461,7 @@ class SQLiteStore:
             "received_ns FROM records WHERE ts >= ? AND ts < ?"
         )
         args: list[Any] = [from_ns, to_ns]
-        if customer is not None:
-            sql += " AND customer = ?"
-            args.append(customer)
-        if dimension is not None:
-            sql += " AND dimension = ?"
-            args.append(dimension)
+        sql += _pair_filter(customer, dimension, args)
         if after is not None:
             sql += " AND (ts, seq) > (?, ?)"
             args.extend(after)
@@ -522,6 +512,16 @@ def _rollup(bucket: int, r: Sequence[Any]) -> RollupRow:
         Decimal(r[6]),
         Decimal(r[7]),
     )
+
+
+def _pair_filter(customer: str | None, dimension: str | None, args: list[Any]) -> str:
+    """SQL conditions (and their arguments, appended) for optional customer/dimension filters."""
+    sql = ""
+    for column, value in (("customer", customer), ("dimension", dimension)):
+        if value is not None:
+            sql += f" AND {column} = ?"
+            args.append(value)
+    return sql
 
 
 def unique_of(metadata: dict[str, Any] | None, unique_key: str | None) -> str | None:

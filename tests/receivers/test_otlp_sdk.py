@@ -8,6 +8,7 @@ recorded, whatever the temporality, protocol, app restarts or gateway crashes in
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import pytest
 
 from tests.exporters.otlp_app import AppProcess, gateway_config
 from tests.gatewayproc import INGEST_KEY, GatewayProcess
-from tests.helpers import now_iso, total
+from tests.helpers import month_values, now_iso, total
 
 PROTOCOLS = ["grpc", "http"]
 TEMPORALITIES = ["cumulative", "delta"]
@@ -39,18 +40,7 @@ def app(gw: GatewayProcess, protocol: str, temporality: str, **kw: object) -> Ap
 
 def level(client: httpx.Client, customer: str, dimension: str) -> Decimal | None:
     """The value of the latest month window that has one (``last`` dimensions)."""
-    r = client.get(
-        "/v1/usage",
-        params={
-            "customerId": customer,
-            "dimensionId": dimension,
-            "window": "month",
-            "from": "2020-01-01T00:00:00Z",
-            "to": now_iso(),
-        },
-    )
-    assert r.status_code == 200, r.text
-    values = [w["value"] for w in r.json()["data"] if w["value"] is not None]
+    values = [v for v in month_values(client, customer, dimension, timedelta()) if v is not None]
     return Decimal(values[-1]) if values else None
 
 
