@@ -126,6 +126,7 @@ def serve(config: Config) -> int:
             )
             grpc_server.start()
             log.info("OTLP/gRPC listening on %s", otlp_grpc.listen)
+        gw.start()
         loop_factory = servers[0].config.get_loop_factory()
         with asyncio.Runner(loop_factory=loop_factory) as runner:
             # returns once a signal asked it to stop and open requests finished

@@ -20,6 +20,7 @@ from meter_gateway.pipeline.ingest import Ingestor
 from meter_gateway.pipeline.mapping import Mapper
 from meter_gateway.pipeline.validate import Validator
 from meter_gateway.pricing import round_money
+from meter_gateway.scheduler import Scheduler
 from meter_gateway.store import Store, open_store
 from meter_gateway.telemetry import PeriodUsage, PeriodUsageCollector, Telemetry
 from meter_gateway.usage import current_period, period_usage, summary
@@ -70,7 +71,19 @@ class Gateway:
             self.telemetry,
         )
         self.telemetry.add_collector(PeriodUsageCollector(self._period_usage))
+        # Scheduled work (Prometheus queries, meters, exporter outboxes) registers its jobs
+        # here; each runs under a store lease, so on one replica at a time.
+        self.scheduler = Scheduler(
+            self.store,
+            self.clock,
+            on_error=lambda job: self.telemetry.job_errors.labels(job).inc(),
+            on_run=lambda job: self.telemetry.job_runs.labels(job).inc(),
+        )
         self.ready = True
+
+    def start(self) -> None:
+        """Start background work (the server calls this once it is listening)."""
+        self.scheduler.start()
 
     def _period_usage(self) -> Iterable[PeriodUsage]:
         catalog = self.catalog.current
@@ -98,5 +111,6 @@ class Gateway:
 
     def close(self) -> None:
         self.ready = False
+        self.scheduler.close()
         self.ingestor.close()
         self.store.close()

@@ -85,6 +85,19 @@ class Telemetry:
         self.queue_records = Gauge(
             "meter_gateway_queue_records", "Records waiting for commit.", registry=r
         )
+        self.job_errors = Counter(
+            "meter_gateway_job_errors_total",
+            "Failed runs of scheduled jobs (Prometheus queries, meters, exporter outboxes); "
+            "each is retried with backoff.",
+            ["job"],
+            registry=r,
+        )
+        self.job_runs = Counter(
+            "meter_gateway_job_runs_total",
+            "Completed runs of scheduled jobs on this replica.",
+            ["job"],
+            registry=r,
+        )
         self.otlp_skipped = Counter(
             "meter_gateway_otlp_points_skipped_total",
             "OTLP data points that added no record: no_value (NaN or no recorded value), "

@@ -81,6 +81,16 @@ class Store(Protocol):
         """Committed receiver state whose keys start with ``prefix``."""
         ...
 
+    # --- scheduled work: one replica at a time
+    def lease(self, name: str, holder: str, ttl_ns: int, now_ns: int) -> bool:
+        """Take or renew the named lease for ``holder`` until ``now_ns + ttl_ns``; False when
+        another holder's lease has not expired. Jobs run only while their lease is held."""
+        ...
+
+    def release(self, name: str, holder: str) -> None:
+        """Give the lease up (if ``holder`` holds it) so another replica takes over at once."""
+        ...
+
     # --- catalog (dimensions, offerings, customers, meters) as JSON documents
     def catalog_load(self) -> dict[str, dict[str, dict[str, Any]]]: ...
 

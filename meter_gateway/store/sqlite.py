@@ -368,6 +368,14 @@ class SQLiteStore:
 
     # --- catalog -----------------------------------------------------------------------------
 
+    # --- leases: the lock file already makes this process the only one on the database
+
+    def lease(self, name: str, holder: str, ttl_ns: int, now_ns: int) -> bool:
+        return True
+
+    def release(self, name: str, holder: str) -> None:
+        return None
+
     def catalog_load(self) -> dict[str, dict[str, dict[str, Any]]]:
         out: dict[str, dict[str, dict[str, Any]]] = {}
         for kind, id_, body in self._reader().execute(
