@@ -26,9 +26,7 @@ import base64
 import hashlib
 import logging
 import threading
-import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, NamedTuple, Protocol
@@ -52,6 +50,12 @@ from meter_gateway.model import (
     RecordError,
     Source,
     UsageRecord,
+)
+from meter_gateway.pipeline.cumulative import (
+    StateReader,
+    StreamState,
+    StreamTable,
+    convert,
 )
 from meter_gateway.pipeline.mapping import Mapped, Unmapped
 from meter_gateway.telemetry import Telemetry
@@ -91,10 +95,7 @@ def natural_dedup_key(natural_key: str) -> bytes:
 
 
 # Why a point added nothing; label values of meter_gateway_otlp_points_skipped_total.
-SKIP_NO_VALUE = "no_value"  # NaN or NO_RECORDED_VALUE
-SKIP_REPEATED = "repeated"  # a cumulative point already counted (a retried export)
-SKIP_BASELINE = "baseline"  # first point of a run with an unknown start time
-SKIP_UNCHANGED = "unchanged"  # a cumulative value that did not move
+SKIP_NO_VALUE = "no_value"  # NaN or NO_RECORDED_VALUE (the other reasons: pipeline.cumulative)
 
 
 # --- the stages this receiver is handed ------------------------------------------------------
@@ -120,14 +121,6 @@ class Committer(Protocol):
     def submit_sync(self, batch: Batch, timeout: float | None = None) -> CommitResult: ...
 
 
-class StateReader(Protocol):
-    """Reads committed receiver state (``store.base.Store``)."""
-
-    def state_get(self, keys: Sequence[str]) -> dict[str, bytes]: ...
-
-    def state_scan(self, prefix: str) -> dict[str, bytes]: ...
-
-
 # --- errors and results ----------------------------------------------------------------------
 
 
@@ -138,10 +131,6 @@ class OtlpError(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
-
-
-class StreamsBusy(Exception):
-    """Another export held the same cumulative streams for too long; retry."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -279,129 +268,6 @@ def attributes(kvs: Any, max_bytes: int) -> dict[str, str] | str:
 # --- cumulative → delta ----------------------------------------------------------------------
 
 
-class StreamState(NamedTuple):
-    """The last committed point of a cumulative series."""
-
-    start: int
-    time: int
-    value: Decimal  # the running total (a histogram's count)
-    sum: Decimal | None = None  # a histogram's running sum
-
-
-def encode_state(s: StreamState) -> bytes:
-    """``start time value [sum]``: plain ASCII, cheap to write once per point."""
-    if s.sum is None:
-        return f"{s.start} {s.time} {s.value}".encode()
-    return f"{s.start} {s.time} {s.value} {s.sum}".encode()
-
-
-def decode_state(raw: bytes) -> StreamState:
-    parts = raw.split()
-    total = Decimal(parts[3].decode()) if len(parts) > 3 else None
-    return StreamState(int(parts[0]), int(parts[1]), Decimal(parts[2].decode()), total)
-
-
-class Step(NamedTuple):
-    """What one cumulative point adds: ``kind`` is "delta", a SKIP_* reason or "stale"."""
-
-    kind: str
-    delta: Decimal
-    delta_sum: Decimal | None
-    state: StreamState | None  # the series' state after the point (None: unchanged)
-
-
-def convert(
-    state: StreamState | None,
-    start: int,
-    t: int,
-    value: Decimal,
-    total: Decimal | None,
-    monotonic: bool,
-) -> Step:
-    """One cumulative point against its series' last state (pure; see the module docstring)."""
-    new = StreamState(start, t, value, total)
-    if state is None or start > state.start:
-        if start == 0 or start >= t:  # unknown start: the value so far is only a baseline
-            return Step(SKIP_BASELINE, ZERO, None, new)
-        return Step("delta", value, total, new)
-    if start < state.start:
-        return Step("stale", ZERO, None, None)
-    if t <= state.time:
-        return Step(SKIP_REPEATED, ZERO, None, None)
-    if monotonic and value < state.value:  # a reset within one run: count from zero
-        return Step("delta", value, total, new)
-    delta = EXACT.subtract(value, state.value)
-    if total is None:
-        dsum = None
-    else:
-        dsum = EXACT.subtract(total, state.sum) if state.sum is not None else total
-    if delta == 0 and not dsum:
-        return Step(SKIP_UNCHANGED, ZERO, None, new)
-    return Step("delta", delta, dsum, new)
-
-
-class StreamTable:
-    """Committed state of cumulative series: a cache over the store, and a hold per series.
-
-    An export holds every series it converts from reading their state until its batch has
-    committed (or failed), so two exports touching one series never compute against the same
-    old state. Holds are taken all at once or not at all, so exports cannot deadlock. The
-    cache only ever moves after a successful commit.
-    """
-
-    def __init__(
-        self, reader: StateReader, max_cached: int = 1_000_000, wait_s: float = 30.0
-    ) -> None:
-        self._reader = reader
-        self._max_cached = max_cached
-        self._wait_s = wait_s
-        self._cond = threading.Condition()
-        self._held: set[str] = set()
-        self._cache: dict[str, StreamState] = {}
-
-    @contextmanager
-    def hold(self, sids: set[str]) -> Iterator[None]:
-        deadline = time.monotonic() + self._wait_s
-        with self._cond:
-            while not self._held.isdisjoint(sids):
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or not self._cond.wait(remaining):
-                    raise StreamsBusy("cumulative streams are busy with another export")
-            self._held |= sids
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._held -= sids
-                self._cond.notify_all()
-
-    def load(self, sids: Iterable[str]) -> dict[str, StreamState]:
-        """The committed state of held series (absent: never seen)."""
-        out: dict[str, StreamState] = {}
-        missing: list[str] = []
-        cache = self._cache
-        for sid in sids:
-            st = cache.get(sid)
-            if st is None:
-                missing.append(sid)
-            else:
-                out[sid] = st
-        if missing:
-            rows = self._reader.state_get([STATE_PREFIX + s for s in missing])
-            for key, raw in rows.items():
-                out[key[len(STATE_PREFIX) :]] = decode_state(raw)
-        return out
-
-    def committed(self, states: dict[str, StreamState]) -> None:
-        if len(self._cache) + len(states) > self._max_cached:
-            self._cache.clear()
-        self._cache.update(states)
-
-    def forget(self, sids: Iterable[str]) -> None:
-        for sid in sids:
-            self._cache.pop(sid, None)
-
-
 # --- the receiver ----------------------------------------------------------------------------
 
 
@@ -488,7 +354,7 @@ class OtlpMetrics:
         self._sink = sink
         self._rules = rules
         self._committer = committer
-        self.streams = StreamTable(state, max_cached_series)
+        self.streams = StreamTable(state, STATE_PREFIX, max_cached_series)
         self._catalog = catalog
         self._clock = clock
         self._telemetry = telemetry
@@ -549,13 +415,7 @@ class OtlpMetrics:
         accepted anyway. (A series silent that long that comes back with the same start time
         counts as a new series.) Returns how many were forgotten.
         """
-        rows = self._state.state_scan(STATE_PREFIX)
-        stale = {
-            key[len(STATE_PREFIX) :]
-            for key, raw in rows.items()
-            if decode_state(raw).time < before_ns
-        }
-        stale = set(sorted(stale)[:limit])
+        stale = self.streams.stale(before_ns, limit)
         if not stale:
             return 0
         with self.streams.hold(stale):
@@ -588,7 +448,7 @@ class OtlpMetrics:
             ex.records.extend(checked.records)
             errors.sort(key=lambda e: e.index)
         batch = Batch(OTLP, ex.records, errors)
-        batch.state = {STATE_PREFIX + sid: encode_state(s) for sid, s in changed.items()}
+        batch.state = self.streams.writes(changed)
         if batch.records or batch.errors or batch.state:
             result = self._committer.submit_sync(batch, self._commit_timeout)
         else:

@@ -26,9 +26,10 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
 
 from meter_gateway.api.auth import AuthError
 from meter_gateway.model import Source
+from meter_gateway.pipeline.cumulative import StreamsBusy
 from meter_gateway.pipeline.ingest import CommitFailed, Overloaded, ShuttingDown
 from meter_gateway.telemetry import Telemetry
-from receivers.otlp import OtlpError, OtlpMetrics, StreamsBusy, decode_protobuf
+from receivers.otlp import OtlpError, OtlpMetrics, decode_protobuf
 
 log = logging.getLogger(__name__)
 

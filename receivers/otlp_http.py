@@ -28,6 +28,7 @@ from starlette.routing import Route
 
 from meter_gateway.api.auth import AuthError
 from meter_gateway.model import Source
+from meter_gateway.pipeline.cumulative import StreamsBusy
 from meter_gateway.pipeline.decode import DecodeError, decompress
 from meter_gateway.pipeline.ingest import CommitFailed, Overloaded, ShuttingDown
 from meter_gateway.telemetry import Telemetry
@@ -35,7 +36,6 @@ from receivers.otlp import (
     ExportOutcome,
     OtlpError,
     OtlpMetrics,
-    StreamsBusy,
     decode_json,
     decode_protobuf,
 )

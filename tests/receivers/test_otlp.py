@@ -32,12 +32,8 @@ from meter_gateway.pipeline.timestamps import format_timestamp
 from meter_gateway.service import Gateway
 from receivers.otlp import (
     OtlpError,
-    StreamState,
-    convert,
     decode_json,
     decode_protobuf,
-    decode_state,
-    encode_state,
     natural_dedup_key,
 )
 from tests.exporters.otlp_app import TESTDATA, gateway_config
@@ -180,61 +176,6 @@ def test_golden_exports(tmp_path: Path, case: str) -> None:
         if not REGEN:
             pytest.fail(f"wrote {expected_path.name}; review it and run again")
     assert got == yaml.safe_load(expected_path.read_text())
-
-
-# --- conversion rules (pure) -----------------------------------------------------------------
-
-
-def S(start: int, t: int, value: str, total: str | None = None) -> StreamState:
-    return StreamState(start, t, Decimal(value), None if total is None else Decimal(total))
-
-
-@pytest.mark.parametrize(
-    ("state", "point", "kind", "delta"),
-    [
-        (None, (100, 160, "42"), "delta", "42"),  # true start: the whole value
-        (None, (160, 160, "42"), "baseline", "0"),  # unknown start: nothing
-        (None, (0, 160, "42"), "baseline", "0"),  # no start at all: unknown
-        (S(100, 160, "42"), (100, 220, "50"), "delta", "8"),
-        (S(100, 160, "42"), (100, 220, "42"), "unchanged", "0"),
-        (S(100, 160, "42"), (100, 160, "42"), "repeated", "0"),  # a retried export
-        (S(100, 220, "50"), (100, 160, "42"), "repeated", "0"),  # an older export, late
-        (S(100, 160, "42"), (100, 220, "5"), "delta", "5"),  # a drop: reset, count from 0
-        (S(100, 160, "42"), (200, 220, "5"), "delta", "5"),  # new start time: app restart
-        (S(100, 160, "42"), (220, 220, "5"), "baseline", "0"),  # restart, unknown start
-        (S(200, 260, "5"), (100, 280, "60"), "stale", "0"),  # a point of the older run
-        (S(0, 160, "42"), (0, 220, "45.5"), "delta", "3.5"),  # unknown start continues
-    ],
-)
-def test_convert_monotonic(
-    state: StreamState | None, point: tuple[int, int, str], kind: str, delta: str
-) -> None:
-    start, t, value = point
-    step = convert(state, start, t, Decimal(value), None, True)
-    assert (step.kind, step.delta) == (kind, Decimal(delta))
-    if kind in ("delta", "baseline", "unchanged"):
-        assert step.state == S(start, t, value)
-    else:
-        assert step.state is None
-
-
-def test_convert_non_monotonic_gives_signed_changes() -> None:
-    step = convert(S(100, 160, "40"), 100, 220, Decimal(25), None, False)
-    assert (step.kind, step.delta) == ("delta", Decimal(-15))
-
-
-def test_convert_histogram_sum_follows_count() -> None:
-    step = convert(S(100, 160, "2", "1500"), 100, 220, Decimal(5), Decimal("1600.5"), True)
-    assert (step.delta, step.delta_sum) == (Decimal(3), Decimal("100.5"))
-    reset = convert(S(100, 160, "5", "1600"), 100, 220, Decimal(1), Decimal(100), True)
-    assert (reset.delta, reset.delta_sum) == (Decimal(1), Decimal(100))
-
-
-@pytest.mark.parametrize(
-    "state", [S(1, 2, "3"), S(0, 2, "1E+3", "-0.25"), S(5, 6, "0.000000000000000001", "0")]
-)
-def test_state_round_trips(state: StreamState) -> None:
-    assert decode_state(encode_state(state)) == state
 
 
 # --- decoding --------------------------------------------------------------------------------
