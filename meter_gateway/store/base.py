@@ -144,3 +144,187 @@ class Store(Protocol):
     ) -> list[RejectedRow]: ...
 
     def close(self) -> None: ...
+
+    # --- billing: invoices, wallet, meters, outbox
+    #
+    # Documents are JSON-able dicts (decimals as strings); every method is one transaction of its
+    # own. Methods that must happen once across replicas take ``fence=(lease name, holder)``:
+    # the store checks, inside the same transaction, that ``holder`` still holds that lease
+    # (unexpired at ``now_ns``) and raises ``LeaseLostError`` without writing anything otherwise
+    # (SQLite: one process owns the database, so the check is trivially true).
+
+    def invoice_create(self, invoice: InvoiceRow) -> None:
+        """Insert a new invoice (normally a draft); ``ConflictError`` if the id exists."""
+        ...
+
+    def invoice_get(self, invoice_id: str) -> InvoiceRow | None:
+        """The invoice with its document and, once finalized, its renditions."""
+        ...
+
+    def invoice_list(
+        self, customer: str | None, after: tuple[int, str] | None, limit: int
+    ) -> list[InvoiceRow]:
+        """Invoices (of one customer, or all) ordered by ``(created_ns, id)``, those after the
+        ``after`` key only; rows come without ``renditions`` (an empty dict)."""
+        ...
+
+    def invoice_update_draft(self, invoice_id: str, document: Mapping[str, Any]) -> bool:
+        """Replace a draft's document (a recomputation); False, writing nothing, when the
+        invoice does not exist or is no longer a draft."""
+        ...
+
+    def invoice_finalize(
+        self,
+        invoice_id: str,
+        document: Mapping[str, Any],
+        renditions: Mapping[str, bytes],
+        finalized_ns: int,
+        ledger: Sequence[LedgerEntry],
+        events: Sequence[OutboxEvent],
+    ) -> bool:
+        """In ONE transaction: if the invoice is still a draft, set it ``finalized`` at
+        ``finalized_ns`` with this document and these exact renditions (format → bytes, served
+        verbatim from then on and never changed), append the ledger entries (rules of
+        ``wallet_append``: a taken seq raises ``ConflictError`` and nothing is written) and the
+        outbox events. Returns False, writing nothing, when the invoice is not a draft (already
+        finalized, e.g. by another replica, or absent)."""
+        ...
+
+    def wallet_last(self, customer: str, currency: str) -> LedgerEntry | None:
+        """The wallet's latest entry (its ``balance`` is the balance; None: empty wallet)."""
+        ...
+
+    def wallet_entries(
+        self, customer: str, currency: str | None, after_seq: int, limit: int
+    ) -> list[LedgerEntry]:
+        """A customer's ledger entries (one currency or all) with ``seq > after_seq``, ordered
+        by (currency, seq)."""
+        ...
+
+    def wallets(self) -> list[LedgerEntry]:
+        """The latest entry of every wallet (customer, currency), for balance metrics."""
+        ...
+
+    def wallet_append(self, entries: Sequence[LedgerEntry]) -> bool:
+        """Append ledger entries in one transaction. Each entry's ``seq`` must be its wallet's
+        last seq + 1 (optimistic concurrency: the caller read ``wallet_last``, computed the new
+        balance, and a (customer, currency, seq) that is already taken raises ``ConflictError``;
+        re-read and retry). An ``entry_id`` already in that wallet makes the call return False
+        and write nothing (an idempotent retry of the same top-up)."""
+        ...
+
+    def job_state(self, prefix: str) -> dict[str, dict[str, Any]]:
+        """Scheduled jobs' state documents (meter periods and fired thresholds, ...) whose key
+        starts with ``prefix``."""
+        ...
+
+    def job_commit(
+        self,
+        states: Mapping[str, Mapping[str, Any] | None],
+        events: Sequence[OutboxEvent],
+        fence: tuple[str, str] | None,
+        now_ns: int,
+    ) -> None:
+        """In ONE transaction: check the fence (``LeaseLostError``, nothing written), upsert the
+        state documents (None deletes the key) and append the outbox events (an event whose
+        (exporter, event_id) is already in the outbox is skipped, so a retried commit never
+        queues it twice)."""
+        ...
+
+    def outbox_claim(self, exporter: str, now_ns: int, limit: int) -> list[OutboxItem]:
+        """Up to ``limit`` of the exporter's pending events that are due (``next_attempt_ns <=
+        now_ns``), oldest (lowest seq) first. Claiming marks nothing: the delivery job runs under
+        a lease, and an event stays pending until ``outbox_delivered`` (at-least-once)."""
+        ...
+
+    def outbox_delivered(self, exporter: str, seqs: Sequence[int], now_ns: int) -> None:
+        """Mark these events delivered (they stop being pending; kept until purged)."""
+        ...
+
+    def outbox_failed(
+        self, exporter: str, seq: int, error: str, next_attempt_ns: int | None, now_ns: int
+    ) -> None:
+        """Record a failed attempt: attempts + 1, the error, and the next attempt time; with
+        ``next_attempt_ns=None`` the event is given up (``dead``: no longer pending, kept)."""
+        ...
+
+    def outbox_stats(self) -> list[OutboxStats]:
+        """Per exporter: pending events, the oldest pending event's ``created_ns``, dead events."""
+        ...
+
+    def outbox_purge(self, delivered_before_ns: int) -> int:
+        """Delete events delivered before this time; returns how many."""
+        ...
+
+
+class LeaseLostError(RuntimeError):
+    """A fenced write found its lease held by another replica or expired; nothing was written."""
+
+
+class ConflictError(RuntimeError):
+    """An optimistic write lost a race (an id or wallet seq already taken); re-read, retry."""
+
+
+@dataclass(frozen=True, slots=True)
+class InvoiceRow:
+    """An invoice as stored. ``status`` is ``draft`` or ``finalized``; ``document`` is the
+    invoice JSON (for a draft, its last computation); ``renditions`` maps a format (``json``,
+    ``csv``, ``html``) to the exact bytes served for a finalized invoice (empty for drafts)."""
+
+    id: str
+    customer: str
+    status: str
+    created_ns: int
+    finalized_ns: int | None
+    document: dict[str, Any]
+    renditions: dict[str, bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerEntry:
+    """One entry of a customer's prepaid wallet in one currency. ``seq`` counts 1, 2, 3, ...
+    per wallet without gaps; ``amount`` is signed (+ top-up, − drawn by an invoice) and
+    ``balance`` is the balance after it; ``entry_id`` is unique per wallet (idempotency)."""
+
+    customer: str
+    currency: str
+    seq: int
+    entry_id: str
+    kind: str  # "top_up" | "invoice" | "adjustment"
+    amount: Decimal
+    balance: Decimal
+    created_ns: int
+    reference: str | None = None  # the invoice id, or the top-up's note
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxEvent:
+    """An event queued for one exporter; ``payload`` is the exact body delivered (JSON bytes),
+    ``event_id`` is stable (receivers dedup on it) and unique per exporter."""
+
+    exporter: str
+    event_id: str
+    type: str
+    payload: bytes
+    created_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxItem:
+    exporter: str
+    seq: int
+    event_id: str
+    type: str
+    payload: bytes
+    created_ns: int
+    attempts: int
+    next_attempt_ns: int
+    last_error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxStats:
+    exporter: str
+    pending: int
+    oldest_pending_ns: int | None
+    dead: int

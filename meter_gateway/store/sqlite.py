@@ -24,7 +24,18 @@ import orjson
 from meter_gateway.aggregation.windows import BUCKET_NS
 from meter_gateway.decimals import EXACT
 from meter_gateway.model import Batch, CommitResult, UsageRecord
-from meter_gateway.store.base import RawPoint, RejectedRow, RollupRow, StoredRecord
+from meter_gateway.store.base import (
+    ConflictError,
+    InvoiceRow,
+    LedgerEntry,
+    OutboxEvent,
+    OutboxItem,
+    OutboxStats,
+    RawPoint,
+    RejectedRow,
+    RollupRow,
+    StoredRecord,
+)
 from meter_gateway.store.dedup_index import DedupIndex
 
 NS = 1_000_000_000
@@ -61,6 +72,29 @@ MIGRATIONS: tuple[str, ...] = (
     # 2: receiver state that commits with the records it describes
     """
     CREATE TABLE receiver_state (key TEXT PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID;
+    """,
+    # 3: billing: invoices (finalized ones as exact bytes), wallet ledger, job state, outbox
+    """
+    CREATE TABLE invoices (
+        id TEXT PRIMARY KEY, customer TEXT NOT NULL, status TEXT NOT NULL,
+        created_ns INTEGER NOT NULL, finalized_ns INTEGER, document TEXT NOT NULL) WITHOUT ROWID;
+    CREATE INDEX invoices_customer ON invoices (customer, created_ns, id);
+    CREATE INDEX invoices_created ON invoices (created_ns, id);
+    CREATE TABLE invoice_renditions (
+        invoice_id TEXT NOT NULL, format TEXT NOT NULL, body BLOB NOT NULL,
+        PRIMARY KEY (invoice_id, format)) WITHOUT ROWID;
+    CREATE TABLE wallet_ledger (
+        customer TEXT NOT NULL, currency TEXT NOT NULL, seq INTEGER NOT NULL,
+        entry_id TEXT NOT NULL, kind TEXT NOT NULL, amount TEXT NOT NULL, balance TEXT NOT NULL,
+        created_ns INTEGER NOT NULL, reference TEXT,
+        PRIMARY KEY (customer, currency, seq), UNIQUE (customer, currency, entry_id)) WITHOUT ROWID;
+    CREATE TABLE job_state (key TEXT PRIMARY KEY, body TEXT NOT NULL) WITHOUT ROWID;
+    CREATE TABLE outbox (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT, exporter TEXT NOT NULL, event_id TEXT NOT NULL,
+        type TEXT NOT NULL, payload BLOB NOT NULL, created_ns INTEGER NOT NULL,
+        status TEXT NOT NULL, attempts INTEGER NOT NULL, next_attempt_ns INTEGER NOT NULL,
+        last_error TEXT, delivered_ns INTEGER, UNIQUE (exporter, event_id));
+    CREATE INDEX outbox_pending ON outbox (exporter, status, seq);
     """,
 )
 
@@ -507,6 +541,208 @@ class SQLiteStore:
             "dedup_keys": len(self.dedup),
         }
 
+    # --- billing: invoices, wallet, meters, outbox (semantics in store.base) ----------------
+
+    def invoice_create(self, invoice: InvoiceRow) -> None:
+        conn = self._reader()
+        try:
+            with self._write_txn(conn):
+                conn.execute(
+                    "INSERT INTO invoices VALUES (?, ?, ?, ?, ?, ?)",
+                    (
+                        invoice.id,
+                        invoice.customer,
+                        invoice.status,
+                        invoice.created_ns,
+                        invoice.finalized_ns,
+                        orjson.dumps(invoice.document).decode(),
+                    ),
+                )
+                _put_renditions(conn, invoice.id, invoice.renditions)
+        except sqlite3.IntegrityError:
+            raise ConflictError(f"invoice {invoice.id!r} already exists") from None
+
+    def invoice_get(self, invoice_id: str) -> InvoiceRow | None:
+        conn = self._reader()
+        row = conn.execute("SELECT * FROM invoices WHERE id = ?", (invoice_id,)).fetchone()
+        if row is None:
+            return None
+        renditions = {
+            f: bytes(b)
+            for f, b in conn.execute(
+                "SELECT format, body FROM invoice_renditions WHERE invoice_id = ?", (invoice_id,)
+            )
+        }
+        return _invoice(row, renditions)
+
+    def invoice_list(
+        self, customer: str | None, after: tuple[int, str] | None, limit: int
+    ) -> list[InvoiceRow]:
+        sql, args = "SELECT * FROM invoices WHERE 1=1", list[Any]()
+        if customer is not None:
+            sql += " AND customer = ?"
+            args.append(customer)
+        if after is not None:
+            sql += " AND (created_ns, id) > (?, ?)"
+            args.extend(after)
+        sql += " ORDER BY created_ns, id LIMIT ?"
+        args.append(limit)
+        return [_invoice(r, {}) for r in self._reader().execute(sql, args)]
+
+    def invoice_update_draft(self, invoice_id: str, document: Mapping[str, Any]) -> bool:
+        conn = self._reader()
+        with self._write_txn(conn):
+            cur = conn.execute(
+                "UPDATE invoices SET document = ? WHERE id = ? AND status = 'draft'",
+                (orjson.dumps(dict(document)).decode(), invoice_id),
+            )
+        return cur.rowcount > 0
+
+    def invoice_finalize(
+        self,
+        invoice_id: str,
+        document: Mapping[str, Any],
+        renditions: Mapping[str, bytes],
+        finalized_ns: int,
+        ledger: Sequence[LedgerEntry],
+        events: Sequence[OutboxEvent],
+    ) -> bool:
+        conn = self._reader()
+        with self._write_txn(conn):
+            cur = conn.execute(
+                "UPDATE invoices SET status = 'finalized', finalized_ns = ?, document = ? "
+                "WHERE id = ? AND status = 'draft'",
+                (finalized_ns, orjson.dumps(dict(document)).decode(), invoice_id),
+            )
+            if cur.rowcount == 0:
+                return False
+            _put_renditions(conn, invoice_id, renditions)
+            if ledger and not _append_ledger(conn, ledger):
+                raise ConflictError(f"invoice {invoice_id!r} already drew on the wallet")
+            _append_outbox(conn, events)
+        return True
+
+    def wallet_last(self, customer: str, currency: str) -> LedgerEntry | None:
+        row = (
+            self._reader()
+            .execute(
+                "SELECT * FROM wallet_ledger WHERE customer = ? AND currency = ? "
+                "ORDER BY seq DESC LIMIT 1",
+                (customer, currency),
+            )
+            .fetchone()
+        )
+        return None if row is None else _ledger(row)
+
+    def wallet_entries(
+        self, customer: str, currency: str | None, after_seq: int, limit: int
+    ) -> list[LedgerEntry]:
+        sql, args = (
+            "SELECT * FROM wallet_ledger WHERE customer = ? AND seq > ?",
+            [customer, after_seq],
+        )
+        if currency is not None:
+            sql += " AND currency = ?"
+            args.append(currency)
+        sql += " ORDER BY currency, seq LIMIT ?"
+        args.append(limit)
+        return [_ledger(r) for r in self._reader().execute(sql, args)]
+
+    def wallets(self) -> list[LedgerEntry]:
+        cur = self._reader().execute(
+            "SELECT w.* FROM wallet_ledger w JOIN (SELECT customer, currency, max(seq) AS seq "
+            "FROM wallet_ledger GROUP BY customer, currency) m USING (customer, currency, seq) "
+            "ORDER BY customer, currency"
+        )
+        return [_ledger(r) for r in cur]
+
+    def wallet_append(self, entries: Sequence[LedgerEntry]) -> bool:
+        conn = self._reader()
+        with self._write_txn(conn):
+            return _append_ledger(conn, entries)
+
+    def job_state(self, prefix: str) -> dict[str, dict[str, Any]]:
+        cur = self._reader().execute(
+            "SELECT key, body FROM job_state WHERE key >= ? AND key < ? ORDER BY key",
+            (prefix, prefix + "\U0010ffff"),
+        )
+        return {k: orjson.loads(b) for k, b in cur}
+
+    def job_commit(
+        self,
+        states: Mapping[str, Mapping[str, Any] | None],
+        events: Sequence[OutboxEvent],
+        fence: tuple[str, str] | None,
+        now_ns: int,
+    ) -> None:
+        # fence: this process holds the database's lock file, so it holds every lease.
+        conn = self._reader()
+        with self._write_txn(conn):
+            for key, body in states.items():
+                if body is None:
+                    conn.execute("DELETE FROM job_state WHERE key = ?", (key,))
+                else:
+                    conn.execute(
+                        "INSERT OR REPLACE INTO job_state VALUES (?, ?)",
+                        (key, orjson.dumps(dict(body)).decode()),
+                    )
+            _append_outbox(conn, events)
+
+    def outbox_claim(self, exporter: str, now_ns: int, limit: int) -> list[OutboxItem]:
+        cur = self._reader().execute(
+            "SELECT exporter, seq, event_id, type, payload, created_ns, attempts, "
+            "next_attempt_ns, last_error FROM outbox WHERE exporter = ? AND status = 'pending' "
+            "AND next_attempt_ns <= ? ORDER BY seq LIMIT ?",
+            (exporter, now_ns, limit),
+        )
+        return [
+            OutboxItem(e, s, i, t, bytes(p), c, a, n, err) for e, s, i, t, p, c, a, n, err in cur
+        ]
+
+    def outbox_delivered(self, exporter: str, seqs: Sequence[int], now_ns: int) -> None:
+        conn = self._reader()
+        with self._write_txn(conn):
+            conn.executemany(
+                "UPDATE outbox SET status = 'delivered', delivered_ns = ?, attempts = attempts + 1 "
+                "WHERE exporter = ? AND seq = ? AND status = 'pending'",
+                [(now_ns, exporter, s) for s in seqs],
+            )
+
+    def outbox_failed(
+        self, exporter: str, seq: int, error: str, next_attempt_ns: int | None, now_ns: int
+    ) -> None:
+        conn = self._reader()
+        with self._write_txn(conn):
+            conn.execute(
+                "UPDATE outbox SET attempts = attempts + 1, last_error = ?, "
+                "next_attempt_ns = coalesce(?, next_attempt_ns), status = ? "
+                "WHERE exporter = ? AND seq = ? AND status = 'pending'",
+                (
+                    error[:2000],
+                    next_attempt_ns,
+                    "pending" if next_attempt_ns is not None else "dead",
+                    exporter,
+                    seq,
+                ),
+            )
+
+    def outbox_stats(self) -> list[OutboxStats]:
+        cur = self._reader().execute(
+            "SELECT exporter, sum(status = 'pending'), min(CASE WHEN status = 'pending' "
+            "THEN created_ns END), sum(status = 'dead') FROM outbox "
+            "WHERE status != 'delivered' GROUP BY exporter ORDER BY exporter"
+        )
+        return [OutboxStats(e, int(p), o, int(d)) for e, p, o, d in cur]
+
+    def outbox_purge(self, delivered_before_ns: int) -> int:
+        conn = self._reader()
+        with self._write_txn(conn):
+            cur = conn.execute(
+                "DELETE FROM outbox WHERE status = 'delivered' AND delivered_ns < ?",
+                (delivered_before_ns,),
+            )
+        return cur.rowcount
+
 
 def _rollup(bucket: int, r: Sequence[Any]) -> RollupRow:
     return RollupRow(
@@ -519,6 +755,88 @@ def _rollup(bucket: int, r: Sequence[Any]) -> RollupRow:
         int(r[5]),
         Decimal(r[6]),
         Decimal(r[7]),
+    )
+
+
+def _invoice(row: Sequence[Any], renditions: dict[str, bytes]) -> InvoiceRow:
+    id_, customer, status, created_ns, finalized_ns, document = row
+    return InvoiceRow(
+        id_, customer, status, created_ns, finalized_ns, orjson.loads(document), renditions
+    )
+
+
+def _put_renditions(
+    conn: sqlite3.Connection, invoice_id: str, renditions: Mapping[str, bytes]
+) -> None:
+    conn.executemany(
+        "INSERT OR REPLACE INTO invoice_renditions VALUES (?, ?, ?)",
+        [(invoice_id, f, bytes(b)) for f, b in renditions.items()],
+    )
+
+
+def _ledger(row: Sequence[Any]) -> LedgerEntry:
+    customer, currency, seq, entry_id, kind, amount, balance, created_ns, reference = row
+    return LedgerEntry(
+        customer,
+        currency,
+        int(seq),
+        entry_id,
+        kind,
+        Decimal(amount),
+        Decimal(balance),
+        int(created_ns),
+        reference,
+    )
+
+
+def _append_ledger(conn: sqlite3.Connection, entries: Sequence[LedgerEntry]) -> bool:
+    """Inside a write transaction: False if an entry id is already in its wallet (nothing of
+    this call should then be written: the caller's transaction rolls back or writes nothing)."""
+    for e in entries:
+        taken = conn.execute(
+            "SELECT 1 FROM wallet_ledger WHERE customer = ? AND currency = ? AND entry_id = ?",
+            (e.customer, e.currency, e.entry_id),
+        ).fetchone()
+        if taken is not None:
+            if entries.index(e) != 0:
+                raise ConflictError(f"ledger entry {e.entry_id!r} already recorded")
+            return False
+        last = conn.execute(
+            "SELECT coalesce(max(seq), 0) FROM wallet_ledger WHERE customer = ? AND currency = ?",
+            (e.customer, e.currency),
+        ).fetchone()[0]
+        if e.seq != last + 1:
+            raise ConflictError(
+                f"wallet {e.customer}/{e.currency} is at entry {last}, not {e.seq - 1}: "
+                "re-read and retry"
+            )
+        try:
+            conn.execute(
+                "INSERT INTO wallet_ledger VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    e.customer,
+                    e.currency,
+                    e.seq,
+                    e.entry_id,
+                    e.kind,
+                    str(e.amount),
+                    str(e.balance),
+                    e.created_ns,
+                    e.reference,
+                ),
+            )
+        except sqlite3.IntegrityError:
+            raise ConflictError(
+                f"wallet {e.customer}/{e.currency} already has entry {e.seq}: re-read and retry"
+            ) from None
+    return True
+
+
+def _append_outbox(conn: sqlite3.Connection, events: Sequence[OutboxEvent]) -> None:
+    conn.executemany(
+        "INSERT OR IGNORE INTO outbox (exporter, event_id, type, payload, created_ns, status, "
+        "attempts, next_attempt_ns) VALUES (?, ?, ?, ?, ?, 'pending', 0, ?)",
+        [(e.exporter, e.event_id, e.type, e.payload, e.created_ns, e.created_ns) for e in events],
     )
 
 
