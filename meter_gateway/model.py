@@ -106,6 +106,13 @@ class Batch:
     # Receiver state that must move with these records (cumulative-stream baselines, query
     # watermarks): key → new value, None deletes. Written in the same transaction.
     state: dict[str, bytes | None] = field(default_factory=dict)
+    # What ``state`` expects each key to hold now (None: absent), compare-and-set: if another
+    # replica moved one of them first, the store commits nothing of this batch and answers
+    # ``CommitResult.conflict``, so the receiver reloads the state and converts again.
+    state_expect: dict[str, bytes | None] = field(default_factory=dict)
+    # Running totals still to be turned into amounts against their series' committed state
+    # (request index, observation); ``pipeline.cumulative.Totals`` does it before the commit.
+    cumulative: list[tuple[int, Observation]] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +120,8 @@ class CommitResult:
     accepted: int
     duplicates: int
     rejected: int
+    # The batch's ``state_expect`` did not hold: nothing of it was written.
+    conflict: bool = False
 
 
 def dedup_key(namespace: str, identity: str) -> bytes:

@@ -16,6 +16,7 @@ from meter_gateway.catalog import CatalogService
 from meter_gateway.clock import Clock, SystemClock
 from meter_gateway.config import Config
 from meter_gateway.decimals import EXACT, ZERO, fmt
+from meter_gateway.pipeline.cumulative import StreamTable, Totals
 from meter_gateway.pipeline.ingest import Ingestor
 from meter_gateway.pipeline.mapping import Mapper
 from meter_gateway.pipeline.validate import Validator
@@ -59,6 +60,8 @@ class Gateway:
             ingest.max_commit_records,
             ingest.retry_after.total_seconds(),
         )
+        # Running totals from senders without start times (Vector absolute counters).
+        self.totals = Totals(StreamTable(self.store, "vector/"), self.validator, self.ingestor)
         # OTLP exports (gRPC and HTTP) → observations → validator → ingestor; server.py serves it.
         self.otlp = OtlpMetrics(
             self.validator,

@@ -10,10 +10,12 @@ from __future__ import annotations
 import time
 
 import orjson
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
-from meter_gateway.model import Source
+from meter_gateway.model import Batch, CommitResult, Source
+from meter_gateway.pipeline.cumulative import StreamsBusy
 from meter_gateway.pipeline.decode import DecodeError, decompress, parse_items
 from meter_gateway.pipeline.ingest import CommitFailed, Overloaded, ShuttingDown
 from meter_gateway.service import Gateway
@@ -70,28 +72,63 @@ async def ingest(request: Request, gw: Gateway) -> Response:
     t.received.labels(source.value).inc(len(items))
     batch = gw.validator.batch(items, source)
     atomic = request.query_params.get("atomic", "").lower() in ("1", "true", "yes")
-    errors = [e.to_json() for e in batch.errors[:MAX_ERRORS_IN_RESPONSE]]
+    if batch.cumulative:
+        # Running totals (Vector absolute counters) need their series' committed state:
+        # convert, check and commit under a hold on those series, on a worker thread.
+        return await run_in_threadpool(_ingest_totals, gw, batch, items.single, atomic, started)
     if atomic and batch.errors:
-        t.requests.labels(source.value, "422").inc()
-        return json_response(
-            {
-                "accepted": 0,
-                "duplicates": 0,
-                "rejected": len(batch.errors),
-                "errors": errors,
-                "error": "atomic batch has invalid records; nothing was stored",
-            },
-            422,
-        )
-    retry = {"Retry-After": str(max(1, round(limits.retry_after.total_seconds())))}
+        return _atomic_refusal(gw, batch)
     try:
         result = await gw.ingestor.submit(batch)
-    except Overloaded:
-        t.requests.labels(source.value, "429").inc()
+    except (Overloaded, CommitFailed, ShuttingDown) as exc:
+        return _unavailable(gw, batch, exc)
+    return _answer(gw, batch, result, items.single, started)
+
+
+def _ingest_totals(
+    gw: Gateway, batch: Batch, single: bool, atomic: bool, started: float
+) -> Response:
+    totals = gw.totals
+    try:
+        with totals.holding(batch):
+            changed = totals.convert(batch)
+            if atomic and batch.errors:
+                return _atomic_refusal(gw, batch)
+            result = gw.ingestor.submit_sync(batch)
+            totals.table.committed(changed)
+    except (Overloaded, CommitFailed, ShuttingDown, StreamsBusy) as exc:
+        return _unavailable(gw, batch, exc)
+    return _answer(gw, batch, result, single, started)
+
+
+def _atomic_refusal(gw: Gateway, batch: Batch) -> Response:
+    gw.telemetry.requests.labels(batch.source.value, "422").inc()
+    return json_response(
+        {
+            "accepted": 0,
+            "duplicates": 0,
+            "rejected": len(batch.errors),
+            "errors": [e.to_json() for e in batch.errors[:MAX_ERRORS_IN_RESPONSE]],
+            "error": "atomic batch has invalid records; nothing was stored",
+        },
+        422,
+    )
+
+
+def _unavailable(gw: Gateway, batch: Batch, exc: Exception) -> Response:
+    retry = {"Retry-After": str(max(1, round(gw.config.ingest.retry_after.total_seconds())))}
+    if isinstance(exc, Overloaded):
+        gw.telemetry.requests.labels(batch.source.value, "429").inc()
         return error_response(429, "ingest queue is full; retry later", retry)
-    except (CommitFailed, ShuttingDown) as exc:
-        t.requests.labels(source.value, "503").inc()
-        return error_response(503, str(exc), retry)
+    gw.telemetry.requests.labels(batch.source.value, "503").inc()
+    return error_response(503, str(exc), retry)
+
+
+def _answer(
+    gw: Gateway, batch: Batch, result: CommitResult, single: bool, started: float
+) -> Response:
+    t, source = gw.telemetry, batch.source
+    errors = [e.to_json() for e in batch.errors[:MAX_ERRORS_IN_RESPONSE]]
     body_out = {
         "accepted": result.accepted,
         "duplicates": result.duplicates,
@@ -102,8 +139,7 @@ async def ingest(request: Request, gw: Gateway) -> Response:
         body_out["errors_truncated"] = True
     # A lone record that was rejected is an error to its sender; in a batch, the good records
     # were stored and the answer must be 2xx so Vector and Logstash do not drop or retry them.
-    single = items.single and result.rejected == 1
-    status = 422 if single else 200
+    status = 422 if single and result.rejected == 1 else 200
     t.requests.labels(source.value, str(status)).inc()
     t.batch_seconds.labels(source.value).observe(time.perf_counter() - started)
     return json_response(body_out, status)

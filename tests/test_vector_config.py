@@ -907,34 +907,56 @@ def test_healthcheck_answers_exactly_200(gateway: GatewayProcess) -> None:
             assert r.status_code == 200, (name, r.status_code)
 
 
-def test_absolute_counters_are_rejected_alone(gateway: GatewayProcess) -> None:
-    """Why metrics.yaml keeps Prometheus counters out: the gateway rejects absolute counters
-    (running totals) with a clear error, and still stores the rest of the batch."""
+def counter(tenant: str, minute: int, total: float) -> Metric:
+    return Metric(
+        "app_api_requests_total",
+        "absolute",
+        "counter",
+        total,
+        tags={"instance": "127.0.0.1:9100", "job": "app", "tenant": tenant},
+        timestamp=f"2025-06-02T12:{minute:02d}:00Z",
+    )
+
+
+def test_absolute_counters_count_increases_once_across_resends_and_restarts(
+    gateway: GatewayProcess,
+) -> None:
+    """Prometheus counters (absolute metric events): each series' totals become increases
+    against the last committed total; a resent batch adds nothing, and a gateway restart
+    neither repeats nor loses the step across it."""
+    topo = Topology.load(CONFIG_DIR / "metrics.yaml", vector_env(gateway))
+    sink = topo.of_type("sinks")["meter_gateway"]
+
+    def post(events: list[Event]) -> dict[str, Any]:
+        response = send(http_request(sink, events))
+        assert response.status_code == 200, response.text
+        body: dict[str, Any] = response.json()
+        return body
+
+    first = [counter("acme", 0, 500.0), counter("acme", 1, 520.5)]
+    assert post(first)["accepted"] == 1  # the first total is a baseline
+    assert post(first)["accepted"] == 0  # Vector retried the batch
+    gateway.stop()
+    gateway.start()
+    # after the restart: +9.5, then a reset (the app restarted) counts from zero
+    assert post([counter("acme", 2, 530.0), counter("acme", 3, 4.0)])["accepted"] == 2
+    assert post([counter("acme", 1, 520.5)])["accepted"] == 0  # an old total, late
+    assert usage_value(gateway, "acme", "api-calls", "2025-06") == Decimal("34")
+
+
+def test_a_bad_absolute_counter_is_rejected_alone(gateway: GatewayProcess) -> None:
+    """A total no rule bills is rejected with its reason; the rest of the batch is stored."""
     topo = Topology.load(CONFIG_DIR / "metrics.yaml", vector_env(gateway))
     sink = topo.of_type("sinks")["meter_gateway"]
     events: list[Event] = [
-        Metric(
-            "app_active_seats",
-            "absolute",
-            "gauge",
-            7.0,
-            tags={"tenant": "acme"},
-            timestamp="2025-06-02T12:00:00Z",
-        ),
-        Metric(
-            "data_processed_bytes",
-            "absolute",
-            "counter",
-            1027.0,
-            tags={"tenant": "acme"},
-            timestamp="2025-06-02T12:00:00Z",
-        ),
+        counter("acme", 0, 10.0),
+        counter("nobody", 0, 3.0),
+        counter("acme", 1, 15.0),
+        counter("nobody", 1, 8.0),
     ]
-    response = send(http_request(sink, events))
-    assert response.status_code == 200, response.text
-    body = response.json()
+    body = send(http_request(sink, events)).json()
     assert (body["accepted"], body["rejected"]) == (1, 1)
     (error,) = body["errors"]
-    assert error["index"] == 1
-    assert "absolute counters" in error["error"]
-    assert usage_value(gateway, "acme", "seats", "2025-06") == Decimal(7)
+    assert error["index"] == 3
+    assert error["reason"] == "unknown_customer"
+    assert usage_value(gateway, "acme", "api-calls", "2025-06") == Decimal(5)

@@ -19,14 +19,26 @@ has committed, so two requests touching one series never compute against the sam
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from decimal import Decimal
 from typing import NamedTuple, Protocol
 
+import orjson
+
 from meter_gateway.decimals import EXACT, ZERO
+from meter_gateway.model import (
+    Batch,
+    CommitResult,
+    Observation,
+    ObservationKind,
+    RecordError,
+    Source,
+)
 
 # Why a point added nothing; label values of the receivers' skipped-points counters.
 SKIP_REPEATED = "repeated"  # a cumulative point already counted (a retried request)
@@ -40,6 +52,18 @@ class StateReader(Protocol):
     def state_get(self, keys: Sequence[str]) -> dict[str, bytes]: ...
 
     def state_scan(self, prefix: str) -> dict[str, bytes]: ...
+
+
+class ObservationSink(Protocol):
+    """Maps and validates observations (``pipeline.validate.Validator``)."""
+
+    def observations(self, observations: Sequence[Observation], source: Source) -> Batch: ...
+
+
+class Committer(Protocol):
+    """Commits a batch durably (``pipeline.ingest.Ingestor``)."""
+
+    def submit_sync(self, batch: Batch, timeout: float | None = None) -> CommitResult: ...
 
 
 class StreamsBusy(Exception):
@@ -186,3 +210,80 @@ class StreamTable:
             key[len(prefix) :] for key, raw in rows.items() if decode_state(raw).time < before_ns
         )
         return set(old[:limit])
+
+
+def series_id(obs: Observation) -> str:
+    """A series' identity: its name and every attribute (resource attributes included)."""
+    identity = [obs.name, sorted(obs.attributes.items()), sorted(obs.resource_attributes.items())]
+    return hashlib.blake2b(orjson.dumps(identity), digest_size=16).hexdigest()
+
+
+class Totals:
+    """Commits batches that carry running totals (``Batch.cumulative``) from senders without
+    start times: Vector absolute counters, Prometheus remote write.
+
+    Under a hold on the batch's series it reads their committed state, turns each total into
+    the amount since the previous one (``convert`` with an unknown start: a series' first total
+    is its baseline, a drop is a counter reset), validates those amounts, and commits them with
+    the series' new state in one transaction. An amount's natural key is (series, time), so a
+    resent request adds nothing; a total that did not move adds no record.
+    """
+
+    def __init__(
+        self,
+        table: StreamTable,
+        sink: ObservationSink,
+        committer: Committer,
+        commit_timeout_s: float = 60.0,
+    ) -> None:
+        self.table = table
+        self._sink = sink
+        self._committer = committer
+        self._timeout = commit_timeout_s
+
+    def convert(self, batch: Batch) -> dict[str, StreamState]:
+        """Move ``batch.cumulative`` into records and errors (the caller holds the series);
+        returns the series whose state moves with the batch, also set in ``batch.state``."""
+        pending = sorted(batch.cumulative, key=lambda p: p[1].timestamp_ns)
+        sids = [series_id(obs) for _, obs in pending]
+        states = self.table.load(set(sids))
+        changed: dict[str, StreamState] = {}
+        amounts: list[Observation] = []
+        ordinals: list[int] = []
+        for (index, obs), sid in zip(pending, sids, strict=True):
+            t = obs.timestamp_ns
+            step = convert(changed.get(sid) or states.get(sid), 0, t, obs.value, None, True)
+            if step.state is not None:
+                changed[sid] = step.state
+            if step.kind == "delta":
+                amounts.append(
+                    replace(
+                        obs, value=step.delta, kind=ObservationKind.AMOUNT, natural_key=f"{sid}:{t}"
+                    )
+                )
+                ordinals.append(index)
+        if amounts:
+            checked = self._sink.observations(amounts, batch.source)
+            batch.records.extend(checked.records)
+            batch.errors.extend(
+                RecordError(ordinals[e.index], e.field, e.error, e.reason, e.raw)
+                for e in checked.errors
+            )
+            batch.errors.sort(key=lambda e: e.index)
+        batch.cumulative = []
+        batch.state.update(self.table.writes(changed))
+        return changed
+
+    @contextmanager
+    def holding(self, batch: Batch) -> Iterator[None]:
+        """Hold the series of ``batch.cumulative`` (for convert, then commit)."""
+        with self.table.hold({series_id(obs) for _, obs in batch.cumulative}):
+            yield
+
+    def commit(self, batch: Batch) -> CommitResult:
+        """Convert and commit in one go (blocks until durable; run it on a worker thread)."""
+        with self.holding(batch):
+            changed = self.convert(batch)
+            result = self._committer.submit_sync(batch, self._timeout)
+            self.table.committed(changed)
+        return result

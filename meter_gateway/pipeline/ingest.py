@@ -104,6 +104,8 @@ class Ingestor:
         return result
 
     def enqueue(self, batch: Batch, done: Callable[[CommitResult | BaseException], None]) -> None:
+        if batch.cumulative:  # a programming error: they would be lost silently
+            raise ValueError("running totals must be converted (pipeline.cumulative) first")
         size = len(batch.records) + len(batch.errors)
         with self._cond:
             if self._closing:

@@ -73,7 +73,11 @@ class Validator:
                 continue
             try:
                 if "recordValue" not in item and _is_vector_metric(item):
-                    records.append(self._metric(item, catalog, lo, hi))
+                    obs = vector_observation(item, now)
+                    if obs.kind is ObservationKind.CUMULATIVE:
+                        batch.cumulative.append((index, obs))  # see pipeline.cumulative.Totals
+                    else:
+                        records.append(self._observation(obs, catalog, lo, hi))
                 else:
                     records.append(self._record(item, catalog, lo, hi, source))
             except _Reject as r:
@@ -203,16 +207,6 @@ class Validator:
                 )
             unique = raw_u if isinstance(raw_u, str) else orjson.dumps(raw_u).decode()
         return UsageRecord(ts, cid, dim.id, value, rid, metadata, source, key, unique)
-
-    def _metric(self, item: dict[str, Any], catalog: Catalog, lo: int, hi: int) -> UsageRecord:
-        obs = vector_observation(item, self._clock.now_ns())
-        if obs.kind is ObservationKind.CUMULATIVE:
-            raise _Reject(
-                Reason.INVALID_VALUE,
-                "kind",
-                "absolute counters are not accepted yet: send incremental counters",
-            )
-        return self._observation(obs, catalog, lo, hi)
 
     def observations(self, observations: Sequence[Observation], source: Source) -> Batch:
         """Map and validate observations (amounts or levels) into a batch.
