@@ -6,8 +6,16 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests import pgdb
 from tests.gatewayproc import GatewayProcess
 from tests.helpers import next_id
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _drop_test_databases() -> Iterator[None]:
+    """PostgreSQL databases the tests created (METER_TEST_STORE=postgres) go at the end."""
+    yield
+    pgdb.drop_all()
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,8 @@ from typing import Any
 import httpx
 import yaml
 
+from tests.pgdb import store_url
+
 ADMIN_KEY = "test-admin-key-0123456789"
 INGEST_KEY = "test-ingest-key-0123456789"
 READ_KEY = "test-read-key-0123456789"
@@ -109,7 +111,8 @@ class GatewayProcess:
         self.config["server"] = server
         self.otlp_grpc = str(server["otlp_grpc"]["listen"])
         self.otlp_http = "http://" + str(server["otlp_http"]["listen"])
-        self.config.setdefault("store", {"url": f"sqlite:///{workdir / 'gateway.db'}"})
+        # SQLite or PostgreSQL per METER_TEST_STORE (tests/pgdb.py); one database per workdir
+        self.config.setdefault("store", {"url": store_url(workdir)})
         self.config_path = workdir / "gateway.yaml"
         self.config_path.write_text(yaml.safe_dump(self.config))
         self.env = {**os.environ, **(env or {})}

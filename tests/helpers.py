@@ -11,7 +11,9 @@ from typing import Any
 import httpx
 
 from meter_gateway.model import Batch, Source, UsageRecord, dedup_key
-from meter_gateway.store.sqlite import SQLiteStore
+from meter_gateway.store import Store
+from meter_gateway.store import open_store as open_any_store
+from tests.pgdb import store_url
 
 NS = 1_000_000_000
 
@@ -42,11 +44,13 @@ def rec(
     )
 
 
-def open_store(tmp_path: Path, now: str = "2026-05-02T00:00:00") -> SQLiteStore:
-    return SQLiteStore(str(tmp_path / "t.db"), 35 * 86400, ts(now))
+def open_store(tmp_path: Path, now: str = "2026-05-02T00:00:00") -> Store:
+    """The store of ``tmp_path`` (SQLite or PostgreSQL per METER_TEST_STORE, see tests/pgdb.py);
+    opening it again on the same directory finds the same data."""
+    return open_any_store(store_url(tmp_path, "t.db"), 35 * 86400, ts(now))
 
 
-def commit(store: SQLiteStore, *records: UsageRecord, now: str = "2026-05-02T00:00:00") -> None:
+def commit(store: Store, *records: UsageRecord, now: str = "2026-05-02T00:00:00") -> None:
     store.commit([Batch(Source.REST, list(records))], ts(now))
 
 

@@ -7,10 +7,17 @@ from meter_gateway.store.base import RawPoint, RejectedRow, RollupRow, Store, St
 __all__ = ["RawPoint", "RejectedRow", "RollupRow", "Store", "StoredRecord", "open_store"]
 
 
-def open_store(url: str, dedup_window_s: int, now_ns: int) -> Store:
-    """Open the store a ``store.url`` names."""
+def open_store(url: str, dedup_window_s: int, now_ns: int, pool_size: int = 8) -> Store:
+    """Open the store a ``store.url`` names: ``sqlite:///path`` or ``postgresql://...``.
+
+    ``pool_size`` is the most connections a PostgreSQL store opens (SQLite ignores it).
+    """
     if url.startswith("sqlite://"):
         from meter_gateway.store.sqlite import SQLiteStore, path_from_url
 
         return SQLiteStore(path_from_url(url), dedup_window_s, now_ns)
-    raise ValueError(f"unsupported store URL {url!r} (PostgreSQL support is not built yet)")
+    if url.startswith(("postgresql://", "postgres://")):
+        from meter_gateway.store.postgres import PostgresStore
+
+        return PostgresStore(url, dedup_window_s, now_ns, pool_max=pool_size)
+    raise ValueError(f"unsupported store URL {url!r}: expected sqlite:///path or postgresql://...")

@@ -210,6 +210,17 @@ class SQLiteStore:
     # --- commit ------------------------------------------------------------------------------
 
     def commit(self, batches: Sequence[Batch], now_ns: int) -> list[CommitResult]:
+        if any(b.state_expect for b in batches):
+            # This writer thread is the only one that writes state, so what it reads here
+            # holds through the transaction: leave out batches whose expectations fail.
+            bad = self._state_conflicts(batches)
+            if bad:
+                live = [b for i, b in enumerate(batches) if i not in bad]
+                done = iter(self.commit(live, now_ns) if live else [])
+                return [
+                    CommitResult(0, 0, 0, conflict=True) if i in bad else next(done)
+                    for i in range(len(batches))
+                ]
         now_s = now_ns // NS
         flat: list[UsageRecord] = [r for b in batches for r in b.records]
         keys = [r.dedup_key for r in flat if r.dedup_key is not None]
@@ -378,6 +389,19 @@ class SQLiteStore:
             self._conn.execute("DELETE FROM dedup_log WHERE seen_s < ?", (cutoff,))
         self.dedup.compact(now_s)
         self._last_purge_s = now_s
+
+    def _state_conflicts(self, batches: Sequence[Batch]) -> set[int]:
+        """Indexes of batches whose ``state_expect`` fails, batches applied in order."""
+        keys = sorted({k for b in batches for k in (*b.state_expect, *b.state)})
+        current: dict[str, bytes | None] = dict.fromkeys(keys)
+        current.update(self.state_get(keys))
+        bad: set[int] = set()
+        for i, b in enumerate(batches):
+            if any(current.get(k) != v for k, v in b.state_expect.items()):
+                bad.add(i)
+            else:
+                current.update(b.state)
+        return bad
 
     # --- receiver state --------------------------------------------------------------------
 
