@@ -27,7 +27,9 @@ from pydantic import (
     model_validator,
 )
 
+from meter_gateway import measurements
 from meter_gateway.decimals import DecimalError, parse_value
+from meter_gateway.promql import parse_selector
 
 _DURATION_PART = re.compile(r"(\d+)(ms|s|m|h|d|w)")
 _DURATION_UNITS = {
@@ -210,8 +212,13 @@ class Dimension(_Model):
     price: Dec | None = None
     unit_cost: Dec | None = None
     unique_key: str | None = None
-    measurement: str | None = None
+    measurement: str | None = None  # a template (meter_gateway.measurements) fills the rest
     description: str = ""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _template(cls, data: Any) -> Any:
+        return measurements.fill_dimension(data)
 
     @model_validator(mode="after")
     def _coherent(self) -> Dimension:
@@ -325,6 +332,12 @@ class PrometheusSeries(_Model):
     kind: Literal["counter", "gauge"] = "counter"
     scale: Dec = Decimal(1)
 
+    @field_validator("query")
+    @classmethod
+    def _selector(cls, v: str) -> str:
+        parse_selector(v)
+        return v
+
 
 class PrometheusReceiverConfig(_Model):
     url: str
@@ -332,6 +345,11 @@ class PrometheusReceiverConfig(_Model):
     interval: Duration = timedelta(seconds=60)
     delay: Duration = timedelta(seconds=30)
     series: tuple[PrometheusSeries, ...] = ()
+
+
+# What a gauge series can feed: levels (time-weighted, last, extremes) or, for sum, the level
+# integrated over time (pod-seconds, GB-seconds).
+_GAUGE_AGGREGATIONS = ("time_weighted_avg", "last", "max", "min", "sum")
 
 
 class ReceiversConfig(_Model):
@@ -358,6 +376,19 @@ class Config(_Model):
     meters: tuple[Meter, ...] = ()
     receivers: ReceiversConfig = ReceiversConfig()
     exporters: ExportersConfig = ExportersConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _series_templates(cls, data: Any) -> Any:
+        """A Prometheus series takes what it leaves out from its dimension's measurement."""
+        try:
+            series = data["receivers"]["prometheus"]["series"]
+            named = {d.get("id"): d.get("measurement") for d in data.get("dimensions") or ()}
+            filled = [measurements.fill_series(s, named.get(s.get("dimension"))) for s in series]
+        except (TypeError, KeyError, AttributeError):
+            return data  # not the expected shape: the field validators say what is wrong
+        prometheus = {**data["receivers"]["prometheus"], "series": filled}
+        return {**data, "receivers": {**data["receivers"], "prometheus": prometheus}}
 
     @model_validator(mode="after")
     def _references(self) -> Config:
@@ -388,11 +419,19 @@ class Config(_Model):
             if m.customer not in custs:
                 errors.append(f"meters.{i}.customer: unknown customer {m.customer!r}")
         if self.receivers.prometheus is not None:
+            aggregations = {d.id: d.aggregation for d in self.dimensions}
             for i, s in enumerate(self.receivers.prometheus.series):
                 if s.dimension not in dims:
                     errors.append(
                         f"receivers.prometheus.series.{i}.dimension: unknown dimension "
                         f"{s.dimension!r}"
+                    )
+                elif s.kind == "gauge" and aggregations[s.dimension] not in _GAUGE_AGGREGATIONS:
+                    errors.append(
+                        f"receivers.prometheus.series.{i}.kind: a gauge is a level; dimension "
+                        f"{s.dimension!r} aggregates by {aggregations[s.dimension]}, expected "
+                        f"one of {', '.join(_GAUGE_AGGREGATIONS)} (sum integrates the level "
+                        "over time)"
                     )
         if errors:
             raise ValueError("; ".join(errors))

@@ -25,6 +25,7 @@ from meter_gateway.scheduler import Scheduler
 from meter_gateway.store import Store, open_store
 from meter_gateway.telemetry import PeriodUsage, PeriodUsageCollector, Telemetry
 from meter_gateway.usage import current_period, period_usage, summary
+from receivers import prometheus_query
 from receivers.otlp import OtlpMetrics
 
 log = logging.getLogger(__name__)
@@ -82,7 +83,22 @@ class Gateway:
             on_error=lambda job: self.telemetry.job_errors.labels(job).inc(),
             on_run=lambda job: self.telemetry.job_runs.labels(job).inc(),
         )
+        if config.receivers.prometheus is not None:
+            for job in prometheus_query.build_jobs(
+                config.receivers.prometheus,
+                lambda mapper: Validator(lambda: self.catalog.current, self.clock, ingest, mapper),
+                self.store,
+                self.ingestor,
+                self.telemetry,
+                self._aggregation,
+                ingest.late_arrival_limit.total_seconds(),
+            ):
+                self.scheduler.add(job)
         self.ready = True
+
+    def _aggregation(self, dimension: str) -> str | None:
+        dim = self.catalog.current.dimensions.get(dimension)
+        return None if dim is None else dim.aggregation
 
     def start(self) -> None:
         """Start background work (the server calls this once it is listening)."""

@@ -108,6 +108,48 @@ class Telemetry:
             registry=r,
         )
 
+        self.prometheus_lag_seconds = Gauge(
+            "meter_gateway_prometheus_query_lag_seconds",
+            "How far the Prometheus query receiver is behind real time: now minus the end of "
+            "the last committed window (at least interval + delay while keeping up).",
+            ["dimension"],
+            registry=r,
+        )
+        self.prometheus_watermark_seconds = Gauge(
+            "meter_gateway_prometheus_query_watermark_seconds",
+            "End of the last committed Prometheus query window (Unix seconds): usage before "
+            "it is complete.",
+            ["dimension"],
+            registry=r,
+        )
+        self.prometheus_samples_read = Counter(
+            "meter_gateway_prometheus_samples_read_total",
+            "Raw samples the Prometheus query receiver read.",
+            ["dimension"],
+            registry=r,
+        )
+        self.prometheus_query_errors = Counter(
+            "meter_gateway_prometheus_query_errors_total",
+            "Failed reads or commits of Prometheus query windows (retried with backoff; no "
+            "window is skipped). error: unavailable, timeout, http_4xx, http_5xx, "
+            "bad_response, commit.",
+            ["dimension", "error"],
+            registry=r,
+        )
+
+    # receivers.prometheus_query.QueryMetrics
+    def prometheus_lag(self, dimension: str, seconds: float) -> None:
+        self.prometheus_lag_seconds.labels(dimension).set(seconds)
+
+    def prometheus_watermark(self, dimension: str, end_s: float) -> None:
+        self.prometheus_watermark_seconds.labels(dimension).set(end_s)
+
+    def prometheus_samples(self, dimension: str, n: int) -> None:
+        self.prometheus_samples_read.labels(dimension).inc(n)
+
+    def prometheus_error(self, dimension: str, error: str) -> None:
+        self.prometheus_query_errors.labels(dimension, error).inc()
+
     def add_collector(self, collector: Collector) -> None:
         self.registry.register(collector)
 
