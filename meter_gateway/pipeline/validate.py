@@ -8,6 +8,7 @@ observations for the mapping rules.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from decimal import Decimal
 from typing import Any
@@ -122,6 +123,12 @@ class Validator:
                     f"id must be a non-empty string of at most {MAX_ID_LENGTH} "
                     f"characters, got {_short(rid)}",
                 )
+            if not rid.isascii() and not _is_unicode(rid):
+                raise _Reject(
+                    Reason.INVALID_VALUE,
+                    "id",
+                    "id is not valid Unicode (a lone UTF-16 surrogate escape such as \\udc00)",
+                )
         metadata = item.get("metadata")
         if metadata is not None:
             if not isinstance(metadata, dict):
@@ -130,7 +137,8 @@ class Validator:
                     "metadata",
                     f"metadata must be a JSON object, got {_short(metadata)}",
                 )
-            if len(orjson.dumps(metadata, default=str)) > self._limits.metadata_max_bytes:
+            metadata, size = _storable(metadata)
+            if size > self._limits.metadata_max_bytes:
                 raise _Reject(
                     Reason.TOO_LARGE,
                     "metadata",
@@ -265,6 +273,45 @@ class Validator:
         )
 
 
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _storable(metadata: dict[str, Any]) -> tuple[dict[str, Any], int]:
+    """Metadata as it will be stored, and its size in bytes as JSON.
+
+    Numbers beyond what JSON encoders carry (long decimals, integers past 64 bits) are kept
+    exactly as strings; text that is not Unicode (a lone surrogate escape such as ``\\ud800``)
+    is refused.
+    """
+    try:
+        return metadata, len(orjson.dumps(metadata, default=str))
+    except orjson.JSONEncodeError as exc:
+        if "surrogates" in str(exc):
+            raise _Reject(
+                Reason.MALFORMED,
+                "metadata",
+                "metadata holds text that is not valid Unicode (a lone UTF-16 surrogate "
+                "escape such as \\ud800)",
+            ) from None
+        portable = _big_ints_as_text(metadata)
+        return portable, len(orjson.dumps(portable, default=str))
+
+
+def _big_ints_as_text(v: Any) -> Any:
+    if isinstance(v, dict):
+        return {k: _big_ints_as_text(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_big_ints_as_text(x) for x in v]
+    if isinstance(v, int) and not isinstance(v, bool) and not -(2**63) <= v < 2**64:
+        return str(v)
+    return v
+
+
 def _is_vector_metric(item: dict[str, Any]) -> bool:
     return (
         isinstance(item.get("name"), str)
@@ -345,4 +392,8 @@ def _short(v: Any) -> str:
 
 
 def _clip(item: dict[str, Any]) -> str:
-    return orjson.dumps(item, default=str).decode()[:8192]
+    """The record as received, for the rejected store (escaped where orjson cannot write it)."""
+    try:
+        return orjson.dumps(item, default=str).decode()[:8192]
+    except orjson.JSONEncodeError:
+        return json.dumps(item, default=str)[:8192]

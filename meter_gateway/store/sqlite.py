@@ -100,6 +100,31 @@ MIGRATIONS: tuple[str, ...] = (
 
 _RollupKey = tuple[str, str, int]
 
+# Bulk inserts as one statement over a JSON array (see ``commit``). ``->>`` gives SQL values:
+# integers stay integers, strings text, and an object its JSON text (stored as a blob, as
+# orjson.dumps would have written it).
+_RECORDS_FROM_JSON = (
+    "INSERT INTO records SELECT value->>0, value->>1, value->>2, value->>3, value->>4, "
+    "value->>5, CAST(value->>6 AS BLOB), value->>7, value->>8 FROM json_each(?)"
+)
+_ROLLUPS_FROM_JSON = (
+    "INSERT OR REPLACE INTO rollups SELECT value->>0, value->>1, value->>2, value->>3, "
+    "value->>4, value->>5, value->>6, value->>7, value->>8, value->>9, value->>10 "
+    "FROM json_each(?)"
+)
+_STATE_FROM_JSON = (
+    "INSERT OR REPLACE INTO receiver_state SELECT value->>0, CAST(value->>1 AS BLOB) "
+    "FROM json_each(?)"
+)
+
+
+def _put_state(conn: sqlite3.Connection, rows: list[tuple[str, bytes]]) -> None:
+    """Receiver state rows; ASCII values (every receiver's so far) in one statement."""
+    if all(v.isascii() for _, v in rows):
+        conn.execute(_STATE_FROM_JSON, (orjson.dumps([(k, v.decode()) for k, v in rows]),))
+    else:
+        conn.executemany("INSERT OR REPLACE INTO receiver_state VALUES (?, ?)", rows)
+
 
 class StoreLockedError(RuntimeError):
     """Another process has this SQLite database open for writing."""
@@ -255,7 +280,7 @@ class SQLiteStore:
                     r.dimension_id,
                     str(v),
                     r.record_id,
-                    orjson.dumps(r.metadata) if r.metadata else None,
+                    r.metadata or None,
                     r.source,
                     now_ns,
                 )
@@ -293,30 +318,36 @@ class SQLiteStore:
         with self._write_txn(conn):
             merged = self._merge_rollups(conn, acc)
             if rows:
-                conn.executemany("INSERT INTO records VALUES (?,?,?,?,?,?,?,?,?)", rows)
+                # One statement for all rows: executemany would release and retake the GIL
+                # per row, and with receiver threads busy every retake waits its turn.
+                conn.execute(_RECORDS_FROM_JSON, (orjson.dumps(rows, default=str),))
             if fresh:
                 conn.execute(
                     "INSERT INTO dedup_log (seen_s, keys) VALUES (?, ?)", (now_s, b"".join(fresh))
                 )
             if merged:
-                conn.executemany(
-                    "INSERT OR REPLACE INTO rollups VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                    [
-                        (
-                            c,
-                            d,
-                            row.bucket_ns,
-                            row.count,
-                            str(row.sum),
-                            str(row.min),
-                            str(row.max),
-                            row.last_ts,
-                            row.last_seq,
-                            str(row.last_value),
-                            str(row.wsum),
-                        )
-                        for (c, d, _), row in merged.items()
-                    ],
+                conn.execute(
+                    _ROLLUPS_FROM_JSON,
+                    (
+                        orjson.dumps(
+                            [
+                                (
+                                    c,
+                                    d,
+                                    row.bucket_ns,
+                                    row.count,
+                                    str(row.sum),
+                                    str(row.min),
+                                    str(row.max),
+                                    row.last_ts,
+                                    row.last_seq,
+                                    str(row.last_value),
+                                    str(row.wsum),
+                                )
+                                for (c, d, _), row in merged.items()
+                            ]
+                        ),
+                    ),
                 )
             if distinct:
                 conn.executemany("INSERT OR IGNORE INTO rollup_distinct VALUES (?,?,?,?)", distinct)
@@ -324,10 +355,7 @@ class SQLiteStore:
                 conn.executemany("INSERT INTO rejected VALUES (?,?,?,?,?,?,?)", rejected_rows)
             for b in batches:
                 if b.state:
-                    conn.executemany(
-                        "INSERT OR REPLACE INTO receiver_state VALUES (?, ?)",
-                        [(k, v) for k, v in b.state.items() if v is not None],
-                    )
+                    _put_state(conn, [(k, v) for k, v in b.state.items() if v is not None])
                     conn.executemany(
                         "DELETE FROM receiver_state WHERE key = ?",
                         [(k,) for k, v in b.state.items() if v is None],

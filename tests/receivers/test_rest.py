@@ -292,3 +292,57 @@ def test_a_one_line_ndjson_batch_with_a_bad_record_is_still_2xx(client: httpx.Cl
     r = client.post("/v1/usage", content=body, headers={"Content-Type": "application/x-ndjson"})
     assert r.status_code == 200
     assert r.json()["rejected"] == 1
+
+
+def test_hostile_metadata_is_rejected_alone_and_exact_numbers_survive(
+    client: httpx.Client, customer: str
+) -> None:
+    """Metadata a JSON encoder cannot write back (lone surrogate escapes, integers past 64
+    bits) is refused per record with a clear error, and never fails the commit of the other
+    records in the group; long-precision numbers in metadata are kept exactly."""
+    good = record(customer, "1", metadata={"price": "x"})
+    precise = record(customer, "2")
+    lone = record(customer, "4")
+    huge = record(customer, "8")
+    body = (
+        orjson.dumps([good, precise, lone, huge])
+        .replace(b'"price":"x"', b'"price":0.100000000000000000000000000001')
+        .replace(
+            f'"id":"{lone["id"]}"'.encode(),
+            f'"id":"{lone["id"]}","metadata":{{"n":"\\ud800"}}'.encode(),
+        )
+        .replace(
+            f'"id":"{huge["id"]}"'.encode(),
+            f'"id":"{huge["id"]}","metadata":{{"n":123456789012345678901234567890}}'.encode(),
+        )
+    )
+    r = client.post("/v1/usage", content=body, headers={"Content-Type": "application/json"})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert (out["accepted"], out["rejected"]) == (3, 1), out
+    (error,) = out["errors"]
+    assert error["index"] == 2
+    assert error["field"] == "metadata"
+    assert "surrogate" in error["error"]
+    assert total(client, customer) == Decimal(11)
+    raw = client.get("/v1/usage", params={"customerId": customer, "window": "raw"}).json()
+    metas = {d["id"]: d.get("metadata") for d in raw["data"]}
+    assert metas[good["id"]] == {"price": "0.100000000000000000000000000001"}
+    assert metas[huge["id"]] == {"n": "123456789012345678901234567890"}
+
+
+@pytest.mark.parametrize("field", ["customerId", "dimensionId", "id", "timestamp"])
+def test_lone_surrogates_in_any_field_get_a_clear_error(
+    client: httpx.Client, customer: str, field: str
+) -> None:
+    bad = record(customer, "1")
+    bad[field] = "x-SURROGATE"
+    body = orjson.dumps([record(customer, "2"), bad]).replace(b"x-SURROGATE", b"x\\udc00")
+    r = client.post("/v1/usage", content=body, headers={"Content-Type": "application/json"})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert (out["accepted"], out["rejected"]) == (1, 1), out
+    assert out["errors"][0]["field"] == field
+    assert total(client, customer) == Decimal(2)
+    kept = client.get("/v1/rejected").json()["data"]
+    assert any("udc00" in (k.get("record") or "") for k in kept)
