@@ -28,7 +28,7 @@ from pydantic import (
 )
 
 from meter_gateway import measurements
-from meter_gateway.decimals import DecimalError, parse_value
+from meter_gateway.decimals import DecimalError, fmt, parse_value
 from meter_gateway.promql import parse_selector
 
 _DURATION_PART = re.compile(r"(\d+)(ms|s|m|h|d|w)")
@@ -303,23 +303,59 @@ class Rule(_Model):
 
 
 class MeterThreshold(_Model):
+    """Reached when the meter's value is >= ``value``, or >= ``percent`` % of its capacity."""
+
     value: Dec | None = None
     percent: Dec | None = None
+    name: str | None = None  # a label carried in the threshold_reached event
 
     @model_validator(mode="after")
     def _one(self) -> MeterThreshold:
         if (self.value is None) == (self.percent is None):
             raise ValueError("set exactly one of 'value' or 'percent'")
+        for field in ("value", "percent"):
+            v = getattr(self, field)
+            if v is not None and v <= 0:
+                raise ValueError(f"{field} must be > 0 (got {v})")
         return self
+
+    @property
+    def key(self) -> str:
+        """Stable identity within a meter (what "fired once per period" is remembered by)."""
+        if self.value is not None:
+            return f"value:{fmt(self.value)}"
+        assert self.percent is not None
+        return f"percent:{fmt(self.percent)}"
 
 
 class Meter(_Model):
+    """A per-customer accumulator of one dimension (see meter_gateway.meters).
+
+    ``reset``: ``daily`` and ``monthly`` are calendar days and months in the billing time zone;
+    ``billing_period`` follows the customer's billing period (today: the calendar month);
+    ``never`` accumulates forever. ``measure``: ``usage`` is the dimension's aggregate over the
+    period so far, ``billable_quantity`` that after increments and rounding (what is billed).
+    """
+
     id: Slug
     customer: Slug
     dimension: Slug
     reset: Literal["daily", "monthly", "billing_period", "never"] = "monthly"
+    measure: Literal["usage", "billable_quantity"] = "usage"
     capacity: Dec | None = None
     thresholds: tuple[MeterThreshold, ...] = ()
+
+    @model_validator(mode="after")
+    def _coherent(self) -> Meter:
+        if self.capacity is not None and self.capacity <= 0:
+            raise ValueError(f"capacity must be > 0 (got {self.capacity})")
+        if self.capacity is None and any(t.percent is not None for t in self.thresholds):
+            raise ValueError("percent thresholds need a capacity")
+        keys = [t.key for t in self.thresholds]
+        dup = sorted({k for k in keys if keys.count(k) > 1})
+        if dup:
+            raise ValueError(f"duplicate thresholds {dup}")
+        return self
 
 
 # --- receivers, exporters --------------------------------------------------------------------
@@ -356,8 +392,65 @@ class ReceiversConfig(_Model):
     prometheus: PrometheusReceiverConfig | None = None
 
 
+EventType = Literal["threshold_reached", "meter_reset", "invoice_finalized"]
+
+
+class WebhookExporterConfig(_Model):
+    """JSON POSTs signed with HMAC-SHA256 (see exporters.webhook); retried with exponential
+    backoff from ``backoff_initial`` to ``backoff_max``; after ``max_attempts`` failed attempts
+    an event is given up (kept as dead in the outbox); without it, retried forever."""
+
+    name: Slug
+    url: str = Field(pattern=r"^https?://")
+    secret: str | None = Field(default=None, min_length=16)
+    secret_env: str | None = None
+    events: tuple[EventType, ...] = ()  # empty: every event
+    timeout: Duration = timedelta(seconds=10)
+    max_attempts: int | None = Field(default=None, ge=1)
+    backoff_initial: Duration = timedelta(seconds=1)
+    backoff_max: Duration = timedelta(minutes=5)
+    headers: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _one_secret(self) -> WebhookExporterConfig:
+        if (self.secret is None) == (self.secret_env is None):
+            raise ValueError("set exactly one of 'secret' or 'secret_env'")
+        if self.backoff_initial <= timedelta() or self.backoff_max < self.backoff_initial:
+            raise ValueError("need 0 < backoff_initial <= backoff_max")
+        return self
+
+    def resolve_secret(self, environ: Mapping[str, str]) -> str:
+        if self.secret is not None:
+            return self.secret
+        assert self.secret_env is not None
+        value = environ.get(self.secret_env)
+        if not value:
+            raise ValueError(f"environment variable {self.secret_env} (secret_env) is not set")
+        return value
+
+
+class FileExporterConfig(_Model):
+    """Appends one JSON event per line (NDJSON) to ``path``, fsynced before it counts."""
+
+    name: Slug
+    path: str = Field(min_length=1)
+    events: tuple[EventType, ...] = ()  # empty: every event
+
+
 class ExportersConfig(_Model):
-    pass
+    """Where meter events and finalized invoices are forwarded; names are unique across kinds
+    (they key the durable outbox)."""
+
+    webhooks: tuple[WebhookExporterConfig, ...] = ()
+    files: tuple[FileExporterConfig, ...] = ()
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> ExportersConfig:
+        names = [e.name for e in self.webhooks] + [e.name for e in self.files]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"exporter names must be unique, repeated: {dup}")
+        return self
 
 
 # --- the whole file --------------------------------------------------------------------------
@@ -502,6 +595,11 @@ def parse_config(text: str, environ: Mapping[str, str] | None = None) -> Config:
             k.resolve(env)
         except ValueError as exc:
             key_errors.append(f"auth.api_keys.{i}: {exc}")
+    for i, w in enumerate(config.exporters.webhooks):
+        try:
+            w.resolve_secret(env)
+        except ValueError as exc:
+            key_errors.append(f"exporters.webhooks.{i}: {exc}")
     if key_errors:
         raise ConfigError(key_errors)
     return config

@@ -9,11 +9,17 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterable, Mapping
+from typing import cast
 from zoneinfo import ZoneInfo
 
+from exporters.files import FileSink
+from exporters.outbox import DeliveryJob, Router
+from exporters.webhook import WebhookSink
+from meter_gateway import meters
 from meter_gateway.api.auth import KeyRing
+from meter_gateway.billing.invoices import Invoices
 from meter_gateway.catalog import CatalogService
-from meter_gateway.clock import Clock, SystemClock
+from meter_gateway.clock import TEST_CLOCK_OFFSET_FILE_ENV, Clock, OffsetFileClock, SystemClock
 from meter_gateway.config import Config
 from meter_gateway.decimals import EXACT, ZERO, fmt
 from meter_gateway.pipeline.cumulative import StreamTable, Totals
@@ -23,7 +29,14 @@ from meter_gateway.pipeline.validate import Validator
 from meter_gateway.pricing import round_money
 from meter_gateway.scheduler import Scheduler
 from meter_gateway.store import Store, open_store
-from meter_gateway.telemetry import PeriodUsage, PeriodUsageCollector, Telemetry
+from meter_gateway.telemetry import (
+    BillingCollector,
+    BillingGauges,
+    MeterGauge,
+    PeriodUsage,
+    PeriodUsageCollector,
+    Telemetry,
+)
 from meter_gateway.usage import current_period, period_usage, summary
 from receivers import prometheus_query
 from receivers.otlp import OtlpMetrics
@@ -40,7 +53,8 @@ class Gateway:
         store: Store | None = None,
     ) -> None:
         self.config = config
-        self.clock = clock or SystemClock()
+        env = os.environ if environ is None else environ
+        self.clock = clock or _clock_from(env)
         self.tz = ZoneInfo(config.billing.timezone)
         self.telemetry = Telemetry()
         self.keys = KeyRing(config.auth.api_keys, os.environ if environ is None else environ)
@@ -54,7 +68,15 @@ class Gateway:
         self.mapper = Mapper(config.rules)
         self.validator = Validator(lambda: self.catalog.current, self.clock, ingest, self.mapper)
         self.ingestor = Ingestor(
-            self.store,
+            # wakes the meter job after commits that touch a metered (customer, dimension)
+            cast(
+                Store,
+                meters.CommitWaker(
+                    self.store,
+                    lambda: self.catalog.current,
+                    lambda: self.scheduler.wake(meters.JOB_NAME),
+                ),
+            ),
             self.clock,
             self.telemetry,
             ingest.max_queue_records,
@@ -83,6 +105,7 @@ class Gateway:
             on_error=lambda job: self.telemetry.job_errors.labels(job).inc(),
             on_run=lambda job: self.telemetry.job_runs.labels(job).inc(),
         )
+        self._build_billing(config, env)
         if config.receivers.prometheus is not None:
             for job in prometheus_query.build_jobs(
                 config.receivers.prometheus,
@@ -99,6 +122,91 @@ class Gateway:
     def _aggregation(self, dimension: str) -> str | None:
         dim = self.catalog.current.dimensions.get(dimension)
         return None if dim is None else dim.aggregation
+
+    def _build_billing(self, config: Config, environ: Mapping[str, str]) -> None:
+        """Exporters (one outbox delivery job each), the meter job, invoices, their metrics."""
+        exp = config.exporters
+        subs: dict[str, frozenset[str] | None] = {
+            e.name: frozenset(e.events) or None for e in exp.webhooks
+        }
+        subs.update({e.name: frozenset(e.events) or None for e in exp.files})
+        self.router = Router(subs)
+        self.delivery_jobs: list[DeliveryJob] = []
+        for w in exp.webhooks:
+            sink = WebhookSink(
+                w.name, w.url, w.resolve_secret(environ), self.clock, w.timeout.total_seconds(),
+                w.headers,
+            )  # fmt: skip
+            self.delivery_jobs.append(
+                DeliveryJob(
+                    self.store,
+                    sink,
+                    self.clock,
+                    w.backoff_initial.total_seconds(),
+                    w.backoff_max.total_seconds(),
+                    w.max_attempts,
+                    self.telemetry.exporter_delivery,
+                )
+            )
+        for f in exp.files:
+            self.delivery_jobs.append(
+                DeliveryJob(
+                    self.store,
+                    FileSink(f.name, f.path),
+                    self.clock,
+                    on_delivery=self.telemetry.exporter_delivery,
+                )
+            )
+        for job in self.delivery_jobs:
+            self.scheduler.add(job)
+        self.meter_job = meters.MeterJob(
+            self.store,
+            lambda: self.catalog.current,
+            self.tz,
+            self.router,
+            lambda: self.scheduler.holder,
+            self._wake_exporters,
+        )
+        self.scheduler.add(self.meter_job)
+        self.invoices = Invoices(
+            self.store,
+            lambda: self.catalog.current,
+            self.clock,
+            self.tz,
+            self.router,
+            on_events=self._wake_exporters,
+        )
+        self.telemetry.add_collector(BillingCollector(self._billing_gauges))
+
+    def _wake_exporters(self) -> None:
+        for job in self.delivery_jobs:
+            self.scheduler.wake(job.name)
+
+    def _billing_gauges(self) -> BillingGauges:
+        now = self.clock.now_ns()
+        gauges = []
+        for r in meters.readings(self.store, self.catalog.current, self.tz, now):
+            ratio = r.ratio
+            gauges.append(
+                MeterGauge(
+                    r.meter.id,
+                    r.meter.customer,
+                    r.meter.dimension,
+                    float(r.value),
+                    None if r.meter.capacity is None else float(r.meter.capacity),
+                    None if ratio is None else float(ratio),
+                    len(r.fired),
+                )
+            )
+        wallets = [(w.customer, w.currency, float(w.balance)) for w in self.store.wallets()]
+        stats = {s.exporter: s for s in self.store.outbox_stats()}
+        outbox = []
+        for name in self.router.exporters:
+            s = stats.get(name)
+            oldest = None if s is None else s.oldest_pending_ns
+            age = 0.0 if oldest is None else max(0.0, (now - oldest) / 1e9)
+            outbox.append((name, 0 if s is None else s.pending, age))
+        return BillingGauges(gauges, wallets, outbox)
 
     def start(self) -> None:
         """Start background work (the server calls this once it is listening)."""
@@ -117,19 +225,33 @@ class Gateway:
             for line in s.lines:
                 dim = line.dimension
                 usage = period_usage(self.store, catalog, c, dim, start, now)
-                cost = EXACT.multiply(line.quantity, dim.unit_cost or ZERO)
+                cost = round_money(EXACT.multiply(line.quantity, dim.unit_cost or ZERO), currency)
+                revenue = line.amount if line.amount is not None else round_money(ZERO, currency)
                 yield PeriodUsage(
                     c,
                     dim.id,
                     currency,
                     fmt(usage if usage is not None else ZERO),
                     fmt(line.quantity),
-                    fmt(line.amount if line.amount is not None else ZERO),
-                    fmt(round_money(cost, currency)),
+                    fmt(revenue),
+                    fmt(cost),
+                    fmt(EXACT.subtract(revenue, cost)),
                 )
 
     def close(self) -> None:
         self.ready = False
         self.scheduler.close()
+        for job in self.delivery_jobs:
+            job.close()
         self.ingestor.close()
         self.store.close()
+
+
+def _clock_from(environ: Mapping[str, str]) -> Clock:
+    path = environ.get(TEST_CLOCK_OFFSET_FILE_ENV)
+    if path:
+        log.warning(
+            "%s is set: the clock is offset by %s (tests only)", TEST_CLOCK_OFFSET_FILE_ENV, path
+        )
+        return OffsetFileClock(path)
+    return SystemClock()

@@ -98,6 +98,12 @@ class Telemetry:
             ["job"],
             registry=r,
         )
+        self.exporter_deliveries = Counter(
+            "meter_gateway_exporter_deliveries_total",
+            "Attempts to deliver an outbox event to an exporter, by outcome (ok, error).",
+            ["exporter", "outcome"],
+            registry=r,
+        )
         self.otlp_skipped = Counter(
             "meter_gateway_otlp_points_skipped_total",
             "OTLP data points that added no record: no_value (NaN or no recorded value), "
@@ -150,6 +156,9 @@ class Telemetry:
     def prometheus_error(self, dimension: str, error: str) -> None:
         self.prometheus_query_errors.labels(dimension, error).inc()
 
+    def exporter_delivery(self, exporter: str, ok: bool) -> None:
+        self.exporter_deliveries.labels(exporter, "ok" if ok else "error").inc()
+
     def add_collector(self, collector: Collector) -> None:
         self.registry.register(collector)
 
@@ -165,6 +174,7 @@ class PeriodUsage:
     quantity: str
     revenue: str  # the priced line amount; "0" when the offering does not charge the dimension
     cost: str  # billable quantity × the dimension's unit_cost
+    margin: str = "0"  # revenue − cost
 
 
 _PERIOD_FAMILIES = (
@@ -190,6 +200,12 @@ _PERIOD_FAMILIES = (
         "meter_gateway_period_cost",
         "What the usage of the current billing period so far cost (quantity × unit_cost).",
         "cost",
+        True,
+    ),
+    (
+        "meter_gateway_period_margin",
+        "Revenue minus cost of the current billing period so far.",
+        "margin",
         True,
     ),
 )
@@ -245,3 +261,98 @@ class PeriodUsageCollector(Collector):
                     labels.append(row.currency)
                 family.add_metric(labels, float(getattr(row, attr)))
         return [f for f, _, _ in families]
+
+
+@dataclass(frozen=True, slots=True)
+class MeterGauge:
+    meter: str
+    customer: str
+    dimension: str
+    value: float
+    capacity: float | None
+    ratio: float | None
+    thresholds_reached: int
+
+
+@dataclass(frozen=True, slots=True)
+class BillingGauges:
+    """What the billing collector reports at one scrape (computed from the shared store)."""
+
+    meters: list[MeterGauge]
+    wallets: list[tuple[str, str, float]]  # customer, currency, balance
+    outbox: list[tuple[str, int, float]]  # exporter, pending events, oldest pending age (s)
+
+
+class BillingCollector(Collector):
+    """Meters, wallet balances and exporter outboxes, read from the store at scrape time (at
+    most every ``ttl_s``). Like the period gauges, every replica reports the same values:
+    aggregate with ``max by``, never ``sum``."""
+
+    def __init__(self, compute: Callable[[], BillingGauges], ttl_s: float = 2.0) -> None:
+        self._compute = compute
+        self._ttl = ttl_s
+        self._lock = threading.Lock()
+        self._cached = BillingGauges([], [], [])
+        self._at = float("-inf")
+
+    @staticmethod
+    def _families() -> dict[str, GaugeMetricFamily]:
+        mcd = ["meter", "customer", "dimension"]
+        return {
+            "value": GaugeMetricFamily(
+                "meter_gateway_meter_value", "A meter's value in its current period.", labels=mcd
+            ),
+            "capacity": GaugeMetricFamily(
+                "meter_gateway_meter_capacity", "A meter's configured capacity.", labels=mcd
+            ),
+            "ratio": GaugeMetricFamily(
+                "meter_gateway_meter_usage_ratio",
+                "A meter's value divided by its capacity (1 = at capacity).",
+                labels=mcd,
+            ),
+            "reached": GaugeMetricFamily(
+                "meter_gateway_meter_thresholds_reached",
+                "Thresholds a meter has reached in its current period.",
+                labels=mcd,
+            ),
+            "wallet": GaugeMetricFamily(
+                "meter_gateway_wallet_balance",
+                "Prepaid credit balance of a customer's wallet.",
+                labels=["customer", "currency"],
+            ),
+            "pending": GaugeMetricFamily(
+                "meter_gateway_exporter_outbox_events",
+                "Events waiting in an exporter's outbox (not yet delivered, not given up).",
+                labels=["exporter"],
+            ),
+            "age": GaugeMetricFamily(
+                "meter_gateway_exporter_outbox_oldest_age_seconds",
+                "Age of the oldest event waiting in an exporter's outbox (0 when empty).",
+                labels=["exporter"],
+            ),
+        }
+
+    def describe(self) -> Iterable[GaugeMetricFamily]:
+        return list(self._families().values())
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        with self._lock:
+            if time.monotonic() - self._at > self._ttl:
+                self._cached = self._compute()
+                self._at = time.monotonic()
+            g = self._cached
+        f = self._families()
+        for m in g.meters:
+            labels = [m.meter, m.customer, m.dimension]
+            f["value"].add_metric(labels, m.value)
+            f["reached"].add_metric(labels, m.thresholds_reached)
+            if m.capacity is not None:
+                f["capacity"].add_metric(labels, m.capacity)
+            if m.ratio is not None:
+                f["ratio"].add_metric(labels, m.ratio)
+        for customer, currency, balance in g.wallets:
+            f["wallet"].add_metric([customer, currency], balance)
+        for exporter, pending, age in g.outbox:
+            f["pending"].add_metric([exporter], pending)
+            f["age"].add_metric([exporter], age)
+        return list(f.values())

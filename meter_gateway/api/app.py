@@ -18,6 +18,7 @@ from starlette.routing import Route
 
 from meter_gateway.aggregation.windows import Window
 from meter_gateway.api.auth import AuthError
+from meter_gateway.api.billing import billing_routes
 from meter_gateway.api.openapi import openapi_document
 from meter_gateway.catalog import MODELS, CatalogError
 from meter_gateway.decimals import fmt
@@ -259,6 +260,7 @@ def create_app(gw: Gateway) -> Starlette:
     ]
     for kind in MODELS:
         routes.extend(catalog_routes(kind))
+    routes.extend(billing_routes(gw, guarded))
     return Starlette(routes=routes)
 
 

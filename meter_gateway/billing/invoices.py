@@ -1,0 +1,500 @@
+"""Invoices: a customer's charges for a period ``[from, to)``, drafted, then finalized for good.
+
+A draft is recomputed from the usage whenever it is read (a period that ends in the future is
+billed to date: ``asOf``). Finalizing computes it once more and, in ONE store transaction, stores
+the exact JSON, CSV and HTML bytes (served verbatim from then on: later usage never changes
+them), draws the wallet down by ``min(balance, total)`` and queues the ``invoice_finalized``
+event. Every line carries how to reproduce its quantity (the ``GET /v1/usage`` query and the
+rule that turns its windows into the quantity) and its tier breakdown. Amounts are rounded once
+per line (``pricing.round_money``); subtotal and total are the exact sums of the rounded lines.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from decimal import Decimal
+from html import escape
+from typing import Any
+from urllib.parse import urlencode
+from zoneinfo import ZoneInfo
+
+import orjson
+
+from meter_gateway import pricing
+from meter_gateway.aggregation.engine import aggregate, billable_quantity
+from meter_gateway.billing.events import EventRoute
+from meter_gateway.billing.wallet import balance
+from meter_gateway.catalog import Catalog
+from meter_gateway.clock import Clock
+from meter_gateway.config import Charge, Dimension
+from meter_gateway.decimals import EXACT, ZERO, fmt
+from meter_gateway.pipeline.timestamps import format_timestamp, parse_timestamp
+from meter_gateway.store.base import ConflictError, InvoiceRow, LedgerEntry, Store
+from meter_gateway.usage import to_pricing_charge
+
+FORMATS = {
+    "json": "application/json",
+    "csv": "text/csv; charset=utf-8",
+    "html": "text/html; charset=utf-8",
+}
+RETRIES = 20
+
+
+class InvoiceError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def new_invoice_id() -> str:
+    return f"inv_{uuid.uuid4().hex[:20]}"
+
+
+# --- computing -----------------------------------------------------------------------------
+
+
+def _money(amount: Decimal) -> str:
+    return str(amount)
+
+
+def _usage_query(
+    customer: str, dim: Dimension, from_ns: int, to_ns: int, tz: ZoneInfo
+) -> tuple[str, str]:
+    """The ``GET /v1/usage`` query behind a line's quantity, and the rule that makes it."""
+    interval = dim.aggregation_interval
+    window = "raw" if interval == "none" else interval
+    params = {
+        "customerId": customer,
+        "dimensionId": dim.id,
+        "from": format_timestamp(from_ns),
+        "to": format_timestamp(to_ns),
+        "window": window,
+    }
+    if window != "raw":
+        params["tz"] = str(tz.key)
+    step = "" if dim.usage_increment == 1 else f" ÷ {fmt(dim.usage_increment)}"
+    rounded = "x" if dim.rounding == "none" else f"{dim.rounding}(x)"
+    if interval == "none":
+        rule = f"quantity = {rounded.replace('x', f'{dim.aggregation} of the records{step}')}"
+    else:
+        rule = (
+            f"quantity = Σ over the {interval} windows of "
+            f"{rounded.replace('x', f'window value{step}')}"
+        )
+    return "/v1/usage?" + urlencode(params), rule
+
+
+def _line(
+    store: Store,
+    customer: str,
+    charge: Charge,
+    dim: Dimension,
+    currency: str,
+    from_ns: int,
+    to_ns: int,
+    tz: ZoneInfo,
+) -> dict[str, Any]:
+    quantity = billable_quantity(store, customer, dim, from_ns, to_ns, tz)
+    pc = to_pricing_charge(charge, dim)
+    priced = pricing.price(pc, quantity)
+    amount = pricing.round_money(priced.amount, currency)
+    query, rule = _usage_query(customer, dim, from_ns, to_ns, tz)
+    usage = aggregate(store, customer, dim, [(from_ns, to_ns)])[0] if to_ns > from_ns else None
+    line: dict[str, Any] = {
+        "dimensionId": dim.id,
+        "name": dim.name,
+        "quantity": fmt(quantity),
+        "unit": dim.unit,
+        "model": pc.model,
+    }
+    if pc.model == "per_unit":
+        line["unitPrice"] = fmt(pc.unit_price or ZERO)
+    elif pc.model == "package":
+        assert pc.package_size is not None
+        assert pc.package_price is not None
+        billable = max(EXACT.subtract(quantity, pc.free_units), ZERO)
+        packages, rest = divmod(billable, pc.package_size)
+        line["package"] = {
+            "size": fmt(pc.package_size),
+            "price": fmt(pc.package_price),
+            "freeUnits": fmt(pc.free_units),
+            "packages": fmt(packages + (1 if rest else 0)),
+        }
+    else:
+        line["tiers"] = [
+            {
+                "tier": t.index + 1,
+                "upTo": None if t.up_to is None else fmt(t.up_to),
+                "units": fmt(t.units),
+                "unitPrice": fmt(t.unit_price),
+                "flatFee": fmt(t.flat_fee),
+                "amount": fmt(t.amount),
+            }
+            for t in priced.breakdown
+        ]
+    line["exactAmount"] = fmt(priced.amount)
+    line["amount"] = _money(amount)
+    line["usage"] = {
+        "aggregation": dim.aggregation,
+        "aggregationInterval": dim.aggregation_interval,
+        "usageIncrement": fmt(dim.usage_increment),
+        "rounding": dim.rounding,
+        "periodValue": None if usage is None else fmt(usage),
+        "query": query,
+        "rule": rule,
+    }
+    return line
+
+
+def compute(
+    store: Store,
+    catalog: Catalog,
+    tz: ZoneInfo,
+    invoice_id: str,
+    customer_id: str,
+    from_ns: int,
+    to_ns: int,
+    created_ns: int,
+    as_of_ns: int,
+) -> dict[str, Any]:
+    """The invoice document of a draft as of ``as_of_ns`` (usage up to then)."""
+    customer = catalog.customers.get(customer_id)
+    if customer is None:
+        raise InvoiceError(409, f"customer {customer_id!r} is no longer in the catalog")
+    offering = catalog.offerings.get(customer.offering) if customer.offering else None
+    if offering is None:
+        raise InvoiceError(409, f"customer {customer_id!r} has no offering: nothing to invoice")
+    currency = offering.currency
+    end = max(min(to_ns, as_of_ns), from_ns)
+    lines = []
+    subtotal = pricing.round_money(ZERO, currency)
+    for charge in offering.charges:
+        dim = catalog.dimensions.get(charge.dimension)
+        if dim is None:
+            raise InvoiceError(409, f"dimension {charge.dimension!r} is not in the catalog")
+        line = _line(store, customer_id, charge, dim, currency, from_ns, end, tz)
+        lines.append(line)
+        subtotal = EXACT.add(subtotal, Decimal(line["amount"]))
+    wallet, _ = balance(store, customer_id, currency)
+    wallet = pricing.round_money(wallet, currency)  # top-ups are whole minor units: exact
+    credits = min(max(wallet, ZERO), subtotal)
+    return {
+        "id": invoice_id,
+        "customerId": customer_id,
+        "customerName": customer.name,
+        "offeringId": offering.id,
+        "offeringName": offering.name,
+        "currency": currency,
+        "from": format_timestamp(from_ns),
+        "to": format_timestamp(to_ns),
+        "asOf": format_timestamp(end),
+        "timezone": str(tz.key),
+        "status": "draft",
+        "createdAt": format_timestamp(created_ns),
+        "finalizedAt": None,
+        "lines": lines,
+        "subtotal": _money(subtotal),
+        "total": _money(subtotal),
+        # For a draft, what the wallet would cover now; fixed at finalization.
+        "creditsApplied": _money(credits),
+        "amountDue": _money(EXACT.subtract(subtotal, credits)),
+        "walletBalance": _money(EXACT.subtract(wallet, credits)),
+    }
+
+
+# --- rendering (pure functions of the document) ---------------------------------------------
+
+
+def render_json(doc: Mapping[str, Any]) -> bytes:
+    return orjson.dumps(doc, option=orjson.OPT_INDENT_2) + b"\n"
+
+
+CSV_COLUMNS = (
+    "invoice_id",
+    "status",
+    "customer_id",
+    "customer_name",
+    "currency",
+    "from",
+    "to",
+    "dimension_id",
+    "name",
+    "unit",
+    "quantity",
+    "model",
+    "unit_price",
+    "amount",
+    "usage_query",
+)
+
+
+def _cell(text: str) -> str:
+    # Spreadsheets run cells that start with these as formulas (CSV injection).
+    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
+
+
+def render_csv(doc: Mapping[str, Any]) -> bytes:
+    """One row per line (after a header row), RFC 4180 (CRLF, quoted where needed)."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\r\n")
+    w.writerow(CSV_COLUMNS)
+    for ln in doc["lines"]:
+        w.writerow(
+            [
+                doc["id"],
+                doc["status"],
+                _cell(doc["customerId"]),
+                _cell(doc["customerName"]),
+                doc["currency"],
+                doc["from"],
+                doc["to"],
+                _cell(ln["dimensionId"]),
+                _cell(ln["name"]),
+                _cell(ln["unit"]),
+                ln["quantity"],
+                ln["model"],
+                ln.get("unitPrice", ""),
+                ln["amount"],
+                ln["usage"]["query"],
+            ]
+        )
+    return buf.getvalue().encode()
+
+
+_STYLE = """
+body{font-family:system-ui,sans-serif;color:#111;margin:2rem auto;max-width:60rem}
+table{border-collapse:collapse;width:100%;margin:1rem 0}
+th,td{text-align:left;padding:.35rem .5rem;border-bottom:1px solid #ddd;vertical-align:top}
+td.n,th.n{text-align:right;font-variant-numeric:tabular-nums}
+tr.tier td{color:#555;font-size:.9em;border-bottom:none}
+tfoot td{font-weight:600}
+.draft{color:#b00;font-weight:700}
+code{font-size:.8em;word-break:break-all}
+@media print{body{margin:0}a{color:inherit;text-decoration:none}}
+"""
+
+
+def render_html(doc: Mapping[str, Any]) -> bytes:
+    """A printable page: the customer by name, every line with its pricing, the totals."""
+
+    def e(v: object) -> str:
+        return escape("" if v is None else str(v), quote=True)
+
+    cur = e(doc["currency"])
+    out = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>Invoice {e(doc['id'])} — {e(doc['customerName'])}</title>",
+        f"<style>{_STYLE}</style></head><body><main>",
+        f"<h1>Invoice {e(doc['id'])}</h1>",
+    ]
+    if doc["status"] != "finalized":
+        out.append('<p class="draft">DRAFT — amounts change until the invoice is finalized</p>')
+    out += [
+        '<table class="meta"><tbody>',
+        f"<tr><th>Customer</th><td>{e(doc['customerName'])} ({e(doc['customerId'])})</td></tr>",
+        f"<tr><th>Offering</th><td>{e(doc['offeringName'])} ({e(doc['offeringId'])})</td></tr>",
+        f"<tr><th>Period</th><td>{e(doc['from'])} – {e(doc['to'])}"
+        + (f" (usage to {e(doc['asOf'])})" if doc["asOf"] != doc["to"] else "")
+        + "</td></tr>",
+        f"<tr><th>Status</th><td>{e(doc['status'])}</td></tr>",
+        f"<tr><th>Issued</th><td>{e(doc['finalizedAt'] or doc['createdAt'])}</td></tr>",
+        "</tbody></table>",
+        '<table class="lines"><thead><tr><th>Item</th><th class="n">Quantity</th>'
+        f'<th>Unit</th><th>Pricing</th><th class="n">Amount ({cur})</th></tr></thead><tbody>',
+    ]
+    for ln in doc["lines"]:
+        if "unitPrice" in ln:
+            pricing_text = f"{e(ln['unitPrice'])} {cur} per {e(ln['unit'])}"
+        elif "package" in ln:
+            p = ln["package"]
+            pricing_text = (
+                f"{e(p['packages'])} × package of {e(p['size'])} at {e(p['price'])} {cur}"
+                + (f" ({e(p['freeUnits'])} free)" if p["freeUnits"] != "0" else "")
+            )
+        else:
+            pricing_text = e(ln["model"])
+        out.append(
+            f"<tr><td>{e(ln['name'])} <small>({e(ln['dimensionId'])})</small></td>"
+            f'<td class="n">{e(ln["quantity"])}</td><td>{e(ln["unit"])}</td>'
+            f'<td>{pricing_text}</td><td class="n">{e(ln["amount"])}</td></tr>'
+        )
+        for t in ln.get("tiers", []):
+            bound = f"up to {e(t['upTo'])}" if t["upTo"] is not None else "above"
+            fee = f" + {e(t['flatFee'])}" if t["flatFee"] != "0" else ""
+            out.append(
+                f'<tr class="tier"><td></td><td class="n">{e(t["units"])}</td><td></td>'
+                f"<td>tier {e(t['tier'])} ({bound}): {e(t['units'])} × {e(t['unitPrice'])}"
+                f'{fee}</td><td class="n">{e(t["amount"])}</td></tr>'
+            )
+        out.append(
+            f'<tr class="tier"><td colspan="5">{e(ln["usage"]["rule"])}: '
+            f"<code>{e(ln['usage']['query'])}</code></td></tr>"
+        )
+    out += [
+        "</tbody><tfoot>",
+        f'<tr><td colspan="4">Subtotal</td><td class="n">{e(doc["subtotal"])}</td></tr>',
+        f'<tr><td colspan="4">Total</td><td class="n">{e(doc["total"])}</td></tr>',
+        f'<tr><td colspan="4">Prepaid credits applied</td>'
+        f'<td class="n">−{e(doc["creditsApplied"])}</td></tr>',
+        f'<tr><td colspan="4">Amount due ({cur})</td><td class="n">{e(doc["amountDue"])}</td></tr>',
+        "</tfoot></table>",
+        f"<p>Prepaid credit balance after this invoice: {e(doc['walletBalance'])} {cur}</p>",
+        "</main></body></html>",
+        "",
+    ]
+    return "\n".join(out).encode()
+
+
+RENDERERS: Mapping[str, Callable[[Mapping[str, Any]], bytes]] = {
+    "json": render_json,
+    "csv": render_csv,
+    "html": render_html,
+}
+
+
+# --- the service ----------------------------------------------------------------------------
+
+
+@dataclass
+class Invoices:
+    store: Store
+    catalog: Callable[[], Catalog]
+    clock: Clock
+    tz: ZoneInfo
+    route: EventRoute
+    new_id: Callable[[], str] = new_invoice_id
+    on_events: Callable[[], None] | None = None
+
+    def create(self, customer_ref: str, from_ns: int, to_ns: int) -> InvoiceRow:
+        catalog = self.catalog()
+        customer = catalog.customer_id(customer_ref)
+        if customer is None:
+            raise InvoiceError(404, f"unknown customer {customer_ref!r}")
+        if to_ns <= from_ns:
+            raise InvoiceError(400, "'to' must be after 'from'")
+        now = self.clock.now_ns()
+        invoice_id = self.new_id()
+        doc = compute(self.store, catalog, self.tz, invoice_id, customer, from_ns, to_ns, now, now)
+        row = InvoiceRow(invoice_id, customer, "draft", now, None, doc, {})
+        self.store.invoice_create(row)
+        return row
+
+    def get(self, invoice_id: str) -> InvoiceRow:
+        """The invoice; a draft is recomputed now (and saved when its amounts moved)."""
+        row = self.store.invoice_get(invoice_id)
+        if row is None:
+            raise InvoiceError(404, f"invoice {invoice_id!r} not found")
+        if row.status != "draft":
+            return row
+        doc = self._recompute(row)
+        if _without_as_of(doc) != _without_as_of(row.document):
+            self.store.invoice_update_draft(invoice_id, doc)
+        return InvoiceRow(row.id, row.customer, row.status, row.created_ns, None, doc, {})
+
+    def render(self, invoice_id: str, format: str) -> bytes:
+        if format not in FORMATS:
+            raise InvoiceError(400, f"format must be json, csv or html, got {format!r}")
+        row = self.get(invoice_id)
+        if row.status == "finalized":
+            return row.renditions[format]
+        return RENDERERS[format](row.document)
+
+    def for_customer(
+        self, customer_ref: str, after: tuple[int, str] | None, limit: int
+    ) -> list[InvoiceRow]:
+        customer = self.catalog().customer_id(customer_ref)
+        if customer is None:
+            raise InvoiceError(404, f"unknown customer {customer_ref!r}")
+        return self.store.invoice_list(customer, after, limit)
+
+    def finalize(self, invoice_id: str) -> InvoiceRow:
+        """Freeze the invoice (idempotent: finalizing a finalized invoice returns it)."""
+        for _ in range(RETRIES):
+            row = self.store.invoice_get(invoice_id)
+            if row is None:
+                raise InvoiceError(404, f"invoice {invoice_id!r} not found")
+            if row.status == "finalized":
+                return row
+            now = self.clock.now_ns()
+            doc = self._recompute(row, as_of_ns=now)
+            currency, total = doc["currency"], Decimal(doc["total"])
+            wallet, seq = balance(self.store, row.customer, currency)
+            wallet = pricing.round_money(wallet, currency)  # whole minor units: exact
+            credits = min(max(wallet, ZERO), total)
+            ledger: Sequence[LedgerEntry] = ()
+            if credits > 0:
+                ledger = [
+                    LedgerEntry(
+                        row.customer,
+                        currency,
+                        seq + 1,
+                        f"invoice:{invoice_id}",
+                        "invoice",
+                        -credits,
+                        EXACT.subtract(wallet, credits),
+                        now,
+                        invoice_id,
+                    )
+                ]
+            doc.update(
+                status="finalized",
+                finalizedAt=format_timestamp(now),
+                creditsApplied=_money(credits),
+                amountDue=_money(EXACT.subtract(total, credits)),
+                walletBalance=_money(EXACT.subtract(wallet, credits)),
+            )
+            renditions = {f: render(doc) for f, render in RENDERERS.items()}
+            events = self.route("invoice_finalized", f"invoice/{invoice_id}/finalized", doc, now)
+            try:
+                done = self.store.invoice_finalize(invoice_id, doc, renditions, now, ledger, events)
+            except ConflictError:
+                continue  # the wallet moved (a top-up, another invoice): recompute the credits
+            if done and events and self.on_events is not None:
+                self.on_events()
+            if done:
+                return InvoiceRow(
+                    row.id, row.customer, "finalized", row.created_ns, now, doc, renditions
+                )
+        raise InvoiceError(409, f"invoice {invoice_id!r}: the wallet kept changing; try again")
+
+    def _recompute(self, row: InvoiceRow, as_of_ns: int | None = None) -> dict[str, Any]:
+        d = row.document
+        now = self.clock.now_ns() if as_of_ns is None else as_of_ns
+        return compute(
+            self.store,
+            self.catalog(),
+            self.tz,
+            row.id,
+            row.customer,
+            parse_timestamp(d["from"]),
+            parse_timestamp(d["to"]),
+            row.created_ns,
+            now,
+        )
+
+
+def _without_as_of(doc: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in doc.items() if k != "asOf"}
+
+
+def summary_json(row: InvoiceRow) -> dict[str, Any]:
+    """A list entry: what the invoice is and its totals (of its last computation for drafts)."""
+    d = row.document
+    return {
+        "id": row.id,
+        "customerId": row.customer,
+        "status": row.status,
+        "currency": d.get("currency"),
+        "from": d.get("from"),
+        "to": d.get("to"),
+        "createdAt": format_timestamp(row.created_ns),
+        "finalizedAt": None if row.finalized_ns is None else format_timestamp(row.finalized_ns),
+        "total": d.get("total"),
+        "amountDue": d.get("amountDue"),
+    }
