@@ -1,4 +1,4 @@
-"""The ``meter-gateway`` command: serve, check-config."""
+"""The ``meter-gateway`` command: serve, check-config, dashboards."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 from meter_gateway import __version__
 from meter_gateway.config import ConfigError, load_config
+from meter_gateway.dashboards import command as dashboards_command
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -20,7 +21,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_serve.add_argument("--log-level", default="info")
     p_check = sub.add_parser("check-config", help="validate a config file and print every error")
     p_check.add_argument("--config", required=True)
+    dashboards_command.add_subcommand(sub)
     args = parser.parse_args(argv)
+    if args.command == "dashboards":
+        return dashboards_command.run(args)
 
     try:
         config = load_config(args.config)
