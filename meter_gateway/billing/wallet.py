@@ -55,10 +55,12 @@ def top_up(
         raise WalletError(str(exc)) from None
     if not amount.is_finite() or amount <= 0:
         raise WalletError(f"amount must be a positive decimal, got {amount}")
-    if round_money(amount, currency) != amount:
+    money = round_money(amount, currency)  # same value, written with the minor unit's places
+    if money != amount:
         raise WalletError(
             f"amount {amount} has more decimal places than {currency} has ({minor_unit(currency)})"
         )
+    amount = money
     entry_id = f"top_up:{top_up_id or new_id()}"
     for _ in range(RETRIES):
         current, seq = balance(store, customer, currency)
