@@ -340,7 +340,9 @@ class PrometheusApi:
             kind = QueryError.HTTP_4XX if code and code.group(1) == "4" else QueryError.HTTP_5XX
             raise QueryFailed(kind, str(exc)) from exc
         except requests.exceptions.ConnectionError as exc:
-            raise QueryFailed(QueryError.UNAVAILABLE, str(exc)) from exc
+            # Read timeouts come back wrapped once the client's own retries are used up.
+            kind = QueryError.TIMEOUT if "timed out" in str(exc) else QueryError.UNAVAILABLE
+            raise QueryFailed(kind, str(exc)[:500]) from exc
         except PrometheusApiClientException as exc:
             m = re.search(r"HTTP Status Code (\d)", str(exc))
             kind = QueryError.HTTP_4XX if m and m.group(1) == "4" else QueryError.HTTP_5XX
@@ -430,7 +432,7 @@ class PrometheusQueryJob:
         windows = windows_due(wm, now_ns, self._interval, self._delay, self._max_windows)
         if windows:
             try:
-                wm = self._step(wm, windows)
+                wm = self._step(wm, windows, now_ns)
             except QueryFailed as exc:
                 self._metrics.prometheus_error(self.spec.dimension, exc.error.value)
                 raise
@@ -442,15 +444,18 @@ class PrometheusQueryJob:
         next_due = wm + self._interval + self._delay
         return max(0.05, (next_due - now_ns) / NS)
 
-    def _step(self, wm: int | None, windows: list[tuple[int, int]]) -> int:
+    def _step(self, wm: int | None, windows: list[tuple[int, int]], now_ns: int) -> int:
         first_run = wm is None
         start, end = windows[0][0], windows[-1][1]
+        read_end = end
         if first_run:
-            start = min(start, end - self._lookback)
+            # Baselines are what each series had when the receiver first ran (now), looking
+            # back as far as Prometheus' own lookback; counting starts after them.
+            start, read_end = min(start, end - self._lookback), max(end, now_ns)
         # One millisecond more than the span: a sample exactly on ``start`` is in every
         # Prometheus version's range (2.x includes both ends, 3.x excludes the left one).
-        span_ms = (end - start) // MS + 1
-        raw = self._source.range_samples(self.spec.query, span_ms, end // MS)
+        span_ms = (read_end - start) // MS + 1
+        raw = self._source.range_samples(self.spec.query, span_ms, read_end // MS)
         self._metrics.prometheus_samples(self.spec.dimension, sum(len(s.samples) for s in raw))
         stored = {
             k[len(self._series_prefix) :]: SeriesState.decode(v)
@@ -460,11 +465,10 @@ class PrometheusQueryJob:
         observations: list[Observation] = []
         fetched = {series_key(s.labels): s for s in raw}
         if first_run:
-            # Baselines only: the last sample of each series up to the end of the window.
+            # Baselines only: the last sample of each series so far.
             for sid, s in fetched.items():
-                before = [x for x in s.samples if x.t_ms * MS < end]
-                if before:
-                    last = max(before, key=lambda x: x.t_ms)
+                if s.samples:
+                    last = max(s.samples, key=lambda x: x.t_ms)
                     batch_state[self._series_prefix + sid] = SeriesState(
                         s.labels, last.t_ms, last.value
                     ).encode()

@@ -10,8 +10,11 @@ The end-to-end tests against a real Prometheus are in ``test_prometheus_e2e.py``
 from __future__ import annotations
 
 import os
+import threading
+import time
 from collections.abc import Iterator
 from decimal import Decimal
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +29,7 @@ from meter_gateway.promql import parse_selector
 from meter_gateway.service import Gateway
 from receivers.prometheus_query import (
     GaugeSeries,
+    PrometheusApi,
     PrometheusQueryJob,
     QueryError,
     QueryFailed,
@@ -40,6 +44,7 @@ from receivers.prometheus_query import (
     parse_matrix,
     windows_due,
 )
+from tests.gatewayproc import free_port
 
 DATA = Path(__file__).parent.parent / "testdata" / "prometheus" / "windows"
 REGEN = os.environ.get("REGEN_GOLDEN") == "1"
@@ -536,3 +541,72 @@ def test_config_errors_name_the_path(doc: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError) as exc:
         parse_config(yaml.safe_dump(doc))
     assert message in str(exc.value), str(exc.value)
+
+
+# --- PrometheusApi against real HTTP servers on loopback ----------------------------------------
+
+
+class _Answers(BaseHTTPRequestHandler):
+    mode = "ok"
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        mode = type(self).mode
+        if mode == "slow":
+            time.sleep(2)
+        body = {
+            "ok": b'{"status":"success","data":{"resultType":"matrix","result":[{"metric":'
+            b'{"tenant":"acme"},"values":[[1.5,"2"],[2.5,"NaN"]]}]}}',
+            "slow": b"{}",
+            "400": b'{"status":"error","errorType":"bad_data","error":"parse error"}',
+            "503": b"unavailable",
+            "garbage": b"<html>not json</html>",
+            "shape": b'{"status":"success","data":{"result":{"x":1}}}',
+        }[mode]
+        code = int(mode) if mode.isdigit() else 200
+        try:
+            self.send_response(code)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        except BrokenPipeError:  # the client timed out first
+            pass
+
+
+@pytest.fixture(scope="module")
+def http_answers() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Answers)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize(
+    ("mode", "error"),
+    [
+        ("400", QueryError.HTTP_4XX),
+        ("503", QueryError.HTTP_5XX),
+        ("slow", QueryError.TIMEOUT),
+        ("garbage", QueryError.BAD_RESPONSE),
+        ("shape", QueryError.BAD_RESPONSE),
+    ],
+)
+def test_api_errors_are_classified(http_answers: str, mode: str, error: QueryError) -> None:
+    _Answers.mode = mode
+    api = PrometheusApi(http_answers, timeout_s=0.5)
+    with pytest.raises(QueryFailed) as exc:
+        api.range_samples("app_bytes_total", 10_000, 1_000_000)
+    assert exc.value.error is error
+
+
+def test_api_down_is_unavailable_and_ok_parses(http_answers: str) -> None:
+    with pytest.raises(QueryFailed) as exc:
+        PrometheusApi(f"http://127.0.0.1:{free_port()}").range_samples("x", 1000, 2000)
+    assert exc.value.error is QueryError.UNAVAILABLE
+    _Answers.mode = "ok"
+    (s,) = PrometheusApi(http_answers).range_samples("x", 1000, 2000)
+    assert (s.labels, s.samples, s.skipped) == ({"tenant": "acme"}, [Sample(1500, Decimal(2))], 1)
