@@ -169,6 +169,7 @@ def table(
     columns: dict[str, str],
     *,
     sort_by: str | None = None,
+    descending: bool = True,
     decimals: int | None = None,
 ) -> JSON:
     """Instant queries in table format, one row per label set, merged into one table.
@@ -179,7 +180,7 @@ def table(
     fc = _field_config("short", NEUTRAL, decimals=decimals, lo=None, hi=None)
     options: JSON = {"showHeader": True, "cellHeight": "sm"}
     if sort_by:
-        options["sortBy"] = [{"displayName": sort_by, "desc": True}]
+        options["sortBy"] = [{"displayName": sort_by, "desc": descending}]
     return {
         "type": "table",
         "title": title,

@@ -294,7 +294,7 @@ def build() -> JSON:
             "Events waiting for delivery, by exporter.",
             [target("max by (exporter) (meter_gateway_exporter_outbox_events)", "{{exporter}}")],
         ),
-        w=8,
+        w=6,
         h=9,
     )
     lay.add(
@@ -310,13 +310,13 @@ def build() -> JSON:
             unit="s",
             th=thresholds(GREEN, (300, ORANGE), (900, RED)),
         ),
-        w=8,
+        w=6,
         h=9,
     )
     lay.add(
         timeseries(
             "Exporter deliveries by outcome",
-            "Delivery attempts per second by exporter and outcome; failures are retried.",
+            "Delivery attempts per second by exporter and outcome.",
             [
                 target(
                     "sum by (exporter, outcome) "
@@ -326,7 +326,23 @@ def build() -> JSON:
             ],
             unit="suffix: deliveries/s",
         ),
-        w=8,
+        w=6,
+        h=9,
+    )
+    lay.add(
+        timeseries(
+            "Exporter failures",
+            "Failed delivery attempts by exporter; each is retried with backoff.",
+            [
+                target(
+                    "sum by (exporter) (increase(meter_gateway_exporter_deliveries_total"
+                    '{outcome="error"}[$__rate_interval]))',
+                    "{{exporter}}",
+                )
+            ],
+            th=thresholds(GREEN, (1, RED)),
+        ),
+        w=6,
         h=9,
     )
     lay.add(

@@ -1,8 +1,9 @@
 """Profit margin: revenue, cost and margin (absolute and %) per customer and dimension, the
 lowest-margin customers, and margin over time, in one currency at a time.
 
-Revenue is the priced line amount of the current billing period so far and cost is billable
-quantity × the dimension's ``unit_cost``. Every replica reports the same totals, so each series
+Revenue is the priced line amount of the current billing period so far, cost is billable
+quantity × the dimension's ``unit_cost`` and margin their difference, all computed by the
+gateway. Every replica reports the same totals, so each series
 is de-duplicated with ``max by (customer, dimension, currency)`` before it is summed.
 """
 
@@ -33,7 +34,7 @@ MARGIN_TH = thresholds(RED, (0, GREEN))
 
 
 def money(family: str, by: str = "") -> str:
-    """``revenue`` or ``cost`` of the period so far, summed ``by`` the given labels."""
+    """``revenue``, ``cost`` or ``margin`` of the period so far, summed ``by`` the labels."""
     grouping = f" by ({by})" if by else ""
     return (
         f"sum{grouping} (max by (customer, dimension, currency) "
@@ -42,12 +43,13 @@ def money(family: str, by: str = "") -> str:
 
 
 def margin(by: str = "") -> str:
-    return f"{money('revenue', by)} - {money('cost', by)}"
+    """Revenue − cost as the gateway computes it (exact decimals, rounded lines)."""
+    return money("margin", by)
 
 
 def margin_ratio(by: str = "") -> str:
     """Margin as a share of revenue; groups without revenue have none (not ±Inf)."""
-    return f"({margin(by)}) / ({money('revenue', by)} > 0)"
+    return f"{margin(by)} / ({money('revenue', by)} > 0)"
 
 
 def build() -> JSON:
@@ -116,6 +118,28 @@ def build() -> JSON:
         ),
         w=12,
         h=10,
+    )
+    lay.add(
+        table(
+            "Prepaid wallet balance",
+            "Credit left in each customer's prepaid wallet, in $currency; it is drawn down "
+            "when invoices are finalized.",
+            [
+                target(
+                    "max by (customer) (meter_gateway_wallet_balance"
+                    '{currency="$currency", customer=~"$customer"})',
+                    ref="A",
+                    instant=True,
+                    table=True,
+                )
+            ],
+            {"A": "Balance"},
+            sort_by="Balance",
+            descending=False,  # who runs out first
+            decimals=2,
+        ),
+        w=24,
+        h=8,
     )
     lay.row("Over time")
     lay.add(
