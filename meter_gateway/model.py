@@ -60,6 +60,13 @@ class Observation:
     resource_attributes: dict[str, str] = field(default_factory=dict)
 
 
+class SeriesMetadata(dict[str, Any]):
+    """Metadata every record of one series shares (metric name and attributes of OTLP,
+    Vector or Prometheus points): a store may keep it once and refer to it from each record."""
+
+    __slots__ = ()
+
+
 @dataclass(slots=True)
 class UsageRecord:
     """One validated usage record, ready to commit."""

@@ -25,6 +25,7 @@ from meter_gateway.model import (
     ObservationKind,
     Reason,
     RecordError,
+    SeriesMetadata,
     Source,
     UsageRecord,
     dedup_key,
@@ -257,7 +258,7 @@ class Validator:
         value = self._mapper.scale(mapped, obs)
         assert isinstance(value, Decimal)
         key = None if obs.natural_key is None else dedup_key(obs.source.value, obs.natural_key)
-        meta: dict[str, Any] = {"metric": obs.name, "attributes": obs.attributes}
+        meta = SeriesMetadata(metric=obs.name, attributes=obs.attributes)
         return self._finish(
             catalog,
             mapped.customer_name,

@@ -10,6 +10,7 @@ text; rollups are merged in Python and written back.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import sqlite3
 import threading
 import time
@@ -23,7 +24,7 @@ import orjson
 
 from meter_gateway.aggregation.windows import BUCKET_NS
 from meter_gateway.decimals import EXACT
-from meter_gateway.model import Batch, CommitResult, UsageRecord
+from meter_gateway.model import Batch, CommitResult, SeriesMetadata, UsageRecord
 from meter_gateway.store.base import (
     ConflictError,
     InvoiceRow,
@@ -96,6 +97,12 @@ MIGRATIONS: tuple[str, ...] = (
         last_error TEXT, delivered_ns INTEGER, UNIQUE (exporter, event_id));
     CREATE INDEX outbox_pending ON outbox (exporter, status, seq);
     """,
+    # 4: metadata a series' records share is stored once (records.meta_id), not per record
+    """
+    CREATE TABLE metadata (id INTEGER PRIMARY KEY, digest BLOB NOT NULL, body BLOB NOT NULL);
+    CREATE UNIQUE INDEX metadata_digest ON metadata (digest);
+    ALTER TABLE records ADD COLUMN meta_id INTEGER;
+    """,
 )
 
 _RollupKey = tuple[str, str, int]
@@ -104,9 +111,12 @@ _RollupKey = tuple[str, str, int]
 # integers stay integers, strings text, and an object its JSON text (stored as a blob, as
 # orjson.dumps would have written it).
 _RECORDS_FROM_JSON = (
-    "INSERT INTO records SELECT value->>0, value->>1, value->>2, value->>3, value->>4, "
-    "value->>5, CAST(value->>6 AS BLOB), value->>7, value->>8 FROM json_each(?)"
+    "INSERT INTO records (seq, ts, customer, dimension, value, record_id, metadata, source, "
+    "received_ns, meta_id) SELECT value->>0, value->>1, value->>2, value->>3, value->>4, "
+    "value->>5, CAST(value->>6 AS BLOB), value->>7, value->>8, value->>9 FROM json_each(?)"
 )
+# A record's metadata: its own, or its series' shared one.
+_META = "coalesce(r.metadata, (SELECT body FROM metadata WHERE id = r.meta_id))"
 _ROLLUPS_FROM_JSON = (
     "INSERT OR REPLACE INTO rollups SELECT value->>0, value->>1, value->>2, value->>3, "
     "value->>4, value->>5, value->>6, value->>7, value->>8, value->>9, value->>10 "
@@ -116,6 +126,50 @@ _STATE_FROM_JSON = (
     "INSERT OR REPLACE INTO receiver_state SELECT value->>0, CAST(value->>1 AS BLOB) "
     "FROM json_each(?)"
 )
+
+
+class _SharedMetadata:
+    """Ids of the shared series metadata of one commit; new ones are inserted with it and
+    remembered only once it has committed."""
+
+    MAX_REMEMBERED = 200_000
+
+    def __init__(self, store: SQLiteStore) -> None:
+        self.store = store
+        self.new: list[tuple[int, bytes, bytes]] = []
+        self._ids: dict[bytes, int] = {}
+        self._objs: dict[int, tuple[SeriesMetadata, int]] = {}
+        self._next = store._next_meta
+
+    def id_of(self, m: SeriesMetadata) -> int:
+        hit = self.store._meta_objs.get(id(m)) or self._objs.get(id(m))
+        if hit is not None and hit[0] is m:
+            return hit[1]
+        body = orjson.dumps(m, default=str)
+        digest = hashlib.blake2b(body, digest_size=16).digest()
+        mid = self.store._meta_ids.get(digest) or self._ids.get(digest)
+        if mid is None:
+            row = self.store._conn.execute(
+                "SELECT id FROM metadata WHERE digest = ?", (digest,)
+            ).fetchone()
+            if row is not None:
+                mid = int(row[0])
+            else:
+                mid = self._next
+                self._next += 1
+                self.new.append((mid, digest, body))
+        self._ids[digest] = mid
+        self._objs[id(m)] = (m, mid)
+        return mid
+
+    def committed(self) -> None:
+        store = self.store
+        store._next_meta = self._next
+        if len(store._meta_objs) + len(self._objs) > self.MAX_REMEMBERED:
+            store._meta_objs.clear()
+            store._meta_ids.clear()
+        store._meta_objs.update(self._objs)
+        store._meta_ids.update(self._ids)
 
 
 def _put_state(conn: sqlite3.Connection, rows: list[tuple[str, bytes]]) -> None:
@@ -164,6 +218,12 @@ class SQLiteStore:
         self._next_seq = int(row[0]) + 1
         row = self._conn.execute("SELECT coalesce(max(seq), 0) FROM rejected").fetchone()
         self._next_rejected = int(row[0]) + 1
+        row = self._conn.execute("SELECT coalesce(max(id), 0) FROM metadata").fetchone()
+        self._next_meta = int(row[0]) + 1
+        # Shared series metadata already stored: by digest, and by the object itself (the
+        # receivers hand the same SeriesMetadata object for every point of a series).
+        self._meta_ids: dict[bytes, int] = {}
+        self._meta_objs: dict[int, tuple[SeriesMetadata, int]] = {}
         self.dedup = DedupIndex(dedup_window_s)
         self._load_dedup(now_ns // NS)
         self._last_purge_s = now_ns // NS
@@ -268,10 +328,16 @@ class SQLiteStore:
         rows: list[tuple[Any, ...]] = []
         distinct: list[tuple[str, str, int, str]] = []
         acc: dict[_RollupKey, list[Any]] = {}
+        shared = _SharedMetadata(self)
+        meta_id = shared.id_of
         for r, is_new in zip(flat, new_flags, strict=True):
             if not is_new:
                 continue
-            ts, v = r.timestamp_ns, r.value
+            ts, v, m = r.timestamp_ns, r.value, r.metadata
+            if type(m) is SeriesMetadata:
+                mid, m = meta_id(m), None
+            else:
+                mid, m = None, m or None
             rows.append(
                 (
                     seq,
@@ -280,9 +346,10 @@ class SQLiteStore:
                     r.dimension_id,
                     str(v),
                     r.record_id,
-                    r.metadata or None,
+                    m,
                     r.source,
                     now_ns,
+                    mid,
                 )
             )
             bucket = ts - ts % BUCKET_NS
@@ -317,6 +384,8 @@ class SQLiteStore:
         conn = self._conn
         with self._write_txn(conn):
             merged = self._merge_rollups(conn, acc)
+            if shared.new:
+                conn.executemany("INSERT INTO metadata VALUES (?, ?, ?)", shared.new)
             if rows:
                 # One statement for all rows: executemany would release and retake the GIL
                 # per row, and with receiver threads busy every retake waits its turn.
@@ -362,6 +431,7 @@ class SQLiteStore:
                     )
 
         # Committed: only now do the in-memory views move.
+        shared.committed()
         self._next_seq = seq
         self._next_rejected = rseq
         self.dedup.add(fresh, now_s)
@@ -500,9 +570,9 @@ class SQLiteStore:
     def raw(
         self, customer: str, dimension: str, from_ns: int, to_ns: int, unique_key: str | None = None
     ) -> list[RawPoint]:
-        cols = "ts, seq, value, metadata" if unique_key else "ts, seq, value, NULL"
+        cols = f"ts, seq, value, {_META}" if unique_key else "ts, seq, value, NULL"
         cur = self._reader().execute(
-            f"SELECT {cols} FROM records "
+            f"SELECT {cols} FROM records r "
             "WHERE customer=? AND dimension=? AND ts>=? AND ts<? ORDER BY ts, seq",
             (customer, dimension, from_ns, to_ns),
         )
@@ -551,8 +621,8 @@ class SQLiteStore:
         limit: int,
     ) -> list[StoredRecord]:
         sql = (
-            "SELECT seq, ts, customer, dimension, value, record_id, metadata, source, "
-            "received_ns FROM records WHERE ts >= ? AND ts < ?"
+            f"SELECT seq, ts, customer, dimension, value, record_id, {_META}, source, "
+            "received_ns FROM records r WHERE ts >= ? AND ts < ?"
         )
         args: list[Any] = [from_ns, to_ns]
         sql += _pair_filter(customer, dimension, args)
