@@ -1,4 +1,4 @@
-"""The ``meter-gateway`` command: serve, check-config, dashboards."""
+"""The ``meter-gateway`` command: serve, check-config, dashboards, invoice."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from meter_gateway import __version__
+from meter_gateway.billing import command as invoice_command
 from meter_gateway.config import ConfigError, load_config
 from meter_gateway.dashboards import command as dashboards_command
 
@@ -22,9 +23,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_check = sub.add_parser("check-config", help="validate a config file and print every error")
     p_check.add_argument("--config", required=True)
     dashboards_command.add_subcommand(sub)
+    invoice_command.add_subcommand(sub)
     args = parser.parse_args(argv)
     if args.command == "dashboards":
         return dashboards_command.run(args)
+    if args.command == "invoice":
+        return invoice_command.run(args)
 
     try:
         config = load_config(args.config)
