@@ -105,6 +105,24 @@ def openapi_document() -> dict[str, Any]:
         "/usage": {"post": ingest},
         "/v1/customers/{id}/usage-summary": {"get": _op("Billable quantity per dimension", "read")},
         "/v1/rejected": {"get": _op("Rejected records with reasons", "read")},
+        "/v1/customers/{id}/invoices": {
+            "post": _op("Create a draft invoice for {from, to} (off-cycle, any period)", "admin"),
+            "get": _op("List a customer's invoices", "read"),
+        },
+        "/v1/invoices/{id}": {
+            "get": _op(
+                "An invoice as JSON, or ?format=csv|html",
+                "read",
+                parameters=[{"name": "format", "in": "query", "schema": {"type": "string"}}],
+            )
+        },
+        "/v1/invoices/{id}/finalize": {"post": _op("Finalize (immutable from then on)", "admin")},
+        "/v1/customers/{id}/wallet": {"get": _op("Prepaid balances and ledger", "read")},
+        "/v1/customers/{id}/wallet/top-ups": {
+            "post": _op("Add prepaid credits {amount, currency?, id?, note?}", "admin")
+        },
+        "/v1/customers/{id}/margin": {"get": _op("Revenue, cost and margin", "read")},
+        "/v1/meters/{id}/state": {"get": _op("A meter's current value and thresholds", "read")},
         "/metrics": {"get": _op("Prometheus metrics", None)},
         "/healthz": {"get": _op("Liveness", None)},
         "/readyz": {"get": _op("Readiness", None)},
