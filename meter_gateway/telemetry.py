@@ -143,6 +143,15 @@ class Telemetry:
             registry=r,
         )
 
+        self.remote_write_skipped = Counter(
+            "meter_gateway_remote_write_samples_skipped_total",
+            "Remote-write samples that added no record: unmapped (no rule could match the "
+            "series), stale (a staleness marker on a counter), nan, histogram (native "
+            "histograms).",
+            ["reason"],
+            registry=r,
+        )
+
     # receivers.prometheus_query.QueryMetrics
     def prometheus_lag(self, dimension: str, seconds: float) -> None:
         self.prometheus_lag_seconds.labels(dimension).set(seconds)

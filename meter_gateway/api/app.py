@@ -25,6 +25,7 @@ from meter_gateway.decimals import fmt
 from meter_gateway.pipeline.timestamps import format_timestamp, parse_timestamp
 from meter_gateway.service import Gateway
 from meter_gateway.usage import current_period, summary, windows
+from receivers.remote_write import RemoteWriteReceiver
 from receivers.rest import error_response, ingest, json_response
 
 Handler = Callable[[Request], Awaitable[Response]]
@@ -63,6 +64,23 @@ def create_app(gw: Gateway) -> Starlette:
 
     async def post_usage(request: Request) -> Response:
         return await ingest(request, gw)
+
+    remote_write = RemoteWriteReceiver(
+        gw.config.rules,
+        gw.validator,
+        gw.ingestor,
+        gw.store,
+        gw.config.ingest,
+        gw.telemetry,
+        gw.config.ingest.retry_after.total_seconds(),
+    )
+
+    async def post_write(request: Request) -> Response:
+        return await remote_write.handle(request)
+
+    async def get_write(request: Request) -> Response:
+        # Vector's prometheus_remote_write healthcheck: a GET that must answer 200.
+        return Response(status_code=200)
 
     async def head_usage(request: Request) -> Response:
         return Response(status_code=200)
@@ -249,6 +267,8 @@ def create_app(gw: Gateway) -> Starlette:
     routes = [
         Route("/v1/usage", guarded("ingest", post_usage), methods=["POST"]),
         Route("/usage", guarded("ingest", post_usage), methods=["POST"]),
+        Route("/api/v1/write", guarded("ingest", post_write), methods=["POST"]),
+        Route("/api/v1/write", guarded(None, get_write), methods=["GET", "HEAD"]),
         Route("/v1/usage", guarded("ingest", head_usage), methods=["HEAD"]),
         Route("/v1/usage", guarded("read", get_usage), methods=["GET"]),
         Route("/v1/customers/{id}/usage-summary", guarded("read", usage_summary), methods=["GET"]),
