@@ -52,7 +52,9 @@ from meter_gateway.model import (
     UsageRecord,
 )
 from meter_gateway.pipeline.cumulative import (
+    STATE_CONFLICT_RETRIES,
     StateReader,
+    StreamsBusy,
     StreamState,
     StreamTable,
     convert,
@@ -323,6 +325,15 @@ class _Export:
     def skip(self, reason: str, n: int = 1) -> None:
         self.skipped[reason] = self.skipped.get(reason, 0) + n
 
+    def mark(self) -> tuple[int, int, list[RecordError], dict[str, int]]:
+        """What a conversion is about to add to (``rewind`` takes it back out)."""
+        return len(self.records), len(self.slow), list(self.errors), dict(self.skipped)
+
+    def rewind(self, mark: tuple[int, int, list[RecordError], dict[str, int]]) -> None:
+        n_records, n_slow, self.errors, self.skipped = mark
+        del self.records[n_records:]
+        del self.slow[n_slow:], self.slow_ordinals[n_slow:], self.slow_keys[n_slow:]
+
 
 class OtlpMetrics:
     """Turns OTLP metric exports into committed usage; one instance serves both protocols.
@@ -396,14 +407,25 @@ class OtlpMetrics:
         t = self._telemetry
         t.received.labels(OTLP.value).inc(ex.points)
         if not ex.cumulative:
-            outcome = self._commit(ex, {})
+            outcome = self._commit(ex, {}, {})
+            assert outcome is not None  # no state expectations: no conflict
         else:
             sids = {c.sid for c in ex.cumulative}
             with self.streams.hold(sids):
-                states = self.streams.load(sids)
-                changed = self._convert(ex, states)
-                outcome = self._commit(ex, changed)
-                self.streams.committed(changed)
+                for _ in range(STATE_CONFLICT_RETRIES):
+                    mark = ex.mark()
+                    states = self.streams.load(sids)
+                    changed = self._convert(ex, states)
+                    done = self._commit(ex, changed, self.streams.expect(changed, states))
+                    if done is not None:
+                        outcome = done
+                        self.streams.committed(changed)
+                        break
+                    # Another replica moved these series first: reload them, convert again.
+                    self.streams.forget(sids)
+                    ex.rewind(mark)
+                else:
+                    raise StreamsBusy("cumulative series kept moving on other replicas")
         for reason, count in ex.skipped.items():
             t.otlp_skipped.labels(reason).inc(count)
         return outcome
@@ -423,7 +445,11 @@ class OtlpMetrics:
             gone = {sid for sid, st in current.items() if st.time < before_ns}
             if gone:
                 batch = Batch(OTLP, state=dict.fromkeys((STATE_PREFIX + s for s in gone), None))
-                self._committer.submit_sync(batch, self._commit_timeout)
+                # Only if no other replica moved them meanwhile (else: not stale after all).
+                batch.state_expect = self.streams.expect(gone, current)
+                if self._committer.submit_sync(batch, self._commit_timeout).conflict:
+                    gone = set()
+                    self.streams.forget(stale)
             self.streams.forget(gone)
         return len(gone)
 
@@ -435,7 +461,10 @@ class OtlpMetrics:
         except Exception:
             log.exception("expiring cumulative OTLP series failed; will retry in an hour")
 
-    def _commit(self, ex: _Export, changed: dict[str, StreamState]) -> ExportOutcome:
+    def _commit(
+        self, ex: _Export, changed: dict[str, StreamState], expect: dict[str, bytes | None]
+    ) -> ExportOutcome | None:
+        """Validate what is left and commit; None when the state expectations failed."""
         errors = ex.errors
         if ex.slow:
             checked = self._sink.observations(ex.slow, OTLP)
@@ -449,8 +478,11 @@ class OtlpMetrics:
             errors.sort(key=lambda e: e.index)
         batch = Batch(OTLP, ex.records, errors)
         batch.state = self.streams.writes(changed)
+        batch.state_expect = expect
         if batch.records or batch.errors or batch.state:
             result = self._committer.submit_sync(batch, self._commit_timeout)
+            if result.conflict:
+                return None
         else:
             result = CommitResult(0, 0, 0)
         return ExportOutcome(

@@ -15,6 +15,9 @@ pass 0: their first point is a baseline and a drop is a reset.
 
 ``StreamTable`` holds every series a request converts from reading its state until the batch
 has committed, so two requests touching one series never compute against the same old state.
+Across replicas the batch carries the state it converted against (``Batch.state_expect``); a
+replica that lost the race gets ``CommitResult.conflict``, with nothing written, and converts
+again against the state the other replica committed.
 """
 
 from __future__ import annotations
@@ -64,6 +67,10 @@ class Committer(Protocol):
     """Commits a batch durably (``pipeline.ingest.Ingestor``)."""
 
     def submit_sync(self, batch: Batch, timeout: float | None = None) -> CommitResult: ...
+
+
+# Conversions of one request redone after other replicas moved its series first.
+STATE_CONFLICT_RETRIES = 5
 
 
 class StreamsBusy(Exception):
@@ -193,6 +200,17 @@ class StreamTable:
         prefix = self.prefix
         return {prefix + sid: encode_state(s) for sid, s in changed.items()}
 
+    def expect(
+        self, changed: Iterable[str], states: dict[str, StreamState]
+    ) -> dict[str, bytes | None]:
+        """``Batch.state_expect`` for series about to move: the state they were converted
+        against (None: none). Another replica may have moved a series since this one cached
+        it; the store then commits nothing of the batch (``CommitResult.conflict``)."""
+        prefix = self.prefix
+        return {
+            prefix + sid: encode_state(states[sid]) if sid in states else None for sid in changed
+        }
+
     def committed(self, states: dict[str, StreamState]) -> None:
         if len(self._cache) + len(states) > self._max_cached:
             self._cache.clear()
@@ -272,6 +290,7 @@ class Totals:
             batch.errors.sort(key=lambda e: e.index)
         batch.cumulative = []
         batch.state.update(self.table.writes(changed))
+        batch.state_expect.update(self.table.expect(changed, states))
         return changed
 
     @contextmanager
@@ -283,7 +302,17 @@ class Totals:
     def commit(self, batch: Batch) -> CommitResult:
         """Convert and commit in one go (blocks until durable; run it on a worker thread)."""
         with self.holding(batch):
-            changed = self.convert(batch)
-            result = self._committer.submit_sync(batch, self._timeout)
-            self.table.committed(changed)
-        return result
+            cumulative, records = list(batch.cumulative), list(batch.records)
+            errors, state, expect = list(batch.errors), dict(batch.state), dict(batch.state_expect)
+            for _ in range(STATE_CONFLICT_RETRIES):
+                changed = self.convert(batch)
+                result = self._committer.submit_sync(batch, self._timeout)
+                if not result.conflict:
+                    self.table.committed(changed)
+                    return result
+                # Another replica moved these series first: forget what we cached, convert again.
+                self.table.forget(series_id(obs) for _, obs in cumulative)
+                batch.cumulative, batch.records = list(cumulative), list(records)
+                batch.errors = list(errors)
+                batch.state, batch.state_expect = dict(state), dict(expect)
+        raise StreamsBusy("cumulative series kept moving on other replicas; retry")
