@@ -1,0 +1,213 @@
+"""Remote-write benchmark: the gateway's ``/api/v1/write`` against Prometheus' own remote-write
+receiver (``prometheus --web.enable-remote-write-receiver``), same bodies, same machine, one run.
+
+Bodies are prebuilt ``WriteRequest``s (snappy block) of ``--series`` counter series with one
+sample each (``app_bytes_processed_total`` with a ``tenant`` among ``--customers`` and a ``pod``
+unique to the series and sending thread), every request one second later and 3 higher. Each
+client thread sends ``--requests`` of them over one keep-alive connection. Samples per second
+counts samples of 2xx answers (the gateway answers after its fsynced commit; Prometheus after
+appending to its head and WAL) over the wall time from the first send to the last answer.
+Afterwards the gateway's per-customer totals are checked against what was sent (the first sample
+of each series is its baseline).
+
+    python -m bench.remote_write                 # 8 threads × 25 requests × 2000 samples
+    python -m bench.remote_write --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import os
+import sys
+import tempfile
+import threading
+import time
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+if __package__ in (None, ""):  # run as ``python bench/remote_write.py``
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import cramjam
+
+from receivers import prompb
+from tests.gatewayproc import BASE_CONFIG, INGEST_KEY, GatewayProcess
+from tests.helpers import total
+from tests.promserver import PrometheusServer
+
+METRIC = "app_bytes_processed_total"
+STEP = 3
+
+
+def build_bodies(args: argparse.Namespace, base_ms: int) -> list[list[bytes]]:
+    """Per thread, its requests in order."""
+    out: list[list[bytes]] = []
+    for thread in range(args.threads):
+        bodies = []
+        for k in range(args.requests):
+            req = prompb.WriteRequest()
+            for i in range(args.series):
+                ts = req.timeseries.add()
+                ts.labels.add(name="__name__", value=METRIC)
+                ts.labels.add(name="job", value="bench")
+                ts.labels.add(name="pod", value=f"t{thread}-p{i}")
+                ts.labels.add(name="tenant", value=f"cust-{i % args.customers}")
+                ts.samples.add(value=float(k * STEP), timestamp=base_ms + k * 1000)
+            bodies.append(bytes(cramjam.snappy.compress_raw(req.SerializeToString())))
+        out.append(bodies)
+    return out
+
+
+def send_all(url: str, bodies: list[list[bytes]], headers: dict[str, str]) -> dict[str, Any]:
+    parts = urlsplit(url)
+    ok = [0] * len(bodies)
+    failures: list[str] = []
+    latencies: list[float] = []
+    start_barrier = threading.Barrier(len(bodies) + 1)
+
+    def worker(n: int) -> None:
+        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=120)
+        start_barrier.wait()
+        for body in bodies[n]:
+            t0 = time.perf_counter()
+            conn.request("POST", parts.path, body=body, headers=headers)
+            resp = conn.getresponse()
+            text = resp.read()
+            latencies.append(time.perf_counter() - t0)
+            if 200 <= resp.status < 300:
+                ok[n] += 1
+            else:
+                failures.append(f"{resp.status} {text[:200]!r}")
+        conn.close()
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(len(bodies))]
+    for t in threads:
+        t.start()
+    start_barrier.wait()
+    started = time.perf_counter()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - started
+    latencies.sort()
+    return {
+        "requests_ok": sum(ok),
+        "wall_s": wall,
+        "failures": failures,
+        "p50_ms": 1000 * latencies[len(latencies) // 2] if latencies else 0.0,
+        "p99_ms": 1000 * latencies[int(len(latencies) * 0.99)] if latencies else 0.0,
+    }
+
+
+def cpu_s(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--series", type=int, default=2000, help="series (= samples) per request")
+    p.add_argument("--requests", type=int, default=25, help="requests per thread")
+    p.add_argument("--threads", type=int, default=8)
+    p.add_argument("--customers", type=int, default=50)
+    p.add_argument("--quick", action="store_true")
+    args = p.parse_args()
+    if args.quick:
+        args.series, args.requests, args.threads = 500, 10, 4
+    samples = args.series * args.requests * args.threads
+    base_ms = int(time.time() * 1000) - (args.requests + 60) * 1000
+    print(f"building {args.threads * args.requests} requests of {args.series} samples ...")
+    bodies = build_bodies(args, base_ms)
+    size = sum(len(b) for t in bodies for b in t) / (args.threads * args.requests)
+    print(f"{samples} samples per target, {size / 1024:.1f} KiB per request (snappy)")
+    results: dict[str, dict[str, Any]] = {}
+    failed: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="bench-rw-") as tmp:
+        workdir = Path(tmp)
+        # Prometheus' own receiver.
+        with PrometheusServer(
+            extra_args=["--web.enable-remote-write-receiver"], workdir=workdir / "prom"
+        ) as prom:
+            assert prom.proc is not None
+            cpu0 = cpu_s(prom.proc.pid)
+            r = send_all(
+                f"{prom.url}/api/v1/write",
+                bodies,
+                {
+                    "Content-Type": "application/x-protobuf",
+                    "Content-Encoding": "snappy",
+                    "X-Prometheus-Remote-Write-Version": "0.1.0",
+                },
+            )
+            r["server_cpu_s"] = cpu_s(prom.proc.pid) - cpu0
+            results["prometheus"] = r
+        # The gateway.
+        cfg = dict(BASE_CONFIG)
+        cfg["customers"] = [
+            {"id": f"cust-{i}", "name": f"Customer {i}", "offering": "pay-as-you-go"}
+            for i in range(args.customers)
+        ]
+        cfg["rules"] = [
+            {
+                "match": {"source": "remote_write", "metric": METRIC},
+                "dimension": "data-processed",
+                "customer_attribute": "tenant",
+            }
+        ]
+        (workdir / "gw").mkdir()
+        gw = GatewayProcess(workdir / "gw", cfg).start()
+        try:
+            assert gw.proc is not None
+            cpu0 = cpu_s(gw.proc.pid)
+            r = send_all(
+                f"{gw.url}/api/v1/write",
+                bodies,
+                {
+                    "Content-Type": "application/x-protobuf",
+                    "Content-Encoding": "snappy",
+                    "X-Prometheus-Remote-Write-Version": "0.1.0",
+                    "Authorization": f"Bearer {INGEST_KEY}",
+                },
+            )
+            r["server_cpu_s"] = cpu_s(gw.proc.pid) - cpu0
+            results["gateway"] = r
+            # Every series: baseline at 0, then (requests - 1) steps of 3.
+            per_series = (args.requests - 1) * STEP
+            with gw.client() as c:
+                for i in range(args.customers):
+                    n = sum(1 for s in range(args.series) if s % args.customers == i)
+                    want = Decimal(per_series * n * args.threads)
+                    got = total(c, f"cust-{i}")
+                    if got != want:
+                        failed.append(f"cust-{i}: {got} != {want}")
+        finally:
+            gw.stop()
+    print()
+    print(f"{'target':<12}{'samples/s':>12}{'wall s':>9}{'p50 ms':>9}{'p99 ms':>9}{'cpu s':>8}")
+    rates: dict[str, float] = {}
+    for name, r in results.items():
+        got = r["requests_ok"] * args.series
+        rates[name] = got / r["wall_s"]
+        print(
+            f"{name:<12}{rates[name]:>12,.0f}{r['wall_s']:>9.2f}{r['p50_ms']:>9.1f}"
+            f"{r['p99_ms']:>9.1f}{r['server_cpu_s']:>8.2f}"
+        )
+        if r["failures"]:
+            failed.append(f"{name}: {len(r['failures'])} failed requests, e.g. {r['failures'][0]}")
+    print(f"\ngateway / prometheus = {rates['gateway'] / rates['prometheus']:.3f}")
+    print(
+        "per server CPU second: gateway "
+        f"{samples / max(results['gateway']['server_cpu_s'], 1e-9):,.0f}, prometheus "
+        f"{samples / max(results['prometheus']['server_cpu_s'], 1e-9):,.0f} samples"
+    )
+    print(f"load average: {os.getloadavg()}")
+    for f in failed:
+        print("FAILED:", f)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
