@@ -146,6 +146,7 @@ def main() -> int:
             results["prometheus"] = r
         # The gateway.
         cfg = dict(BASE_CONFIG)
+        cfg["server"] = {"otlp_grpc": {"enabled": False}, "otlp_http": {"enabled": False}}
         cfg["customers"] = [
             {"id": f"cust-{i}", "name": f"Customer {i}", "offering": "pay-as-you-go"}
             for i in range(args.customers)

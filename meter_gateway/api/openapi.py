@@ -103,6 +103,15 @@ def openapi_document() -> dict[str, Any]:
             ),
         },
         "/usage": {"post": ingest},
+        "/api/v1/write": {
+            "post": _op(
+                "Prometheus remote write 1.0 (snappy protobuf WriteRequest); 204 when committed, "
+                "400 invalid samples (valid ones stored), 413 too large, 415 remote write 2.0, "
+                "429 (Vector) or 503 when overloaded",
+                "ingest",
+            ),
+            "get": _op("Healthcheck for remote-write senders (200)", None),
+        },
         "/v1/customers/{id}/usage-summary": {"get": _op("Billable quantity per dimension", "read")},
         "/v1/rejected": {"get": _op("Rejected records with reasons", "read")},
         "/v1/customers/{id}/invoices": {
