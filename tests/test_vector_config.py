@@ -39,6 +39,7 @@ import pyvrl  # the real VRL engine (dev extra); a missing engine must fail, not
 import yaml
 
 from tests.gatewayproc import ADMIN_KEY, INGEST_KEY, GatewayProcess
+from tests.pgdb import store_url
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO / "vector_config"
@@ -725,7 +726,7 @@ def gateway_config(workdir: Path) -> dict[str, Any]:
     """
     config: dict[str, Any] = yaml.safe_load(GATEWAY_EXAMPLE.read_text())
     config.pop("server", None)
-    config["store"] = {"url": f"sqlite:///{workdir / 'gateway.db'}"}
+    config["store"] = {"url": store_url(workdir)}
     config["auth"]["api_keys"].append({"name": "admin", "key": ADMIN_KEY, "scopes": ["admin"]})
     config["ingest"] = {"late_arrival_limit": "3650d", "dedup_window": "3650d"}
     return config

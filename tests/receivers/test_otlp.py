@@ -37,6 +37,7 @@ from receivers.otlp import (
     natural_dedup_key,
 )
 from tests.exporters.otlp_app import TESTDATA, gateway_config
+from tests.pgdb import store_url
 
 EXPORTS = TESTDATA / "exports"
 CASES = sorted(p.stem for p in EXPORTS.glob("*.json"))
@@ -108,7 +109,7 @@ def gw(tmp_path: Path) -> Iterator[Gateway]:
 
 
 def _gateway(tmp_path: Path) -> Iterator[Gateway]:
-    config = gateway_config(store={"url": f"sqlite:///{tmp_path / 'g.db'}"})
+    config = gateway_config(store={"url": store_url(tmp_path, "g.db")})
     g = Gateway(parse_config(yaml.safe_dump(config)), clock=FixedClock(NOW))
     try:
         yield g
@@ -350,7 +351,7 @@ def test_catalog_changes_apply_to_known_series(gw: Gateway) -> None:
 
 def test_too_many_points_is_refused_whole(tmp_path: Path) -> None:
     config = gateway_config(
-        store={"url": f"sqlite:///{tmp_path / 'g.db'}"}, ingest={"max_batch_records": 3}
+        store={"url": store_url(tmp_path, "g.db")}, ingest={"max_batch_records": 3}
     )
     g = Gateway(parse_config(yaml.safe_dump(config)), clock=FixedClock(NOW))
     try:

@@ -45,6 +45,7 @@ from receivers.prometheus_query import (
     windows_due,
 )
 from tests.gatewayproc import free_port
+from tests.pgdb import store_url
 
 DATA = Path(__file__).parent.parent / "testdata" / "prometheus" / "windows"
 REGEN = os.environ.get("REGEN_GOLDEN") == "1"
@@ -289,7 +290,7 @@ class Recorder:
 
 @pytest.fixture
 def gateway(tmp_path: Path) -> Iterator[Gateway]:
-    cfg = Config.model_validate({**CONFIG, "store": {"url": f"sqlite:///{tmp_path / 'g.db'}"}})
+    cfg = Config.model_validate({**CONFIG, "store": {"url": store_url(tmp_path, "g.db")}})
     gw = Gateway(cfg, clock=FixedClock(T0))
     yield gw
     gw.close()
@@ -384,7 +385,7 @@ def test_job_restart_neither_skips_nor_repeats(tmp_path: Path) -> None:
     src = FakeSource()
     acme = {"__name__": "app_bytes_total", "tenant": "acme"}
     src.add(acme, _ms(1), "5")
-    cfg = Config.model_validate({**CONFIG, "store": {"url": f"sqlite:///{tmp_path / 'g.db'}"}})
+    cfg = Config.model_validate({**CONFIG, "store": {"url": store_url(tmp_path, "g.db")}})
     gw = Gateway(cfg, clock=FixedClock(T0))
     job, _ = _job(gw, src)
     job.run(T0 + 15 * NS)
