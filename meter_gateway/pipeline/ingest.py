@@ -5,17 +5,23 @@ writer thread takes everything pending (up to ``max_commit_records``), commits i
 store in one transaction and resolves every waiter; a 2xx is only ever sent after that commit.
 Pending records are bounded: past ``max_queue_records`` submit raises ``Overloaded`` at once
 (the API answers 429 with Retry-After) instead of letting memory grow.
+
+Stores that split a commit into ``prepare`` (Python: dedup decisions, rows, rollups) and
+``apply`` (the transaction and its fsync, which hold no GIL) are driven as a two-stage
+pipeline: the writer prepares the next group while a second thread applies the previous one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import queue
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 from meter_gateway.clock import Clock
 from meter_gateway.model import Batch, CommitResult
@@ -39,6 +45,12 @@ class CommitFailed(Exception):
 
 class ShuttingDown(Exception):
     """The gateway is draining and takes no new batches."""
+
+
+class PipelinedStore(Protocol):
+    def prepare(self, batches: list[Batch], now_ns: int) -> Any: ...
+
+    def apply(self, prepared: Any) -> list[CommitResult]: ...
 
 
 @dataclass(slots=True)
@@ -68,7 +80,22 @@ class Ingestor:
         self._queued = 0
         self._cond = threading.Condition()
         self._closing = False
-        self._thread = threading.Thread(target=self._run, name="meter-gateway-writer", daemon=True)
+        pipelined = callable(getattr(store, "prepare", None)) and callable(
+            getattr(store, "apply", None)
+        )
+        self._applier: threading.Thread | None = None
+        if pipelined:
+            # One prepared group waits while another is applied: enough to overlap the two.
+            self._prepared: queue.Queue[tuple[list[_Pending], Any, float] | None] = queue.Queue(1)
+            self._applier = threading.Thread(
+                target=self._apply_loop, name="meter-gateway-applier", daemon=True
+            )
+            self._applier.start()
+        self._thread = threading.Thread(
+            target=self._prepare_loop if pipelined else self._run,
+            name="meter-gateway-writer",
+            daemon=True,
+        )
         self._thread.start()
 
     @property
@@ -125,6 +152,8 @@ class Ingestor:
             self._closing = True
             self._cond.notify()
         self._thread.join(timeout)
+        if self._applier is not None:
+            self._applier.join(timeout)
 
     def _take(self) -> list[_Pending] | None:
         with self._cond:
@@ -146,25 +175,56 @@ class Ingestor:
             try:
                 results = self._store.commit([p.batch for p in group], self._clock.now_ns())
             except Exception as exc:
-                log.exception("commit of %d batches failed", len(group))
-                self._telemetry.commit_failures.inc()
-                failure = CommitFailed(f"the store could not commit: {exc}")
-                for p in group:
-                    p.done(failure)
-                self._release(group)
+                self._failed(group, exc)
                 continue
-            elapsed = time.perf_counter() - start
-            t = self._telemetry
-            t.commit_seconds.observe(elapsed)
-            t.commit_records.observe(sum(p.size for p in group))
-            for p, r in zip(group, results, strict=True):
-                src = p.batch.source.value
-                t.accepted.labels(src).inc(r.accepted)
-                t.duplicates.labels(src).inc(r.duplicates)
-                for e in p.batch.errors:
-                    t.rejected.labels(src, e.reason.value).inc()
-                p.done(r)
-            self._release(group)
+            self._settled(group, results, time.perf_counter() - start)
+
+    def _prepare_loop(self) -> None:
+        store: PipelinedStore = self._store  # type: ignore[assignment]
+        try:
+            while (group := self._take()) is not None:
+                start = time.perf_counter()
+                try:
+                    prepared = store.prepare([p.batch for p in group], self._clock.now_ns())
+                except Exception as exc:
+                    self._failed(group, exc)
+                    continue
+                self._prepared.put((group, prepared, time.perf_counter() - start))
+        finally:
+            self._prepared.put(None)
+
+    def _apply_loop(self) -> None:
+        store: PipelinedStore = self._store  # type: ignore[assignment]
+        while (item := self._prepared.get()) is not None:
+            group, prepared, spent = item
+            start = time.perf_counter()
+            try:
+                results = store.apply(prepared)
+            except Exception as exc:
+                self._failed(group, exc)
+                continue
+            self._settled(group, results, spent + time.perf_counter() - start)
+
+    def _failed(self, group: list[_Pending], exc: Exception) -> None:
+        log.exception("commit of %d batches failed", len(group), exc_info=exc)
+        self._telemetry.commit_failures.inc()
+        failure = CommitFailed(f"the store could not commit: {exc}")
+        for p in group:
+            p.done(failure)
+        self._release(group)
+
+    def _settled(self, group: list[_Pending], results: list[CommitResult], elapsed: float) -> None:
+        t = self._telemetry
+        t.commit_seconds.observe(elapsed)
+        t.commit_records.observe(sum(p.size for p in group))
+        for p, r in zip(group, results, strict=True):
+            src = p.batch.source.value
+            t.accepted.labels(src).inc(r.accepted)
+            t.duplicates.labels(src).inc(r.duplicates)
+            for e in p.batch.errors:
+                t.rejected.labels(src, e.reason.value).inc()
+            p.done(r)
+        self._release(group)
 
     def _release(self, group: list[_Pending]) -> None:
         with self._cond:

@@ -14,9 +14,12 @@ import hashlib
 import sqlite3
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from decimal import Decimal
+from itertools import compress, islice
 from pathlib import Path
 from typing import Any
 
@@ -129,47 +132,86 @@ _STATE_FROM_JSON = (
 
 
 class _SharedMetadata:
-    """Ids of the shared series metadata of one commit; new ones are inserted with it and
-    remembered only once it has committed."""
+    """Ids of the shared series metadata of one group: remembered ones (committed or in a
+    group still in flight), else found in the database, else new (inserted with the group)."""
 
     MAX_REMEMBERED = 200_000
 
-    def __init__(self, store: SQLiteStore) -> None:
+    def __init__(self, store: SQLiteStore, p: _Prepared) -> None:
         self.store = store
-        self.new: list[tuple[int, bytes, bytes]] = []
-        self._ids: dict[bytes, int] = {}
-        self._objs: dict[int, tuple[SeriesMetadata, int]] = {}
-        self._next = store._next_meta
+        self.p = p
+        self.objs = [store._meta_objs, *(g.meta_objs for g in store._inflight), p.meta_objs]
+        self.ids = [store._meta_ids, *(g.meta_ids for g in store._inflight), p.meta_ids]
 
     def id_of(self, m: SeriesMetadata) -> int:
-        hit = self.store._meta_objs.get(id(m)) or self._objs.get(id(m))
-        if hit is not None and hit[0] is m:
-            return hit[1]
+        for objs in self.objs:
+            hit = objs.get(id(m))
+            if hit is not None and hit[0] is m:
+                return hit[1]
         body = orjson.dumps(m, default=str)
         digest = hashlib.blake2b(body, digest_size=16).digest()
-        mid = self.store._meta_ids.get(digest) or self._ids.get(digest)
+        p = self.p
+        mid = next((i[digest] for i in self.ids if digest in i), None)
         if mid is None:
-            row = self.store._conn.execute(
+            row = self.store._prep.execute(
                 "SELECT id FROM metadata WHERE digest = ?", (digest,)
             ).fetchone()
             if row is not None:
                 mid = int(row[0])
             else:
-                mid = self._next
-                self._next += 1
-                self.new.append((mid, digest, body))
-        self._ids[digest] = mid
-        self._objs[id(m)] = (m, mid)
+                mid = p.next_meta
+                p.next_meta += 1
+                p.meta_new.append((mid, digest, body))
+        p.meta_ids[digest] = mid
+        p.meta_objs[id(m)] = (m, mid)
         return mid
 
-    def committed(self) -> None:
-        store = self.store
-        store._next_meta = self._next
-        if len(store._meta_objs) + len(self._objs) > self.MAX_REMEMBERED:
-            store._meta_objs.clear()
-            store._meta_ids.clear()
-        store._meta_objs.update(self._objs)
-        store._meta_ids.update(self._ids)
+
+@dataclass(eq=False)
+class _Prepared:
+    """One group, ready for its transaction (see ``SQLiteStore.prepare``)."""
+
+    epoch: int
+    now_ns: int
+    now_s: int = 0
+    next_seq: int = 0
+    next_rejected: int = 0
+    next_meta: int = 0
+    records_json: bytes | None = None
+    fresh: list[bytes] = field(default_factory=list)
+    fresh_set: set[bytes] = field(default_factory=set)
+    merged: dict[_RollupKey, RollupRow] = field(default_factory=dict)
+    distinct: list[tuple[str, str, int, str]] = field(default_factory=list)
+    rejected: list[tuple[Any, ...]] = field(default_factory=list)
+    state: dict[str, bytes | None] = field(default_factory=dict)
+    meta_new: list[tuple[int, bytes, bytes]] = field(default_factory=list)
+    meta_ids: dict[bytes, int] = field(default_factory=dict)
+    meta_objs: dict[int, tuple[SeriesMetadata, int]] = field(default_factory=dict)
+    results: list[CommitResult] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.now_s = self.now_ns // NS
+
+
+def _rollups_json(merged: dict[_RollupKey, RollupRow]) -> bytes:
+    return orjson.dumps(
+        [
+            (
+                c,
+                d,
+                row.bucket_ns,
+                row.count,
+                str(row.sum),
+                str(row.min),
+                str(row.max),
+                row.last_ts,
+                row.last_seq,
+                str(row.last_value),
+                str(row.wsum),
+            )
+            for (c, d, _), row in merged.items()
+        ]
+    )
 
 
 def _put_state(conn: sqlite3.Connection, rows: list[tuple[str, bytes]]) -> None:
@@ -224,6 +266,11 @@ class SQLiteStore:
         # receivers hand the same SeriesMetadata object for every point of a series).
         self._meta_ids: dict[bytes, int] = {}
         self._meta_objs: dict[int, tuple[SeriesMetadata, int]] = {}
+        # Groups prepared but not committed yet, oldest first; an epoch voids them on failure.
+        self._inflight: deque[_Prepared] = deque()
+        self._epoch = 0
+        self._mem = threading.RLock()  # in-memory views: caches, counters, dedup index
+        self._prep = self._connect()  # prepare's reads: committed data only
         self.dedup = DedupIndex(dedup_window_s)
         self._load_dedup(now_ns // NS)
         self._last_purge_s = now_ns // NS
@@ -288,6 +335,7 @@ class SQLiteStore:
             for conn in self._readers:
                 conn.close()
             self._readers.clear()
+        self._prep.close()
         self._conn.close()
         fcntl.flock(self._lock_file, fcntl.LOCK_UN)
         self._lock_file.close()
@@ -295,164 +343,195 @@ class SQLiteStore:
     # --- commit ------------------------------------------------------------------------------
 
     def commit(self, batches: Sequence[Batch], now_ns: int) -> list[CommitResult]:
-        if any(b.state_expect for b in batches):
-            # This writer thread is the only one that writes state, so what it reads here
-            # holds through the transaction: leave out batches whose expectations fail.
-            bad = self._state_conflicts(batches)
-            if bad:
-                live = [b for i, b in enumerate(batches) if i not in bad]
-                done = iter(self.commit(live, now_ns) if live else [])
-                return [
-                    CommitResult(0, 0, 0, conflict=True) if i in bad else next(done)
-                    for i in range(len(batches))
-                ]
-        now_s = now_ns // NS
-        flat: list[UsageRecord] = [r for b in batches for r in b.records]
-        keys = [r.dedup_key for r in flat if r.dedup_key is not None]
-        seen = iter(self.dedup.contains(keys, now_s))
-        in_group: set[bytes] = set()
-        fresh: list[bytes] = []
-        new_flags: list[bool] = []
-        for r in flat:
-            k = r.dedup_key
-            if k is None:
-                new_flags.append(True)
-                continue
-            dup = next(seen) or k in in_group
-            new_flags.append(not dup)
-            if not dup:
-                in_group.add(k)
-                fresh.append(k)
+        return self.apply(self.prepare(batches, now_ns))
 
-        seq = self._next_seq
+    def prepare(self, batches: Sequence[Batch], now_ns: int) -> _Prepared:
+        """Everything of a commit but the transaction: dedup decisions, rows, merged rollups.
+
+        Groups prepared but not applied yet count as committed for the next ``prepare`` (their
+        keys, rollups, metadata and state are looked up in ``_inflight`` first), so the writer
+        can prepare one group while the previous one is in SQLite. Nothing in memory moves
+        until ``apply`` has committed; a failed ``apply`` voids every group still in flight.
+        """
+        with self._mem:
+            return self._prepare(batches, now_ns)
+
+    def _prepare(self, batches: Sequence[Batch], now_ns: int) -> _Prepared:
+        inflight = self._inflight
+        p = _Prepared(self._epoch, now_ns)
+        last = inflight[-1] if inflight else None
+        p.next_seq = last.next_seq if last else self._next_seq
+        p.next_rejected = last.next_rejected if last else self._next_rejected
+        p.next_meta = last.next_meta if last else self._next_meta
+        conflicts = self._state_conflicts(batches) if any(b.state_expect for b in batches) else ()
+        if conflicts:
+            batches = [b for i, b in enumerate(batches) if i not in conflicts]
+
+        now_s = p.now_s
+        flat: list[UsageRecord] = [r for b in batches for r in b.records]
+        keys = [r.dedup_key for r in flat]
+        keyed = [k for k in keys if k is not None]
+        seen = self.dedup.contains(keyed, now_s)
+        pending = [g.fresh_set for g in inflight]
+        new_flags: list[bool] | None = None
+        if (
+            len(keyed) == len(flat)
+            and not any(seen)
+            and len(set(keyed)) == len(keyed)
+            and not any(not s.isdisjoint(keyed) for s in pending)
+        ):
+            fresh = keyed  # the common case: every record new
+        else:
+            fresh, new_flags = [], []
+            in_group: set[bytes] = set()
+            flags = iter(seen)
+            for k in keys:
+                if k is None:
+                    new_flags.append(True)
+                    continue
+                dup = next(flags) or k in in_group or any(k in s for s in pending)
+                new_flags.append(not dup)
+                if not dup:
+                    in_group.add(k)
+                    fresh.append(k)
+        p.fresh = fresh
+        p.fresh_set = set(fresh)
+
+        seq = p.next_seq
         rows: list[tuple[Any, ...]] = []
-        distinct: list[tuple[str, str, int, str]] = []
+        distinct = p.distinct
         acc: dict[_RollupKey, list[Any]] = {}
-        shared = _SharedMetadata(self)
-        meta_id = shared.id_of
-        for r, is_new in zip(flat, new_flags, strict=True):
-            if not is_new:
-                continue
-            ts, v, m = r.timestamp_ns, r.value, r.metadata
+        meta_id = _SharedMetadata(self, p).id_of
+        known = self._meta_objs
+        mul, add = EXACT.multiply, EXACT.add
+        for r in flat if new_flags is None else compress(flat, new_flags):
+            ts, v, m, c, d = r.timestamp_ns, r.value, r.metadata, r.customer_id, r.dimension_id
             if type(m) is SeriesMetadata:
-                mid, m = meta_id(m), None
+                hit = known.get(id(m))  # the usual case, inline: a series seen before
+                mid, m = (hit[1] if hit is not None and hit[0] is m else meta_id(m)), None
             else:
                 mid, m = None, m or None
-            rows.append(
-                (
-                    seq,
-                    ts,
-                    r.customer_id,
-                    r.dimension_id,
-                    str(v),
-                    r.record_id,
-                    m,
-                    r.source,
-                    now_ns,
-                    mid,
-                )
-            )
+            rows.append((seq, ts, c, d, str(v), r.record_id, m, r.source, now_ns, mid))
             bucket = ts - ts % BUCKET_NS
-            key = (r.customer_id, r.dimension_id, bucket)
-            w = EXACT.multiply(v, bucket + BUCKET_NS - ts)
+            key = (c, d, bucket)
+            w = mul(v, bucket + BUCKET_NS - ts)
             a = acc.get(key)
             if a is None:
                 acc[key] = [1, v, v, v, ts, seq, v, w]
             else:
                 a[0] += 1
-                a[1] = EXACT.add(a[1], v)
+                a[1] = add(a[1], v)
                 if v < a[2]:
                     a[2] = v
                 if v > a[3]:
                     a[3] = v
                 if ts >= a[4]:  # later seq wins ties: records are walked in ingest order
                     a[4], a[5], a[6] = ts, seq, v
-                a[7] = EXACT.add(a[7], w)
+                a[7] = add(a[7], w)
             if r.unique_value is not None:
-                distinct.append((r.customer_id, r.dimension_id, bucket, r.unique_value))
+                distinct.append((c, d, bucket, r.unique_value))
             seq += 1
+        p.next_seq = seq
+        if rows:
+            p.records_json = orjson.dumps(rows, default=str)
+        p.merged = self._merge_rollups(acc)
 
-        rejected_rows = []
-        rseq = self._next_rejected
+        rseq = p.next_rejected
         for b in batches:
             for e in b.errors:
-                rejected_rows.append(
+                p.rejected.append(
                     (rseq, now_ns, b.source.value, e.reason.value, e.field, e.error, e.raw)
                 )
                 rseq += 1
+        p.next_rejected = rseq
+        for b in batches:
+            p.state.update(b.state)
 
+        flag_iter = iter(new_flags) if new_flags is not None else None
+        results: list[CommitResult] = []
+        for b in batches:
+            n = len(b.records)
+            accepted = n if flag_iter is None else sum(islice(flag_iter, n))
+            results.append(CommitResult(accepted, n - accepted, len(b.errors)))
+        if conflicts:
+            done = iter(results)
+            n_all = len(results) + len(conflicts)
+            results = [
+                CommitResult(0, 0, 0, conflict=True) if i in conflicts else next(done)
+                for i in range(n_all)
+            ]
+        p.results = results
+        inflight.append(p)
+        return p
+
+    def apply(self, p: _Prepared) -> list[CommitResult]:
+        """Commit a prepared group (in ``prepare`` order), fsynced; then move memory."""
+        with self._mem:
+            if p.epoch != self._epoch or not self._inflight or self._inflight[0] is not p:
+                raise RuntimeError("an earlier group failed to commit; this one was void")
         conn = self._conn
-        with self._write_txn(conn):
-            merged = self._merge_rollups(conn, acc)
-            if shared.new:
-                conn.executemany("INSERT INTO metadata VALUES (?, ?, ?)", shared.new)
-            if rows:
-                # One statement for all rows: executemany would release and retake the GIL
-                # per row, and with receiver threads busy every retake waits its turn.
-                conn.execute(_RECORDS_FROM_JSON, (orjson.dumps(rows, default=str),))
-            if fresh:
-                conn.execute(
-                    "INSERT INTO dedup_log (seen_s, keys) VALUES (?, ?)", (now_s, b"".join(fresh))
-                )
-            if merged:
-                conn.execute(
-                    _ROLLUPS_FROM_JSON,
-                    (
-                        orjson.dumps(
-                            [
-                                (
-                                    c,
-                                    d,
-                                    row.bucket_ns,
-                                    row.count,
-                                    str(row.sum),
-                                    str(row.min),
-                                    str(row.max),
-                                    row.last_ts,
-                                    row.last_seq,
-                                    str(row.last_value),
-                                    str(row.wsum),
-                                )
-                                for (c, d, _), row in merged.items()
-                            ]
-                        ),
-                    ),
-                )
-            if distinct:
-                conn.executemany("INSERT OR IGNORE INTO rollup_distinct VALUES (?,?,?,?)", distinct)
-            if rejected_rows:
-                conn.executemany("INSERT INTO rejected VALUES (?,?,?,?,?,?,?)", rejected_rows)
-            for b in batches:
-                if b.state:
-                    _put_state(conn, [(k, v) for k, v in b.state.items() if v is not None])
+        try:
+            with self._write_txn(conn):
+                if p.meta_new:
+                    conn.executemany("INSERT INTO metadata VALUES (?, ?, ?)", p.meta_new)
+                if p.records_json is not None:
+                    # One statement for all rows: executemany would release and retake the
+                    # GIL per row, and with receiver threads busy every retake waits its turn.
+                    conn.execute(_RECORDS_FROM_JSON, (p.records_json,))
+                if p.fresh:
+                    conn.execute(
+                        "INSERT INTO dedup_log (seen_s, keys) VALUES (?, ?)",
+                        (p.now_s, b"".join(p.fresh)),
+                    )
+                if p.merged:
+                    conn.execute(_ROLLUPS_FROM_JSON, (_rollups_json(p.merged),))
+                if p.distinct:
+                    conn.executemany(
+                        "INSERT OR IGNORE INTO rollup_distinct VALUES (?,?,?,?)", p.distinct
+                    )
+                if p.rejected:
+                    conn.executemany("INSERT INTO rejected VALUES (?,?,?,?,?,?,?)", p.rejected)
+                if p.state:
+                    _put_state(conn, [(k, v) for k, v in p.state.items() if v is not None])
                     conn.executemany(
                         "DELETE FROM receiver_state WHERE key = ?",
-                        [(k,) for k, v in b.state.items() if v is None],
+                        [(k,) for k, v in p.state.items() if v is None],
                     )
+        except BaseException:
+            with self._mem:
+                self._epoch += 1
+                self._inflight.clear()
+            raise
 
         # Committed: only now do the in-memory views move.
-        shared.committed()
-        self._next_seq = seq
-        self._next_rejected = rseq
-        self.dedup.add(fresh, now_s)
-        if len(self._cache) + len(merged) > self._cache_size:
-            self._cache.clear()
-        self._cache.update(merged)
-        if now_s - self._last_purge_s >= 600:
-            self._purge_dedup(now_s)
+        with self._mem:
+            self._inflight.popleft()
+            self._next_seq, self._next_rejected = p.next_seq, p.next_rejected
+            self._next_meta = p.next_meta
+            if len(self._meta_objs) + len(p.meta_objs) > _SharedMetadata.MAX_REMEMBERED:
+                self._meta_objs.clear()
+                self._meta_ids.clear()
+            self._meta_objs.update(p.meta_objs)
+            self._meta_ids.update(p.meta_ids)
+            self.dedup.add(p.fresh, p.now_s)
+            if len(self._cache) + len(p.merged) > self._cache_size:
+                self._cache.clear()
+            self._cache.update(p.merged)
+            if p.now_s - self._last_purge_s >= 600:
+                self._purge_dedup(p.now_s)
+        return p.results
 
-        results = []
-        flags = iter(new_flags)
-        for b in batches:
-            accepted = sum(1 for _ in b.records if next(flags))
-            results.append(CommitResult(accepted, len(b.records) - accepted, len(b.errors)))
-        return results
+    def _merge_rollups(self, acc: dict[_RollupKey, list[Any]]) -> dict[_RollupKey, RollupRow]:
+        def current(key: _RollupKey) -> RollupRow | None:
+            for g in reversed(self._inflight):
+                row = g.merged.get(key)
+                if row is not None:
+                    return row
+            return self._cache.get(key)
 
-    def _merge_rollups(
-        self, conn: sqlite3.Connection, acc: dict[_RollupKey, list[Any]]
-    ) -> dict[_RollupKey, RollupRow]:
-        missing = [k for k in acc if k not in self._cache]
-        loaded: dict[_RollupKey, RollupRow] = {}
+        olds = {k: current(k) for k in acc}
+        missing = [k for k, v in olds.items() if v is None]
+        conn = self._prep
         for c, d, bucket in missing:
             row = conn.execute(
                 "SELECT count, sum, min, max, last_ts, last_seq, last_value, wsum FROM rollups "
@@ -460,10 +539,10 @@ class SQLiteStore:
                 (c, d, bucket),
             ).fetchone()
             if row is not None:
-                loaded[(c, d, bucket)] = _rollup(bucket, row)
+                olds[(c, d, bucket)] = _rollup(bucket, row)
         out: dict[_RollupKey, RollupRow] = {}
         for key, (n, s, mn, mx, lts, lseq, lv, w) in acc.items():
-            old = self._cache.get(key) or loaded.get(key)
+            old = olds[key]
             if old is not None:
                 later = (lts, lseq) > (old.last_ts, old.last_seq)
                 out[key] = RollupRow(
@@ -492,7 +571,9 @@ class SQLiteStore:
         """Indexes of batches whose ``state_expect`` fails, batches applied in order."""
         keys = sorted({k for b in batches for k in (*b.state_expect, *b.state)})
         current: dict[str, bytes | None] = dict.fromkeys(keys)
-        current.update(self.state_get(keys))
+        current.update(self._state_committed(keys))
+        for g in self._inflight:  # groups not committed yet will have written theirs first
+            current.update((k, v) for k, v in g.state.items() if k in current)
         bad: set[int] = set()
         for i, b in enumerate(batches):
             if any(current.get(k) != v for k, v in b.state_expect.items()):
@@ -503,9 +584,14 @@ class SQLiteStore:
 
     # --- receiver state --------------------------------------------------------------------
 
+    def _state_committed(self, keys: Sequence[str]) -> dict[str, bytes]:
+        return self._state_rows(self._prep, keys)
+
     def state_get(self, keys: Sequence[str]) -> dict[str, bytes]:
+        return self._state_rows(self._reader(), keys)
+
+    def _state_rows(self, conn: sqlite3.Connection, keys: Sequence[str]) -> dict[str, bytes]:
         out: dict[str, bytes] = {}
-        conn = self._reader()
         for i in range(0, len(keys), 500):
             chunk = list(keys[i : i + 500])
             marks = ",".join("?" * len(chunk))
