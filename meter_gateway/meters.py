@@ -329,27 +329,21 @@ def reading(
 
 
 class CommitWaker:
-    """Wraps the store's ``commit`` for the ingestor: after a commit that touched a metered
-    (customer, dimension), wake the meter job so thresholds fire at once. Everything else is
-    the wrapped store's."""
+    """The ingestor's ``on_commit``: after a commit that added usage for a metered
+    (customer, dimension), wake the meter job so thresholds fire at once."""
 
-    def __init__(
-        self, store: Store, catalog: Callable[[], Catalog], wake: Callable[[], None]
-    ) -> None:
-        self._store = store
+    def __init__(self, catalog: Callable[[], Catalog], wake: Callable[[], None]) -> None:
         self._catalog = catalog
         self._wake = wake
         self._metered: tuple[Catalog | None, frozenset[tuple[str, str]]] = (None, frozenset())
 
-    def commit(self, batches: Sequence[Batch], now_ns: int) -> list[CommitResult]:
-        results = self._store.commit(batches, now_ns)
+    def __call__(self, batches: Sequence[Batch], results: Sequence[CommitResult]) -> None:
         if any(r.accepted for r in results):
             metered = self._pairs()
             if metered and any(
                 (r.customer_id, r.dimension_id) in metered for b in batches for r in b.records
             ):
                 self._wake()
-        return results
 
     def _pairs(self) -> frozenset[tuple[str, str]]:
         catalog = self._catalog()
@@ -357,6 +351,3 @@ class CommitWaker:
             pairs = frozenset((m.customer, m.dimension) for m in catalog.meters.values())
             self._metered = (catalog, pairs)
         return self._metered[1]
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._store, name)

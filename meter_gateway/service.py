@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterable, Mapping
-from typing import cast
 from zoneinfo import ZoneInfo
 
 from exporters.files import FileSink
@@ -68,20 +67,16 @@ class Gateway:
         self.mapper = Mapper(config.rules)
         self.validator = Validator(lambda: self.catalog.current, self.clock, ingest, self.mapper)
         self.ingestor = Ingestor(
-            # wakes the meter job after commits that touch a metered (customer, dimension)
-            cast(
-                Store,
-                meters.CommitWaker(
-                    self.store,
-                    lambda: self.catalog.current,
-                    lambda: self.scheduler.wake(meters.JOB_NAME),
-                ),
-            ),
+            self.store,
             self.clock,
             self.telemetry,
             ingest.max_queue_records,
             ingest.max_commit_records,
             ingest.retry_after.total_seconds(),
+            # wakes the meter job after commits that touch a metered (customer, dimension)
+            on_commit=meters.CommitWaker(
+                lambda: self.catalog.current, lambda: self.scheduler.wake(meters.JOB_NAME)
+            ),
         )
         # Running totals from senders without start times (Vector absolute counters).
         self.totals = Totals(StreamTable(self.store, "vector/"), self.validator, self.ingestor)

@@ -69,8 +69,10 @@ class Ingestor:
         max_queue_records: int,
         max_commit_records: int,
         retry_after_s: float,
+        on_commit: Callable[[list[Batch], list[CommitResult]], None] | None = None,
     ) -> None:
         self._store = store
+        self._on_commit = on_commit  # after every successful commit, before answering
         self._clock = clock
         self._telemetry = telemetry
         self._max_queue = max_queue_records
@@ -214,6 +216,11 @@ class Ingestor:
         self._release(group)
 
     def _settled(self, group: list[_Pending], results: list[CommitResult], elapsed: float) -> None:
+        if self._on_commit is not None:
+            try:
+                self._on_commit([p.batch for p in group], results)
+            except Exception:  # a hook must never fail a commit that happened
+                log.exception("on_commit hook failed")
         t = self._telemetry
         t.commit_seconds.observe(elapsed)
         t.commit_records.observe(sum(p.size for p in group))

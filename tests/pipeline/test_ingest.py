@@ -103,3 +103,36 @@ def test_failed_commit_fails_every_waiter_and_stores_nothing(store: GatedStore) 
     with pytest.raises(ShuttingDown):
         ing.submit_sync(batch(1, "y"))
     store.inner.close()
+
+
+@pytest.mark.parametrize("pipelined", [True, False])
+def test_on_commit_sees_every_committed_group(tmp_path: Path, pipelined: bool) -> None:
+    """The two-stage pipeline (a store with prepare/apply) and the plain commit call the hook
+    alike: once per committed group, with its batches and results, before the answer."""
+    inner = SQLiteStore(str(tmp_path / "h.db"), 86400, ts("2026-05-01T12:00:00"))
+    store = inner if pipelined else GatedStore(inner)
+    if not pipelined:
+        store.gate.set()
+    seen: list[tuple[int, int]] = []
+
+    def hook(batches: list[Batch], results: list[CommitResult]) -> None:
+        seen.append((len(batches), sum(r.accepted for r in results)))
+
+    ingestor = Ingestor(
+        store,  # type: ignore[arg-type]
+        FixedClock(ts("2026-05-01T12:00:00")),
+        Telemetry(),
+        1000,
+        1000,
+        1.0,
+        on_commit=hook,
+    )
+    try:
+        first = ingestor.submit_sync(batch(3, "a"), 10)
+        assert seen == [(1, 3)]
+        again = ingestor.submit_sync(batch(3, "a"), 10)
+        assert (first.accepted, again.duplicates) == (3, 3)
+        assert seen == [(1, 3), (1, 0)]
+    finally:
+        ingestor.close()
+        inner.close()
