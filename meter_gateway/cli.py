@@ -47,7 +47,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     from meter_gateway.server import serve
 
-    return serve(config)
+    try:
+        return serve(config)
+    except OSError as exc:  # a listener could not bind, the store could not open
+        logging.getLogger("meter_gateway").error("cannot start: %s", exc)
+        return 1
 
 
 if __name__ == "__main__":

@@ -83,21 +83,31 @@ class OtlpGrpcServer:
                 ("grpc.so_reuseport", 0),  # a port in use is an error, not a shared port
             ],
         )
+        creds = None
         if s.cert_file and s.key_file:
             creds = grpc.ssl_server_credentials(
                 [(Path(s.key_file).read_bytes(), Path(s.cert_file).read_bytes())]
             )
-            port = server.add_secure_port(s.listen, creds)
-        else:
-            port = server.add_insecure_port(s.listen)
+        try:
+            if s.cert_file and s.key_file:
+                port = server.add_secure_port(s.listen, creds)
+            else:
+                port = server.add_insecure_port(s.listen)
+        except RuntimeError:  # grpcio ≥ 1.60 raises where older ones returned 0
+            port = 0
         if not port:
-            raise OSError(f"OTLP/gRPC could not listen on {s.listen}")
+            raise OSError(
+                f"OTLP/gRPC could not listen on {s.listen} (address in use or not available)"
+            )
         server.start()
         self._server, self.port = server, int(port)
         return self.port
 
     def stop(self, grace_s: float) -> Any:
-        """Refuse new calls, let running ones finish for ``grace_s``; returns an Event."""
+        """Refuse new calls, let running ones finish for ``grace_s``; returns an Event (None
+        when the server never started, e.g. its port was taken)."""
+        if self._server is None:
+            return None
         return self._server.stop(grace_s)
 
     # --- the RPC -----------------------------------------------------------------------------

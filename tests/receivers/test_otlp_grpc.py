@@ -345,3 +345,39 @@ def test_sigterm_drains_exports_in_flight(tmp_path: Path, protocol: str) -> None
     finally:
         http.close()
         assert gw.stop() == 0
+
+
+def test_a_taken_grpc_port_is_a_clear_start_up_error(tmp_path: Path) -> None:
+    """Not a traceback: the gateway says which listener could not bind and exits 1."""
+    import socket
+    import subprocess
+    import sys
+
+    import yaml
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = tmp_path / "c.yaml"
+        config.write_text(
+            yaml.safe_dump(
+                {
+                    "server": {
+                        "http": {"listen": "127.0.0.1:0"},
+                        "otlp_http": {"listen": "127.0.0.1:0"},
+                        "otlp_grpc": {"listen": f"127.0.0.1:{port}"},
+                    },
+                    "store": {"url": f"sqlite:///{tmp_path / 'g.db'}"},
+                }
+            )
+        )
+        done = subprocess.run(
+            [sys.executable, "-m", "meter_gateway", "serve", "--config", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert done.returncode == 1
+    assert f"OTLP/gRPC could not listen on 127.0.0.1:{port}" in done.stderr
+    assert "Traceback" not in done.stderr
