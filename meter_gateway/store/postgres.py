@@ -304,7 +304,8 @@ class PostgresStore:
                         r.dimension_id,
                         v,
                         _text(r.record_id),
-                        orjson.dumps(r.metadata).decode() if r.metadata else None,
+                        # numbers JSON cannot carry (Decimal) are kept as exact text, as SQLite
+                        orjson.dumps(r.metadata, default=str).decode() if r.metadata else None,
                         r.source.value,
                         now_ns,
                     )
