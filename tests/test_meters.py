@@ -22,6 +22,8 @@ from tests.helpers import commit, open_store, rec, ts
 
 UTC = ZoneInfo("UTC")
 DIM = Dimension(id="d1", name="D1", unit="gigabyte")
+HOLDER = "replica-a"
+LEASE_TTL_NS = 15 * 1_000_000_000  # the scheduler's default lease
 
 
 def meter(**kw: Any) -> Meter:
@@ -72,7 +74,15 @@ def job(store: Any, m: Meter) -> MeterJob:
             "meters": {m.id: m},
         }
     )
-    return MeterJob(store, lambda: catalog, UTC, Router({"hook": None}), lambda: "replica-a")
+    return MeterJob(store, lambda: catalog, UTC, Router({"hook": None}), lambda: HOLDER)
+
+
+def run(store: Any, j: MeterJob, now_ns: int, holder: str = HOLDER) -> float:
+    """One run as the scheduler makes it: take (or renew) the job's lease as the job's holder at
+    ``now_ns`` first, so the job's fenced commit finds it held (PostgreSQL checks; SQLite's
+    single process always holds it)."""
+    assert store.lease(j.name, holder, LEASE_TTL_NS, now_ns)
+    return j.run(now_ns)
 
 
 def events(store: SQLiteStore) -> list[dict[str, Any]]:
@@ -107,14 +117,14 @@ def test_thresholds_fire_once_per_period_even_with_a_new_job(store: SQLiteStore)
     fenced = Fenced(store)
     m = meter()
     commit(store, rec("2026-05-10T10:00:00", "4"))
-    job(fenced, m).run(ts("2026-05-10T10:00:01"))
+    run(fenced, job(fenced, m), ts("2026-05-10T10:00:01"))
     assert events(store) == []
     commit(store, rec("2026-05-10T10:05:00", "1"))  # 5: exactly on 50 % of 10
-    job(fenced, m).run(ts("2026-05-10T10:05:01"))
+    run(fenced, job(fenced, m), ts("2026-05-10T10:05:01"))
     commit(store, rec("2026-05-10T11:00:00", "4"))  # 9: past 8
     again = job(fenced, m)  # a restarted gateway: state comes from the store
-    again.run(ts("2026-05-10T11:00:01"))
-    again.run(ts("2026-05-10T11:00:02"))
+    run(fenced, again, ts("2026-05-10T11:00:01"))
+    run(fenced, again, ts("2026-05-10T11:00:02"))
     got = events(store)
     assert [(e["type"], e["data"]["threshold"]["key"], e["data"]["value"]) for e in got] == [
         ("threshold_reached", "percent:50", "5"),
@@ -122,18 +132,18 @@ def test_thresholds_fire_once_per_period_even_with_a_new_job(store: SQLiteStore)
     ]
     assert got[0]["id"] == "m1/2026-05-10T00:00:00Z/threshold/percent:50"
     # the first run records the period, then one commit per firing; never one for the rerun
-    assert fenced.fences == [("meters", "replica-a")] * 3
+    assert fenced.fences == [("meters", HOLDER)] * 3
 
 
 def test_a_reset_forwards_the_periods_total_and_starts_over(store: SQLiteStore) -> None:
     m = meter()
     j = job(store, m)
     commit(store, rec("2026-05-10T10:00:00", "6"))
-    j.run(ts("2026-05-10T10:00:01"))
+    run(store, j, ts("2026-05-10T10:00:01"))
     commit(store, rec("2026-05-10T23:59:59", "1"))  # lands before midnight, seen after it
-    j.run(ts("2026-05-11T00:00:00"))
+    run(store, j, ts("2026-05-11T00:00:00"))
     commit(store, rec("2026-05-11T01:00:00", "5"), now="2026-05-11T01:00:00")
-    j.run(ts("2026-05-11T01:00:01"))
+    run(store, j, ts("2026-05-11T01:00:01"))
     got = [(e["type"], e["id"]) for e in events(store)]
     assert got == [
         ("threshold_reached", "m1/2026-05-10T00:00:00Z/threshold/percent:50"),
@@ -167,9 +177,9 @@ def job_catalog(m: Meter) -> Any:
 def test_periods_nobody_ran_are_closed_in_order_with_late_thresholds(store: SQLiteStore) -> None:
     m = meter()
     j = job(store, m)
-    j.run(ts("2026-05-10T01:00:00"))  # state for the 10th, nothing reached
+    run(store, j, ts("2026-05-10T01:00:00"))  # state for the 10th, nothing reached
     commit(store, rec("2026-05-10T12:00:00", "9"), rec("2026-05-11T12:00:00", "2"))
-    j.run(ts("2026-05-12T08:00:00"))  # the gateway was down for two midnights
+    run(store, j, ts("2026-05-12T08:00:00"))  # the gateway was down for two midnights
     got = [(e["type"], e["id"], e["data"].get("late")) for e in events(store)]
     assert got == [
         ("threshold_reached", "m1/2026-05-10T00:00:00Z/threshold/percent:50", True),
@@ -192,7 +202,7 @@ def test_billable_quantity_meters_count_what_is_billed(store: SQLiteStore) -> No
     )  # fmt: skip
     j = MeterJob(store, lambda: catalog, UTC, Router({"hook": None}), lambda: "a")
     commit(store, rec("2026-05-10T10:00:00", "1"), rec("2026-05-10T11:00:00", "1"))
-    j.run(ts("2026-05-10T12:00:00"))  # 2 minutes in 2 hours bill as 2 hours
+    run(store, j, ts("2026-05-10T12:00:00"), holder="a")  # 2 minutes in 2 hours bill as 2 hours
     assert [e["data"]["value"] for e in events(store)] == ["2"]
 
 
@@ -201,6 +211,6 @@ def test_no_exporter_means_state_but_no_events(store: SQLiteStore) -> None:
     catalog = job_catalog(m)
     j = MeterJob(store, lambda: catalog, UTC, Router({}), lambda: "a")
     commit(store, rec("2026-05-10T10:00:00", "9"))
-    j.run(ts("2026-05-10T10:00:01"))
+    run(store, j, ts("2026-05-10T10:00:01"), holder="a")
     assert store.outbox_stats() == []
     assert set(store.job_state("meter/")["meter/m1"]["fired"]) == {"percent:50", "value:8"}
