@@ -1,5 +1,6 @@
-"""An in-process gateway (injected clock, real SQLite store) served over real HTTP by uvicorn on
-a free loopback port, for tests that need to move time without a subprocess."""
+"""An in-process gateway (injected clock, real store: SQLite or PostgreSQL per METER_TEST_STORE)
+served over real HTTP by uvicorn on a free loopback port, for tests that need to move time
+without a subprocess."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from meter_gateway.clock import FixedClock
 from meter_gateway.config import parse_config
 from meter_gateway.service import Gateway
 from tests.gatewayproc import ADMIN_KEY, free_port
+from tests.pgdb import store_url
 
 
 @contextmanager
@@ -27,7 +29,8 @@ def serve(
 ) -> Iterator[tuple[Gateway, httpx.Client]]:
     """The gateway and an admin client for it; the scheduler does not run by itself (tests call
     ``gw.scheduler.run_due()``)."""
-    cfg = {"store": {"url": f"sqlite:///{tmp_path / 'gw.db'}"}, **config}
+    # SQLite or PostgreSQL per METER_TEST_STORE (tests/pgdb.py); one database per tmp_path
+    cfg = {"store": {"url": store_url(tmp_path, "gw.db")}, **config}
     gw = Gateway(parse_config(yaml.safe_dump(cfg)), clock=clock)
     port = free_port()
     server = uvicorn.Server(
