@@ -268,6 +268,7 @@ class SQLiteStore:
         self._meta_objs: dict[int, tuple[SeriesMetadata, int]] = {}
         # Groups prepared but not committed yet, oldest first; an epoch voids them on failure.
         self._inflight: deque[_Prepared] = deque()
+        self._state_mem: dict[str, bytes | None] = {}  # receiver state committed since open
         self._epoch = 0
         self._mem = threading.RLock()  # in-memory views: caches, counters, dedup index
         self._prep = self._connect()  # prepare's reads: committed data only
@@ -514,6 +515,10 @@ class SQLiteStore:
             self._meta_objs.update(p.meta_objs)
             self._meta_ids.update(p.meta_ids)
             self.dedup.add(p.fresh, p.now_s)
+            if p.state:
+                if len(self._state_mem) + len(p.state) > 500_000:
+                    self._state_mem.clear()
+                self._state_mem.update(p.state)
             if len(self._cache) + len(p.merged) > self._cache_size:
                 self._cache.clear()
             self._cache.update(p.merged)
@@ -569,9 +574,14 @@ class SQLiteStore:
 
     def _state_conflicts(self, batches: Sequence[Batch]) -> set[int]:
         """Indexes of batches whose ``state_expect`` fails, batches applied in order."""
-        keys = sorted({k for b in batches for k in (*b.state_expect, *b.state)})
-        current: dict[str, bytes | None] = dict.fromkeys(keys)
-        current.update(self._state_committed(keys))
+        keys = {k for b in batches for k in (*b.state_expect, *b.state)}
+        # What this process committed is remembered (it is the only writer of state): only
+        # keys it has not written since it opened the database are read.
+        known = self._state_mem
+        current: dict[str, bytes | None] = {k: known[k] for k in keys if k in known}
+        unknown = sorted(keys - current.keys())
+        current.update(dict.fromkeys(unknown))
+        current.update(self._state_committed(unknown))
         for g in self._inflight:  # groups not committed yet will have written theirs first
             current.update((k, v) for k, v in g.state.items() if k in current)
         bad: set[int] = set()
