@@ -115,8 +115,19 @@ class TlsListenConfig(ListenConfig):
         return self
 
 
+class HttpListenConfig(ListenConfig):
+    @model_validator(mode="after")
+    def _always_on(self) -> HttpListenConfig:
+        if not self.enabled:
+            raise ValueError(
+                "the HTTP API cannot be disabled: it serves ingest, /metrics, /healthz and "
+                "/readyz (bind it to 127.0.0.1 to keep it private)"
+            )
+        return self
+
+
 class ServerConfig(_Model):
-    http: ListenConfig = ListenConfig(listen="127.0.0.1:8080")
+    http: HttpListenConfig = HttpListenConfig(listen="127.0.0.1:8080")
     otlp_grpc: TlsListenConfig = TlsListenConfig(listen="127.0.0.1:4317")
     otlp_http: TlsListenConfig = TlsListenConfig(listen="127.0.0.1:4318")
 

@@ -49,6 +49,12 @@ def test_unknown_keys_are_errors_with_their_path() -> None:
     assert errors_of("unknown_key.yaml") == ["server.htttp: unknown key"]
 
 
+def test_the_http_api_cannot_be_turned_off() -> None:
+    (err,) = errors_of("http_disabled.yaml")
+    assert err.startswith("server.http: ")
+    assert "cannot be disabled" in err
+
+
 def test_every_bad_value_is_reported_at_once() -> None:
     errs = "\n".join(errors_of("bad_values.yaml"))
     assert "ingest.dedup_window: '35 days' is not a duration" in errs
