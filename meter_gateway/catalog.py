@@ -3,19 +3,29 @@
 Entries come from the config file (written to the store at start-up, so the file wins for the
 ids it names) and from the ``/v1`` catalog API. Readers take an immutable ``Catalog`` snapshot;
 writers validate the whole would-be catalog, persist the change, then swap the snapshot.
+Replicas sharing a store see each other's changes through the store's catalog version (see
+``CatalogService``).
 """
 
 from __future__ import annotations
 
+import logging
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pydantic import BaseModel, ValidationError
 
+from meter_gateway.clock import Clock, SystemClock
 from meter_gateway.config import Config, Customer, Dimension, Meter, Offering
-from meter_gateway.store.base import Store
+from meter_gateway.store.base import ConflictError, Store
+
+log = logging.getLogger(__name__)
+
+NS = 1_000_000_000
+CHECK_EVERY_S = 1.0  # how stale another replica's catalog change may be seen
+CHANGE_ATTEMPTS = 5  # validations of one change while the catalog keeps moving under it
 
 Kind = Literal["dimensions", "offerings", "customers", "meters"]
 MODELS: dict[str, type[BaseModel]] = {
@@ -86,25 +96,82 @@ def build(entries: Mapping[str, Mapping[str, BaseModel]]) -> Catalog:
 
 
 class CatalogService:
-    """Owns the current snapshot and every change to it."""
+    """Owns the current snapshot and every change to it.
 
-    def __init__(self, store: Store, config: Config) -> None:
+    Several replicas share the store's catalog: every change, made through any replica, moves
+    the store's ``catalog_version`` in its transaction, and the snapshot is reloaded once the
+    version has moved. ``current`` checks the version at most every ``check_every_s`` (by the
+    injected clock; a failed check keeps the snapshot), ``fresh()`` checks it at once (before
+    usage is rejected for an unknown customer or dimension). A change is validated against the
+    whole catalog as stored and written compare-and-set on the version it was validated at,
+    under the store's catalog lock so replicas' changes take turns; if the catalog changed in
+    between anyway (a replica starting up writes its config entries without the lock), it is
+    reloaded and validated again.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        config: Config,
+        clock: Clock | None = None,
+        check_every_s: float = CHECK_EVERY_S,
+    ) -> None:
         self._store = store
-        self._lock = threading.Lock()
+        self._clock: Clock = clock or SystemClock()
+        self._check_every_ns = int(check_every_s * NS)
+        self._lock = threading.Lock()  # one change at a time
+        self._refresh_lock = threading.Lock()  # version checks and snapshot swaps
         for kind in MODELS:
             for item in getattr(config, kind):
                 store.catalog_put(kind, item.id, item.model_dump(mode="json"))
-        stored = store.catalog_load()
+        # The version is read before the load: the snapshot is at least that new.
+        self._version = store.catalog_version()
+        self._snapshot = self._load()
+        self._checked_ns = self._clock.now_ns()
+
+    @property
+    def current(self) -> Catalog:
+        """The snapshot; reloaded first if the check is due and the version moved. Never waits
+        for a check another thread is making."""
+        now = self._clock.now_ns()
+        due = not 0 <= now - self._checked_ns < self._check_every_ns  # or the clock went back
+        if due and self._refresh_lock.acquire(blocking=False):
+            try:
+                self._refresh_quietly(now)
+            finally:
+                self._refresh_lock.release()
+        return self._snapshot
+
+    def fresh(self) -> Catalog:
+        """The snapshot after checking the version now (one small read): for answers that would
+        otherwise turn away what another replica has just added."""
+        with self._refresh_lock:
+            self._refresh_quietly(self._clock.now_ns())
+        return self._snapshot
+
+    def _refresh_quietly(self, now: int) -> None:
+        try:
+            self._refresh(now)
+        except Exception:
+            self._checked_ns = now  # keep serving the snapshot; check again when next due
+            log.warning("could not check the catalog version; keeping the snapshot", exc_info=True)
+
+    def _refresh(self, now: int) -> None:
+        """Reload if the store's catalog version moved (the caller holds ``_refresh_lock``)."""
+        version = self._store.catalog_version()
+        if version != self._version:
+            self._snapshot = self._load()
+            self._version = version
+        self._checked_ns = now
+
+    def _load(self) -> Catalog:
+        stored = self._store.catalog_load()
         entries: dict[str, dict[str, BaseModel]] = {}
         for kind, model in MODELS.items():
             entries[kind] = {
                 id_: model.model_validate(body) for id_, body in stored.get(kind, {}).items()
             }
-        self._snapshot = build(entries)
-
-    @property
-    def current(self) -> Catalog:
-        return self._snapshot
+        return build(entries)
 
     def parse(self, kind: str, body: Any) -> BaseModel:
         model = MODELS[kind]
@@ -120,10 +187,11 @@ class CatalogService:
             ) from None
 
     def put(self, kind: str, item: BaseModel, create_only: bool = False) -> None:
-        with self._lock:
-            snap = self._snapshot
+        item_id = str(getattr(item, "id"))  # noqa: B009 - every catalog model has an id
+        body = item.model_dump(mode="json")
+
+        def change(snap: Catalog) -> Catalog:
             current: dict[str, BaseModel] = dict(getattr(snap, kind))
-            item_id = str(getattr(item, "id"))  # noqa: B009 - every catalog model has an id
             if create_only and item_id in current:
                 raise CatalogError([f"{kind}.{item_id}: already exists"], status=409)
             current[item_id] = item
@@ -131,15 +199,15 @@ class CatalogService:
             errors = new.check()
             if errors:
                 raise CatalogError(errors)
-            self._store.catalog_put(kind, item_id, item.model_dump(mode="json"))
-            self._snapshot = new
+            return new
+
+        self._change(change, lambda v: self._store.catalog_put(kind, item_id, body, v))
 
     def delete(self, kind: str, item_id: str) -> bool:
-        with self._lock:
-            snap = self._snapshot
+        def change(snap: Catalog) -> Catalog | None:
             current: dict[str, BaseModel] = dict(getattr(snap, kind))
             if item_id not in current:
-                return False
+                return None
             del current[item_id]
             new = build({**self._entries(snap), kind: current})
             errors = new.check()
@@ -147,9 +215,30 @@ class CatalogService:
                 raise CatalogError(
                     [f"{kind}.{item_id} is still in use: {e}" for e in errors], status=409
                 )
-            self._store.catalog_delete(kind, item_id)
-            self._snapshot = new
-            return True
+            return new
+
+        return self._change(change, lambda v: self._store.catalog_delete(kind, item_id, v))
+
+    def _change(
+        self, change: Callable[[Catalog], Catalog | None], write: Callable[[int], object]
+    ) -> bool:
+        """Validate ``change`` against the catalog as stored (it returns the new snapshot, or
+        None: nothing to change) and ``write`` it compare-and-set on the version validated at;
+        when another replica changed the catalog first, reload and validate again."""
+        # the store's lock before the refresh lock: fresh() never waits for another replica
+        with self._lock, self._store.catalog_lock(), self._refresh_lock:
+            for _ in range(CHANGE_ATTEMPTS):
+                self._refresh(self._clock.now_ns())
+                new = change(self._snapshot)
+                if new is None:
+                    return False
+                try:
+                    write(self._version)
+                except ConflictError:
+                    continue
+                self._snapshot, self._version = new, self._version + 1
+                return True
+        raise CatalogError(["the catalog kept changing under this change: try again"], 409)
 
     @staticmethod
     def _entries(snap: Catalog) -> dict[str, Mapping[str, BaseModel]]:

@@ -63,9 +63,13 @@ class Gateway:
         self.store = store or open_store(
             config.store.url, int(ingest.dedup_window.total_seconds()), self.clock.now_ns()
         )
-        self.catalog = CatalogService(self.store, config)
+        # reloaded when another replica changes the catalog (checked every second, and before
+        # usage is turned away for an unknown customer or dimension)
+        self.catalog = CatalogService(self.store, config, self.clock)
         self.mapper = Mapper(config.rules)
-        self.validator = Validator(lambda: self.catalog.current, self.clock, ingest, self.mapper)
+        self.validator = Validator(
+            lambda: self.catalog.current, self.clock, ingest, self.mapper, self.catalog.fresh
+        )
         self.ingestor = Ingestor(
             self.store,
             self.clock,
@@ -104,7 +108,9 @@ class Gateway:
         if config.receivers.prometheus is not None:
             for job in prometheus_query.build_jobs(
                 config.receivers.prometheus,
-                lambda mapper: Validator(lambda: self.catalog.current, self.clock, ingest, mapper),
+                lambda mapper: Validator(
+                    lambda: self.catalog.current, self.clock, ingest, mapper, self.catalog.fresh
+                ),
                 self.store,
                 self.ingestor,
                 self.telemetry,

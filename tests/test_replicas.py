@@ -5,7 +5,8 @@
   the totals are exact, and every live replica reports the same period gauges;
 * scheduled work under store leases, in three real processes, one SIGKILLed: every window ran
   exactly once (fenced commits; the others take over when the dead one's lease expires);
-* cumulative OTLP series whose points land on different replicas: each step counts once.
+* cumulative OTLP series whose points land on different replicas: each step counts once;
+* a customer created through one replica's API is billed through another, no restart.
 
 These run against PostgreSQL whatever METER_TEST_STORE says: replicas need it.
 """
@@ -32,7 +33,7 @@ import yaml
 
 from tests import pgdb
 from tests.gatewayproc import BASE_CONFIG, INGEST_KEY, GatewayProcess
-from tests.helpers import total
+from tests.helpers import now_iso, total
 
 NS = 1_000_000_000
 WINDOW_S = 0.4  # the test job's window
@@ -304,6 +305,60 @@ def test_cumulative_points_of_one_series_on_different_replicas_count_each_step_o
     finally:
         a.close()
         b.close()
+
+
+# --- catalog changes across replicas ----------------------------------------------------------
+
+
+def test_a_customer_created_on_one_replica_is_accepted_by_another(url: str, tmp_path: Path) -> None:
+    config = {**BASE_CONFIG, "store": {"url": url}}
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+    a, b = GatewayProcess(tmp_path / "a", config), GatewayProcess(tmp_path / "b", config)
+    try:
+        a.start()
+        b.start()  # both have loaded the catalog: neither knows the customer yet
+        cid = f"new-{uuid.uuid4().hex[:8]}"
+        with a.client() as ca:
+            r = ca.post(
+                "/v1/customers",
+                json={"id": cid, "name": cid, "offering": "pay-as-you-go", "aliases": [f"{cid}-x"]},
+            )
+            assert r.status_code == 201, r.text
+        record = {
+            "id": f"{cid}-1",  # one id: a retry after a rejection can only count once
+            "timestamp": now_iso(),
+            "customerId": f"{cid}-x",
+            "dimensionId": "data-processed",
+            "recordValue": "2.5",
+        }
+
+        def accepted_by_b() -> bool:
+            r = httpx.post(
+                f"{b.url}/v1/usage",
+                json=[record],
+                headers={"Authorization": f"Bearer {INGEST_KEY}"},
+                timeout=30,
+            )
+            assert r.status_code == 200, r.text
+            body = r.json()
+            if body["rejected"]:
+                assert body["errors"][0]["reason"] == "unknown_customer", body
+            return bool(body["accepted"] or body["duplicates"])
+
+        _wait_for(accepted_by_b, 15)
+        for gw in (a, b):
+            with gw.client() as c:
+                assert total(c, cid) == Decimal("2.5")
+                assert c.get(f"/v1/customers/{cid}").json()["aliases"] == [f"{cid}-x"]
+        # and a deletion through b reaches a (its next check, within about a second)
+        with b.client() as cb:
+            assert cb.delete(f"/v1/customers/{cid}").status_code == 204
+        with a.client() as ca:
+            _wait_for(lambda: ca.get(f"/v1/customers/{cid}").status_code == 404, 15)
+    finally:
+        codes = [gw.stop() for gw in (a, b) if gw.proc is not None]
+    assert codes == [0, 0]
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["window-job"]:

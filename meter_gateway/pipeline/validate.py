@@ -45,6 +45,7 @@ _METRIC_VALUES = (
 )
 MAX_ID_LENGTH = 512
 NS = 1_000_000_000
+_UNKNOWN = (Reason.UNKNOWN_CUSTOMER, Reason.UNKNOWN_DIMENSION)
 
 
 class _Reject(Exception):
@@ -53,10 +54,20 @@ class _Reject(Exception):
 
 
 class Validator:
+    """``catalog`` gives the current snapshot; ``refresh``, if given, a snapshot checked against
+    the store right now (``CatalogService.fresh``): a batch that names an unknown customer or
+    dimension is validated again against it when it is newer (another replica added them)."""
+
     def __init__(
-        self, catalog: Callable[[], Catalog], clock: Clock, limits: IngestConfig, mapper: Mapper
+        self,
+        catalog: Callable[[], Catalog],
+        clock: Clock,
+        limits: IngestConfig,
+        mapper: Mapper,
+        refresh: Callable[[], Catalog] | None = None,
     ) -> None:
         self._catalog = catalog
+        self._refresh = refresh
         self._clock = clock
         self._limits = limits
         self._mapper = mapper
@@ -64,8 +75,21 @@ class Validator:
         self._future_ns = int(limits.future_tolerance.total_seconds()) * NS
 
     def batch(self, items: list[Item], source: Source) -> Batch:
-        batch = Batch(source)
         catalog = self._catalog()
+        batch = self._batch(items, source, catalog)
+        fresh = self._fresher(batch, catalog)
+        return batch if fresh is None else self._batch(items, source, fresh)
+
+    def _fresher(self, batch: Batch, catalog: Catalog) -> Catalog | None:
+        """A newer snapshot to validate the batch against again, if it turned something away
+        as unknown and the catalog moved since ``catalog``."""
+        if self._refresh is None or not any(e.reason in _UNKNOWN for e in batch.errors):
+            return None
+        fresh = self._refresh()
+        return None if fresh is catalog else fresh
+
+    def _batch(self, items: list[Item], source: Source, catalog: Catalog) -> Batch:
+        batch = Batch(source)
         now = self._clock.now_ns()
         lo, hi = now - self._late_ns, now + self._future_ns
         records, errors = batch.records, batch.errors
@@ -223,8 +247,15 @@ class Validator:
         Cumulative observations must already be converted to amounts by the receiver; the
         index of an error is the observation's position in ``observations``.
         """
-        batch = Batch(source)
         catalog = self._catalog()
+        batch = self._observations(observations, source, catalog)
+        fresh = self._fresher(batch, catalog)
+        return batch if fresh is None else self._observations(observations, source, fresh)
+
+    def _observations(
+        self, observations: Sequence[Observation], source: Source, catalog: Catalog
+    ) -> Batch:
+        batch = Batch(source)
         now = self._clock.now_ns()
         lo, hi = now - self._late_ns, now + self._future_ns
         for index, obs in enumerate(observations):

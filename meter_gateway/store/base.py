@@ -8,6 +8,7 @@ records land in one transaction, and dedup keys are marked only if that transact
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Protocol
@@ -94,9 +95,32 @@ class Store(Protocol):
     # --- catalog (dimensions, offerings, customers, meters) as JSON documents
     def catalog_load(self) -> dict[str, dict[str, dict[str, Any]]]: ...
 
-    def catalog_put(self, kind: str, id: str, body: Mapping[str, Any]) -> None: ...
+    def catalog_put(
+        self, kind: str, id: str, body: Mapping[str, Any], expect_version: int | None = None
+    ) -> None:
+        """Upsert one entry and move ``catalog_version`` by one, in one transaction. With
+        ``expect_version``: compare-and-set, ``ConflictError`` (nothing written) unless the
+        version is still that one (another change came first: reload, validate again)."""
+        ...
 
-    def catalog_delete(self, kind: str, id: str) -> bool: ...
+    def catalog_delete(self, kind: str, id: str, expect_version: int | None = None) -> bool:
+        """Delete one entry (False: absent, nothing moves); a deletion moves
+        ``catalog_version`` by one in its transaction. ``expect_version`` as for ``catalog_put``."""
+        ...
+
+    def catalog_lock(self) -> AbstractContextManager[None]:
+        """Held around one catalog change, from reading the version through validation to the
+        write, so changes made through any replica take turns (and compare-and-set writes do
+        not starve each other)."""
+        ...
+
+    def catalog_version(self) -> int:
+        """A counter that moves by one with every committed catalog change, whoever made it
+        (other replicas included): a reader that read it before ``catalog_load`` knows its
+        snapshot is at least that new, and reloads when it has moved. Compare it only with
+        values read from the same store (SQLite counts in memory from 0 at open: one process
+        owns the database)."""
+        ...
 
     # --- reads for aggregation
     def rollups(

@@ -54,6 +54,7 @@ NS = 1_000_000_000
 # Advisory lock ids (pg_advisory_lock's bigint space is shared by everything on the database).
 MIGRATION_LOCK = 0x6D67_0001  # "mg" 1
 PURGE_LOCK = 0x6D67_0002
+CATALOG_LOCK = 0x6D67_0003  # held around one catalog change (Store.catalog_lock)
 STATE_LOCK_CLASS = 0x6D67  # pg_advisory_xact_lock(class, hashtext(key)) per receiver-state key
 PURGE_EVERY_S = 600
 PURGE_CHUNK = 50_000
@@ -119,6 +120,13 @@ MIGRATIONS: tuple[str, ...] = (
         UNIQUE (exporter, event_id));
     CREATE INDEX outbox_pending ON outbox (exporter, status, seq);
     """,
+    # 3: the catalog version, moved in the transaction of every catalog change, so replicas
+    # see another's API changes (one row: catalog writers lock it first, so they queue there)
+    """
+    CREATE TABLE catalog_version (
+        one boolean PRIMARY KEY DEFAULT true CHECK (one), version bigint NOT NULL);
+    INSERT INTO catalog_version VALUES (true, 0);
+    """,
 )
 
 _RollupKey = tuple[str, str, int]
@@ -154,6 +162,16 @@ RETURNING key
 
 class SchemaTooNewError(RuntimeError):
     """The database was migrated by a newer meter-gateway than this one."""
+
+
+def _lock_catalog_version(conn: psycopg.Connection[Any], expect: int | None) -> None:
+    """A catalog writer's first step: lock the version row (writers queue here, so they never
+    deadlock on catalog rows) and, with ``expect``, check it has not moved (FOR UPDATE reads
+    the version last committed by whoever held the lock before)."""
+    row = conn.execute("SELECT version FROM catalog_version FOR UPDATE").fetchone()
+    assert row is not None  # migration 3 inserts the one row
+    if expect is not None and int(row[0]) != expect:
+        raise ConflictError(f"the catalog changed (version {row[0]}, expected {expect})")
 
 
 def _text(s: str | None) -> str | None:
@@ -462,18 +480,39 @@ class PostgresStore:
             out.setdefault(kind, {})[id_] = orjson.loads(body)
         return out
 
-    def catalog_put(self, kind: str, id: str, body: Mapping[str, Any]) -> None:
-        with self._conn() as conn:
+    def catalog_put(
+        self, kind: str, id: str, body: Mapping[str, Any], expect_version: int | None = None
+    ) -> None:
+        with self._conn() as conn, conn.transaction():
+            _lock_catalog_version(conn, expect_version)
             conn.execute(
                 "INSERT INTO catalog VALUES (%s, %s, %s, %s) ON CONFLICT (kind, id) "
                 "DO UPDATE SET body = excluded.body, updated_ns = excluded.updated_ns",
                 (kind, id, orjson.dumps(dict(body)).decode(), time.time_ns()),
             )
+            conn.execute("UPDATE catalog_version SET version = version + 1")
 
-    def catalog_delete(self, kind: str, id: str) -> bool:
-        with self._conn() as conn:
+    def catalog_delete(self, kind: str, id: str, expect_version: int | None = None) -> bool:
+        with self._conn() as conn, conn.transaction():
+            _lock_catalog_version(conn, expect_version)
             cur = conn.execute("DELETE FROM catalog WHERE kind = %s AND id = %s", (kind, id))
+            if cur.rowcount > 0:
+                conn.execute("UPDATE catalog_version SET version = version + 1")
         return cur.rowcount > 0
+
+    def catalog_version(self) -> int:
+        with self._conn() as conn:
+            row = conn.execute("SELECT version FROM catalog_version", prepare=True).fetchone()
+        assert row is not None  # migration 3 inserts the one row
+        return int(row[0])
+
+    @contextmanager
+    def catalog_lock(self) -> Iterator[None]:
+        # A transaction lock: it goes with the transaction, whatever happens to the caller or
+        # the connection; the change itself is written on other connections meanwhile.
+        with self._conn() as conn, conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (CATALOG_LOCK,))
+            yield
 
     # --- reads -------------------------------------------------------------------------------
 

@@ -271,6 +271,12 @@ class SQLiteStore:
         self._state_mem: dict[str, bytes | None] = {}  # receiver state committed since open
         self._epoch = 0
         self._mem = threading.RLock()  # in-memory views: caches, counters, dedup index
+        # The lock file makes this process the database's only writer, so the catalog version
+        # is counted here, moved only once a catalog change has committed; catalog writers hold
+        # the lock from their version check to that move.
+        self._catalog_version = 0
+        self._catalog_lock = threading.Lock()
+        self._catalog_turn = threading.Lock()  # catalog_lock: one change at a time
         self._prep = self._connect()  # prepare's reads: committed data only
         self.dedup = DedupIndex(dedup_window_s)
         self._load_dedup(now_ns // NS)
@@ -636,19 +642,43 @@ class SQLiteStore:
             out.setdefault(kind, {})[id_] = orjson.loads(body)
         return out
 
-    def catalog_put(self, kind: str, id: str, body: Mapping[str, Any]) -> None:
+    def catalog_put(
+        self, kind: str, id: str, body: Mapping[str, Any], expect_version: int | None = None
+    ) -> None:
         conn = self._reader()
-        with self._write_txn(conn):
-            conn.execute(
-                "INSERT OR REPLACE INTO catalog VALUES (?, ?, ?, ?)",
-                (kind, id, orjson.dumps(dict(body)).decode(), time.time_ns()),
-            )
+        with self._catalog_lock:
+            self._check_catalog_version(expect_version)
+            with self._write_txn(conn):
+                conn.execute(
+                    "INSERT OR REPLACE INTO catalog VALUES (?, ?, ?, ?)",
+                    (kind, id, orjson.dumps(dict(body)).decode(), time.time_ns()),
+                )
+            # after the COMMIT: whoever reads the new version, then loads, sees the change
+            self._catalog_version += 1
 
-    def catalog_delete(self, kind: str, id: str) -> bool:
+    def catalog_delete(self, kind: str, id: str, expect_version: int | None = None) -> bool:
         conn = self._reader()
-        with self._write_txn(conn):
-            cur = conn.execute("DELETE FROM catalog WHERE kind=? AND id=?", (kind, id))
+        with self._catalog_lock:
+            self._check_catalog_version(expect_version)
+            with self._write_txn(conn):
+                cur = conn.execute("DELETE FROM catalog WHERE kind=? AND id=?", (kind, id))
+            if cur.rowcount > 0:
+                self._catalog_version += 1
         return cur.rowcount > 0
+
+    def catalog_version(self) -> int:
+        return self._catalog_version
+
+    @contextmanager
+    def catalog_lock(self) -> Iterator[None]:
+        with self._catalog_turn:
+            yield
+
+    def _check_catalog_version(self, expect: int | None) -> None:
+        if expect is not None and expect != self._catalog_version:
+            raise ConflictError(
+                f"the catalog changed (version {self._catalog_version}, expected {expect})"
+            )
 
     # --- reads -------------------------------------------------------------------------------
 

@@ -169,3 +169,28 @@ def test_the_purge_drops_keys_past_the_window_only(url: str) -> None:
     )
     assert r.duplicates == 1
     s.close()
+
+
+def test_catalog_changes_through_any_replica_move_the_one_catalog_version(url: str) -> None:
+    stores = [PostgresStore(url, WINDOW_S, NOW) for _ in range(3)]
+    v = stores[0].catalog_version()
+    stores[1].catalog_put("customers", "c1", {"id": "c1", "name": "C1"})
+    # another replica sees the version move, then (loading after reading it) the change
+    assert stores[2].catalog_version() == v + 1
+    assert stores[2].catalog_load() == {"customers": {"c1": {"id": "c1", "name": "C1"}}}
+
+    def writer(k: int) -> None:
+        for i in range(20):
+            stores[k].catalog_put("customers", f"w{k}-{i % 4}", {"id": f"w{k}", "name": str(i)})
+            if i % 4 == 3:
+                assert stores[k].catalog_delete("customers", f"w{k}-{i % 4}")
+
+    threads = [threading.Thread(target=writer, args=(k,)) for k in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    # concurrent changes, each counted once: 60 puts and 15 deletes
+    assert {s.catalog_version() for s in stores} == {v + 1 + 60 + 15}
+    for s in stores:
+        s.close()

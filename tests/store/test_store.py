@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from meter_gateway.model import Batch, Reason, RecordError, Source
-from meter_gateway.store.base import LeaseLostError, OutboxEvent
+from meter_gateway.store.base import ConflictError, LeaseLostError, OutboxEvent
 from tests.helpers import open_store, rec, ts
 
 NOW = ts("2026-05-02T00:00:00")
@@ -170,4 +170,40 @@ def test_fenced_job_commits_write_only_while_the_lease_is_held(tmp_path: Path) -
         with pytest.raises(LeaseLostError):
             s.job_commit({"m/1": {"period": 2}}, [], ("meters", "a"), NOW + 16 * SEC)
         assert s.job_state("m/") == {"m/1": {"period": 1}}
+    s.close()
+
+
+def test_every_committed_catalog_change_moves_the_catalog_version_by_one(tmp_path: Path) -> None:
+    s = open_store(tmp_path)
+    v = s.catalog_version()
+    s.catalog_put("customers", "c1", {"id": "c1", "name": "C1"})
+    assert s.catalog_version() == v + 1
+    s.catalog_put("customers", "c1", {"id": "c1", "name": "C1 renamed"})  # a replacement too
+    assert s.catalog_version() == v + 2
+    with pytest.raises(Exception, match=NOT_NULL):  # rolled back: nothing moves
+        s.catalog_put(None, "c2", {"id": "c2", "name": "C2"})  # type: ignore[arg-type]
+    assert s.catalog_version() == v + 2
+    assert not s.catalog_delete("customers", "nobody")  # nothing deleted: nothing moves
+    assert s.catalog_version() == v + 2
+    assert s.catalog_load() == {"customers": {"c1": {"id": "c1", "name": "C1 renamed"}}}
+    assert s.catalog_delete("customers", "c1")
+    assert s.catalog_version() == v + 3
+    assert s.catalog_load() == {}
+    s.close()
+
+
+def test_catalog_writes_can_be_compare_and_set_on_the_version(tmp_path: Path) -> None:
+    s = open_store(tmp_path)
+    v = s.catalog_version()
+    s.catalog_put("offerings", "o1", {"id": "o1", "name": "O1"}, expect_version=v)
+    assert s.catalog_version() == v + 1
+    # validated at v, but the catalog has moved since: refused, nothing written or moved
+    with pytest.raises(ConflictError, match="catalog changed"):
+        s.catalog_put("customers", "c1", {"id": "c1", "offering": "o1"}, expect_version=v)
+    with pytest.raises(ConflictError, match="catalog changed"):
+        s.catalog_delete("offerings", "o1", expect_version=v)
+    assert s.catalog_version() == v + 1
+    assert s.catalog_load() == {"offerings": {"o1": {"id": "o1", "name": "O1"}}}
+    assert s.catalog_delete("offerings", "o1", expect_version=v + 1)
+    assert s.catalog_version() == v + 2
     s.close()
