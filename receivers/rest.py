@@ -90,8 +90,8 @@ def _ingest_totals(
 ) -> Response:
     totals = gw.totals
     try:
-        with totals.holding(batch):
-            changed = totals.convert(batch)
+        with totals.holding(batch) as sids:
+            changed = totals.convert(batch, sids)
             if atomic and batch.errors:
                 return _atomic_refusal(gw, batch)
             result = gw.ingestor.submit_sync(batch)

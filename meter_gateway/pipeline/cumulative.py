@@ -27,7 +27,6 @@ import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import replace
 from decimal import Decimal
 from typing import NamedTuple, Protocol
 
@@ -259,24 +258,36 @@ class Totals:
         self._committer = committer
         self._timeout = commit_timeout_s
 
-    def convert(self, batch: Batch) -> dict[str, StreamState]:
-        """Move ``batch.cumulative`` into records and errors (the caller holds the series);
-        returns the series whose state moves with the batch, also set in ``batch.state``."""
-        pending = sorted(batch.cumulative, key=lambda p: p[1].timestamp_ns)
-        sids = [series_id(obs) for _, obs in pending]
+    def convert(self, batch: Batch, sids: Sequence[str] | None = None) -> dict[str, StreamState]:
+        """Move ``batch.cumulative`` into records and errors (the caller holds the series;
+        ``sids`` are their ids as ``holding`` yielded them); returns the series whose state
+        moves with the batch, also set in ``batch.state``."""
+        if sids is None:
+            sids = [series_id(obs) for _, obs in batch.cumulative]
+        pending = sorted(
+            zip(batch.cumulative, sids, strict=True), key=lambda p: p[0][1].timestamp_ns
+        )
         states = self.table.load(set(sids))
         changed: dict[str, StreamState] = {}
         amounts: list[Observation] = []
         ordinals: list[int] = []
-        for (index, obs), sid in zip(pending, sids, strict=True):
+        amount = ObservationKind.AMOUNT
+        for (index, obs), sid in pending:
             t = obs.timestamp_ns
             step = convert(changed.get(sid) or states.get(sid), 0, t, obs.value, None, True)
             if step.state is not None:
                 changed[sid] = step.state
             if step.kind == "delta":
                 amounts.append(
-                    replace(
-                        obs, value=step.delta, kind=ObservationKind.AMOUNT, natural_key=f"{sid}:{t}"
+                    Observation(
+                        obs.source,
+                        obs.name,
+                        obs.attributes,
+                        step.delta,
+                        amount,
+                        t,
+                        f"{sid}:{t}",
+                        obs.resource_attributes,
                     )
                 )
                 ordinals.append(index)
@@ -294,24 +305,26 @@ class Totals:
         return changed
 
     @contextmanager
-    def holding(self, batch: Batch) -> Iterator[None]:
-        """Hold the series of ``batch.cumulative`` (for convert, then commit)."""
-        with self.table.hold({series_id(obs) for _, obs in batch.cumulative}):
-            yield
+    def holding(self, batch: Batch) -> Iterator[list[str]]:
+        """Hold the series of ``batch.cumulative`` (for convert, then commit); yields their
+        ids, in ``batch.cumulative`` order, for ``convert``."""
+        sids = [series_id(obs) for _, obs in batch.cumulative]
+        with self.table.hold(set(sids)):
+            yield sids
 
     def commit(self, batch: Batch) -> CommitResult:
         """Convert and commit in one go (blocks until durable; run it on a worker thread)."""
-        with self.holding(batch):
+        with self.holding(batch) as sids:
             cumulative, records = list(batch.cumulative), list(batch.records)
             errors, state, expect = list(batch.errors), dict(batch.state), dict(batch.state_expect)
             for _ in range(STATE_CONFLICT_RETRIES):
-                changed = self.convert(batch)
+                changed = self.convert(batch, sids)
                 result = self._committer.submit_sync(batch, self._timeout)
                 if not result.conflict:
                     self.table.committed(changed)
                     return result
                 # Another replica moved these series first: forget what we cached, convert again.
-                self.table.forget(series_id(obs) for _, obs in cumulative)
+                self.table.forget(sids)
                 batch.cumulative, batch.records = list(cumulative), list(records)
                 batch.errors = list(errors)
                 batch.state, batch.state_expect = dict(state), dict(expect)
