@@ -53,6 +53,8 @@ from meter_gateway.model import (
 )
 from meter_gateway.pipeline.cumulative import (
     STATE_CONFLICT_RETRIES,
+    Committer,
+    ObservationSink,
     StateReader,
     StreamsBusy,
     StreamState,
@@ -100,13 +102,8 @@ def natural_dedup_key(natural_key: str) -> bytes:
 SKIP_NO_VALUE = "no_value"  # NaN or NO_RECORDED_VALUE (the other reasons: pipeline.cumulative)
 
 
-# --- the stages this receiver is handed ------------------------------------------------------
-
-
-class ObservationSink(Protocol):
-    """Maps and validates observations (``pipeline.validate.Validator``)."""
-
-    def observations(self, observations: Sequence[Observation], source: Source) -> Batch: ...
+# --- the stages this receiver is handed (and ObservationSink, Committer, StateReader from
+# pipeline.cumulative, which every receiver of running totals shares) -------------------------
 
 
 class RuleMatcher(Protocol):
@@ -115,12 +112,6 @@ class RuleMatcher(Protocol):
     rules: tuple[Rule, ...]
 
     def map(self, obs: Observation) -> Mapped | Unmapped: ...
-
-
-class Committer(Protocol):
-    """Commits a batch durably (``pipeline.ingest.Ingestor``)."""
-
-    def submit_sync(self, batch: Batch, timeout: float | None = None) -> CommitResult: ...
 
 
 # --- errors and results ----------------------------------------------------------------------

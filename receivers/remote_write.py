@@ -51,6 +51,7 @@ from meter_gateway.pipeline.cumulative import (
 from meter_gateway.pipeline.decode import DecodeError
 from meter_gateway.pipeline.ingest import CommitFailed, Overloaded, ShuttingDown
 from receivers import prompb
+from receivers.rest import read_body
 
 SOURCE = Source.REMOTE_WRITE
 STATE_PREFIX = "remote_write/"
@@ -286,7 +287,7 @@ class RemoteWriteReceiver:
             check_content_type(
                 request.headers.get("content-type"), request.headers.get("content-encoding")
             )
-            body = await _read(request, self._limits.max_body_bytes)
+            body = await read_body(request, self._limits.max_body_bytes)
             batch, decoded = await run_in_threadpool(self.batch, body)
         except DecodeError as exc:
             t.requests.labels(SOURCE.value, str(exc.status)).inc()
@@ -327,16 +328,3 @@ class RemoteWriteReceiver:
             return Response("\n".join([head, *lines]) + "\n", 400, media_type="text/plain")
         t.requests.labels(SOURCE.value, "204").inc()
         return Response(status_code=204)
-
-
-async def _read(request: Request, limit: int) -> bytes:
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > limit:
-        raise DecodeError(413, f"body of {length} bytes exceeds the limit of {limit} bytes")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise DecodeError(413, f"body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
