@@ -88,17 +88,21 @@ async def ingest(request: Request, gw: Gateway) -> Response:
 def _ingest_totals(
     gw: Gateway, batch: Batch, single: bool, atomic: bool, started: float
 ) -> Response:
-    totals = gw.totals
+    def check(converted: Batch) -> None:
+        if atomic and converted.errors:
+            raise _AtomicRefused
+
     try:
-        with totals.holding(batch) as sids:
-            changed = totals.convert(batch, sids)
-            if atomic and batch.errors:
-                return _atomic_refusal(gw, batch)
-            result = gw.ingestor.submit_sync(batch)
-            totals.table.committed(changed)
+        result = gw.totals.commit(batch, check)
+    except _AtomicRefused:
+        return _atomic_refusal(gw, batch)
     except (Overloaded, CommitFailed, ShuttingDown, StreamsBusy) as exc:
         return _unavailable(gw, batch, exc)
     return _answer(gw, batch, result, single, started)
+
+
+class _AtomicRefused(Exception):
+    """An atomic request turned out to hold invalid records once its totals were converted."""
 
 
 def _atomic_refusal(gw: Gateway, batch: Batch) -> Response:

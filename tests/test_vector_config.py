@@ -961,3 +961,24 @@ def test_a_bad_absolute_counter_is_rejected_alone(gateway: GatewayProcess) -> No
     assert error["index"] == 3
     assert error["reason"] == "unknown_customer"
     assert usage_value(gateway, "acme", "api-calls", "2025-06") == Decimal(5)
+
+
+def test_an_atomic_batch_with_a_bad_absolute_counter_stores_nothing(
+    gateway: GatewayProcess,
+) -> None:
+    """?atomic=true holds for running totals too: the totals' state does not move either, so
+    the same series' next total is still measured from before the refused batch."""
+    topo = Topology.load(CONFIG_DIR / "metrics.yaml", vector_env(gateway))
+    sink = topo.of_type("sinks")["meter_gateway"]
+    assert send(http_request(sink, [counter("acme", 0, 10.0)])).json()["accepted"] == 0
+    refused = http_request(
+        sink, [counter("acme", 1, 15.0), counter("nobody", 0, 3.0), counter("nobody", 1, 8.0)]
+    )
+    response = httpx.post(
+        refused.uri + "?atomic=true", content=refused.body, headers=refused.headers, timeout=30
+    )
+    assert response.status_code == 422, response.text
+    assert response.json()["accepted"] == 0
+    assert usage_value(gateway, "acme", "api-calls", "2025-06") == 0
+    assert send(http_request(sink, [counter("acme", 2, 21.0)])).json()["accepted"] == 1
+    assert usage_value(gateway, "acme", "api-calls", "2025-06") == Decimal(11)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from decimal import Decimal
 from typing import NamedTuple, Protocol
@@ -312,13 +312,20 @@ class Totals:
         with self.table.hold(set(sids)):
             yield sids
 
-    def commit(self, batch: Batch) -> CommitResult:
-        """Convert and commit in one go (blocks until durable; run it on a worker thread)."""
+    def commit(self, batch: Batch, check: Callable[[Batch], None] | None = None) -> CommitResult:
+        """Convert and commit in one go (blocks until durable; run it on a worker thread).
+
+        ``check`` sees each converted batch before it is submitted and may raise to commit
+        nothing (an atomic request with invalid records). A conflict (another replica moved a
+        series first) converts again from fresh state.
+        """
         with self.holding(batch) as sids:
             cumulative, records = list(batch.cumulative), list(batch.records)
             errors, state, expect = list(batch.errors), dict(batch.state), dict(batch.state_expect)
             for _ in range(STATE_CONFLICT_RETRIES):
                 changed = self.convert(batch, sids)
+                if check is not None:
+                    check(batch)
                 result = self._committer.submit_sync(batch, self._timeout)
                 if not result.conflict:
                     self.table.committed(changed)
