@@ -16,7 +16,7 @@ import socket
 import threading
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 from meter_gateway.clock import Clock
@@ -51,8 +51,6 @@ class _Entry:
     due_ns: int
     failures: int = 0
     held: bool = False
-    runs: int = 0
-    last_error: str | None = field(default=None)
 
 
 class Scheduler:
@@ -130,7 +128,8 @@ class Scheduler:
             e.held = self.leases.lease(name, self.holder, self.lease_ttl_ns, now)
         except Exception as exc:
             e.held = False
-            self._failed(e, now, f"lease: {exc}")
+            log.warning("job %s: could not take its lease: %s", name, exc)
+            self._failed(e, now)
             return
         if not e.held:
             # Someone else runs it; check again before their lease could expire.
@@ -138,22 +137,19 @@ class Scheduler:
             return
         try:
             delay_s = e.job.run(now)
-        except Exception as exc:
+        except Exception:
             log.exception("job %s failed", name)
-            self._failed(e, now, str(exc) or type(exc).__name__)
+            self._failed(e, now)
             return
         e.failures = 0
-        e.last_error = None
-        e.runs += 1
         if self._on_run is not None:
             self._on_run(name)
         # Never sleep past a third of the lease, so the lease is renewed while we hold it.
         delay_ns = min(int(max(delay_s, 0.0) * NS), self.lease_ttl_ns // 3)
         e.due_ns = self.clock.now_ns() + delay_ns
 
-    def _failed(self, e: _Entry, now: int, error: str) -> None:
+    def _failed(self, e: _Entry, now: int) -> None:
         e.failures += 1
-        e.last_error = error
         if self._on_error is not None:
             self._on_error(e.job.name)
         backoff = min(self.max_backoff_s, 0.5 * 2 ** min(e.failures - 1, 16))

@@ -91,34 +91,21 @@ def build() -> JSON:
             w=12,
             h=10,
         )
-    lay.add(
-        bargauge(
-            "Lowest-margin customers",
-            "The ten customers with the smallest margin as a share of their revenue.",
-            [target(f"bottomk(10, {margin_ratio('customer')})", "{{customer}}", instant=True)],
-            unit="percentunit",
-            th=MARGIN_PCT_TH,
-            lo=-1,
-            hi=1,
-            decimals=1,
-        ),
-        w=12,
-        h=10,
-    )
-    lay.add(
-        bargauge(
-            "Lowest-margin dimensions",
-            "The ten dimensions with the smallest margin as a share of their revenue.",
-            [target(f"bottomk(10, {margin_ratio('dimension')})", "{{dimension}}", instant=True)],
-            unit="percentunit",
-            th=MARGIN_PCT_TH,
-            lo=-1,
-            hi=1,
-            decimals=1,
-        ),
-        w=12,
-        h=10,
-    )
+    for by in ("customer", "dimension"):
+        lay.add(
+            bargauge(
+                f"Lowest-margin {by}s",
+                f"The ten {by}s with the smallest margin as a share of their revenue.",
+                [target(f"bottomk(10, {margin_ratio(by)})", f"{{{{{by}}}}}", instant=True)],
+                unit="percentunit",
+                th=MARGIN_PCT_TH,
+                lo=-1,
+                hi=1,
+                decimals=1,
+            ),
+            w=12,
+            h=10,
+        )
     lay.add(
         table(
             "Prepaid wallet balance",
