@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import logging
 import sqlite3
 import threading
 import time
@@ -43,6 +44,8 @@ from meter_gateway.store.base import (
 from meter_gateway.store.dedup_index import DedupIndex
 
 NS = 1_000_000_000
+
+log = logging.getLogger(__name__)
 
 MIGRATIONS: tuple[str, ...] = (
     # 1: the initial schema
@@ -110,25 +113,43 @@ MIGRATIONS: tuple[str, ...] = (
 
 _RollupKey = tuple[str, str, int]
 
-# Bulk inserts as one statement over a JSON array (see ``commit``). ``->>`` gives SQL values:
-# integers stay integers, strings text, and an object its JSON text (stored as a blob, as
-# orjson.dumps would have written it).
-_RECORDS_FROM_JSON = (
-    "INSERT INTO records (seq, ts, customer, dimension, value, record_id, metadata, source, "
-    "received_ns, meta_id) SELECT value->>0, value->>1, value->>2, value->>3, value->>4, "
-    "value->>5, CAST(value->>6 AS BLOB), value->>7, value->>8, value->>9 FROM json_each(?)"
+# A group's writes as one statement: an INSERT into this (TEMP, per connection) view runs the
+# trigger, which inserts the group's records, dedup keys, rollups and receiver state from JSON
+# arrays. In autocommit mode that statement is its own transaction, fsync included, so applying a
+# group releases and retakes the GIL once, not once per statement: with receiver threads busy,
+# every retake waits up to the interpreter's switch interval (5 ms) for its turn.
+# ``->>`` gives SQL values: integers stay integers, strings text, and an object its JSON text
+# (stored as a blob, as orjson.dumps would have written it).
+_APPLY_VIEW = (
+    "CREATE TEMP VIEW apply_group (records, first_seq, received_ns, full, source, seen_s, "
+    "dedup_keys, rollups, state, gone) AS SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, "
+    "NULL, NULL, NULL"
 )
+# Record rows are [ts, customer, dimension, value, meta_id], then [record_id, metadata] when the
+# group has any (``full``), then the source when the group has several; seqs are consecutive.
+# Each ``->>`` parses its row again (SQLite 3.40 has no JSON cache): the fewer, the faster.
+_APPLY_TRIGGER = """
+CREATE TEMP TRIGGER apply_group_insert INSTEAD OF INSERT ON apply_group BEGIN
+    INSERT INTO records (seq, ts, customer, dimension, value, meta_id, record_id, metadata,
+        source, received_ns)
+    SELECT NEW.first_seq + key, value->>0, value->>1, value->>2, value->>3, value->>4,
+        CASE WHEN NEW.full THEN value->>5 END,
+        CASE WHEN NEW.full THEN CAST(value->>6 AS BLOB) END,
+        coalesce(NEW.source, value->>(CASE WHEN NEW.full THEN 7 ELSE 5 END)),
+        NEW.received_ns
+    FROM json_each(NEW.records);
+    INSERT INTO dedup_log (seen_s, keys) SELECT NEW.seen_s, NEW.dedup_keys
+        WHERE NEW.dedup_keys IS NOT NULL;
+    INSERT OR REPLACE INTO rollups SELECT value->>0, value->>1, value->>2, value->>3, value->>4,
+        value->>5, value->>6, value->>7, value->>8, value->>9, value->>10
+        FROM json_each(NEW.rollups);
+    INSERT OR REPLACE INTO receiver_state SELECT value->>0, CAST(value->>1 AS BLOB)
+        FROM json_each(NEW.state);
+    DELETE FROM receiver_state WHERE key IN (SELECT value FROM json_each(NEW.gone));
+END"""
+_APPLY = "INSERT INTO apply_group VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 # A record's metadata: its own, or its series' shared one.
 _META = "coalesce(r.metadata, (SELECT body FROM metadata WHERE id = r.meta_id))"
-_ROLLUPS_FROM_JSON = (
-    "INSERT OR REPLACE INTO rollups SELECT value->>0, value->>1, value->>2, value->>3, "
-    "value->>4, value->>5, value->>6, value->>7, value->>8, value->>9, value->>10 "
-    "FROM json_each(?)"
-)
-_STATE_FROM_JSON = (
-    "INSERT OR REPLACE INTO receiver_state SELECT value->>0, CAST(value->>1 AS BLOB) "
-    "FROM json_each(?)"
-)
 
 
 class _SharedMetadata:
@@ -173,11 +194,16 @@ class _Prepared:
 
     epoch: int
     now_ns: int
+    number: int  # groups are applied in this order
+    committed: bool = False  # by ``apply``; ``_fold`` moves memory past it
     now_s: int = 0
     next_seq: int = 0
     next_rejected: int = 0
     next_meta: int = 0
-    records_json: bytes | None = None
+    records_json: bytes | None = None  # rows as _APPLY_TRIGGER reads them
+    first_seq: int = 0
+    full: bool = False  # rows carry record id and metadata
+    source: str | None = None  # every row's, when they share one (else each row says)
     fresh: list[bytes] = field(default_factory=list)
     fresh_set: set[bytes] = field(default_factory=set)
     merged: dict[_RollupKey, RollupRow] = field(default_factory=dict)
@@ -188,9 +214,22 @@ class _Prepared:
     meta_ids: dict[bytes, int] = field(default_factory=dict)
     meta_objs: dict[int, tuple[SeriesMetadata, int]] = field(default_factory=dict)
     results: list[CommitResult] = field(default_factory=list)
+    params: tuple[Any, ...] = ()  # of _APPLY
+    state_binary: list[tuple[str, bytes]] = field(default_factory=list)  # not JSON text
 
     def __post_init__(self) -> None:
         self.now_s = self.now_ns // NS
+
+
+def _row_layout(records: Sequence[UsageRecord]) -> tuple[bool, str | None]:
+    """Whether a group's rows need record ids and metadata of their own, and the one source
+    they share (None: each row says); see _APPLY_TRIGGER."""
+    full = any(
+        r.record_id is not None or (r.metadata and type(r.metadata) is not SeriesMetadata)
+        for r in records
+    )
+    sources = {r.source for r in records}
+    return full, sources.pop().value if len(sources) == 1 else None
 
 
 def _rollups_json(merged: dict[_RollupKey, RollupRow]) -> bytes:
@@ -212,14 +251,6 @@ def _rollups_json(merged: dict[_RollupKey, RollupRow]) -> bytes:
             for (c, d, _), row in merged.items()
         ]
     )
-
-
-def _put_state(conn: sqlite3.Connection, rows: list[tuple[str, bytes]]) -> None:
-    """Receiver state rows; ASCII values (every receiver's so far) in one statement."""
-    if all(v.isascii() for _, v in rows):
-        conn.execute(_STATE_FROM_JSON, (orjson.dumps([(k, v.decode()) for k, v in rows]),))
-    else:
-        conn.executemany("INSERT OR REPLACE INTO receiver_state VALUES (?, ?)", rows)
 
 
 class StoreLockedError(RuntimeError):
@@ -251,6 +282,8 @@ class SQLiteStore:
             raise StoreLockedError(f"{path} is in use by another meter-gateway process") from None
         self._conn = self._connect()
         self._migrate()
+        self._conn.execute(_APPLY_VIEW)
+        self._conn.execute(_APPLY_TRIGGER)
         self._readers: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
         self._local = threading.local()
@@ -270,6 +303,8 @@ class SQLiteStore:
         self._inflight: deque[_Prepared] = deque()
         self._state_mem: dict[str, bytes | None] = {}  # receiver state committed since open
         self._epoch = 0
+        self._next_number = 0  # of the next group prepared
+        self._next_apply = 0  # of the next group to apply
         self._mem = threading.RLock()  # in-memory views: caches, counters, dedup index
         # The lock file makes this process the database's only writer, so the catalog version
         # is counted here, moved only once a catalog change has committed; catalog writers hold
@@ -280,7 +315,7 @@ class SQLiteStore:
         self._prep = self._connect()  # prepare's reads: committed data only
         self.dedup = DedupIndex(dedup_window_s)
         self._load_dedup(now_ns // NS)
-        self._last_purge_s = now_ns // NS
+        self._last_purge_s = self._compacted_s = now_ns // NS
 
     # --- connections and schema --------------------------------------------------------------
 
@@ -361,11 +396,13 @@ class SQLiteStore:
         until ``apply`` has committed; a failed ``apply`` voids every group still in flight.
         """
         with self._mem:
+            self._fold()
             return self._prepare(batches, now_ns)
 
     def _prepare(self, batches: Sequence[Batch], now_ns: int) -> _Prepared:
         inflight = self._inflight
-        p = _Prepared(self._epoch, now_ns)
+        p = _Prepared(self._epoch, now_ns, self._next_number)
+        self._next_number += 1
         last = inflight[-1] if inflight else None
         p.next_seq = last.next_seq if last else self._next_seq
         p.next_rejected = last.next_rejected if last else self._next_rejected
@@ -404,21 +441,33 @@ class SQLiteStore:
         p.fresh = fresh
         p.fresh_set = set(fresh)
 
-        seq = p.next_seq
+        seq = p.first_seq = p.next_seq
         rows: list[tuple[Any, ...]] = []
         distinct = p.distinct
         acc: dict[_RollupKey, list[Any]] = {}
         meta_id = _SharedMetadata(self, p).id_of
         known = self._meta_objs
         mul, add = EXACT.multiply, EXACT.add
-        for r in flat if new_flags is None else compress(flat, new_flags):
+        fresh_records = flat if new_flags is None else list(compress(flat, new_flags))
+        sources = {r.source for r in fresh_records}
+        p.source = sources.pop().value if len(sources) == 1 else None
+        p.full = any(
+            r.record_id is not None or (type(r.metadata) is not SeriesMetadata and r.metadata)
+            for r in fresh_records
+        )
+        for r in fresh_records:
             ts, v, m, c, d = r.timestamp_ns, r.value, r.metadata, r.customer_id, r.dimension_id
             if type(m) is SeriesMetadata:
                 hit = known.get(id(m))  # the usual case, inline: a series seen before
                 mid, m = (hit[1] if hit is not None and hit[0] is m else meta_id(m)), None
             else:
                 mid, m = None, m or None
-            rows.append((seq, ts, c, d, str(v), r.record_id, m, r.source, now_ns, mid))
+            row: tuple[Any, ...] = (ts, c, d, str(v), mid)
+            if p.full:
+                row += (r.record_id, m)
+            if p.source is None:
+                row += (r.source,)
+            rows.append(row)
             bucket = ts - ts % BUCKET_NS
             key = (c, d, bucket)
             w = mul(v, bucket + BUCKET_NS - ts)
@@ -468,51 +517,86 @@ class SQLiteStore:
                 for i in range(n_all)
             ]
         p.results = results
+        state = p.state
+        ascii = [(k, v.decode()) for k, v in state.items() if v is not None and v.isascii()]
+        p.state_binary = [(k, v) for k, v in state.items() if v is not None and not v.isascii()]
+        gone = [k for k, v in state.items() if v is None]
+        p.params = (
+            p.records_json,
+            p.first_seq,
+            p.now_ns,
+            p.full,
+            p.source,
+            p.now_s,
+            b"".join(p.fresh) if p.fresh else None,
+            _rollups_json(p.merged) if p.merged else None,
+            orjson.dumps(ascii) if ascii else None,
+            orjson.dumps(gone) if gone else None,
+        )
         inflight.append(p)
         return p
 
     def apply(self, p: _Prepared) -> list[CommitResult]:
-        """Commit a prepared group (in ``prepare`` order), fsynced; then move memory."""
-        with self._mem:
-            if p.epoch != self._epoch or not self._inflight or self._inflight[0] is not p:
-                raise RuntimeError("an earlier group failed to commit; this one was void")
+        """Commit a prepared group (in ``prepare`` order), fsynced.
+
+        Only the transaction happens here, one statement for the usual group: the in-memory
+        views move at the next ``prepare`` (``_fold``), which meanwhile reads this group as one
+        still in flight. So the applying thread goes from one commit to the next without waiting
+        for a ``prepare`` to let go of ``_mem``.
+        """
+        if p.epoch != self._epoch or p.number != self._next_apply:
+            raise RuntimeError("an earlier group failed to commit; this one was void")
         conn = self._conn
         try:
-            with self._write_txn(conn):
-                if p.meta_new:
-                    conn.executemany("INSERT INTO metadata VALUES (?, ?, ?)", p.meta_new)
-                if p.records_json is not None:
-                    # One statement for all rows: executemany would release and retake the
-                    # GIL per row, and with receiver threads busy every retake waits its turn.
-                    conn.execute(_RECORDS_FROM_JSON, (p.records_json,))
-                if p.fresh:
-                    conn.execute(
-                        "INSERT INTO dedup_log (seen_s, keys) VALUES (?, ?)",
-                        (p.now_s, b"".join(p.fresh)),
-                    )
-                if p.merged:
-                    conn.execute(_ROLLUPS_FROM_JSON, (_rollups_json(p.merged),))
-                if p.distinct:
-                    conn.executemany(
-                        "INSERT OR IGNORE INTO rollup_distinct VALUES (?,?,?,?)", p.distinct
-                    )
-                if p.rejected:
-                    conn.executemany("INSERT INTO rejected VALUES (?,?,?,?,?,?,?)", p.rejected)
-                if p.state:
-                    _put_state(conn, [(k, v) for k, v in p.state.items() if v is not None])
-                    conn.executemany(
-                        "DELETE FROM receiver_state WHERE key = ?",
-                        [(k,) for k, v in p.state.items() if v is None],
-                    )
+            if not (p.meta_new or p.distinct or p.rejected or p.state_binary):
+                conn.execute(_APPLY, p.params)  # the usual group: one statement, one transaction
+            else:
+                with self._write_txn(conn):
+                    if p.meta_new:
+                        conn.executemany("INSERT INTO metadata VALUES (?, ?, ?)", p.meta_new)
+                    conn.execute(_APPLY, p.params)
+                    if p.distinct:
+                        conn.executemany(
+                            "INSERT OR IGNORE INTO rollup_distinct VALUES (?,?,?,?)", p.distinct
+                        )
+                    if p.rejected:
+                        conn.executemany("INSERT INTO rejected VALUES (?,?,?,?,?,?,?)", p.rejected)
+                    if p.state_binary:
+                        conn.executemany(
+                            "INSERT OR REPLACE INTO receiver_state VALUES (?, ?)", p.state_binary
+                        )
         except BaseException:
             with self._mem:
+                self._fold()  # groups committed before this one are kept
                 self._epoch += 1
+                self._next_apply = self._next_number
                 self._inflight.clear()
             raise
+        p.committed = True
+        self._next_apply += 1
+        if p.now_s - self._last_purge_s >= 600:
+            self._purge_dedup_log(p.now_s)
+        return p.results
 
-        # Committed: only now do the in-memory views move.
-        with self._mem:
-            self._inflight.popleft()
+    def _purge_dedup_log(self, now_s: int) -> None:
+        """Forget keys older than the dedup window; the index forgets the same ones at its
+        next fold. A failure here is logged (the group did commit) and retried later."""
+        try:
+            with self._write_txn(self._conn):
+                self._conn.execute(
+                    "DELETE FROM dedup_log WHERE seen_s < ?", (now_s - self.dedup.window_s,)
+                )
+        except sqlite3.Error:
+            log.exception("purging old dedup keys failed; retrying after the next commit")
+            return
+        self._last_purge_s = now_s
+
+    def _fold(self) -> None:
+        """Move the in-memory views past every committed group at the front of ``_inflight``
+        (under ``_mem``)."""
+        inflight = self._inflight
+        while inflight and inflight[0].committed:
+            p = inflight.popleft()
             self._next_seq, self._next_rejected = p.next_seq, p.next_rejected
             self._next_meta = p.next_meta
             if len(self._meta_objs) + len(p.meta_objs) > _SharedMetadata.MAX_REMEMBERED:
@@ -528,9 +612,9 @@ class SQLiteStore:
             if len(self._cache) + len(p.merged) > self._cache_size:
                 self._cache.clear()
             self._cache.update(p.merged)
-            if p.now_s - self._last_purge_s >= 600:
-                self._purge_dedup(p.now_s)
-        return p.results
+        if self._last_purge_s > self._compacted_s:
+            self.dedup.compact(self._last_purge_s)
+            self._compacted_s = self._last_purge_s
 
     def _merge_rollups(self, acc: dict[_RollupKey, list[Any]]) -> dict[_RollupKey, RollupRow]:
         def current(key: _RollupKey) -> RollupRow | None:
@@ -570,13 +654,6 @@ class SQLiteStore:
             else:
                 out[key] = RollupRow(key[2], n, s, mn, mx, lts, lseq, lv, w)
         return out
-
-    def _purge_dedup(self, now_s: int) -> None:
-        cutoff = now_s - self.dedup.window_s
-        with self._write_txn(self._conn):
-            self._conn.execute("DELETE FROM dedup_log WHERE seen_s < ?", (cutoff,))
-        self.dedup.compact(now_s)
-        self._last_purge_s = now_s
 
     def _state_conflicts(self, batches: Sequence[Batch]) -> set[int]:
         """Indexes of batches whose ``state_expect`` fails, batches applied in order."""

@@ -69,3 +69,60 @@ def test_a_failed_commit_voids_the_groups_prepared_on_it(store: SQLiteStore) -> 
     assert [x.seq for x in store.records("c1", "d1", 0, NOW, None, 10)] == [1, 2]
     (row,) = store.rollups("c1", "d1", ts("2026-05-01T12:00:00"), ts("2026-05-01T13:00:00"))
     assert (row.count, row.sum) == (2, Decimal(3))
+
+
+def test_a_committed_group_survives_a_failure_of_the_next_before_memory_moved(
+    store: SQLiteStore,
+) -> None:
+    # apply only commits; memory moves at the next prepare. A failure in between must keep
+    # what the committed group did (its id stays a duplicate, its seq stays taken).
+    p1 = store.prepare([batch(rec("2026-05-01T12:00:00", "1", rid="a"))], NOW)
+    p2 = store.prepare([batch(rec("2026-05-01T12:10:00", "2", rid="b"))], NOW)
+    store.apply(p1)
+    store._conn.execute("PRAGMA busy_timeout=0")
+    blocker = sqlite3.connect(store.path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    with pytest.raises(sqlite3.OperationalError):
+        store.apply(p2)
+    blocker.execute("ROLLBACK")
+    blocker.close()
+    (again,) = store.commit([batch(rec("2026-05-01T12:00:00", "1", rid="a"))], NOW)
+    assert (again.accepted, again.duplicates) == (0, 1)
+    (retried,) = store.commit([batch(rec("2026-05-01T12:10:00", "2", rid="b"))], NOW)
+    assert retried.accepted == 1
+    assert [(x.seq, x.record_id) for x in store.records("c1", "d1", 0, NOW, None, 10)] == [
+        (1, "a"),
+        (2, "b"),
+    ]
+    (row,) = store.rollups("c1", "d1", ts("2026-05-01T12:00:00"), ts("2026-05-01T13:00:00"))
+    assert (row.count, row.sum, row.last_seq) == (2, Decimal(3), 2)
+
+
+@pytest.mark.parametrize("layout", ["lean", "full", "mixed sources", "full, mixed sources"])
+def test_every_row_layout_stores_every_field(store: SQLiteStore, layout: str) -> None:
+    """A group's rows leave out record ids and metadata when none has any, and the source when
+    all share one; whichever layout a group gets, each record reads back as it was."""
+    meta = SeriesMetadata(metric="m", attributes={"tenant": "a"})
+    records = []
+    for i, source in enumerate([Source.OTLP, Source.VECTOR, Source.OTLP]):
+        r = rec(f"2026-05-01T12:0{i}:00", f"{i}.25", customer=f"c{i}")
+        r.source = source if "mixed" in layout else Source.OTLP
+        r.metadata = meta
+        r.dedup_key = bytes([i]) * 16
+        records.append(r)
+    if "full" in layout:
+        records[1].record_id = "rid-1"
+        records[1].metadata = {"own": {"n": 1}}
+    store.commit([Batch(Source.OTLP, records[:2]), Batch(Source.OTLP, records[2:])], NOW)
+    got = {r.customer_id: r for r in store.records(None, None, 0, NOW, None, 10)}
+    assert [got[f"c{i}"].seq for i in range(3)] == [1, 2, 3]
+    for r in records:
+        g = got[r.customer_id]
+        assert (g.timestamp_ns, g.dimension_id, g.value, g.source, g.received_ns) == (
+            r.timestamp_ns,
+            r.dimension_id,
+            r.value,
+            r.source.value,
+            NOW,
+        )
+        assert (g.record_id, g.metadata) == (r.record_id, r.metadata)
