@@ -25,6 +25,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import logging
+import struct
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -73,6 +74,7 @@ NO_RECORDED_VALUE = 1  # DataPointFlags.DATA_POINT_FLAGS_NO_RECORDED_VALUE_MASK
 MAX_ATTRIBUTES = 128  # per point or resource; more is rejected as too_large
 MAX_ERROR_MESSAGES = 5  # distinct messages quoted in a partial success
 EXPIRY_INTERVAL_NS = 3600 * 1_000_000_000  # how often stale cumulative series are forgotten
+WALKERS = 2  # exports walked at once (the rest wait for a turn, committing ones do not count)
 
 AMOUNT, LEVEL = ObservationKind.AMOUNT, ObservationKind.LEVEL
 OTLP = Source.OTLP
@@ -82,6 +84,10 @@ OTLP = Source.OTLP
 _KEY_HASH = hashlib.blake2b(OTLP.value.encode() + b"\x00", digest_size=16)
 _FIXED64_TAGS = frozenset((0x11, 0x19, 0x21, 0x31))  # start, time, asDouble, asInt
 _EXEMPLARS_TAG = 0x2A
+# A number point in its usual layout: start (tag 0x11), time (0x19), asInt (0x31) or asDouble
+# (0x21), each fixed 64 bits, then the attributes (0x3a).
+_START_TIME_INT = struct.Struct("<xQxQxq").unpack_from
+_START_TIME_DOUBLE = struct.Struct("<xQxQxd").unpack_from
 _MAX_CACHED_KEY = 1024  # bytes of serialized attributes worth remembering
 
 
@@ -281,6 +287,13 @@ class _Cumulative(NamedTuple):
     want_count: bool = True  # histograms: whether the count half is mapped
 
 
+class _PointSeries(NamedTuple):
+    """The series of a number point, remembered by its bytes from its attributes on."""
+
+    sid: str
+    attrs: dict[str, str]
+
+
 class _Mapped(NamedTuple):
     """How every point of one series maps, learned from validating one of them."""
 
@@ -372,9 +385,15 @@ class OtlpMetrics:
         self._expired_at = clock.now_ns()
         self._max_cached = max_cached_series
         self._series: dict[tuple[Any, ...], str] = {}
-        self._points: dict[tuple[str, bytes], tuple[str, dict[str, str]]] = {}
+        # per metric (its base series id): a point's bytes from its attributes on → its series
+        self._tails: dict[str, dict[bytes, _PointSeries]] = {}
         self._mapped: dict[str, _Mapped] = {}
         self._halves: dict[str, tuple[bool, bool]] = {}
+        # Walking an export is pure Python: with every gRPC and HTTP worker walking at once,
+        # they take turns at the GIL with the commit pipeline (one turn in several for it), and
+        # bench.otlp measured fewer points/s with more concurrent exports. Others wait here,
+        # off the GIL.
+        self._walkers = threading.BoundedSemaphore(WALKERS)
 
     def export(self, request: Any) -> ExportOutcome:
         n = count_points(request)
@@ -394,7 +413,8 @@ class OtlpMetrics:
                 daemon=True,
             ).start()
         ex = _Export(self._catalog(), now - self._late_ns, now + self._future_ns)
-        self._walk(request, ex)
+        with self._walkers:
+            self._walk(request, ex)
         t = self._telemetry
         t.received.labels(OTLP.value).inc(ex.points)
         if not ex.cumulative:
@@ -406,7 +426,8 @@ class OtlpMetrics:
                 for _ in range(STATE_CONFLICT_RETRIES):
                     mark = ex.mark()
                     states = self.streams.load(sids)
-                    changed = self._convert(ex, states)
+                    with self._walkers:
+                        changed = self._convert(ex, states)
                     done = self._commit(ex, changed, self.streams.expect(changed, states))
                     if done is not None:
                         outcome = done
@@ -615,16 +636,22 @@ class OtlpMetrics:
             )
 
     def _point_series(
-        self, base: tuple[Any, ...], base_id: str, p: Any
-    ) -> tuple[str, dict[str, str]] | str:
-        """A point's series id and attributes, or why its attributes are refused.
+        self,
+        base: tuple[Any, ...],
+        base_id: str,
+        p: Any,
+        raw: bytes,
+        known: dict[bytes, _PointSeries],
+    ) -> _PointSeries | str:
+        """A number point's series, or why its attributes are refused.
 
-        Cached by the point's serialized attributes: upb serializes fields in field-number
-        order, so after the fixed-size start, time and value fields (and any exemplars) the
-        bytes are the attributes, flags and unknown fields. Whatever the bytes hold, equal
-        bytes mean equal attributes, so a wrong guess only costs a cache miss.
+        Remembered in ``known`` (the metric's) by the bytes of ``raw``, the serialized point,
+        from its attributes on: upb serializes fields in field-number order, so after the
+        fixed-size start, time and value fields (and any exemplars) come the attributes, flags
+        and unknown fields. Whatever the bytes hold, equal bytes mean equal attributes and
+        flags, so a wrong guess only costs a cache miss. Points are remembered only once their
+        flags were read and found without NO_RECORDED_VALUE.
         """
-        raw = p.SerializeToString()
         i, n = 0, len(raw)
         while i < n:
             tag = raw[i]
@@ -643,16 +670,17 @@ class OtlpMetrics:
                 i = j + length
             else:
                 break
-        key = (base_id, raw[i:])
-        found = self._points.get(key)
+        tail = raw[i:]
+        found = known.get(tail)
         if found is not None:
             return found
         attrs = attributes(p.attributes, self._max_attr_bytes)
         if isinstance(attrs, str):
             return attrs
-        entry = (self._series_id((base, tuple(sorted(attrs.items())))), attrs)
-        if len(key[1]) <= _MAX_CACHED_KEY:
-            _put_bounded(self._points, key, entry, self._max_cached)
+        sid = self._series_id((base, tuple(sorted(attrs.items()))))
+        entry = _PointSeries(sid, attrs)
+        if len(tail) <= _MAX_CACHED_KEY:
+            _put_bounded(known, tail, entry, self._max_cached)
         return entry
 
     def _numbers(
@@ -678,7 +706,13 @@ class OtlpMetrics:
         type_ = "sum" if is_sum else "gauge"
         base = (res_id, scope_id, name, m.unit, type_, temporality, monotonic)
         base_id = self._series_id(base)
-        points, point_series, emit = self._points, self._point_series, self._emit
+        known = self._tails.get(base_id)
+        if known is None:
+            known = self._tails[base_id] = {}
+            if len(self._tails) > self._max_cached:
+                self._tails.clear()
+                self._tails[base_id] = known
+        point_series, emit = self._point_series, self._emit
         mapped, catalog, lo, hi = self._mapped, ex.catalog, ex.lo, ex.hi
         records = ex.records
         kind = AMOUNT if is_sum else LEVEL
@@ -686,57 +720,79 @@ class OtlpMetrics:
         ordinal = first - 1
         for p in data.data_points:
             ordinal += 1
-            if p.flags & NO_RECORDED_VALUE:
-                ex.skip(SKIP_NO_VALUE)
-                continue
-            which = p.WhichOneof("value")
-            if which == "as_int":
-                value = Decimal(p.as_int)
-            elif which == "as_double":
-                d = p.as_double
-                if d != d:
+            raw = p.SerializeToString()
+            # The usual layout (upb writes fields in field-number order): startTimeUnixNano,
+            # timeUnixNano, asInt or asDouble, then attributes and flags, which the series is
+            # remembered by. Anything else (no start time, exemplars…) is read field by field.
+            series = known.get(raw[27:]) if raw[27:28] == b"\x3a" else None
+            number: int | float
+            if series is not None and raw[:1] == b"\x11" and raw[9:10] == b"\x19":
+                if raw[18] == 0x31:
+                    start, t, number = _START_TIME_INT(raw)
+                elif raw[18] == 0x21:
+                    start, t, number = _START_TIME_DOUBLE(raw)
+                else:
+                    series = None
+            if series is None:  # read field by field (flagged points are never remembered)
+                if p.flags & NO_RECORDED_VALUE:
                     ex.skip(SKIP_NO_VALUE)
                     continue
-                try:
-                    value = parse_value(d)
-                except DecimalError as exc:
-                    ex.reject(ordinal, Reason.INVALID_VALUE, "asDouble", str(exc), name, repr(d))
+                which = p.WhichOneof("value")
+                if which is None:
+                    ex.reject(
+                        ordinal,
+                        Reason.MISSING_FIELD,
+                        "value",
+                        "data point has neither asInt nor asDouble",
+                        name,
+                    )
                     continue
+                number = p.as_int if which == "as_int" else p.as_double
+                start, t = p.start_time_unix_nano, p.time_unix_nano
+            if type(number) is int:
+                value = Decimal(number)
+            elif number != number:  # NaN: no value
+                ex.skip(SKIP_NO_VALUE)
+                continue
             else:
-                ex.reject(
-                    ordinal,
-                    Reason.MISSING_FIELD,
-                    "value",
-                    "data point has neither asInt nor asDouble",
-                    name,
-                )
-                continue
-            t = p.time_unix_nano
-            if not t:
-                ex.reject(
-                    ordinal, Reason.INVALID_TIMESTAMP, "timeUnixNano", "timeUnixNano is 0", name
-                )
-                continue
-            raw = p.SerializeToString()
-            # The usual layout (see _point_series): start, time, value, then the attributes.
-            if raw[:1] == b"\x11" and raw[9:10] == b"\x19" and raw[27:28] == b"\x3a":
-                series = points.get((base_id, raw[27:])) or point_series(base, base_id, p)
-            else:
-                series = point_series(base, base_id, p)
-            if isinstance(series, str):
-                ex.reject(ordinal, Reason.TOO_LARGE, "attributes", series, name)
-                continue
-            sid, attrs = series
-            start = p.start_time_unix_nano
+                try:
+                    value = parse_value(number)
+                except DecimalError as exc:
+                    why = str(exc)
+                    ex.reject(ordinal, Reason.INVALID_VALUE, "asDouble", why, name, repr(number))
+                    continue
+            if series is None:
+                if not t:
+                    ex.reject(
+                        ordinal, Reason.INVALID_TIMESTAMP, "timeUnixNano", "timeUnixNano is 0", name
+                    )
+                    continue
+                found = point_series(base, base_id, p, raw, known)
+                if isinstance(found, str):
+                    ex.reject(ordinal, Reason.TOO_LARGE, "attributes", found, name)
+                    continue
+                series = found
+            negative = number < 0
+            sid = series.sid
             if cumulative:
                 ex.cumulative.append(
                     _Cumulative(
-                        ordinal, sid, name, attrs, resource, start, t, value, None, monotonic, False
+                        ordinal,
+                        sid,
+                        name,
+                        series.attrs,
+                        resource,
+                        start,
+                        t,
+                        value,
+                        None,
+                        monotonic,
+                        False,
                     )
                 )
                 continue
             if is_sum:
-                if monotonic and value < 0:
+                if monotonic and negative:
                     ex.reject(
                         ordinal,
                         Reason.NEGATIVE_VALUE,
@@ -750,7 +806,7 @@ class OtlpMetrics:
                 nk = f"{sid}:{t}"
             # The fast path of _emit, inline: this loop is the receiver's hot path.
             hit = mapped.get(sid)
-            if hit is not None and hit.catalog is catalog and lo <= t <= hi and value >= 0:
+            if hit is not None and hit.catalog is catalog and lo <= t <= hi and not negative:
                 h = _KEY_HASH.copy()
                 h.update(nk.encode())
                 records.append(
@@ -767,7 +823,7 @@ class OtlpMetrics:
                     )
                 )
                 continue
-            emit(ex, sid, name, attrs, resource, value, kind, t, nk, ordinal)
+            emit(ex, sid, name, series.attrs, resource, value, kind, t, nk, ordinal)
 
     def _wanted_halves(
         self, sid: str, name: str, attrs: dict[str, str], resource: dict[str, str], t: int

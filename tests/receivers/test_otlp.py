@@ -376,3 +376,32 @@ def test_otlp_listener_tls_needs_both_files() -> None:
     )
     assert config.server.otlp_http.cert_file == "/c.pem"
     assert config.server.otlp_grpc.listen == "127.0.0.1:4317"  # the default stays
+
+
+def test_points_of_a_known_series_are_judged_like_its_first(gw: Gateway) -> None:
+    """After a series' first point, later points in the usual layout (start, time, value, then
+    the same attribute bytes) are read straight from their bytes; whatever they hold, they are
+    judged as the first was. Flags and a missing start time change the layout: field by field."""
+    at = [T0 + i * MIN for i in range(1, 9)]
+    points = [
+        point(5, at[0], T0, tenant="acme"),  # the first: read field by field
+        point(2.5, at[1], at[0], tenant="acme"),  # a double
+        {**point(0.5, at[2], at[1], tenant="acme"), "asDouble": "NaN"},  # no value: skipped
+        {**point(0.5, at[3], at[2], tenant="acme"), "asDouble": "Infinity"},  # rejected
+        point(-3, at[4], at[3], tenant="acme"),  # a negative monotonic delta: rejected
+        {**point(7, at[5], at[4], tenant="acme"), "flags": 1},  # NO_RECORDED_VALUE: skipped
+        point(4, at[6], None, tenant="acme"),  # no start time
+        point(1, at[7], at[6], tenant="acme"),
+    ]
+    req = request(sum_metric(points))
+    outcome = gw.otlp.export(req)
+    assert (outcome.points, outcome.accepted, outcome.rejected) == (8, 4, 2)
+    got = committed(gw)
+    assert got["totals"] == {"acme/data-processed": "12.5"}
+    assert sorted(r["reason"] for r in got["rejected"]) == ["invalid_value", "negative_value"]
+    skipped = gw.telemetry.otlp_skipped.labels("no_value")._value.get()
+    assert skipped == 2
+    # The same export again: every point is known now, and every one a duplicate or the same
+    # refusal.
+    again = gw.otlp.export(req)
+    assert (again.accepted, again.duplicates, again.rejected) == (0, 4, 2)
