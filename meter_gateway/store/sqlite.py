@@ -19,8 +19,9 @@ from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from decimal import Decimal
+from decimal import Decimal, localcontext
 from itertools import compress, islice
+from operator import attrgetter, mul
 from pathlib import Path
 from typing import Any
 
@@ -112,6 +113,9 @@ MIGRATIONS: tuple[str, ...] = (
 )
 
 _RollupKey = tuple[str, str, int]
+_RECORD_ID = attrgetter("record_id")
+_METADATA = attrgetter("metadata")
+_SOURCE = attrgetter("source")
 
 # A group's writes as one statement: an INSERT into this (TEMP, per connection) view runs the
 # trigger, which inserts the group's records, dedup keys, rollups and receiver state from JSON
@@ -224,12 +228,51 @@ class _Prepared:
 def _row_layout(records: Sequence[UsageRecord]) -> tuple[bool, str | None]:
     """Whether a group's rows need record ids and metadata of their own, and the one source
     they share (None: each row says); see _APPLY_TRIGGER."""
-    full = any(
-        r.record_id is not None or (r.metadata and type(r.metadata) is not SeriesMetadata)
-        for r in records
-    )
-    sources = {r.source for r in records}
+    full = list(map(_RECORD_ID, records)).count(None) != len(records)
+    if not full:
+        metas = list(map(_METADATA, records))
+        if not {type(m) for m in metas} <= {SeriesMetadata, type(None)}:
+            full = any(m and type(m) is not SeriesMetadata for m in metas)
+    sources = set(map(_SOURCE, records))
     return full, sources.pop().value if len(sources) == 1 else None
+
+
+def _rollup_partials(
+    records: Sequence[UsageRecord], values: Sequence[Decimal], first_seq: int
+) -> dict[_RollupKey, list[Any]]:
+    """A group's records per (customer, dimension, bucket): [count, sum, min, max, last ts,
+    last seq, last value, wsum]; the record with the latest time is the last, the later one
+    (in ingest order, which is seq order) on a tie. Sums add in record order, exactly."""
+    members: dict[_RollupKey, list[int]] = {}
+    times = [r.timestamp_ns for r in records]
+    for i, r in enumerate(records):
+        t = times[i]
+        key = (r.customer_id, r.dimension_id, t - t % BUCKET_NS)
+        found = members.get(key)
+        if found is None:
+            members[key] = [i]
+        else:
+            found.append(i)
+    out: dict[_RollupKey, list[Any]] = {}
+    with localcontext(EXACT):  # for sum() and mul below
+        for key, idx in members.items():
+            vs = [values[i] for i in idx]
+            at = [times[i] for i in idx]
+            latest = max(at)
+            last = len(at) - 1 - at[::-1].index(latest)
+            end = key[2] + BUCKET_NS
+            weighted = map(mul, vs, [end - t for t in at])
+            out[key] = [
+                len(vs),
+                sum(islice(vs, 1, None), vs[0]),
+                min(vs),
+                max(vs),
+                latest,
+                first_seq + idx[last],
+                vs[last],
+                sum(weighted, next(weighted)),
+            ]
+    return out
 
 
 def _rollups_json(merged: dict[_RollupKey, RollupRow]) -> bytes:
@@ -441,55 +484,35 @@ class SQLiteStore:
         p.fresh = fresh
         p.fresh_set = set(fresh)
 
-        seq = p.first_seq = p.next_seq
-        rows: list[tuple[Any, ...]] = []
-        distinct = p.distinct
-        acc: dict[_RollupKey, list[Any]] = {}
-        meta_id = _SharedMetadata(self, p).id_of
-        known = self._meta_objs
-        mul, add = EXACT.multiply, EXACT.add
-        fresh_records = flat if new_flags is None else list(compress(flat, new_flags))
-        sources = {r.source for r in fresh_records}
-        p.source = sources.pop().value if len(sources) == 1 else None
-        p.full = any(
-            r.record_id is not None or (type(r.metadata) is not SeriesMetadata and r.metadata)
-            for r in fresh_records
-        )
-        for r in fresh_records:
-            ts, v, m, c, d = r.timestamp_ns, r.value, r.metadata, r.customer_id, r.dimension_id
-            if type(m) is SeriesMetadata:
-                hit = known.get(id(m))  # the usual case, inline: a series seen before
-                mid, m = (hit[1] if hit is not None and hit[0] is m else meta_id(m)), None
-            else:
-                mid, m = None, m or None
-            row: tuple[Any, ...] = (ts, c, d, str(v), mid)
-            if p.full:
-                row += (r.record_id, m)
-            if p.source is None:
-                row += (r.source,)
-            rows.append(row)
-            bucket = ts - ts % BUCKET_NS
-            key = (c, d, bucket)
-            w = mul(v, bucket + BUCKET_NS - ts)
-            a = acc.get(key)
-            if a is None:
-                acc[key] = [1, v, v, v, ts, seq, v, w]
-            else:
-                a[0] += 1
-                a[1] = add(a[1], v)
-                if v < a[2]:
-                    a[2] = v
-                if v > a[3]:
-                    a[3] = v
-                if ts >= a[4]:  # later seq wins ties: records are walked in ingest order
-                    a[4], a[5], a[6] = ts, seq, v
-                a[7] = add(a[7], w)
-            if r.unique_value is not None:
-                distinct.append((c, d, bucket, r.unique_value))
-            seq += 1
-        p.next_seq = seq
+        records = flat if new_flags is None else list(compress(flat, new_flags))
+        p.first_seq = p.next_seq
+        p.next_seq += len(records)
+        p.full, p.source = _row_layout(records)
+        meta_ids = self._metadata_ids(p, records)
+        values = [r.value for r in records]
+        rows: list[tuple[Any, ...]] = [
+            (r.timestamp_ns, r.customer_id, r.dimension_id, v, mid)
+            for r, v, mid in zip(records, map(str, values), meta_ids, strict=True)
+        ]
+        if p.full:
+            rows = [
+                (
+                    *row,
+                    r.record_id,
+                    None if type(r.metadata) is SeriesMetadata else r.metadata or None,
+                )
+                for row, r in zip(rows, records, strict=True)
+            ]
+        if p.source is None:
+            rows = [(*row, r.source) for row, r in zip(rows, records, strict=True)]
         if rows:
             p.records_json = orjson.dumps(rows, default=str)
+        acc = _rollup_partials(records, values, p.first_seq)
+        p.distinct.extend(
+            (r.customer_id, r.dimension_id, r.timestamp_ns - r.timestamp_ns % BUCKET_NS, u)
+            for r in records
+            if (u := r.unique_value) is not None
+        )
         p.merged = self._merge_rollups(acc)
 
         rseq = p.next_rejected
@@ -535,6 +558,19 @@ class SQLiteStore:
         )
         inflight.append(p)
         return p
+
+    def _metadata_ids(self, p: _Prepared, records: Sequence[UsageRecord]) -> list[int | None]:
+        """Each record's shared metadata id (None: it has none, or its own)."""
+        meta_id = _SharedMetadata(self, p).id_of
+        metas = list(map(_METADATA, records))
+        # The usual case: series seen before, found by the id of their metadata object.
+        hits = map(self._meta_objs.get, map(id, metas))
+        return [
+            hit[1]
+            if hit is not None and hit[0] is m
+            else (meta_id(m) if type(m) is SeriesMetadata else None)
+            for m, hit in zip(metas, hits, strict=True)
+        ]
 
     def apply(self, p: _Prepared) -> list[CommitResult]:
         """Commit a prepared group (in ``prepare`` order), fsynced.
