@@ -7,6 +7,7 @@ import sqlite3
 from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,6 +20,20 @@ NOW = ts("2026-05-01T13:00:00")
 
 def batch(*records: UsageRecord) -> Batch:
     return Batch(Source.REST, list(records))
+
+
+def apply_failing(store: SQLiteStore, group: Any) -> None:
+    """Apply ``group`` while another connection holds the write lock past the busy timeout, so
+    its transaction fails."""
+    store._conn.execute("PRAGMA busy_timeout=0")
+    blocker = sqlite3.connect(store.path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.raises(sqlite3.OperationalError):
+            store.apply(group)
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
 
 
 @pytest.fixture
@@ -51,14 +66,7 @@ def test_prepared_groups_build_on_each_other(store: SQLiteStore) -> None:
 def test_a_failed_commit_voids_the_groups_prepared_on_it(store: SQLiteStore) -> None:
     p1 = store.prepare([batch(rec("2026-05-01T12:00:00", "1", rid="a"))], NOW)
     p2 = store.prepare([batch(rec("2026-05-01T12:10:00", "2", rid="b"))], NOW)
-    # Another connection holds the write lock past the busy timeout: p1's transaction fails.
-    store._conn.execute("PRAGMA busy_timeout=0")
-    blocker = sqlite3.connect(store.path, isolation_level=None)
-    blocker.execute("BEGIN IMMEDIATE")
-    with pytest.raises(sqlite3.OperationalError):
-        store.apply(p1)
-    blocker.execute("ROLLBACK")
-    blocker.close()
+    apply_failing(store, p1)
     with pytest.raises(RuntimeError, match="void"):
         store.apply(p2)
     # Nothing of either moved: both ids are new again, sequence numbers start over.
@@ -79,13 +87,7 @@ def test_a_committed_group_survives_a_failure_of_the_next_before_memory_moved(
     p1 = store.prepare([batch(rec("2026-05-01T12:00:00", "1", rid="a"))], NOW)
     p2 = store.prepare([batch(rec("2026-05-01T12:10:00", "2", rid="b"))], NOW)
     store.apply(p1)
-    store._conn.execute("PRAGMA busy_timeout=0")
-    blocker = sqlite3.connect(store.path, isolation_level=None)
-    blocker.execute("BEGIN IMMEDIATE")
-    with pytest.raises(sqlite3.OperationalError):
-        store.apply(p2)
-    blocker.execute("ROLLBACK")
-    blocker.close()
+    apply_failing(store, p2)
     (again,) = store.commit([batch(rec("2026-05-01T12:00:00", "1", rid="a"))], NOW)
     assert (again.accepted, again.duplicates) == (0, 1)
     (retried,) = store.commit([batch(rec("2026-05-01T12:10:00", "2", rid="b"))], NOW)
