@@ -387,6 +387,7 @@ class OtlpMetrics:
         self._series: dict[tuple[Any, ...], str] = {}
         # per metric (its base series id): a point's bytes from its attributes on → its series
         self._tails: dict[str, dict[bytes, _PointSeries]] = {}
+        self._tails_size = 0  # entries of all of them (at most max_cached_series)
         self._mapped: dict[str, _Mapped] = {}
         self._halves: dict[str, tuple[bool, bool]] = {}
         # Walking an export is pure Python: with every gRPC and HTTP worker walking at once,
@@ -680,7 +681,11 @@ class OtlpMetrics:
         sid = self._series_id((base, tuple(sorted(attrs.items()))))
         entry = _PointSeries(sid, attrs)
         if len(tail) <= _MAX_CACHED_KEY:
-            _put_bounded(known, tail, entry, self._max_cached)
+            if self._tails_size >= self._max_cached:  # all metrics' together: start over
+                known.clear()
+                self._tails, self._tails_size = {base_id: known}, 0
+            known[tail] = entry
+            self._tails_size += 1
         return entry
 
     def _numbers(
@@ -708,10 +713,9 @@ class OtlpMetrics:
         base_id = self._series_id(base)
         known = self._tails.get(base_id)
         if known is None:
+            if len(self._tails) >= self._max_cached:
+                self._tails, self._tails_size = {}, 0
             known = self._tails[base_id] = {}
-            if len(self._tails) > self._max_cached:
-                self._tails.clear()
-                self._tails[base_id] = known
         point_series, emit = self._point_series, self._emit
         mapped, catalog, lo, hi = self._mapped, ex.catalog, ex.lo, ex.hi
         records = ex.records

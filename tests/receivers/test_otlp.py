@@ -405,3 +405,16 @@ def test_points_of_a_known_series_are_judged_like_its_first(gw: Gateway) -> None
     # refusal.
     again = gw.otlp.export(req)
     assert (again.accepted, again.duplicates, again.rejected) == (0, 4, 2)
+
+
+def test_remembered_series_stay_within_the_bound_across_metrics(gw: Gateway) -> None:
+    """Series are remembered per metric (and resource), but the bound (max_cached_series) is on
+    all of them together; past it the receiver starts over, and counts stay exact."""
+    gw.otlp._max_cached = 10
+    for minute in (1, 2):
+        start, t = T0 + (minute - 1) * MIN, T0 + minute * MIN
+        for service in ("a", "b", "c"):
+            points = [point(1, t, start, tenant="acme", n=i) for i in range(10)]
+            gw.otlp.export(request(sum_metric(points), service=service))
+            assert sum(len(known) for known in gw.otlp._tails.values()) <= 10
+    assert committed(gw)["totals"] == {"acme/data-processed": "60"}
