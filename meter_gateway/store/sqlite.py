@@ -436,7 +436,8 @@ class SQLiteStore:
         Groups prepared but not applied yet count as committed for the next ``prepare`` (their
         keys, rollups, metadata and state are looked up in ``_inflight`` first), so the writer
         can prepare one group while the previous one is in SQLite. Nothing in memory moves
-        until ``apply`` has committed; a failed ``apply`` voids every group still in flight.
+        until ``apply`` has committed a group; then the next ``prepare`` moves it (``_fold``).
+        A failed ``apply`` voids every group still in flight.
         """
         with self._mem:
             self._fold()
@@ -541,7 +542,7 @@ class SQLiteStore:
             ]
         p.results = results
         state = p.state
-        ascii = [(k, v.decode()) for k, v in state.items() if v is not None and v.isascii()]
+        text = [(k, v.decode()) for k, v in state.items() if v is not None and v.isascii()]
         p.state_binary = [(k, v) for k, v in state.items() if v is not None and not v.isascii()]
         gone = [k for k, v in state.items() if v is None]
         p.params = (
@@ -553,7 +554,7 @@ class SQLiteStore:
             p.now_s,
             b"".join(p.fresh) if p.fresh else None,
             _rollups_json(p.merged) if p.merged else None,
-            orjson.dumps(ascii) if ascii else None,
+            orjson.dumps(text) if text else None,
             orjson.dumps(gone) if gone else None,
         )
         inflight.append(p)
