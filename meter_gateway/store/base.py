@@ -10,10 +10,16 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from decimal import Decimal
+from decimal import Decimal, localcontext
+from itertools import islice
+from operator import mul
 from typing import Any, Protocol
 
-from meter_gateway.model import Batch, CommitResult
+from meter_gateway.aggregation.windows import BUCKET_NS
+from meter_gateway.decimals import EXACT
+from meter_gateway.model import Batch, CommitResult, UsageRecord
+
+RollupKey = tuple[str, str, int]  # (customer, dimension, bucket_ns)
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +39,48 @@ class RollupRow:
     last_seq: int
     last_value: Decimal
     wsum: Decimal
+
+
+def rollup_partials(
+    records: Sequence[UsageRecord], values: Sequence[Decimal], seqs: Sequence[int]
+) -> dict[RollupKey, list[Any]]:
+    """A commit's new records per (customer, dimension, bucket): [count, sum, min, max, last
+    ts, last seq, last value, wsum] (``RollupRow``'s fields), for a store to merge into its rows.
+
+    ``values`` are the records' values and ``seqs`` their sequence numbers, rising in ingest
+    order. The record with the latest time is the last, the later one on a tie. Sums add in
+    record order, exactly; the passes run in C (sum, min, max, map) rather than per record.
+    """
+    members: dict[RollupKey, list[int]] = {}
+    times = [r.timestamp_ns for r in records]
+    for i, r in enumerate(records):
+        t = times[i]
+        key = (r.customer_id, r.dimension_id, t - t % BUCKET_NS)
+        found = members.get(key)
+        if found is None:
+            members[key] = [i]
+        else:
+            found.append(i)
+    out: dict[RollupKey, list[Any]] = {}
+    with localcontext(EXACT):  # for sum() and mul below
+        for key, idx in members.items():
+            vs = [values[i] for i in idx]
+            at = [times[i] for i in idx]
+            latest = max(at)
+            last = len(at) - 1 - at[::-1].index(latest)
+            end = key[2] + BUCKET_NS
+            weighted = map(mul, vs, [end - t for t in at])
+            out[key] = [
+                len(vs),
+                sum(islice(vs, 1, None), vs[0]),
+                min(vs),
+                max(vs),
+                latest,
+                seqs[idx[last]],
+                vs[last],
+                sum(weighted, next(weighted)),
+            ]
+    return out
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from itertools import compress
 from typing import Any
 
 import orjson
@@ -31,7 +32,6 @@ from psycopg import errors as pg_errors
 from psycopg_pool import ConnectionPool
 
 from meter_gateway.aggregation.windows import BUCKET_NS
-from meter_gateway.decimals import EXACT
 from meter_gateway.model import Batch, CommitResult, UsageRecord
 from meter_gateway.store.base import (
     ConflictError,
@@ -45,6 +45,7 @@ from meter_gateway.store.base import (
     RejectedRow,
     RollupRow,
     StoredRecord,
+    rollup_partials,
 )
 from meter_gateway.store.sqlite import unique_of
 
@@ -129,7 +130,6 @@ MIGRATIONS: tuple[str, ...] = (
     """,
 )
 
-_RollupKey = tuple[str, str, int]
 
 _ROLLUP_UPSERT = """
 INSERT INTO rollups AS r
@@ -302,25 +302,24 @@ class PostgresStore:
         seqs: Sequence[int],
         now_ns: int,
     ) -> None:
-        acc: dict[_RollupKey, list[Any]] = {}
-        distinct: set[tuple[str, str, int, str]] = set()
-        it = iter(seqs)
+        fresh = list(compress(flat, new_flags))
+        distinct = {
+            (r.customer_id, r.dimension_id, r.timestamp_ns - r.timestamp_ns % BUCKET_NS, u)
+            for r in fresh
+            if (u := _text(r.unique_value)) is not None
+        }
         with cur.copy(
             "COPY records (seq, ts, customer, dimension, value, record_id, metadata, source, "
             "received_ns) FROM STDIN"
         ) as cp:
-            for r, is_new in zip(flat, new_flags, strict=True):
-                if not is_new:
-                    continue
-                seq = next(it)
-                ts, v = r.timestamp_ns, r.value
+            for r, seq in zip(fresh, seqs, strict=True):
                 cp.write_row(
                     (
                         seq,
-                        ts,
+                        r.timestamp_ns,
                         r.customer_id,
                         r.dimension_id,
-                        v,
+                        r.value,
                         _text(r.record_id),
                         # numbers JSON cannot carry (Decimal) are kept as exact text, as SQLite
                         orjson.dumps(r.metadata, default=str).decode() if r.metadata else None,
@@ -328,24 +327,7 @@ class PostgresStore:
                         now_ns,
                     )
                 )
-                bucket = ts - ts % BUCKET_NS
-                key = (r.customer_id, r.dimension_id, bucket)
-                w = EXACT.multiply(v, bucket + BUCKET_NS - ts)
-                a = acc.get(key)
-                if a is None:
-                    acc[key] = [1, v, v, v, ts, seq, v, w]
-                else:
-                    a[0] += 1
-                    a[1] = EXACT.add(a[1], v)
-                    if v < a[2]:
-                        a[2] = v
-                    if v > a[3]:
-                        a[3] = v
-                    if ts >= a[4]:  # seqs grow in ingest order: the later record wins ties
-                        a[4], a[5], a[6] = ts, seq, v
-                    a[7] = EXACT.add(a[7], w)
-                if r.unique_value is not None:
-                    distinct.add((r.customer_id, r.dimension_id, bucket, _text(r.unique_value)))  # type: ignore[arg-type]
+        acc = rollup_partials(fresh, [r.value for r in fresh], seqs)
         # Sorted, so that concurrent commits lock rollup rows in one order.
         keys = sorted(acc)
         cols: list[list[Any]] = [[k[0] for k in keys], [k[1] for k in keys], [k[2] for k in keys]]

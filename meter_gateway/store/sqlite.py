@@ -19,9 +19,9 @@ from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from decimal import Decimal, localcontext
+from decimal import Decimal
 from itertools import compress, islice
-from operator import attrgetter, mul
+from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +39,10 @@ from meter_gateway.store.base import (
     OutboxStats,
     RawPoint,
     RejectedRow,
+    RollupKey,
     RollupRow,
     StoredRecord,
+    rollup_partials,
 )
 from meter_gateway.store.dedup_index import DedupIndex
 
@@ -112,7 +114,6 @@ MIGRATIONS: tuple[str, ...] = (
     """,
 )
 
-_RollupKey = tuple[str, str, int]
 _RECORD_ID = attrgetter("record_id")
 _METADATA = attrgetter("metadata")
 _SOURCE = attrgetter("source")
@@ -210,7 +211,7 @@ class _Prepared:
     source: str | None = None  # every row's, when they share one (else each row says)
     fresh: list[bytes] = field(default_factory=list)
     fresh_set: set[bytes] = field(default_factory=set)
-    merged: dict[_RollupKey, RollupRow] = field(default_factory=dict)
+    merged: dict[RollupKey, RollupRow] = field(default_factory=dict)
     distinct: list[tuple[str, str, int, str]] = field(default_factory=list)
     rejected: list[tuple[Any, ...]] = field(default_factory=list)
     state: dict[str, bytes | None] = field(default_factory=dict)
@@ -237,45 +238,7 @@ def _row_layout(records: Sequence[UsageRecord]) -> tuple[bool, str | None]:
     return full, sources.pop().value if len(sources) == 1 else None
 
 
-def _rollup_partials(
-    records: Sequence[UsageRecord], values: Sequence[Decimal], first_seq: int
-) -> dict[_RollupKey, list[Any]]:
-    """A group's records per (customer, dimension, bucket): [count, sum, min, max, last ts,
-    last seq, last value, wsum]; the record with the latest time is the last, the later one
-    (in ingest order, which is seq order) on a tie. Sums add in record order, exactly."""
-    members: dict[_RollupKey, list[int]] = {}
-    times = [r.timestamp_ns for r in records]
-    for i, r in enumerate(records):
-        t = times[i]
-        key = (r.customer_id, r.dimension_id, t - t % BUCKET_NS)
-        found = members.get(key)
-        if found is None:
-            members[key] = [i]
-        else:
-            found.append(i)
-    out: dict[_RollupKey, list[Any]] = {}
-    with localcontext(EXACT):  # for sum() and mul below
-        for key, idx in members.items():
-            vs = [values[i] for i in idx]
-            at = [times[i] for i in idx]
-            latest = max(at)
-            last = len(at) - 1 - at[::-1].index(latest)
-            end = key[2] + BUCKET_NS
-            weighted = map(mul, vs, [end - t for t in at])
-            out[key] = [
-                len(vs),
-                sum(islice(vs, 1, None), vs[0]),
-                min(vs),
-                max(vs),
-                latest,
-                first_seq + idx[last],
-                vs[last],
-                sum(weighted, next(weighted)),
-            ]
-    return out
-
-
-def _rollups_json(merged: dict[_RollupKey, RollupRow]) -> bytes:
+def _rollups_json(merged: dict[RollupKey, RollupRow]) -> bytes:
     return orjson.dumps(
         [
             (
@@ -330,7 +293,7 @@ class SQLiteStore:
         self._readers: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
         self._local = threading.local()
-        self._cache: dict[_RollupKey, RollupRow] = {}
+        self._cache: dict[RollupKey, RollupRow] = {}
         self._cache_size = rollup_cache_size
         row = self._conn.execute("SELECT coalesce(max(seq), 0) FROM records").fetchone()
         self._next_seq = int(row[0]) + 1
@@ -508,7 +471,7 @@ class SQLiteStore:
             rows = [(*row, r.source) for row, r in zip(rows, records, strict=True)]
         if rows:
             p.records_json = orjson.dumps(rows, default=str)
-        acc = _rollup_partials(records, values, p.first_seq)
+        acc = rollup_partials(records, values, range(p.first_seq, p.next_seq))
         p.distinct.extend(
             (r.customer_id, r.dimension_id, r.timestamp_ns - r.timestamp_ns % BUCKET_NS, u)
             for r in records
@@ -653,8 +616,8 @@ class SQLiteStore:
             self.dedup.compact(self._last_purge_s)
             self._compacted_s = self._last_purge_s
 
-    def _merge_rollups(self, acc: dict[_RollupKey, list[Any]]) -> dict[_RollupKey, RollupRow]:
-        def current(key: _RollupKey) -> RollupRow | None:
+    def _merge_rollups(self, acc: dict[RollupKey, list[Any]]) -> dict[RollupKey, RollupRow]:
+        def current(key: RollupKey) -> RollupRow | None:
             for g in reversed(self._inflight):
                 row = g.merged.get(key)
                 if row is not None:
@@ -672,7 +635,7 @@ class SQLiteStore:
             ).fetchone()
             if row is not None:
                 olds[(c, d, bucket)] = _rollup(bucket, row)
-        out: dict[_RollupKey, RollupRow] = {}
+        out: dict[RollupKey, RollupRow] = {}
         for key, (n, s, mn, mx, lts, lseq, lv, w) in acc.items():
             old = olds[key]
             if old is not None:
