@@ -38,6 +38,7 @@ class Reason(StrEnum):
     NEGATIVE_VALUE = "negative_value"
     UNMAPPED = "unmapped"
     TOO_LARGE = "too_large"
+    UNSTORABLE = "unstorable"  # valid, but the store cannot keep it as given (store.base)
 
 
 class ObservationKind(StrEnum):
