@@ -25,7 +25,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import logging
-import struct
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -64,6 +63,7 @@ from meter_gateway.pipeline.cumulative import (
 )
 from meter_gateway.pipeline.mapping import Mapped, Unmapped
 from meter_gateway.telemetry import Telemetry
+from receivers.otlp_codec import is_series_key, read_number_point
 
 log = logging.getLogger(__name__)
 
@@ -82,12 +82,6 @@ OTLP = Source.OTLP
 # over "otlp", a NUL and the key. Natural keys are ASCII, so hashing on from a copy of the
 # prefix's state gives the same digest for less work (tests check they agree).
 _KEY_HASH = hashlib.blake2b(OTLP.value.encode() + b"\x00", digest_size=16)
-_FIXED64_TAGS = frozenset((0x11, 0x19, 0x21, 0x31))  # start, time, asDouble, asInt
-_EXEMPLARS_TAG = 0x2A
-# A number point in its usual layout: start (tag 0x11), time (0x19), asInt (0x31) or asDouble
-# (0x21), each fixed 64 bits, then the attributes (0x3a).
-_START_TIME_INT = struct.Struct("<xQxQxq").unpack_from
-_START_TIME_DOUBLE = struct.Struct("<xQxQxd").unpack_from
 _MAX_CACHED_KEY = 1024  # bytes of serialized attributes worth remembering
 
 
@@ -641,38 +635,17 @@ class OtlpMetrics:
         base: tuple[Any, ...],
         base_id: str,
         p: Any,
-        raw: bytes,
+        tail: bytes | None,
         known: dict[bytes, _PointSeries],
     ) -> _PointSeries | str:
         """A number point's series, or why its attributes are refused.
 
-        Remembered in ``known`` (the metric's) by the bytes of ``raw``, the serialized point,
-        from its attributes on: upb serializes fields in field-number order, so after the
-        fixed-size start, time and value fields (and any exemplars) come the attributes, flags
-        and unknown fields. Whatever the bytes hold, equal bytes mean equal attributes and
-        flags, so a wrong guess only costs a cache miss. Points are remembered only once their
-        flags were read and found without NO_RECORDED_VALUE.
+        Remembered in ``known`` (the metric's) by ``tail``, the point's bytes from its
+        attributes on (``otlp_codec``), when those bytes can stand for its attributes and
+        flags. Callers remember only points whose flags were read and found without
+        NO_RECORDED_VALUE.
         """
-        i, n = 0, len(raw)
-        while i < n:
-            tag = raw[i]
-            if tag in _FIXED64_TAGS:
-                i += 9
-            elif tag == _EXEMPLARS_TAG:
-                length, j = 0, i + 1
-                shift = 0
-                while j < n:
-                    byte = raw[j]
-                    length |= (byte & 0x7F) << shift
-                    j += 1
-                    shift += 7
-                    if byte < 0x80:
-                        break
-                i = j + length
-            else:
-                break
-        tail = raw[i:]
-        found = known.get(tail)
+        found = known.get(tail) if tail is not None else None
         if found is not None:
             return found
         attrs = attributes(p.attributes, self._max_attr_bytes)
@@ -680,7 +653,7 @@ class OtlpMetrics:
             return attrs
         sid = self._series_id((base, tuple(sorted(attrs.items()))))
         entry = _PointSeries(sid, attrs)
-        if len(tail) <= _MAX_CACHED_KEY:
+        if tail is not None and len(tail) <= _MAX_CACHED_KEY and is_series_key(tail):
             if self._tails_size >= self._max_cached:  # all metrics' together: start over
                 known.clear()
                 self._tails, self._tails_size = {base_id: known}, 0
@@ -724,20 +697,16 @@ class OtlpMetrics:
         ordinal = first - 1
         for p in data.data_points:
             ordinal += 1
-            raw = p.SerializeToString()
-            # The usual layout (upb writes fields in field-number order): startTimeUnixNano,
-            # timeUnixNano, asInt or asDouble, then attributes and flags, which the series is
-            # remembered by. Anything else (no start time, exemplars…) is read field by field.
-            series = known.get(raw[27:]) if raw[27:28] == b"\x3a" else None
+            # A point of a known series is read from its bytes (otlp_codec); anything else
+            # (a new series, no time, no value, flagged…) field by field.
+            decoded = read_number_point(p.SerializeToString())
             number: int | float
-            if series is not None and raw[:1] == b"\x11" and raw[9:10] == b"\x19":
-                if raw[18] == 0x31:
-                    start, t, number = _START_TIME_INT(raw)
-                elif raw[18] == 0x21:
-                    start, t, number = _START_TIME_DOUBLE(raw)
-                else:
-                    series = None
-            if series is None:  # read field by field (flagged points are never remembered)
+            if decoded is None:
+                series = tail = None
+            else:
+                start, t, number, tail = decoded
+                series = known.get(tail)
+            if series is None:
                 if p.flags & NO_RECORDED_VALUE:
                     ex.skip(SKIP_NO_VALUE)
                     continue
@@ -771,7 +740,7 @@ class OtlpMetrics:
                         ordinal, Reason.INVALID_TIMESTAMP, "timeUnixNano", "timeUnixNano is 0", name
                     )
                     continue
-                found = point_series(base, base_id, p, raw, known)
+                found = point_series(base, base_id, p, tail, known)
                 if isinstance(found, str):
                     ex.reject(ordinal, Reason.TOO_LARGE, "attributes", found, name)
                     continue
