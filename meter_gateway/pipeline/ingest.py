@@ -9,13 +9,23 @@ Pending records are bounded: past ``max_queue_records`` submit raises ``Overload
 Stores that split a commit into ``prepare`` (Python: dedup decisions, rows, rollups) and
 ``apply`` (the transaction and its fsync, which hold no GIL) are driven as a two-stage
 pipeline: the writer prepares the next group while a second thread applies the previous one.
+
+A failed group never poisons the next. A group that fails because of what a record holds
+(``Unstorable``) is split, batch by batch, and each record the store cannot keep is rejected
+alone (reason ``unstorable``, kept in the rejected store) while the rest of its batch commits
+in one transaction. Groups voided by an earlier group's failure are prepared again. Any other
+failure is the store's (disk full, database down): those requests fail (503) and ``healthy``
+is False until a commit succeeds again; while nothing is pending, a small probe commit is
+tried every ``probe_interval_s`` so that readiness comes back with the store.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import queue
+import reprlib
 import threading
 import time
 from collections import deque
@@ -24,11 +34,16 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from meter_gateway.clock import Clock
-from meter_gateway.model import Batch, CommitResult
-from meter_gateway.store.base import Store
+from meter_gateway.model import Batch, CommitResult, Reason, RecordError, Source, UsageRecord
+from meter_gateway.store.base import GroupVoided, Store, Unstorable, unstorable_reason
 from meter_gateway.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
+
+# Receiver state the health probe writes (a real write: an empty commit would succeed on a
+# full disk).
+PROBE_KEY = "meter-gateway/commit-probe"
+MAX_RAW = 8192  # of a rejected record's text, as validation clips it
 
 
 class Overloaded(Exception):
@@ -70,6 +85,7 @@ class Ingestor:
         max_commit_records: int,
         retry_after_s: float,
         on_commit: Callable[[list[Batch], list[CommitResult]], None] | None = None,
+        probe_interval_s: float = 1.0,
     ) -> None:
         self._store = store
         self._on_commit = on_commit  # after every successful commit, before answering
@@ -82,6 +98,11 @@ class Ingestor:
         self._queued = 0
         self._cond = threading.Condition()
         self._closing = False
+        # Groups the applier handed back, taken before new ones: (group, split it).
+        self._retry: deque[tuple[list[_Pending], bool]] = deque()
+        self._in_pipeline = 0  # groups prepared and not settled yet
+        self._failure: str | None = None  # the last commit's failure; None once one succeeds
+        self._probe_interval = probe_interval_s
         pipelined = callable(getattr(store, "prepare", None)) and callable(
             getattr(store, "apply", None)
         )
@@ -103,6 +124,15 @@ class Ingestor:
     @property
     def queued_records(self) -> int:
         return self._queued
+
+    @property
+    def healthy(self) -> bool:
+        """False from a commit failed by the store (not by a record) until one succeeds."""
+        return self._failure is None
+
+    @property
+    def last_failure(self) -> str | None:
+        return self._failure
 
     async def submit(self, batch: Batch) -> CommitResult:
         """Commit a batch durably; raises Overloaded, CommitFailed or ShuttingDown."""
@@ -152,45 +182,67 @@ class Ingestor:
         """Stop taking batches, commit everything pending, stop the writer."""
         with self._cond:
             self._closing = True
-            self._cond.notify()
+            self._cond.notify_all()
         self._thread.join(timeout)
         if self._applier is not None:
             self._applier.join(timeout)
 
-    def _take(self) -> list[_Pending] | None:
+    def _take(self) -> tuple[list[_Pending], bool] | None:
+        """The next group to commit and whether to split it; None once closed and done."""
         with self._cond:
-            while not self._pending and not self._closing:
-                self._cond.wait()
-            if not self._pending:
-                return None
+            while True:
+                if self._retry:
+                    return self._retry.popleft()
+                if self._pending:
+                    break
+                if self._closing:
+                    if self._in_pipeline == 0:
+                        return None
+                    self._cond.wait()  # the applier may hand groups back
+                elif self._failure is not None:
+                    if not self._cond.wait(self._probe_interval) and not (
+                        self._pending or self._retry or self._closing
+                    ):
+                        return [self._probe()], False
+                else:
+                    self._cond.wait()
             group: list[_Pending] = []
             n = 0
             while self._pending and (not group or n + self._pending[0].size <= self._max_commit):
                 p = self._pending.popleft()
                 group.append(p)
                 n += p.size
-            return group
+            return group, False
+
+    def _probe(self) -> _Pending:
+        stamp = str(self._clock.now_ns()).encode()
+        return _Pending(Batch(Source.REST, state={PROBE_KEY: stamp}), lambda _: None, 0)
 
     def _run(self) -> None:
-        while (group := self._take()) is not None:
-            start = time.perf_counter()
-            try:
-                results = self._store.commit([p.batch for p in group], self._clock.now_ns())
-            except Exception as exc:
-                self._failed(group, exc)
-                continue
-            self._settled(group, results, time.perf_counter() - start)
+        while (item := self._take()) is not None:
+            self._commit_now(item[0])
 
     def _prepare_loop(self) -> None:
         store: PipelinedStore = self._store  # type: ignore[assignment]
         try:
-            while (group := self._take()) is not None:
+            while (item := self._take()) is not None:
+                group, split = item
+                if split:
+                    self._drain()
+                    self._split(group)
+                    continue
                 start = time.perf_counter()
                 try:
                     prepared = store.prepare([p.batch for p in group], self._clock.now_ns())
+                except Unstorable:
+                    self._drain()  # then commit the parts one after another, here
+                    self._split(group)
+                    continue
                 except Exception as exc:
                     self._failed(group, exc)
                     continue
+                with self._cond:
+                    self._in_pipeline += 1
                 self._prepared.put((group, prepared, time.perf_counter() - start))
         finally:
             self._prepared.put(None)
@@ -202,20 +254,99 @@ class Ingestor:
             start = time.perf_counter()
             try:
                 results = store.apply(prepared)
+            except GroupVoided:  # never tried: an earlier group failed
+                self._hand_back(group, split=False)
+            except Unstorable:
+                self._hand_back(group, split=True)
             except Exception as exc:
                 self._failed(group, exc)
+            else:
+                self._settled(group, results, spent + time.perf_counter() - start)
+            finally:
+                with self._cond:
+                    self._in_pipeline -= 1
+                    self._cond.notify_all()
+
+    def _hand_back(self, group: list[_Pending], split: bool) -> None:
+        with self._cond:
+            self._retry.append((group, split))
+            self._cond.notify_all()
+
+    def _drain(self) -> None:
+        """Wait until every prepared group is applied, so this thread may commit alone."""
+        with self._cond:
+            while self._in_pipeline:
+                self._cond.wait()
+
+    # --- the failure path: commits one after another, on the writer thread ----------------
+
+    def _commit_now(self, group: list[_Pending]) -> None:
+        start = time.perf_counter()
+        try:
+            results = self._store.commit([p.batch for p in group], self._clock.now_ns())
+        except Unstorable:
+            self._split(group)
+            return
+        except Exception as exc:
+            self._failed(group, exc)
+            return
+        self._settled(group, results, time.perf_counter() - start)
+
+    def _split(self, group: list[_Pending]) -> None:
+        """Commit a group that holds something the store cannot keep: halves of it apart (each
+        batch keeps its own transaction), down to the batch, whose bad records are rejected."""
+        if len(group) > 1:
+            mid = len(group) // 2
+            self._commit_now(group[:mid])
+            self._commit_now(group[mid:])
+            return
+        (p,) = group
+        if not self._reject_unstorable(p.batch):
+            # The store refused it but no record is to blame that we can name: fail this
+            # batch alone (503) rather than reject records that might be fine.
+            self._failed(group, Unstorable("the store refused the batch; no record is at fault"))
+            return
+        start = time.perf_counter()
+        try:
+            results = self._store.commit([p.batch], self._clock.now_ns())
+        except Exception as exc:  # Unstorable again: a cause we cannot name
+            self._failed(group, exc)
+            return
+        self._settled(group, results, time.perf_counter() - start)
+
+    def _reject_unstorable(self, batch: Batch) -> bool:
+        """Move the records no store can keep from the batch's records to its errors (so the
+        answer and the rejected store carry them); False if there is none."""
+        reasons = [unstorable_reason(r) for r in batch.records]
+        if not any(reasons):
+            return False
+        indexes = _request_indexes(batch)
+        kept: list[UsageRecord] = []
+        for r, i, reason in zip(batch.records, indexes, reasons, strict=True):
+            if reason is None:
+                kept.append(r)
                 continue
-            self._settled(group, results, spent + time.perf_counter() - start)
+            field, error = reason
+            log.warning("record %d of a %s batch cannot be stored: %s", i, batch.source, error)
+            batch.errors.append(RecordError(i, field, error, Reason.UNSTORABLE, _describe(r)))
+        batch.records = kept
+        batch.errors.sort(key=lambda e: e.index)
+        return True
 
     def _failed(self, group: list[_Pending], exc: Exception) -> None:
         log.exception("commit of %d batches failed", len(group), exc_info=exc)
         self._telemetry.commit_failures.inc()
+        if not isinstance(exc, Unstorable):  # the store's own failure: not ready
+            self._failure = str(exc) or type(exc).__name__
         failure = CommitFailed(f"the store could not commit: {exc}")
         for p in group:
             p.done(failure)
         self._release(group)
 
     def _settled(self, group: list[_Pending], results: list[CommitResult], elapsed: float) -> None:
+        if self._failure is not None:
+            log.warning("commits succeed again (after: %s)", self._failure)
+            self._failure = None
         if self._on_commit is not None:
             try:
                 self._on_commit([p.batch for p in group], results)
@@ -246,3 +377,37 @@ def _settle(fut: asyncio.Future[CommitResult], result: CommitResult | BaseExcept
         fut.set_exception(result)
     else:
         fut.set_result(result)
+
+
+def _request_indexes(batch: Batch) -> list[int]:
+    """Each record's position in its request, as far as the batch tells: records fill the
+    positions its errors leave free, in order (true of REST and OTLP requests; a receiver that
+    drops items silently shifts them)."""
+    taken = {e.index for e in batch.errors}
+    out: list[int] = []
+    i = 0
+    for _ in batch.records:
+        while i in taken:
+            i += 1
+        out.append(i)
+        i += 1
+    return out
+
+
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxother = 8, 200, 200
+
+
+def _describe(r: UsageRecord) -> str:
+    """The record's text for the rejected store: whatever made it unstorable (nesting,
+    surrogates, NUL) escaped or cut short."""
+    return json.dumps(
+        {
+            "id": r.record_id,
+            "timestamp_ns": r.timestamp_ns,
+            "customerId": r.customer_id,
+            "dimensionId": r.dimension_id,
+            "recordValue": str(r.value),
+            "metadata": None if r.metadata is None else _SHORT.repr(r.metadata),
+        }
+    )[:MAX_RAW]

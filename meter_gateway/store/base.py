@@ -1,8 +1,10 @@
 """The store interface: one atomic commit for a group of batches, and the reads aggregation needs.
 
-Implementations: ``sqlite.SQLiteStore`` (embedded default) and, later, PostgreSQL. Whatever the
-implementation, ``commit`` is all-or-nothing: records, their dedup keys, rollups and rejected
-records land in one transaction, and dedup keys are marked only if that transaction commits.
+Implementations: ``sqlite.SQLiteStore`` (embedded default) and ``postgres.PostgresStore``.
+Whatever the implementation, ``commit`` is all-or-nothing: records, their dedup keys, rollups and
+rejected records land in one transaction, and dedup keys are marked only if that transaction
+commits. A commit that fails because of what a record holds raises ``Unstorable`` (the committer
+then finds the record and rejects it alone); any other failure is the store's own (an outage).
 """
 
 from __future__ import annotations
@@ -15,11 +17,146 @@ from itertools import islice
 from operator import mul
 from typing import Any, Protocol
 
+import orjson
+
 from meter_gateway.aggregation.windows import BUCKET_NS
 from meter_gateway.decimals import EXACT
 from meter_gateway.model import Batch, CommitResult, UsageRecord
 
 RollupKey = tuple[str, str, int]  # (customer, dimension, bucket_ns)
+
+# --- what a store can keep ---------------------------------------------------------------------
+#
+# orjson writes JSON nested at most ORJSON_MAX_DEPTH levels, and a raw page serves a record's
+# metadata PAGE_NESTING levels down (``{"data": [{"metadata": ...}]}``): metadata nested deeper
+# than MAX_METADATA_DEPTH could be stored but never listed. Stores encode metadata wrapped in
+# PAGE_NESTING levels (or nested that deep already, as SQLite's rows), so orjson's own limit
+# refuses it while encoding, at no cost per record.
+ORJSON_MAX_DEPTH = 254
+PAGE_NESTING = 3
+MAX_METADATA_DEPTH = ORJSON_MAX_DEPTH - PAGE_NESTING
+# A record's metadata a store could not decode for a page is served as its stored text under
+# this one key, instead of failing the page.
+UNREADABLE_METADATA = "$unreadable"
+_INT64 = 1 << 63
+
+
+class Unstorable(Exception):
+    """What a group holds cannot be written as given: a record the store cannot encode or the
+    database refuses (metadata nested too deep, a string PostgreSQL cannot hold, a number out of
+    the column's range), not a store outage. Nothing of the group was written; the committer
+    splits it to find the record (``unstorable_reason``) and rejects that record alone."""
+
+
+class GroupVoided(RuntimeError):
+    """A prepared group that was never tried: an earlier group of the same pipeline failed, so
+    this one was built on state that did not commit. Nothing of it was written; prepare it
+    again."""
+
+
+def encode_metadata(metadata: Mapping[str, Any]) -> bytes:
+    """Metadata as the JSON a store keeps. Encoded PAGE_NESTING levels down, so what a page
+    could not carry fails here (orjson's limit), not when it is listed; numbers JSON cannot
+    carry (Decimal) become exact text."""
+    wrapped: Any = metadata
+    for _ in range(PAGE_NESTING):
+        wrapped = (wrapped,)
+    return orjson.dumps(wrapped, default=str)[PAGE_NESTING:-PAGE_NESTING]
+
+
+def unstorable_reason(r: UsageRecord) -> tuple[str, str] | None:
+    """(field, error) when no store can keep ``r`` as it is, else None. Only the commit's
+    failure path calls this: the happy path leaves such checks to the encoders themselves."""
+    for name, text in (
+        ("customerId", r.customer_id),
+        ("dimensionId", r.dimension_id),
+        ("id", r.record_id),
+        ("metadata", r.unique_value),
+    ):
+        if text is None:
+            continue
+        if "\x00" in text:
+            return name, f"{name} holds U+0000 (NUL), which the store cannot keep unaltered"
+        if not _is_unicode(text):
+            return name, f"{name} holds an unpaired surrogate: not valid Unicode text"
+    if not r.value.is_finite():
+        return "recordValue", f"recordValue {r.value} is not a finite number"
+    if not -_INT64 <= r.timestamp_ns < _INT64:
+        return "timestamp", "timestamp is outside the 64-bit nanosecond range"
+    if r.metadata:
+        if nesting_depth(r.metadata, MAX_METADATA_DEPTH) > MAX_METADATA_DEPTH:
+            return (
+                "metadata",
+                f"metadata nests deeper than {MAX_METADATA_DEPTH} levels, which a page of "
+                "records cannot carry",
+            )
+        try:
+            orjson.dumps(r.metadata, default=str)
+        except TypeError as exc:  # orjson.JSONEncodeError: surrogates, huge ints, odd keys
+            return "metadata", f"metadata cannot be stored as JSON: {exc}"
+    return None
+
+
+def _is_unicode(text: str) -> bool:
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def nesting_depth(value: Any, limit: int) -> int:
+    """How many dicts and lists deep ``value`` nests (a scalar: 0); stops counting past
+    ``limit``, so it is safe on any depth."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, dict):
+            children: Any = v.values()
+        elif isinstance(v, list | tuple):
+            children = v
+        else:
+            continue
+        depth += 1
+        if depth > deepest:
+            deepest = depth
+            if deepest > limit:
+                return deepest
+        stack.extend((c, depth) for c in children)
+    return deepest
+
+
+def printable_text(text: str | None) -> str | None:
+    """Text for the rejected store, which keeps what was wrong verbatim where it can: U+0000
+    and unpaired surrogates (which no store can write) become backslash escapes."""
+    if text is None or (text.isascii() and "\x00" not in text):
+        return text
+    text = text.replace("\x00", "\\u0000")
+    return text if _is_unicode(text) else text.encode("utf-8", "backslashreplace").decode()
+
+
+def read_metadata(stored: str | bytes | None) -> dict[str, Any] | None:
+    """A record's metadata as stored, decoded for a page of records. Metadata no page can carry
+    (stored before stores refused it: nested too deep, not JSON orjson reads, not an object)
+    comes back as ``{UNREADABLE_METADATA: its stored text}`` rather than failing the page."""
+    if not stored:
+        return None
+    try:
+        value = orjson.loads(stored)
+    except orjson.JSONDecodeError:
+        value = None
+    if isinstance(value, dict):
+        raw = stored.encode() if isinstance(stored, str) else stored
+        # Brackets in the text bound its depth: the exact walk only for a suspicious one.
+        if raw.count(b"{") + raw.count(b"[") <= MAX_METADATA_DEPTH or (
+            nesting_depth(value, MAX_METADATA_DEPTH) <= MAX_METADATA_DEPTH
+        ):
+            return value
+    text = stored if isinstance(stored, str) else stored.decode("utf-8", "backslashreplace")
+    return {UNREADABLE_METADATA: text}
 
 
 @dataclass(frozen=True, slots=True)

@@ -45,6 +45,10 @@ from meter_gateway.store.base import (
     RejectedRow,
     RollupRow,
     StoredRecord,
+    Unstorable,
+    encode_metadata,
+    printable_text,
+    read_metadata,
     rollup_partials,
 )
 from meter_gateway.store.sqlite import unique_of
@@ -219,6 +223,8 @@ class PostgresStore:
     # --- commit ------------------------------------------------------------------------------
 
     def commit(self, batches: Sequence[Batch], now_ns: int) -> list[CommitResult]:
+        """One transaction (retried on deadlock); ``Unstorable`` when a value of the group is
+        refused (by the encoders or as data by PostgreSQL), anything else is an outage."""
         for attempt in range(1, COMMIT_ATTEMPTS + 1):
             try:
                 with self._conn() as conn, conn.transaction():
@@ -228,6 +234,16 @@ class PostgresStore:
                 if attempt == COMMIT_ATTEMPTS:
                     raise
                 log.warning("commit hit a deadlock or serialization failure; retrying")
+            except (
+                psycopg.DataError,  # NUL in text, numbers out of a column's range, ...
+                pg_errors.ProgramLimitExceeded,  # a key too long for its index
+                ValueError,  # UnicodeEncodeError: unpaired surrogates
+                TypeError,  # orjson: metadata nested too deep, integers past 64 bits
+                OverflowError,
+                ArithmeticError,
+                RecursionError,
+            ) as exc:
+                raise Unstorable(f"PostgreSQL cannot store a value of the group: {exc}") from exc
         if now_ns // NS - self._last_purge_s >= PURGE_EVERY_S:
             self.purge_dedup(now_ns)
         return results
@@ -273,7 +289,14 @@ class PostgresStore:
             self._write_records(cur, flat, new_flags, seqs, now_ns)
 
         rejected_rows = [
-            (now_ns, b.source.value, e.reason.value, _text(e.field), _text(e.error), _text(e.raw))
+            (
+                now_ns,
+                b.source.value,
+                e.reason.value,
+                printable_text(e.field),
+                printable_text(e.error),
+                printable_text(e.raw),
+            )
             for b in live
             for e in b.errors
         ]
@@ -306,7 +329,7 @@ class PostgresStore:
         distinct = {
             (r.customer_id, r.dimension_id, r.timestamp_ns - r.timestamp_ns % BUCKET_NS, u)
             for r in fresh
-            if (u := _text(r.unique_value)) is not None
+            if (u := r.unique_value) is not None
         }
         with cur.copy(
             "COPY records (seq, ts, customer, dimension, value, record_id, metadata, source, "
@@ -320,9 +343,9 @@ class PostgresStore:
                         r.customer_id,
                         r.dimension_id,
                         r.value,
-                        _text(r.record_id),
-                        # numbers JSON cannot carry (Decimal) are kept as exact text, as SQLite
-                        orjson.dumps(r.metadata, default=str).decode() if r.metadata else None,
+                        # never altered: a NUL fails the commit (Unstorable), the record alone
+                        r.record_id,
+                        encode_metadata(r.metadata).decode() if r.metadata else None,
                         r.source.value,
                         now_ns,
                     )
@@ -521,7 +544,7 @@ class PostgresStore:
                 (customer, dimension, from_ns, to_ns),
             ).fetchall()
         return [
-            RawPoint(ts, seq, v, unique_of(orjson.loads(m), unique_key) if m else None)
+            RawPoint(ts, seq, v, unique_of(read_metadata(m), unique_key) if m else None)
             for ts, seq, v, m in rows
         ]
 
@@ -578,9 +601,7 @@ class PostgresStore:
         with self._conn() as conn:
             rows = conn.execute(sql, args).fetchall()
         return [
-            StoredRecord(
-                r[0], r[1], r[2], r[3], r[4], r[5], orjson.loads(r[6]) if r[6] else None, r[7], r[8]
-            )
+            StoredRecord(r[0], r[1], r[2], r[3], r[4], r[5], read_metadata(r[6]), r[7], r[8])
             for r in rows
         ]
 

@@ -32,6 +32,7 @@ from meter_gateway.decimals import EXACT
 from meter_gateway.model import Batch, CommitResult, SeriesMetadata, UsageRecord
 from meter_gateway.store.base import (
     ConflictError,
+    GroupVoided,
     InvoiceRow,
     LedgerEntry,
     OutboxEvent,
@@ -42,7 +43,12 @@ from meter_gateway.store.base import (
     RollupKey,
     RollupRow,
     StoredRecord,
+    Unstorable,
+    encode_metadata,
+    printable_text,
+    read_metadata,
     rollup_partials,
+    unstorable_reason,
 )
 from meter_gateway.store.dedup_index import DedupIndex
 
@@ -132,6 +138,8 @@ _APPLY_VIEW = (
 )
 # Record rows are [ts, customer, dimension, value, meta_id], then [record_id, metadata] when the
 # group has any (``full``), then the source when the group has several; seqs are consecutive.
+# The rows come wrapped in one more array ([[row, ...]]): a record's metadata is then nested
+# store.base.PAGE_NESTING levels down, so orjson refuses what no page could list.
 # Each ``->>`` parses its row again (SQLite 3.40 has no JSON cache): the fewer, the faster.
 _APPLY_TRIGGER = """
 CREATE TEMP TRIGGER apply_group_insert INSTEAD OF INSERT ON apply_group BEGIN
@@ -142,7 +150,7 @@ CREATE TEMP TRIGGER apply_group_insert INSTEAD OF INSERT ON apply_group BEGIN
         CASE WHEN NEW.full THEN CAST(value->>6 AS BLOB) END,
         coalesce(NEW.source, value->>(CASE WHEN NEW.full THEN 7 ELSE 5 END)),
         NEW.received_ns
-    FROM json_each(NEW.records);
+    FROM json_each(NEW.records, '$[0]');
     INSERT INTO dedup_log (seen_s, keys) SELECT NEW.seen_s, NEW.dedup_keys
         WHERE NEW.dedup_keys IS NOT NULL;
     INSERT OR REPLACE INTO rollups SELECT value->>0, value->>1, value->>2, value->>3, value->>4,
@@ -174,7 +182,7 @@ class _SharedMetadata:
             hit = objs.get(id(m))
             if hit is not None and hit[0] is m:
                 return hit[1]
-        body = orjson.dumps(m, default=str)
+        body = encode_metadata(m)
         digest = hashlib.blake2b(body, digest_size=16).digest()
         p = self.p
         mid = next((i[digest] for i in self.ids if digest in i), None)
@@ -236,6 +244,15 @@ def _row_layout(records: Sequence[UsageRecord]) -> tuple[bool, str | None]:
             full = any(m and type(m) is not SeriesMetadata for m in metas)
     sources = set(map(_SOURCE, records))
     return full, sources.pop().value if len(sources) == 1 else None
+
+
+def _refuse_nul(records: Sequence[UsageRecord]) -> None:
+    """Raise ``Unstorable`` if a record's text column holds U+0000 (read back, SQLite text ends
+    there: distinct ids would come back as one)."""
+    for r in records:
+        reason = unstorable_reason(r)
+        if reason is not None and "U+0000" in reason[1]:
+            raise Unstorable(reason[1])
 
 
 def _rollups_json(merged: dict[RollupKey, RollupRow]) -> bytes:
@@ -401,15 +418,22 @@ class SQLiteStore:
         can prepare one group while the previous one is in SQLite. Nothing in memory moves
         until ``apply`` has committed a group; then the next ``prepare`` moves it (``_fold``).
         A failed ``apply`` voids every group still in flight.
+
+        A failed ``prepare`` leaves nothing behind: the group is not in flight and the next one
+        takes its place. It raises ``Unstorable`` when a record cannot be encoded (the caller
+        splits the group); the ``sqlite3`` errors of its reads are the store's own.
         """
         with self._mem:
             self._fold()
-            return self._prepare(batches, now_ns)
+            try:
+                return self._prepare(batches, now_ns)
+            except (ValueError, TypeError, OverflowError, ArithmeticError, RecursionError) as exc:
+                # orjson.JSONEncodeError is a TypeError: metadata too deep, surrogates, ...
+                raise Unstorable(f"a record cannot be encoded: {exc}") from exc
 
     def _prepare(self, batches: Sequence[Batch], now_ns: int) -> _Prepared:
         inflight = self._inflight
         p = _Prepared(self._epoch, now_ns, self._next_number)
-        self._next_number += 1
         last = inflight[-1] if inflight else None
         p.next_seq = last.next_seq if last else self._next_seq
         p.next_rejected = last.next_rejected if last else self._next_rejected
@@ -470,7 +494,9 @@ class SQLiteStore:
         if p.source is None:
             rows = [(*row, r.source) for row, r in zip(rows, records, strict=True)]
         if rows:
-            p.records_json = orjson.dumps(rows, default=str)
+            p.records_json = orjson.dumps((rows,), default=str)
+            if b"\\u0000" in p.records_json:  # SQLite would cut such text at the NUL
+                _refuse_nul(records)
         acc = rollup_partials(records, values, range(p.first_seq, p.next_seq))
         p.distinct.extend(
             (r.customer_id, r.dimension_id, r.timestamp_ns - r.timestamp_ns % BUCKET_NS, u)
@@ -483,7 +509,15 @@ class SQLiteStore:
         for b in batches:
             for e in b.errors:
                 p.rejected.append(
-                    (rseq, now_ns, b.source.value, e.reason.value, e.field, e.error, e.raw)
+                    (
+                        rseq,
+                        now_ns,
+                        b.source.value,
+                        e.reason.value,
+                        printable_text(e.field),
+                        printable_text(e.error),
+                        printable_text(e.raw),
+                    )
                 )
                 rseq += 1
         p.next_rejected = rseq
@@ -520,6 +554,8 @@ class SQLiteStore:
             orjson.dumps(text) if text else None,
             orjson.dumps(gone) if gone else None,
         )
+        # Last: a prepare that failed before this point left no trace.
+        self._next_number += 1
         inflight.append(p)
         return p
 
@@ -545,7 +581,7 @@ class SQLiteStore:
         for a ``prepare`` to let go of ``_mem``.
         """
         if p.epoch != self._epoch or p.number != self._next_apply:
-            raise RuntimeError("an earlier group failed to commit; this one was void")
+            raise GroupVoided("an earlier group failed to commit; this one was void")
         conn = self._conn
         try:
             if not (p.meta_new or p.distinct or p.rejected or p.state_binary):
@@ -565,12 +601,15 @@ class SQLiteStore:
                         conn.executemany(
                             "INSERT OR REPLACE INTO receiver_state VALUES (?, ?)", p.state_binary
                         )
-        except BaseException:
+        except BaseException as exc:
             with self._mem:
                 self._fold()  # groups committed before this one are kept
                 self._epoch += 1
                 self._next_apply = self._next_number
                 self._inflight.clear()
+            if isinstance(exc, sqlite3.DataError | ValueError | TypeError | OverflowError):
+                # a value SQLite refuses (too big, not encodable): the group's, not an outage
+                raise Unstorable(f"SQLite refused a value: {exc}") from exc
             raise
         p.committed = True
         self._next_apply += 1
@@ -780,7 +819,7 @@ class SQLiteStore:
             (customer, dimension, from_ns, to_ns),
         )
         return [
-            RawPoint(ts, seq, Decimal(v), unique_of(orjson.loads(m), unique_key) if m else None)
+            RawPoint(ts, seq, Decimal(v), unique_of(read_metadata(m), unique_key) if m else None)
             for ts, seq, v, m in cur
         ]
 
@@ -842,7 +881,7 @@ class SQLiteStore:
                 r[3],
                 Decimal(r[4]),
                 r[5],
-                orjson.loads(r[6]) if r[6] else None,
+                read_metadata(r[6]),
                 r[7],
                 r[8],
             )
