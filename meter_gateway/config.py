@@ -1,8 +1,13 @@
 """The gateway's YAML configuration: typed, validated once at start-up, every error with its path.
 
-Precedence is simple: the file says everything; ``${NAME}`` in any string is replaced by the
-environment variable NAME (a missing variable is an error naming the path); anything the file
-leaves out takes the default written next to its field here.
+``parse_config`` reports every problem of a document in one pass: unset ``${NAME}`` variables,
+values the models refuse, cross-references (``reference_errors``) and unset ``key_env`` /
+``secret_env`` variables, one ``path: message`` line each.
+
+Precedence, highest first, for the settings in ``OVERRIDES``: the command-line argument, the
+environment variable, the config file, the default written next to the field here. Every other
+setting comes from the file or its default; ``${NAME}`` in any string of the file is replaced by
+the environment variable NAME.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -23,11 +29,12 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
 
-from meter_gateway import measurements
+from meter_gateway import currencies, measurements
 from meter_gateway.decimals import DecimalError, fmt, parse_value
 from meter_gateway.promql import parse_selector
 
@@ -64,6 +71,21 @@ def parse_duration(raw: object) -> timedelta:
     if pos != len(text) or not text:
         raise ValueError(f"{raw!r} is not a duration (expected e.g. 90s, 5m, 24h, 35d)")
     return total
+
+
+def format_duration(value: timedelta) -> str:
+    """A duration the way the config writes it: ``35d``, ``5m``, ``1h30m``, ``250ms``."""
+    if value < timedelta():
+        return f"-{format_duration(-value)}"
+    ms = value // timedelta(milliseconds=1)
+    if not ms:
+        return "0s"
+    parts = []
+    for unit in ("d", "h", "m", "s", "ms"):
+        n, ms = divmod(ms, _DURATION_UNITS[unit] // timedelta(milliseconds=1))
+        if n:
+            parts.append(f"{n}{unit}")
+    return "".join(parts)
 
 
 def _parse_decimal(raw: object) -> Decimal:
@@ -215,6 +237,9 @@ Rounding = Literal["none", "ceil", "floor", "round"]
 class Dimension(_Model):
     id: Slug
     name: str
+    # A template (meter_gateway.measurements) fills the rest; declared before ``unit`` so the
+    # unit check below sees it.
+    measurement: str | None = None
     unit: str = "unit"
     aggregation: Aggregation = "sum"
     aggregation_interval: Interval = "none"
@@ -223,13 +248,24 @@ class Dimension(_Model):
     price: Dec | None = None
     unit_cost: Dec | None = None
     unique_key: str | None = None
-    measurement: str | None = None  # a template (meter_gateway.measurements) fills the rest
     description: str = ""
 
     @model_validator(mode="before")
     @classmethod
     def _template(cls, data: Any) -> Any:
         return measurements.fill_dimension(data)
+
+    @field_validator("unit")
+    @classmethod
+    def _template_unit(cls, v: str, info: ValidationInfo) -> str:
+        template = measurements.TEMPLATES.get(info.data.get("measurement") or "")
+        if template is not None and v != template.unit:
+            name, expected = template.id, template.unit
+            raise ValueError(
+                f"measurement {name!r} bills in {expected!r}, not {v!r} "
+                f"(leave unit out, or set it to {expected!r})"
+            )
+        return v
 
     @model_validator(mode="after")
     def _coherent(self) -> Dimension:
@@ -280,8 +316,14 @@ class Charge(_Model):
 class Offering(_Model):
     id: Slug
     name: str
-    currency: str = Field(default="USD", pattern=r"^[A-Z]{3}$")
+    currency: str = "USD"
     charges: tuple[Charge, ...] = ()
+
+    @field_validator("currency")
+    @classmethod
+    def _iso_4217(cls, v: str) -> str:
+        currencies.minor_unit(v)  # ValueError naming the code
+        return v
 
     @model_validator(mode="after")
     def _one_charge_per_dimension(self) -> Offering:
@@ -298,6 +340,13 @@ class Customer(_Model):
     offering: Slug | None = None
     aliases: tuple[str, ...] = ()
     stripe_account_id: str | None = None
+
+    @field_validator("aliases")
+    @classmethod
+    def _not_its_own_id(cls, v: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
+        if info.data.get("id") in v:
+            raise ValueError(f"alias {info.data['id']!r} is the customer's own id")
+        return v
 
 
 class RuleMatch(_Model):
@@ -494,61 +543,103 @@ class Config(_Model):
         prometheus = {**data["receivers"]["prometheus"], "series": filled}
         return {**data, "receivers": {**data["receivers"], "prometheus": prometheus}}
 
-    @model_validator(mode="after")
-    def _references(self) -> Config:
-        errors: list[str] = []
-        dims = _unique_ids("dimensions", [d.id for d in self.dimensions], errors)
-        offers = _unique_ids("offerings", [o.id for o in self.offerings], errors)
-        custs = _unique_ids("customers", [c.id for c in self.customers], errors)
-        for i, o in enumerate(self.offerings):
-            for j, c in enumerate(o.charges):
-                if c.dimension not in dims:
-                    errors.append(
-                        f"offerings.{i}.charges.{j}.dimension: unknown dimension {c.dimension!r}"
-                    )
-        aliases: dict[str, str] = {}
-        for i, cust in enumerate(self.customers):
-            if cust.offering is not None and cust.offering not in offers:
-                errors.append(f"customers.{i}.offering: unknown offering {cust.offering!r}")
-            for a in cust.aliases:
-                owner = aliases.setdefault(a, cust.id)
-                if owner != cust.id or (a in custs and a != cust.id):
-                    errors.append(f"customers.{i}.aliases: {a!r} already names {owner!r}")
-        for i, r in enumerate(self.rules):
-            if r.dimension not in dims:
-                errors.append(f"rules.{i}.dimension: unknown dimension {r.dimension!r}")
-        for i, m in enumerate(self.meters):
-            if m.dimension not in dims:
-                errors.append(f"meters.{i}.dimension: unknown dimension {m.dimension!r}")
-            if m.customer not in custs:
-                errors.append(f"meters.{i}.customer: unknown customer {m.customer!r}")
-        if self.receivers.prometheus is not None:
-            aggregations = {d.id: d.aggregation for d in self.dimensions}
-            for i, s in enumerate(self.receivers.prometheus.series):
-                if s.dimension not in dims:
-                    errors.append(
-                        f"receivers.prometheus.series.{i}.dimension: unknown dimension "
-                        f"{s.dimension!r}"
-                    )
-                elif s.kind == "gauge" and aggregations[s.dimension] not in _GAUGE_AGGREGATIONS:
-                    errors.append(
-                        f"receivers.prometheus.series.{i}.kind: a gauge is a level; dimension "
-                        f"{s.dimension!r} aggregates by {aggregations[s.dimension]}, expected "
-                        f"one of {', '.join(_GAUGE_AGGREGATIONS)} (sum integrates the level "
-                        "over time)"
-                    )
-        if errors:
-            raise ValueError("; ".join(errors))
-        return self
+
+def _items(raw: Mapping[str, Any], key: str) -> list[tuple[int, Mapping[str, Any]]]:
+    """The mapping entries of a list in the raw document (other shapes the models report)."""
+    value = raw.get(key)
+    if not isinstance(value, list):
+        return []
+    return [(i, item) for i, item in enumerate(value) if isinstance(item, Mapping)]
 
 
-def _unique_ids(kind: str, ids: list[str], errors: list[str]) -> set[str]:
+def _ids(kind: str, items: list[tuple[int, Mapping[str, Any]]], errors: list[str]) -> set[str]:
     seen: set[str] = set()
-    for i, x in enumerate(ids):
+    for i, item in items:
+        x = item.get("id")
+        if not isinstance(x, str):
+            continue
         if x in seen:
             errors.append(f"{kind}.{i}.id: duplicate id {x!r}")
         seen.add(x)
     return seen
+
+
+def reference_errors(raw: Mapping[str, Any]) -> list[str]:
+    """Cross-references of a raw document (after ``${NAME}`` substitution), one line each.
+
+    Read from the raw mapping rather than the validated ``Config`` so they are reported in the
+    same pass as every other error, even when some values are invalid.
+    """
+    errors: list[str] = []
+    dimensions = _items(raw, "dimensions")
+    dims = _ids("dimensions", dimensions, errors)
+    offers = _ids("offerings", _items(raw, "offerings"), errors)
+    customers = _items(raw, "customers")
+    custs = _ids("customers", customers, errors)
+    for i, o in _items(raw, "offerings"):
+        charges = o.get("charges")
+        for j, c in enumerate(charges if isinstance(charges, list) else ()):
+            d = c.get("dimension") if isinstance(c, Mapping) else None
+            if isinstance(d, str) and d not in dims:
+                errors.append(f"offerings.{i}.charges.{j}.dimension: unknown dimension {d!r}")
+    owners: dict[str, str] = {}
+    for i, cust in customers:
+        offering = cust.get("offering")
+        if isinstance(offering, str) and offering not in offers:
+            errors.append(f"customers.{i}.offering: unknown offering {offering!r}")
+        aliases = cust.get("aliases")
+        cid = cust.get("id")
+        for k, a in enumerate(aliases if isinstance(aliases, list) else ()):
+            if not isinstance(a, str) or a == cid:
+                continue  # the Customer model reports these
+            owner = owners.setdefault(a, str(cid))
+            if owner != cid:
+                errors.append(f"customers.{i}.aliases.{k}: {a!r} is already an alias of {owner!r}")
+            elif a in custs:
+                errors.append(f"customers.{i}.aliases.{k}: {a!r} is another customer's id")
+    for kind, items in (("rules", _items(raw, "rules")), ("meters", _items(raw, "meters"))):
+        for i, item in items:
+            d = item.get("dimension")
+            if isinstance(d, str) and d not in dims:
+                errors.append(f"{kind}.{i}.dimension: unknown dimension {d!r}")
+    for i, m in _items(raw, "meters"):
+        c = m.get("customer")
+        if isinstance(c, str) and c not in custs:
+            errors.append(f"meters.{i}.customer: unknown customer {c!r}")
+    receivers = raw.get("receivers")
+    prometheus = receivers.get("prometheus") if isinstance(receivers, Mapping) else None
+    if isinstance(prometheus, Mapping):
+        aggregations: dict[object, object] = {}
+        for _, dim in dimensions:
+            try:
+                filled = measurements.fill_dimension(dim)
+            except ValueError:
+                continue  # an unknown template: the Dimension model reports it
+            aggregations[dim.get("id")] = filled.get("aggregation", "sum")
+        for i, series in _items(prometheus, "series"):
+            sd, series_kind = series.get("dimension"), series.get("kind")
+            if series_kind is None:
+                series_kind = _template_of(dimensions, sd).get("kind")
+            if isinstance(sd, str) and sd not in dims:
+                errors.append(
+                    f"receivers.prometheus.series.{i}.dimension: unknown dimension {sd!r}"
+                )
+            elif series_kind == "gauge" and aggregations.get(sd) not in _GAUGE_AGGREGATIONS:
+                errors.append(
+                    f"receivers.prometheus.series.{i}.kind: a gauge is a level; dimension "
+                    f"{sd!r} aggregates by {aggregations.get(sd)}, expected one of "
+                    f"{', '.join(_GAUGE_AGGREGATIONS)} (sum integrates the level over time)"
+                )
+    return errors
+
+
+def _template_of(dimensions: list[tuple[int, Mapping[str, Any]]], dim: object) -> dict[str, Any]:
+    """The series settings of the measurement template the named dimension uses, if any."""
+    for _, d in dimensions:
+        name = d.get("measurement")
+        if d.get("id") == dim and isinstance(name, str) and name in measurements.TEMPLATES:
+            return measurements.TEMPLATES[name].series_defaults()
+    return {}
 
 
 class ConfigError(Exception):
@@ -560,7 +651,7 @@ class ConfigError(Exception):
 
 
 def substitute_env(node: Any, environ: Mapping[str, str], path: str, errors: list[str]) -> Any:
-    """Replace ``${NAME}`` in every string of a parsed YAML tree."""
+    """Replace ``${NAME}`` in every string of a parsed YAML tree; one error per unset NAME."""
     if isinstance(node, str):
 
         def repl(m: re.Match[str]) -> str:
@@ -581,64 +672,167 @@ def substitute_env(node: Any, environ: Mapping[str, str], path: str, errors: lis
     return node
 
 
-def parse_config(text: str, environ: Mapping[str, str] | None = None) -> Config:
-    """Parse and validate YAML text; raises ConfigError listing every problem."""
+@dataclass(frozen=True, slots=True)
+class Override:
+    """A setting a container can give without a config file (see the module docstring)."""
+
+    path: str  # dotted, as in the file
+    option: str  # the ``serve`` argument
+    env: str  # the environment variable
+    help: str
+    metavar: str = "HOST:PORT"
+
+
+OVERRIDES: tuple[Override, ...] = (
+    Override("server.http.listen", "--http-listen", "METER_GATEWAY_HTTP_LISTEN", "HTTP API"),
+    Override(
+        "server.otlp_grpc.listen",
+        "--otlp-grpc-listen",
+        "METER_GATEWAY_OTLP_GRPC_LISTEN",
+        "OTLP/gRPC",
+    ),
+    Override(
+        "server.otlp_http.listen",
+        "--otlp-http-listen",
+        "METER_GATEWAY_OTLP_HTTP_LISTEN",
+        "OTLP/HTTP",
+    ),
+    Override(
+        "store.url",
+        "--store",
+        "METER_GATEWAY_STORE_URL",
+        "sqlite:///path or postgresql://...",
+        metavar="URL",
+    ),
+)
+
+
+def _apply_overrides(
+    raw: dict[str, Any], environ: Mapping[str, str], arguments: Mapping[str, str | None]
+) -> dict[str, Any]:
+    """The raw document with each ``OVERRIDES`` setting taken from the argument, else the
+    environment, else left as the file has it."""
+    for o in OVERRIDES:
+        value = arguments.get(o.path)
+        if value is None:
+            value = environ.get(o.env) or None
+        if value is None:
+            continue
+        *parents, leaf = o.path.split(".")
+        node = raw
+        for key in parents:
+            child = node.get(key)
+            if not isinstance(child, dict):
+                child = {}  # a wrong shape in the file is replaced by what the override says
+            node[key] = child = dict(child)
+            node = child
+        node[leaf] = value
+    return raw
+
+
+def _override_source(
+    path: str, environ: Mapping[str, str], arguments: Mapping[str, str | None]
+) -> str:
+    for o in OVERRIDES:
+        if path == o.path or path.startswith(f"{o.path}."):
+            if arguments.get(o.path) is not None:
+                return f" (from {o.option})"
+            if environ.get(o.env):
+                return f" (from {o.env})"
+    return ""
+
+
+def _secret_env_errors(raw: Mapping[str, Any], environ: Mapping[str, str]) -> list[str]:
+    """``key_env`` and ``secret_env`` naming variables that are unset or empty."""
+    errors: list[str] = []
+    auth = raw.get("auth")
+    exporters = raw.get("exporters")
+    lists = (
+        ("auth.api_keys", "key_env", auth if isinstance(auth, Mapping) else {}, "api_keys"),
+        (
+            "exporters.webhooks",
+            "secret_env",
+            exporters if isinstance(exporters, Mapping) else {},
+            "webhooks",
+        ),
+    )
+    for prefix, field, parent, key in lists:
+        for i, item in _items(parent, key):
+            name = item.get(field)
+            if isinstance(name, str) and not environ.get(name):
+                errors.append(f"{prefix}.{i}.{field}: environment variable {name} is not set")
+    return errors
+
+
+def parse_config(
+    text: str,
+    environ: Mapping[str, str] | None = None,
+    arguments: Mapping[str, str | None] | None = None,
+) -> Config:
+    """Parse and validate YAML text; raises ConfigError listing every problem at once.
+
+    ``arguments`` maps ``OVERRIDES`` paths to command-line values (``None``: not given).
+    """
     env = os.environ if environ is None else environ
+    args = arguments or {}
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError([f"<yaml>: {exc}"]) from None
+        raise ConfigError([f"<yaml>: {' '.join(str(exc).split())}"]) from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(["<root>: expected a mapping of settings"])
-    errors: list[str] = []
-    raw = substitute_env(raw, env, "", errors)
-    if errors:
-        raise ConfigError(errors)
+    env_errors: list[str] = []
+    raw = substitute_env(raw, env, "", env_errors)
+    raw = _apply_overrides(raw, env, args)
+    # A value that named an unset variable is already reported; what it became ("") is not.
+    unset = {line.partition(":")[0] for line in env_errors}
+    errors = list(env_errors)
+    config: Config | None = None
     try:
         config = Config.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(_format_errors(exc)) from None
-    key_errors = []
-    for i, k in enumerate(config.auth.api_keys):
-        try:
-            k.resolve(env)
-        except ValueError as exc:
-            key_errors.append(f"auth.api_keys.{i}: {exc}")
-    for i, w in enumerate(config.exporters.webhooks):
-        try:
-            w.resolve_secret(env)
-        except ValueError as exc:
-            key_errors.append(f"exporters.webhooks.{i}: {exc}")
-    if key_errors:
-        raise ConfigError(key_errors)
+        for path, msg in _format_errors(exc):
+            if not any(path == u or path.startswith(f"{u}.") for u in unset):
+                errors.append(f"{path}{_override_source(path, env, args)}: {msg}")
+    errors += reference_errors(raw)
+    errors += _secret_env_errors(raw, env)
+    if errors or config is None:
+        raise ConfigError(errors)
     return config
 
 
-def load_config(path: str | Path | None, environ: Mapping[str, str] | None = None) -> Config:
-    """Load the config file, or the defaults when no file is given."""
+def load_config(
+    path: str | Path | None,
+    environ: Mapping[str, str] | None = None,
+    arguments: Mapping[str, str | None] | None = None,
+) -> Config:
+    """Load the config file, or the defaults when no file is given (see ``parse_config``)."""
     if path is None:
-        return parse_config("", environ)
+        return parse_config("", environ, arguments)
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
-        raise ConfigError([f"{path}: {exc.strerror}"]) from None
-    return parse_config(text, environ)
+        raise ConfigError([f"<file>: {exc.strerror}"]) from None
+    return parse_config(text, environ, arguments)
 
 
-def _format_errors(exc: ValidationError) -> list[str]:
+def _format_errors(exc: ValidationError) -> list[tuple[str, str]]:
+    """(path, message) for each error pydantic found, in document order."""
     lines = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"]) or "<root>"
         msg = err["msg"].removeprefix("Value error, ")
+        value = err.get("input")
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
         elif (
             "input" in err
-            and err["type"] not in ("missing",)
-            and not isinstance(err["input"], dict | list)
+            and err["type"] != "missing"
+            and not isinstance(value, dict | list)
+            and repr(value) not in msg
         ):
-            msg = f"{msg} (got {err['input']!r})"
-        lines.append(f"{loc}: {msg}")
+            msg = f"{msg} (got {value!r})"
+        lines.append((loc, msg))
     return lines

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from datetime import timedelta
@@ -10,10 +11,18 @@ from pathlib import Path
 
 import pytest
 
-from meter_gateway.config import ConfigError, load_config, parse_config, parse_duration
+from meter_gateway.config import (
+    OVERRIDES,
+    ConfigError,
+    format_duration,
+    load_config,
+    parse_config,
+    parse_duration,
+)
 
 TESTDATA = Path(__file__).parent / "testdata" / "config"
 ROOT = Path(__file__).parent.parent
+UPDATE_GOLDEN = os.environ.get("METER_GATEWAY_UPDATE_GOLDEN") == "1"
 
 
 def errors_of(name: str, environ: dict[str, str] | None = None) -> list[str]:
@@ -45,51 +54,47 @@ def test_the_spec_example_and_the_getting_started_example_load() -> None:
     assert spec.rules[0].scale == Decimal(1)
 
 
-def test_unknown_keys_are_errors_with_their_path() -> None:
-    assert errors_of("unknown_key.yaml") == ["server.htttp: unknown key"]
+# --- invalid documents: one YAML per case, its expected lines beside it ----------------------
+
+CASES = sorted(p.stem for p in TESTDATA.glob("*.yaml"))
 
 
-def test_the_http_api_cannot_be_turned_off() -> None:
-    (err,) = errors_of("http_disabled.yaml")
-    assert err.startswith("server.http: ")
-    assert "cannot be disabled" in err
+@pytest.mark.parametrize("case", CASES)
+def test_invalid_config_reports_every_error_in_one_pass(case: str) -> None:
+    """``<case>.yaml`` → exactly the lines in ``<case>.errors`` (regenerate with
+    METER_GATEWAY_UPDATE_GOLDEN=1 and review the diff)."""
+    got = "".join(f"{line}\n" for line in errors_of(f"{case}.yaml"))
+    golden = TESTDATA / f"{case}.errors"
+    if UPDATE_GOLDEN:
+        golden.write_text(got, encoding="utf-8")
+    assert got == golden.read_text(encoding="utf-8"), (
+        f"{golden.name} differs: METER_GATEWAY_UPDATE_GOLDEN=1 and review the diff"
+    )
 
 
-def test_every_bad_value_is_reported_at_once() -> None:
-    errs = "\n".join(errors_of("bad_values.yaml"))
-    assert "ingest.dedup_window: '35 days' is not a duration" in errs
-    assert "store.url: 'mysql://x': expected sqlite:///path or postgresql://" in errs
-    assert "dimensions.0.aggregation" in errs
-    assert "'median'" in errs
-    assert "dimensions.1: aggregation unique_count needs unique_key" in errs
-    assert "dimensions.2: usage_increment must be > 0" in errs
+def test_one_pass_holds_every_kind_of_error() -> None:
+    """The headline case, spelled out: nothing waits for another error to be fixed first."""
+    errs = errors_of("one_pass.yaml")
+    paths = [line.partition(": ")[0] for line in errs]
+    assert paths == [
+        "store.url",  # unset variables, all of them
+        "receivers.prometheus.headers.Authorization",
+        "server.htttp",  # schema
+        "ingest.dedup_window",
+        "dimensions.0.unit",  # template/unit mismatch
+        "dimensions.1",  # model rule
+        "offerings.0.currency",  # ISO 4217
+        "customers.0.aliases",  # alias equal to its own id
+        "offerings.0.charges.0.dimension",  # references
+        "customers.0.offering",
+        "auth.api_keys.0.key_env",  # key_env unset
+    ]
+    assert all(len(line.splitlines()) == 1 for line in errs)
 
 
-def test_references_are_checked() -> None:
-    errs = "\n".join(errors_of("bad_references.yaml"))
-    assert "dimensions.1.id: duplicate id 'data'" in errs
-    assert "offerings.0.charges.0.dimension: unknown dimension 'nope'" in errs
-    assert "customers.0.offering: unknown offering 'missing'" in errs
-    assert "customers.1.aliases: 'shared' already names 'c1'" in errs
-    assert "rules.0.dimension: unknown dimension 'ghost'" in errs
-
-
-def test_tiers_must_end_unbounded() -> None:
-    errs = "\n".join(errors_of("bad_tiers.yaml"))
-    assert "offerings.0.charges.0" in errs
-    assert "only the last tier is unbounded" in errs
-
-
-def test_env_references_and_key_env_must_be_set() -> None:
+def test_an_unset_variable_is_reported_once_not_again_as_the_empty_value() -> None:
     errs = errors_of("missing_env.yaml")
-    assert errs == [
-        "receivers.prometheus.headers.Authorization: environment variable "
-        "METER_TEST_UNSET_TOKEN is not set"
-    ]
-    errs = errors_of("missing_env.yaml", {"METER_TEST_UNSET_TOKEN": "x"})
-    assert errs == [
-        "auth.api_keys.0: environment variable METER_TEST_UNSET_KEY (key_env) is not set"
-    ]
+    assert sum("store.url" in line for line in errs) == 1
 
 
 @pytest.mark.parametrize(
@@ -118,33 +123,107 @@ def test_yaml_syntax_errors_are_config_errors() -> None:
         parse_config("server: [unclosed", {})
 
 
-def test_check_config_command_prints_errors_and_exits_nonzero(tmp_path: Path) -> None:
-    bad = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "meter_gateway",
-            "check-config",
-            "--config",
-            str(TESTDATA / "bad_references.yaml"),
-        ],
+def _check_config(path: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "meter_gateway", "check-config", "--config", str(path)],
         capture_output=True,
         text=True,
+        cwd=ROOT,
+        env={"PATH": os.environ.get("PATH", ""), **env},
+        timeout=60,
     )
+
+
+def test_check_config_command_prints_every_error_and_exits_2() -> None:
+    bad = _check_config(TESTDATA / "one_pass.yaml", {})
     assert bad.returncode == 2
-    assert "unknown dimension 'nope'" in bad.stderr
-    good = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "meter_gateway",
-            "check-config",
-            "--config",
-            str(ROOT / "examples" / "getting-started.yaml"),
-        ],
-        capture_output=True,
-        text=True,
-        env={"METER_ADMIN_KEY": "k" * 20, "PATH": ""},
-    )
+    expected = (TESTDATA / "one_pass.errors").read_text(encoding="utf-8").splitlines()
+    assert bad.stderr.splitlines() == [f"{TESTDATA / 'one_pass.yaml'}: {e}" for e in expected]
+    good = _check_config(ROOT / "examples" / "getting-started.yaml", {"METER_ADMIN_KEY": "k" * 20})
     assert good.returncode == 0, good.stderr
-    assert "OK" in good.stdout
+    assert good.stdout.endswith("OK (1 dimensions, 1 offerings, 1 customers)\n"), good.stdout
+
+
+def test_check_config_reads_the_overriding_environment_too() -> None:
+    run = _check_config(
+        ROOT / "examples" / "getting-started.yaml",
+        {"METER_ADMIN_KEY": "k" * 20, "METER_GATEWAY_STORE_URL": "mysql://db"},
+    )
+    assert run.returncode == 2
+    assert run.stderr.splitlines() == [
+        f"{ROOT / 'examples' / 'getting-started.yaml'}: store.url (from METER_GATEWAY_STORE_URL): "
+        "'mysql://db': expected sqlite:///path or postgresql://..."
+    ]
+
+
+# --- precedence: argument > environment > file > default --------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("argument", "env", "expected"),
+    [
+        ("0.0.0.0:1", "0.0.0.0:2", "0.0.0.0:1"),
+        (None, "0.0.0.0:2", "0.0.0.0:2"),
+        (None, None, "127.0.0.1:9999"),
+        (None, "", "127.0.0.1:9999"),  # an empty variable is not a setting
+    ],
+)
+def test_overrides_precedence(argument: str | None, env: str | None, expected: str) -> None:
+    environ = {} if env is None else {"METER_GATEWAY_HTTP_LISTEN": env}
+    text = "server: {http: {listen: '127.0.0.1:9999'}}"
+    config = parse_config(text, environ, {"server.http.listen": argument})
+    assert config.server.http.listen == expected
+
+
+def test_overrides_fill_a_document_without_the_section_and_leave_the_rest() -> None:
+    environ = {"METER_GATEWAY_STORE_URL": "sqlite:////data/gw.db"}
+    config = parse_config("", environ, {"server.otlp_grpc.listen": "0.0.0.0:4317"})
+    assert config.store.url == "sqlite:////data/gw.db"
+    assert config.server.otlp_grpc.listen == "0.0.0.0:4317"
+    assert config.server.otlp_http.listen == "127.0.0.1:4318"  # default
+    assert config.server.otlp_grpc.enabled
+
+
+def test_a_bad_override_names_where_it_came_from() -> None:
+    with pytest.raises(ConfigError) as exc:
+        parse_config("", {}, {"server.http.listen": "nohost"})
+    assert exc.value.errors == [
+        "server.http.listen (from --http-listen): 'nohost' is not host:port"
+    ]
+
+
+def test_every_override_names_a_setting_of_the_model() -> None:
+    config = parse_config("", {})
+    for o in OVERRIDES:
+        node: object = config
+        for key in o.path.split("."):
+            node = getattr(node, key)
+        assert isinstance(node, str), o.path
+        assert o.env.startswith("METER_GATEWAY_")
+        assert o.option.startswith("--")
+
+
+# --- durations print as written -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [
+        (timedelta(days=35), "35d"),
+        (timedelta(minutes=5), "5m"),
+        (timedelta(minutes=90), "1h30m"),
+        (timedelta(seconds=90), "1m30s"),
+        (timedelta(milliseconds=250), "250ms"),
+        (timedelta(), "0s"),
+        (timedelta(weeks=1), "7d"),
+    ],
+)
+def test_format_duration(value: timedelta, text: str) -> None:
+    assert format_duration(value) == text
+    assert parse_duration(text) == value
+
+
+def test_default_limits_print_as_the_spec_writes_them() -> None:
+    ingest = parse_config("", {}).ingest
+    assert format_duration(ingest.late_arrival_limit) == "35d"
+    assert format_duration(ingest.future_tolerance) == "5m"
