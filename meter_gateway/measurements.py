@@ -4,10 +4,13 @@ that measures them.
 A dimension that names a template in ``measurement`` gets the template's unit, aggregation,
 aggregation interval, usage increment and rounding for every key it does not set itself; a
 ``receivers.prometheus.series`` entry for that dimension gets the template's query, kind,
-customer label and scale the same way. Explicit settings always win.
+customer label and scale the same way. Explicit settings always win, except ``unit``: it names
+what the template bills, so config refuses a different one.
 
-The time-based templates integrate a 0/1 gauge ("running") over time: the usage is in
-seconds, and an increment of 60 with ``ceil`` per hour bills whole minutes (minute precision).
+``unit`` is the unit of the billed quantity (what an invoice line counts), not of the usage. The
+time-based templates integrate a 0/1 gauge ("running") or read a seconds counter: usage is in
+seconds, and an increment of 60 with ``ceil`` per hour bills started minutes, so their unit is
+``minute``.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ from typing import Any, Literal
 class Measurement:
     id: str
     description: str
-    # Dimension settings (config.Dimension keys).
+    # Dimension settings (config.Dimension keys). ``unit`` is what is billed: the usage divided
+    # by ``usage_increment`` and rounded.
     unit: str
     aggregation: str
     aggregation_interval: str
@@ -62,7 +66,7 @@ TEMPLATES: Mapping[str, Measurement] = {
             "kubernetes-pod-compute-time",
             "Time pods run (kube-state-metrics kube_pod_status_phase, phase Running, 0 or 1 per "
             "pod), summed per namespace; billed in started minutes per hour.",
-            "second",
+            "minute",
             "sum",
             "hour",
             Decimal(60),
@@ -76,7 +80,7 @@ TEMPLATES: Mapping[str, Measurement] = {
             "kubernetes-container-cpu-time",
             "CPU time containers used (cAdvisor container_cpu_usage_seconds_total), per "
             "namespace; billed in started CPU-minutes per hour.",
-            "second",
+            "minute",
             "sum",
             "hour",
             Decimal(60),
@@ -90,7 +94,7 @@ TEMPLATES: Mapping[str, Measurement] = {
             "ec2-instance-running-time",
             "Time instances run (a 0/1 gauge per instance, e.g. from a CloudWatch or EC2 "
             "exporter), per tenant tag; billed in started minutes per hour.",
-            "second",
+            "minute",
             "sum",
             "hour",
             Decimal(60),
