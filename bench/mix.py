@@ -505,6 +505,11 @@ class MixResult:
         return self.accepted / self.wall_s if self.wall_s else 0.0
 
     @property
+    def cpu_us(self) -> float:
+        """Gateway CPU per accepted record: steadier than records/s on a shared machine."""
+        return 1e6 * self.server_cpu_s / self.accepted if self.accepted else 0.0
+
+    @property
     def ok(self) -> bool:
         return not self.problems and self.checked > 0
 
@@ -560,7 +565,8 @@ def run_phase(kind: str, order: str, args: argparse.Namespace, root: Path) -> Mi
                 f"{tag} durable records/s {res.rate:,.0f} ({res.accepted:,} of {res.records:,} "
                 f"in {res.wall_s:.1f}s); request ms p50 {pct(lat, 0.5):.0f} "
                 f"p99 {pct(lat, 0.99):.0f} max {max(lat, default=0):.0f}; "
-                f"{res.retries_429} x 429; gateway CPU {res.server_cpu_s:.1f}s, "
+                f"{res.retries_429} x 429; gateway CPU {res.server_cpu_s:.1f}s "
+                f"({res.cpu_us:.0f} us/record), "
                 f"machine {res.machine_cpu_s:.1f}s; peak RSS {res.peak_rss_mb:.0f} MB"
             )
             ok_batches = sorted(b for r in results for b in r.ok_batches)
@@ -571,7 +577,8 @@ def run_phase(kind: str, order: str, args: argparse.Namespace, root: Path) -> Mi
             )
             for p in res.problems[:10]:
                 print(f"{tag}   {p}")
-            sample = list(range(0, args.customers, max(1, args.customers // args.read_customers)))
+            n = args.read_customers
+            sample = [i * args.customers // n for i in range(n)]
             res.month_ms = read_latency(gw, sample, {})
             now_ns = time.time_ns()
             res.year_ms = read_latency(
@@ -761,9 +768,9 @@ def run_overload(kind: str, rate: float, args: argparse.Namespace, root: Path) -
 # --- best case ---------------------------------------------------------------------------------
 
 
-def best_case(kind: str, records: int, root: Path) -> float:
+def best_case(kind: str, records: int, root: Path) -> tuple[float, float]:
     """bench.ingest's fresh phase (2 customers, one ``sum`` dimension, in order) on ``kind``:
-    its durable records/s, or 0 when it failed."""
+    its durable records/s (0 when it failed) and gateway CPU microseconds per record."""
     workdir = root / f"best-{kind}"
     workdir.mkdir()
     ns = argparse.Namespace(
@@ -788,7 +795,8 @@ def best_case(kind: str, records: int, root: Path) -> float:
         else:
             os.environ["METER_TEST_STORE"] = before
         pgdb.drop_all()  # the database tests.pgdb made for a PostgreSQL best case
-    return res.rate if res.ok else 0.0
+    cpu_us = 1e6 * res.server_cpu_s / res.accepted if res.accepted else 0.0
+    return (res.rate if res.ok else 0.0), cpu_us
 
 
 # --- main --------------------------------------------------------------------------------------
@@ -831,7 +839,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     root = Path(tempfile.mkdtemp(prefix="meter-gateway-mix-"))
     results: list[MixResult] = []
-    best: dict[str, float] = {}
+    best: dict[str, tuple[float, float]] = {}
     ok = True
     try:
         for kind in stores:
@@ -839,7 +847,7 @@ def main(argv: list[str] | None = None) -> int:
                 results.append(run_phase(kind, order, args, root))
             if args.with_best_case:
                 best[kind] = best_case(kind, args.best_case_records, root)
-                ok = ok and best[kind] > 0
+                ok = ok and best[kind][0] > 0
             if args.overload:
                 out = [r for r in results if r.store == kind and r.order == "out"]
                 rate = (out or [r for r in results if r.store == kind])[0].rate
@@ -851,27 +859,33 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(root, ignore_errors=True)
     print("\nsummary (the machine may be shared: compare ratios within this run, not absolutes):")
     print(
-        f"  {'store':<9}{'order':<6}{'rec/s':>9}{'p50 ms':>8}{'p99 ms':>8}{'max ms':>8}"
-        f"{'peak MB':>9}{'month p50/p99 ms':>18}{'year p50/p99 ms':>17}  verify"
+        f"  {'store':<9}{'order':<6}{'rec/s':>9}{'us/rec':>8}{'p50 ms':>8}{'p99 ms':>8}"
+        f"{'max ms':>8}{'peak MB':>9}{'month p50/p99 ms':>18}{'year p50/p99 ms':>17}  verify"
     )
     for r in results:
         lat = r.latencies_ms
         print(
-            f"  {r.store:<9}{r.order:<6}{r.rate:>9,.0f}{pct(lat, 0.5):>8.0f}"
+            f"  {r.store:<9}{r.order:<6}{r.rate:>9,.0f}{r.cpu_us:>8.1f}{pct(lat, 0.5):>8.0f}"
             f"{pct(lat, 0.99):>8.0f}{max(lat, default=0):>8.0f}{r.peak_rss_mb:>9.0f}"
             f"{pct(r.month_ms, 0.5):>9.1f}/{pct(r.month_ms, 0.99):<8.1f}"
             f"{pct(r.year_ms, 0.5):>8.1f}/{pct(r.year_ms, 0.99):<8.1f}"
             f"  {'ok' if r.ok else 'FAILED'}"
         )
     for kind in stores:
-        by = {r.order: r.rate for r in results if r.store == kind}
-        if by.get("out") and by.get("in"):
-            print(f"  {kind}: out-of-order / in-order = {by['out'] / by['in']:.2f}")
-        if best.get(kind):
-            mix = by.get("out") or by.get("in") or 0.0
+        by = {r.order: r for r in results if r.store == kind}
+        if "out" in by and "in" in by and by["in"].rate and by["in"].cpu_us:
+            o, i = by["out"], by["in"]
             print(
-                f"  {kind}: mix {mix:,.0f} / best case (bench.ingest) {best[kind]:,.0f} "
-                f"= {mix / best[kind]:.2f}"
+                f"  {kind}: out-of-order / in-order: records/s {o.rate / i.rate:.2f}, "
+                f"gateway CPU per record {o.cpu_us / i.cpu_us:.2f}"
+            )
+        mixed = next((r for r in results if r.store == kind), None)
+        if kind in best and best[kind][0] and mixed is not None:
+            rate, cpu_us = best[kind]
+            print(
+                f"  {kind}: mix ({mixed.order}-of-order) / best case (bench.ingest): records/s "
+                f"{mixed.rate:,.0f} / {rate:,.0f} = {mixed.rate / rate:.2f}; gateway CPU per "
+                f"record {mixed.cpu_us:.1f} / {cpu_us:.1f} us = {mixed.cpu_us / cpu_us:.2f}"
             )
     return 0 if ok and all(r.ok for r in results) else 1
 
