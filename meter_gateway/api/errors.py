@@ -1,0 +1,100 @@
+"""The HTTP API's one error type and its one JSON shape: ``{"error": "<what and why>", ...}``.
+
+    ApiError        any 4xx/5xx answer; extra fields ride along (``parameter``, ``errors``)
+     └── AuthError  401 (with the Bearer challenge) or 403, in ``auth.py``
+
+The errors of the layers below (catalog, invoices, wallet, store conflicts) become ``ApiError``
+in one place, the app's guard (``app.domain_error``); ``exception_handlers`` gives Starlette's
+own answers (unknown route 404, wrong method 405, an unexpected exception 500) the same shape.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Match
+from starlette.types import ExceptionHandler
+
+#: How much of a client's value an error message repeats (a 10k-character value stays out).
+SHOWN = 80
+
+
+class ApiError(Exception):
+    """An answer that is not a success: ``status``, a message a person can act on, and any
+    extra JSON fields (``parameter`` names the query parameter at fault)."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        **fields: Any,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = dict(headers) if headers else None
+        self.fields = fields
+
+    def response(self) -> Response:
+        return error_response(self.status, self.message, self.headers, **self.fields)
+
+
+def error_response(
+    status: int, message: str, headers: Mapping[str, str] | None = None, **fields: Any
+) -> Response:
+    return Response(
+        orjson.dumps({"error": message, **fields}),
+        status_code=status,
+        headers=dict(headers) if headers else None,
+        media_type="application/json",
+    )
+
+
+def shown(value: str) -> str:
+    """``repr`` of a client's value, cut to ``SHOWN`` characters for messages."""
+    if len(value) <= SHOWN:
+        return repr(value)
+    return repr(value[:SHOWN]) + f"… ({len(value)} characters)"
+
+
+async def _http_exception(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    path = shown(request.url.path)
+    if exc.status_code == 404:
+        return error_response(404, f"no such path: {path}")
+    if exc.status_code == 405:
+        allowed = _allowed_methods(request)
+        return error_response(
+            405,
+            f"{request.method} is not allowed on {path}; allowed: {', '.join(allowed)}",
+            {"Allow": ", ".join(allowed)},
+        )
+    return error_response(exc.status_code, str(exc.detail), exc.headers)
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    # Starlette's own 405 names the methods of the first route on the path only; a path here
+    # is often several routes (GET read, POST admin), so collect them all.
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches(request.scope)
+        route_methods = getattr(route, "methods", None)
+        if match is not Match.NONE and route_methods:
+            methods |= set(route_methods)
+    return sorted(methods)
+
+
+async def _unexpected(request: Request, exc: Exception) -> Response:
+    # Starlette re-raises after answering, so the server still logs the traceback.
+    return error_response(500, "internal error: the gateway's log has the details")
+
+
+def exception_handlers() -> dict[Any, ExceptionHandler]:
+    return {HTTPException: _http_exception, Exception: _unexpected}
