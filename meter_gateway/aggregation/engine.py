@@ -32,14 +32,41 @@ def divide(a: Decimal, b: Decimal | int) -> Decimal:
 
 
 def aggregate(
-    store: Store, customer: str, dim: Dimension, windows: Sequence[tuple[int, int]]
+    store: Store,
+    customer: str,
+    dim: Dimension,
+    windows: Sequence[tuple[int, int]],
+    as_of: int | None = None,
 ) -> list[Decimal | None]:
-    """The value of ``dim`` for ``customer`` in each contiguous window, in order."""
+    """The value of ``dim`` for ``customer`` in each contiguous window, in order.
+
+    With ``as_of`` (SPEC §9) usage is measured only before it, never extrapolated: records at
+    or after ``as_of`` are not read, and a time-weighted value integrates the level up to
+    ``as_of`` but still divides by the whole window's length (consumption so far). A window
+    starting at or after ``as_of`` has measured nothing: 0, or None for min/max/avg/last.
+    """
+    if as_of is not None and windows and windows[-1][1] > as_of:
+        measured = [(s, min(e, as_of)) for s, e in windows if s < as_of]
+        lengths = [e - s for s, e in windows[: len(measured)]]
+        nothing = None if dim.aggregation in ("min", "max", "avg", "last") else ZERO
+        values = _aggregate(store, customer, dim, measured, lengths) if measured else []
+        return values + [nothing] * (len(windows) - len(measured))
+    return _aggregate(store, customer, dim, windows, [e - s for s, e in windows])
+
+
+def _aggregate(
+    store: Store,
+    customer: str,
+    dim: Dimension,
+    windows: Sequence[tuple[int, int]],
+    lengths: Sequence[int],
+) -> list[Decimal | None]:
+    # ``lengths``: what a time-weighted window's integral is divided by (its full length)
     if not windows:
         return []
     method = dim.aggregation
     if method == "time_weighted_avg":
-        return _time_weighted(store, customer, dim.id, windows)
+        return _time_weighted(store, customer, dim.id, windows, lengths)
     lo, hi = windows[0][0], windows[-1][1]
     bounds = {s for s, _ in windows} | {hi}
     split_buckets = sorted({floor_bucket(b) for b in bounds if b % BUCKET_NS})
@@ -52,7 +79,7 @@ def aggregate(
     ]
     raw = _raw_in(store, customer, dim.id, split_buckets, lo, hi, None)
     if method == "weighted_sum":
-        return _weighted(store, customer, dim.id, windows, rows, raw)
+        return _weighted(store, customer, dim.id, windows, lengths, rows, raw)
     out: list[Decimal | None] = []
     ri = pi = 0
     for _s, e in windows:
@@ -113,6 +140,7 @@ def _weighted(
     customer: str,
     dimension: str,
     windows: Sequence[tuple[int, int]],
+    lengths: Sequence[int],
     rows: list[RollupRow],
     raw: list[RawPoint],
 ) -> list[Decimal | None]:
@@ -126,7 +154,7 @@ def _weighted(
         level = EXACT.add(level, p.value)
     out: list[Decimal | None] = []
     ri = pi = 0
-    for s, e in windows:
+    for (s, e), length in zip(windows, lengths, strict=True):
         integral = EXACT.multiply(level, e - s)
         while ri < len(rows) and rows[ri].bucket_ns < e:
             r = rows[ri]
@@ -139,12 +167,16 @@ def _weighted(
             pi += 1
             integral = EXACT.add(integral, EXACT.multiply(p.value, e - p.ts))
             level = EXACT.add(level, p.value)
-        out.append(divide(integral, e - s))
+        out.append(divide(integral, length))
     return out
 
 
 def _time_weighted(
-    store: Store, customer: str, dimension: str, windows: Sequence[tuple[int, int]]
+    store: Store,
+    customer: str,
+    dimension: str,
+    windows: Sequence[tuple[int, int]],
+    lengths: Sequence[int],
 ) -> list[Decimal | None]:
     lo, hi = windows[0][0], windows[-1][1]
     before = store.last_before(customer, dimension, lo)
@@ -152,7 +184,7 @@ def _time_weighted(
     points = store.raw(customer, dimension, lo, hi)
     out: list[Decimal | None] = []
     pi = 0
-    for s, e in windows:
+    for (s, e), length in zip(windows, lengths, strict=True):
         integral, t_prev = ZERO, s
         while pi < len(points) and points[pi].ts < e:
             p = points[pi]
@@ -160,7 +192,7 @@ def _time_weighted(
             integral = EXACT.add(integral, EXACT.multiply(level, p.ts - t_prev))
             level, t_prev = p.value, p.ts
         integral = EXACT.add(integral, EXACT.multiply(level, e - t_prev))
-        out.append(divide(integral, e - s))
+        out.append(divide(integral, length))
     return out
 
 
@@ -204,9 +236,16 @@ def round_increments(value: Decimal, dim: Dimension) -> Decimal:
 
 
 def billable_quantity(
-    store: Store, customer: str, dim: Dimension, from_ns: int, to_ns: int, tz: ZoneInfo
+    store: Store,
+    customer: str,
+    dim: Dimension,
+    from_ns: int,
+    to_ns: int,
+    tz: ZoneInfo,
+    as_of: int | None = None,
 ) -> Decimal:
-    """Σ over the aggregation intervals of the period of rounding(aggregate / increment)."""
+    """Σ over the aggregation intervals of the period of rounding(aggregate / increment),
+    measured up to ``as_of`` (see ``aggregate``); billing.rating is its one caller."""
     if to_ns <= from_ns:
         return ZERO
     if dim.aggregation_interval == "none":
@@ -214,7 +253,7 @@ def billable_quantity(
     else:
         windows = split(from_ns, to_ns, dim.aggregation_interval, tz)
     total = ZERO
-    for v in aggregate(store, customer, dim, windows):
+    for v in aggregate(store, customer, dim, windows, as_of):
         if v is not None:
             total = EXACT.add(total, round_increments(v, dim))
     return total.normalize(EXACT) if total != 0 else ZERO
