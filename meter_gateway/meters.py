@@ -25,8 +25,8 @@ from decimal import Decimal
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from meter_gateway.aggregation.engine import aggregate, billable_quantity
 from meter_gateway.aggregation.windows import next_start, truncate
+from meter_gateway.billing import rating
 from meter_gateway.billing.events import EventRoute
 from meter_gateway.catalog import Catalog
 from meter_gateway.config import Dimension, Meter, MeterThreshold
@@ -72,15 +72,24 @@ def limit(threshold: MeterThreshold, capacity: Decimal | None) -> Decimal | None
 
 
 def value(
-    store: Store, meter: Meter, dim: Dimension, from_ns: int, to_ns: int, tz: ZoneInfo
+    store: Store,
+    meter: Meter,
+    dim: Dimension,
+    from_ns: int,
+    to_ns: int | None,
+    now_ns: int,
+    tz: ZoneInfo,
 ) -> Decimal:
-    """The meter's value over [from_ns, to_ns): the usage aggregate or the billable quantity."""
-    if to_ns <= from_ns:
-        return ZERO
+    """The meter's value in its period [from_ns, to_ns) read at ``now_ns``, from the rating
+    path (measured to min(now, to), SPEC §9): the usage aggregate or the billable quantity.
+    A period without an end (``never``) is measured as [from_ns, now_ns)."""
+    to = now_ns if to_ns is None else to_ns
+    q = rating.quantity(
+        store, meter.customer, dim, from_ns, to, rating.as_of(now_ns, from_ns, to), tz
+    )
     if meter.measure == "billable_quantity":
-        return billable_quantity(store, meter.customer, dim, from_ns, to_ns, tz)
-    v = aggregate(store, meter.customer, dim, [(from_ns, to_ns)])[0]
-    return ZERO if v is None else v
+        return q.billable
+    return ZERO if q.usage is None else q.usage
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,7 +220,7 @@ class MeterJob:
             if closed == MAX_PERIODS_PER_RUN:
                 return state, events, True  # far behind: continue at once, in another run
             start, end = state["periodStart"], state["periodEnd"]
-            total = value(self._store, meter, dim, start, end, tz)
+            total = value(self._store, meter, dim, start, end, end, tz)
             events.extend(self._thresholds(meter, state, total, start, end, now_ns, late=True))
             reset = {
                 "periodStart": format_timestamp(start),
@@ -233,8 +242,7 @@ class MeterJob:
             changed = True
             closed += 1
         start, end = state["periodStart"], state["periodEnd"]
-        to = now_ns + 1 if end is None else min(now_ns + 1, end)
-        current = value(self._store, meter, dim, start, to, tz)
+        current = value(self._store, meter, dim, start, end, now_ns, tz)
         fired = self._thresholds(meter, state, current, start, end, now_ns, late=False)
         if fired:
             events.extend(fired)
@@ -318,8 +326,7 @@ def reading(
     if dim is None:
         return None
     start, end = period(meter, now_ns, tz)
-    to = now_ns + 1 if end is None else min(now_ns + 1, end)
-    current = value(store, meter, dim, start, to, tz)
+    current = value(store, meter, dim, start, end, now_ns, tz)
     fired: Mapping[str, int] = {}
     if st is not None and st.get("signature") == _signature(meter) and st["periodStart"] == start:
         fired = st.get("fired") or {}

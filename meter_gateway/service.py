@@ -16,16 +16,16 @@ from exporters.outbox import DeliveryJob, Router
 from exporters.webhook import WebhookSink
 from meter_gateway import meters
 from meter_gateway.api.auth import KeyRing
+from meter_gateway.billing import rating
 from meter_gateway.billing.invoices import Invoices
 from meter_gateway.catalog import CatalogService
 from meter_gateway.clock import TEST_CLOCK_OFFSET_FILE_ENV, Clock, OffsetFileClock, SystemClock
 from meter_gateway.config import Config
-from meter_gateway.decimals import EXACT, ZERO, fmt
+from meter_gateway.decimals import ZERO, fmt
 from meter_gateway.pipeline.cumulative import StreamTable, Totals
 from meter_gateway.pipeline.ingest import Ingestor
 from meter_gateway.pipeline.mapping import Mapper
 from meter_gateway.pipeline.validate import Validator
-from meter_gateway.pricing import round_money
 from meter_gateway.scheduler import Scheduler
 from meter_gateway.store import Store, open_store
 from meter_gateway.telemetry import (
@@ -36,7 +36,6 @@ from meter_gateway.telemetry import (
     PeriodUsageCollector,
     Telemetry,
 )
-from meter_gateway.usage import current_period, period_usage, summary
 from receivers import prometheus_query
 from receivers.otlp import OtlpMetrics
 
@@ -95,7 +94,7 @@ class Gateway:
             ingest,
             self.telemetry,
         )
-        self.telemetry.add_collector(PeriodUsageCollector(self._period_usage))
+        self.telemetry.add_collector(PeriodUsageCollector(self._period_gauges))
         # Scheduled work (Prometheus queries, meters, exporter outboxes) registers its jobs
         # here; each runs under a store lease, so on one replica at a time.
         self.scheduler = Scheduler(
@@ -213,30 +212,20 @@ class Gateway:
         """Start background work (the server calls this once it is listening)."""
         self.scheduler.start()
 
-    def _period_usage(self) -> Iterable[PeriodUsage]:
-        catalog = self.catalog.current
-        start, end = current_period(self.clock.now_ns(), self.tz)
-        now = min(self.clock.now_ns() + 1, end)
-        customers = sorted({c for c, _ in self.store.pairs(None, None, now)})
-        for c in customers:
-            if c not in catalog.customers:
-                continue
-            s = summary(self.store, catalog, c, start, now, self.tz)
-            currency = s.currency or "USD"
-            for line in s.lines:
-                dim = line.dimension
-                usage = period_usage(self.store, catalog, c, dim, start, now)
-                cost = round_money(EXACT.multiply(line.quantity, dim.unit_cost or ZERO), currency)
-                revenue = line.amount if line.amount is not None else round_money(ZERO, currency)
+    def _period_gauges(self) -> Iterable[PeriodUsage]:
+        """The current billing period of every customer with usage, as the rating path has it
+        (the same lines usage-summary, invoices and margin show)."""
+        for r in rating.current(self.store, self.catalog.current, self.clock.now_ns(), self.tz):
+            for line in r.lines:
                 yield PeriodUsage(
-                    c,
-                    dim.id,
-                    currency,
-                    fmt(usage if usage is not None else ZERO),
+                    r.customer,
+                    line.dimension.id,
+                    r.currency,
+                    fmt(line.usage if line.usage is not None else ZERO),
                     fmt(line.quantity),
-                    fmt(revenue),
-                    fmt(cost),
-                    fmt(EXACT.subtract(revenue, cost)),
+                    fmt(line.revenue),
+                    fmt(line.cost),
+                    fmt(line.margin),
                 )
 
     def close(self) -> None:

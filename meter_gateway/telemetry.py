@@ -174,11 +174,12 @@ class Telemetry:
 
 @dataclass(frozen=True, slots=True)
 class PeriodUsage:
-    """One customer's and dimension's current billing period so far (exact decimal text)."""
+    """One customer's and dimension's current billing period so far (exact decimal text), as
+    ``billing.rating`` has it. A customer without an offering has no currency: no money series."""
 
     customer: str
     dimension: str
-    currency: str
+    currency: str | None
     usage: str
     quantity: str
     revenue: str  # the priced line amount; "0" when the offering does not charge the dimension
@@ -267,6 +268,8 @@ class PeriodUsageCollector(Collector):
             for family, attr, money in families:
                 labels = [row.customer, row.dimension]
                 if money:
+                    if row.currency is None:
+                        continue
                     labels.append(row.currency)
                 family.add_metric(labels, float(getattr(row, attr)))
         return [f for f, _, _ in families]

@@ -20,11 +20,12 @@ from meter_gateway.aggregation.windows import Window
 from meter_gateway.api.auth import AuthError
 from meter_gateway.api.billing import billing_routes
 from meter_gateway.api.openapi import openapi_document
+from meter_gateway.billing import rating
 from meter_gateway.catalog import MODELS, CatalogError
 from meter_gateway.decimals import fmt
 from meter_gateway.pipeline.timestamps import format_timestamp, parse_timestamp
 from meter_gateway.service import Gateway
-from meter_gateway.usage import current_period, summary, windows
+from meter_gateway.usage import current_period, windows
 from receivers.remote_write import RemoteWriteReceiver
 from receivers.rest import error_response, ingest, json_response
 
@@ -137,10 +138,11 @@ def create_app(gw: Gateway) -> Starlette:
         ] > max_windows:
             raise BadRequest(f"too many {w} windows in the range; narrow from/to")
         values = await run_in_threadpool(
-            windows, gw.store, catalog, customer, dimension, from_ns, to_ns, w, tz
+            windows, gw.store, catalog, customer, dimension, from_ns, to_ns, w, tz, now
         )
         return json_response(
             {
+                "asOf": format_timestamp(min(now, to_ns)),
                 "data": [
                     {
                         "start": format_timestamp(v.start),
@@ -148,9 +150,10 @@ def create_app(gw: Gateway) -> Starlette:
                         "customerId": v.customer,
                         "dimensionId": v.dimension,
                         "value": None if v.value is None else fmt(v.value),
+                        **({} if v.projected is None else {"projected": fmt(v.projected)}),
                     }
                     for v in values
-                ]
+                ],
             }
         )
 
@@ -166,12 +169,14 @@ def create_app(gw: Gateway) -> Starlette:
         to_ns = _time(q.get("to"), "to", p_end)
         if to_ns <= from_ns:
             raise BadRequest("'to' must be after 'from'")
-        s = await run_in_threadpool(summary, gw.store, catalog, cid, from_ns, to_ns, gw.tz)
+        at = rating.as_of(now, from_ns, to_ns)
+        s = await run_in_threadpool(rating.rate, gw.store, catalog, cid, from_ns, to_ns, at, gw.tz)
         return json_response(
             {
                 "customerId": s.customer,
                 "from": format_timestamp(s.from_ns),
                 "to": format_timestamp(s.to_ns),
+                "asOf": format_timestamp(s.as_of_ns),
                 "currency": s.currency,
                 "dimensions": [
                     {
@@ -179,6 +184,7 @@ def create_app(gw: Gateway) -> Starlette:
                         "unit": ln.dimension.unit,
                         "quantity": fmt(ln.quantity),
                         "amount": None if ln.amount is None else str(ln.amount),
+                        **({"warnings": list(ln.warnings)} if ln.warnings else {}),
                     }
                     for ln in s.lines
                 ],

@@ -25,16 +25,15 @@ from zoneinfo import ZoneInfo
 import orjson
 
 from meter_gateway import pricing
-from meter_gateway.aggregation.engine import aggregate, billable_quantity
+from meter_gateway.billing import rating
 from meter_gateway.billing.events import EventRoute
 from meter_gateway.billing.wallet import balance
 from meter_gateway.catalog import Catalog
 from meter_gateway.clock import Clock
-from meter_gateway.config import Charge, Dimension
+from meter_gateway.config import Dimension
 from meter_gateway.decimals import EXACT, ZERO, fmt
 from meter_gateway.pipeline.timestamps import format_timestamp, parse_timestamp
 from meter_gateway.store.base import ConflictError, InvoiceRow, LedgerEntry, Store
-from meter_gateway.usage import to_pricing_charge
 
 FORMATS = {
     "json": "application/json",
@@ -90,21 +89,14 @@ def _usage_query(
 
 
 def _line(
-    store: Store,
-    customer: str,
-    charge: Charge,
-    dim: Dimension,
-    currency: str,
-    from_ns: int,
-    to_ns: int,
-    tz: ZoneInfo,
+    rated: rating.Line, customer: str, from_ns: int, as_of_ns: int, tz: ZoneInfo
 ) -> dict[str, Any]:
-    quantity = billable_quantity(store, customer, dim, from_ns, to_ns, tz)
-    pc = to_pricing_charge(charge, dim)
-    priced = pricing.price(pc, quantity)
-    amount = pricing.round_money(priced.amount, currency)
-    query, rule = _usage_query(customer, dim, from_ns, to_ns, tz)
-    usage = aggregate(store, customer, dim, [(from_ns, to_ns)])[0] if to_ns > from_ns else None
+    """A rated line (of a charge: priced) as the invoice shows it."""
+    dim, quantity, pc, priced = rated.dimension, rated.quantity, rated.charge, rated.priced
+    assert pc is not None
+    assert priced is not None
+    amount, usage = rated.revenue, rated.usage
+    query, rule = _usage_query(customer, dim, from_ns, as_of_ns, tz)
     line: dict[str, Any] = {
         "dimensionId": dim.id,
         "name": dim.name,
@@ -148,6 +140,8 @@ def _line(
         "query": query,
         "rule": rule,
     }
+    if rated.warnings:
+        line["warnings"] = list(rated.warnings)
     return line
 
 
@@ -170,16 +164,14 @@ def compute(
     if offering is None:
         raise InvoiceError(409, f"customer {customer_id!r} has no offering: nothing to invoice")
     currency = offering.currency
-    end = max(min(to_ns, as_of_ns), from_ns)
-    lines = []
-    subtotal = pricing.round_money(ZERO, currency)
+    end = rating.as_of(as_of_ns, from_ns, to_ns)
     for charge in offering.charges:
-        dim = catalog.dimensions.get(charge.dimension)
-        if dim is None:
+        if charge.dimension not in catalog.dimensions:
             raise InvoiceError(409, f"dimension {charge.dimension!r} is not in the catalog")
-        line = _line(store, customer_id, charge, dim, currency, from_ns, end, tz)
-        lines.append(line)
-        subtotal = EXACT.add(subtotal, Decimal(line["amount"]))
+    rated = rating.rate(store, catalog, customer_id, from_ns, to_ns, end, tz, charged_only=True)
+    lines = [_line(ln, customer_id, from_ns, end, tz) for ln in rated.lines]
+    assert rated.total is not None  # the customer has an offering
+    subtotal = rated.total
     wallet, _ = balance(store, customer_id, currency)
     wallet = pricing.round_money(wallet, currency)  # top-ups are whole minor units: exact
     credits = min(max(wallet, ZERO), subtotal)
