@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from typing import Any
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo
 
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -17,47 +15,62 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from meter_gateway.aggregation.windows import Window
-from meter_gateway.api.auth import AuthError
+from meter_gateway.api import params
 from meter_gateway.api.billing import billing_routes
+from meter_gateway.api.errors import ApiError, exception_handlers, shown
 from meter_gateway.api.openapi import openapi_document
-from meter_gateway.billing import rating
+from meter_gateway.billing.invoices import InvoiceError
+from meter_gateway.billing.wallet import WalletError
 from meter_gateway.catalog import MODELS, CatalogError
 from meter_gateway.decimals import fmt
-from meter_gateway.pipeline.timestamps import format_timestamp, parse_timestamp
+from meter_gateway.model import Reason
+from meter_gateway.pipeline.timestamps import format_timestamp
 from meter_gateway.service import Gateway
-from meter_gateway.usage import current_period, windows
+from meter_gateway.store.base import ConflictError
+from meter_gateway.usage import current_period, summary, windows
 from receivers.remote_write import RemoteWriteReceiver
-from receivers.rest import error_response, ingest, json_response
+from receivers.rest import ingest, json_response
 
 Handler = Callable[[Request], Awaitable[Response]]
-MAX_PAGE = 10_000
+#: Query parameters of the paths that take any; every other guarded path takes none.
+USAGE_PARAMS = ("customerId", "dimensionId", "from", "to", "window", "tz", "limit", "cursor")
+PERIOD_PARAMS = ("from", "to")
+REJECTED_PARAMS = ("reason", "cursor", "limit")
 
 
-class BadRequest(Exception):
-    def __init__(self, message: str, status: int = 400) -> None:
-        super().__init__(message)
-        self.status = status
+def domain_error(exc: Exception) -> ApiError | None:
+    """The answer for an error of a lower layer, or None if it is not one of theirs."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, CatalogError):
+        return ApiError(exc.status, "invalid catalog change", errors=exc.errors)
+    if isinstance(exc, InvoiceError):
+        return ApiError(exc.status, exc.message)
+    if isinstance(exc, WalletError):
+        return ApiError(422, str(exc))
+    if isinstance(exc, ConflictError):
+        return ApiError(409, str(exc))
+    return None
 
 
 def create_app(gw: Gateway) -> Starlette:
-    def guarded(scope: str | None, handler: Callable[[Request], Awaitable[Response]]) -> Handler:
+    def guarded(scope: str | None, handler: Handler, query: Collection[str] | None = ()) -> Handler:
+        """``handler`` behind the scope check, refusing query parameters not in ``query``
+        (None: the path keeps its own rules, as ingest does), with every error as JSON."""
+        allowed = None if query is None else frozenset(query)
+
         async def endpoint(request: Request) -> Response:
-            if scope is not None:
-                try:
-                    gw.keys.check(request.headers.get("authorization"), scope)
-                except AuthError as exc:
-                    headers = {"WWW-Authenticate": 'Bearer realm="meter-gateway"'}
-                    return error_response(
-                        exc.status, exc.message, headers if exc.status == 401 else None
-                    )
             try:
+                if scope is not None:
+                    gw.keys.check(request.headers.get("authorization"), scope)
+                if allowed is not None:
+                    params.check_known(request.query_params.multi_items(), allowed)
                 return await handler(request)
-            except BadRequest as exc:
-                return error_response(exc.status, str(exc))
-            except CatalogError as exc:
-                return json_response(
-                    {"error": "invalid catalog change", "errors": exc.errors}, exc.status
-                )
+            except Exception as exc:
+                error = domain_error(exc)
+                if error is None:
+                    raise
+                return error.response()
 
         return endpoint
 
@@ -86,6 +99,29 @@ def create_app(gw: Gateway) -> Starlette:
     async def head_usage(request: Request) -> Response:
         return Response(status_code=200)
 
+    def window_cap(
+        customer: str | None,
+        dimension: str | None,
+        from_ns: int,
+        to_ns: int,
+        w: Window,
+        tz: ZoneInfo,
+    ) -> None:
+        """Refuse, before computing it, an answer of more than MAX_WINDOWS windows."""
+        cap = params.MAX_WINDOWS
+        spans = params.window_count(from_ns, to_ns, w, tz, cap)
+        pairs = 1
+        if spans <= cap and (customer is None or dimension is None):
+            pairs = len(gw.store.pairs(customer, dimension, to_ns))
+        if spans * pairs > cap:
+            many = f"more than {cap:,}" if spans > cap else f"{spans:,} × {pairs:,} series"
+            raise params.bad(
+                "window",
+                f"{w} windows from {format_timestamp(from_ns)} to {format_timestamp(to_ns)} "
+                f"would be {many}; one answer holds at most {cap:,} windows: narrow from/to, or "
+                "set customerId and dimensionId",
+            )
+
     async def get_usage(request: Request) -> Response:
         q = request.query_params
         catalog = gw.catalog.current
@@ -93,24 +129,32 @@ def create_app(gw: Gateway) -> Starlette:
         if customer is not None:
             cid = catalog.customer_id(customer)
             if cid is None:
-                raise BadRequest(f"unknown customer {customer!r}", 404)
+                raise ApiError(404, f"unknown customer {shown(customer)}")
             customer = cid
         dimension = q.get("dimensionId")
         if dimension is not None and dimension not in catalog.dimensions:
-            raise BadRequest(f"unknown dimension {dimension!r}", 404)
-        tz = _tz(q.get("tz"), gw.tz)
+            raise ApiError(404, f"unknown dimension {shown(dimension)}")
+        tz = params.time_zone(q.get("tz"), gw.tz)
         now = gw.clock.now_ns()
         default_from, _ = current_period(now, tz)
-        from_ns = _time(q.get("from"), "from", default_from)
-        to_ns = _time(q.get("to"), "to", now + 1)
-        if to_ns <= from_ns:
-            raise BadRequest("'to' must be after 'from'")
-        window = q.get("window", "raw")
+        from_ns, to_ns = params.period(q.get("from"), q.get("to"), (default_from, now + 1))
+        window = params.choice(q.get("window"), "window", ("raw", "hour", "day", "month"), "raw")
         if window == "raw":
-            limit = _int(q.get("limit"), "limit", 1000, 1, MAX_PAGE)
-            after = _cursor(q.get("cursor"))
-            rows = await run_in_threadpool(
-                gw.store.records, customer, dimension, from_ns, to_ns, after, limit
+            limit = params.limit(q.get("limit"))
+            after = params.record_cursor(q.get("cursor"))
+            # No record lies past the store's horizon, so a later bound changes nothing.
+            rows = (
+                []
+                if from_ns >= params.STORE_HORIZON_NS
+                else await run_in_threadpool(
+                    gw.store.records,
+                    customer,
+                    dimension,
+                    from_ns,
+                    min(to_ns, params.STORE_HORIZON_NS),
+                    after,
+                    limit,
+                )
             )
             data = [
                 {
@@ -126,23 +170,22 @@ def create_app(gw: Gateway) -> Starlette:
                 for r in rows
             ]
             cursor = (
-                _encode_cursor(rows[-1].timestamp_ns, rows[-1].seq) if len(rows) == limit else None
+                params.encode_record_cursor(rows[-1].timestamp_ns, rows[-1].seq)
+                if len(rows) == limit
+                else None
             )
             return json_response({"data": data, "cursor": cursor})
-        if window not in ("hour", "day", "month"):
-            raise BadRequest(f"window must be raw, hour, day or month, got {window!r}")
+        for name in ("limit", "cursor"):
+            if name in q:
+                raise params.bad(name, "only window=raw is paginated")
         w: Window = window  # type: ignore[assignment]
-        max_windows = {"hour": 24 * 400, "day": 3660, "month": 1200}[w]
-        if (to_ns - from_ns) // 1_000_000_000 // {"hour": 3600, "day": 82800, "month": 2_419_200}[
-            w
-        ] > max_windows:
-            raise BadRequest(f"too many {w} windows in the range; narrow from/to")
+        params.within_store(to_ns)
+        await run_in_threadpool(window_cap, customer, dimension, from_ns, to_ns, w, tz)
         values = await run_in_threadpool(
-            windows, gw.store, catalog, customer, dimension, from_ns, to_ns, w, tz, now
+            windows, gw.store, catalog, customer, dimension, from_ns, to_ns, w, tz
         )
         return json_response(
             {
-                "asOf": format_timestamp(min(now, to_ns)),
                 "data": [
                     {
                         "start": format_timestamp(v.start),
@@ -150,10 +193,9 @@ def create_app(gw: Gateway) -> Starlette:
                         "customerId": v.customer,
                         "dimensionId": v.dimension,
                         "value": None if v.value is None else fmt(v.value),
-                        **({} if v.projected is None else {"projected": fmt(v.projected)}),
                     }
                     for v in values
-                ],
+                ]
             }
         )
 
@@ -162,21 +204,16 @@ def create_app(gw: Gateway) -> Starlette:
         catalog = gw.catalog.current
         cid = catalog.customer_id(request.path_params["id"])
         if cid is None:
-            raise BadRequest(f"unknown customer {request.path_params['id']!r}", 404)
+            raise ApiError(404, f"unknown customer {shown(request.path_params['id'])}")
         now = gw.clock.now_ns()
-        p_start, p_end = current_period(now, gw.tz)
-        from_ns = _time(q.get("from"), "from", p_start)
-        to_ns = _time(q.get("to"), "to", p_end)
-        if to_ns <= from_ns:
-            raise BadRequest("'to' must be after 'from'")
-        at = rating.as_of(now, from_ns, to_ns)
-        s = await run_in_threadpool(rating.rate, gw.store, catalog, cid, from_ns, to_ns, at, gw.tz)
+        from_ns, to_ns = params.period(q.get("from"), q.get("to"), current_period(now, gw.tz))
+        params.within_store(to_ns)
+        s = await run_in_threadpool(summary, gw.store, catalog, cid, from_ns, to_ns, gw.tz)
         return json_response(
             {
                 "customerId": s.customer,
                 "from": format_timestamp(s.from_ns),
                 "to": format_timestamp(s.to_ns),
-                "asOf": format_timestamp(s.as_of_ns),
                 "currency": s.currency,
                 "dimensions": [
                     {
@@ -184,7 +221,6 @@ def create_app(gw: Gateway) -> Starlette:
                         "unit": ln.dimension.unit,
                         "quantity": fmt(ln.quantity),
                         "amount": None if ln.amount is None else str(ln.amount),
-                        **({"warnings": list(ln.warnings)} if ln.warnings else {}),
                     }
                     for ln in s.lines
                 ],
@@ -202,7 +238,7 @@ def create_app(gw: Gateway) -> Starlette:
         async def get(request: Request) -> Response:
             item = getattr(gw.catalog.current, kind).get(request.path_params["id"])
             if item is None:
-                raise BadRequest(f"{kind[:-1]} {request.path_params['id']!r} not found", 404)
+                raise ApiError(404, f"{kind[:-1]} {shown(request.path_params['id'])} not found")
             return json_response(item.model_dump(mode="json"))
 
         async def create(request: Request) -> Response:
@@ -216,14 +252,14 @@ def create_app(gw: Gateway) -> Starlette:
                 body.setdefault("id", request.path_params["id"])
             item = gw.catalog.parse(kind, body)
             if getattr(item, "id") != request.path_params["id"]:  # noqa: B009
-                raise BadRequest("the body's id differs from the path's id")
+                raise ApiError(400, "the body's id differs from the path's id")
             await run_in_threadpool(gw.catalog.put, kind, item)
             return json_response(item.model_dump(mode="json"))
 
         async def delete(request: Request) -> Response:
             found = await run_in_threadpool(gw.catalog.delete, kind, request.path_params["id"])
             if not found:
-                raise BadRequest(f"{kind[:-1]} {request.path_params['id']!r} not found", 404)
+                raise ApiError(404, f"{kind[:-1]} {shown(request.path_params['id'])} not found")
             return Response(status_code=204)
 
         return [
@@ -236,9 +272,12 @@ def create_app(gw: Gateway) -> Starlette:
 
     async def rejected(request: Request) -> Response:
         q = request.query_params
-        limit = _int(q.get("limit"), "limit", 100, 1, MAX_PAGE)
-        after = _int(q.get("cursor"), "cursor", 0, 0, 2**62)
-        rows = await run_in_threadpool(gw.store.rejected, after, limit, q.get("reason"))
+        limit = params.limit(q.get("limit"))
+        after = params.seq_cursor(q.get("cursor"))
+        reason = q.get("reason") or None
+        if reason is not None:
+            reason = params.choice(reason, "reason", list(Reason), reason)
+        rows = await run_in_threadpool(gw.store.rejected, after, limit, reason)
         data = [
             {
                 "seq": r.seq,
@@ -271,14 +310,19 @@ def create_app(gw: Gateway) -> Starlette:
         return json_response(openapi_document())
 
     routes = [
-        Route("/v1/usage", guarded("ingest", post_usage), methods=["POST"]),
-        Route("/usage", guarded("ingest", post_usage), methods=["POST"]),
-        Route("/api/v1/write", guarded("ingest", post_write), methods=["POST"]),
-        Route("/api/v1/write", guarded(None, get_write), methods=["GET", "HEAD"]),
-        Route("/v1/usage", guarded("ingest", head_usage), methods=["HEAD"]),
-        Route("/v1/usage", guarded("read", get_usage), methods=["GET"]),
-        Route("/v1/customers/{id}/usage-summary", guarded("read", usage_summary), methods=["GET"]),
-        Route("/v1/rejected", guarded("read", rejected), methods=["GET"]),
+        # Ingest paths keep their own contract (README "Ingest status codes"): query=None.
+        Route("/v1/usage", guarded("ingest", post_usage, None), methods=["POST"]),
+        Route("/usage", guarded("ingest", post_usage, None), methods=["POST"]),
+        Route("/api/v1/write", guarded("ingest", post_write, None), methods=["POST"]),
+        Route("/api/v1/write", guarded(None, get_write, None), methods=["GET", "HEAD"]),
+        Route("/v1/usage", guarded("ingest", head_usage, None), methods=["HEAD"]),
+        Route("/v1/usage", guarded("read", get_usage, USAGE_PARAMS), methods=["GET"]),
+        Route(
+            "/v1/customers/{id}/usage-summary",
+            guarded("read", usage_summary, PERIOD_PARAMS),
+            methods=["GET"],
+        ),
+        Route("/v1/rejected", guarded("read", rejected, REJECTED_PARAMS), methods=["GET"]),
         Route("/metrics", guarded(ops_scope, metrics), methods=["GET"]),
         Route("/healthz", guarded(ops_scope, healthz), methods=["GET", "HEAD"]),
         Route("/readyz", guarded(ops_scope, readyz), methods=["GET", "HEAD"]),
@@ -287,54 +331,14 @@ def create_app(gw: Gateway) -> Starlette:
     for kind in MODELS:
         routes.extend(catalog_routes(kind))
     routes.extend(billing_routes(gw, guarded))
-    return Starlette(routes=routes)
+    return Starlette(routes=routes, exception_handlers=exception_handlers())
 
 
 async def _json_body(request: Request) -> Any:
     body = await request.body()
     if len(body) > 1024 * 1024:
-        raise BadRequest("catalog documents are limited to 1 MiB", 413)
+        raise ApiError(413, "catalog documents are limited to 1 MiB")
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        raise BadRequest(f"body is not valid JSON: {exc}") from None
-
-
-def _time(raw: str | None, name: str, default: int) -> int:
-    if raw is None or raw == "":
-        return default
-    try:
-        return parse_timestamp(raw)
-    except ValueError as exc:
-        raise BadRequest(f"{name}: {exc}") from None
-
-
-def _tz(raw: str | None, default: ZoneInfo) -> ZoneInfo:
-    if not raw:
-        return default
-    try:
-        return ZoneInfo(raw)
-    except (ZoneInfoNotFoundError, ValueError):
-        raise BadRequest(f"tz: {raw!r} is not an IANA time zone") from None
-
-
-def _int(raw: str | None, name: str, default: int, lo: int, hi: int) -> int:
-    if raw is None or raw == "":
-        return default
-    if not raw.isdigit() or not lo <= int(raw) <= hi:
-        raise BadRequest(f"{name} must be a whole number from {lo} to {hi}, got {raw!r}")
-    return int(raw)
-
-
-def _encode_cursor(ts: int, seq: int) -> str:
-    return base64.urlsafe_b64encode(f"{ts}:{seq}".encode()).decode()
-
-
-def _cursor(raw: str | None) -> tuple[int, int] | None:
-    if not raw:
-        return None
-    try:
-        ts, seq = base64.urlsafe_b64decode(raw.encode()).decode().split(":")
-        return int(ts), int(seq)
-    except (ValueError, binascii.Error, UnicodeDecodeError):
-        raise BadRequest("cursor is not one this API returned") from None
+        raise ApiError(400, f"body is not valid JSON: {exc}") from None

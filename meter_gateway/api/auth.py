@@ -8,16 +8,19 @@ import hashlib
 import hmac
 from collections.abc import Mapping, Sequence
 
+from meter_gateway.api.errors import ApiError
 from meter_gateway.config import ApiKeyConfig
 
 IMPLIED = {"admin": {"admin", "read", "ingest"}, "read": {"read"}, "ingest": {"ingest"}}
+CHALLENGE = {"WWW-Authenticate": 'Bearer realm="meter-gateway"'}
 
 
-class AuthError(Exception):
+class AuthError(ApiError):
+    """401 (no key, or a wrong one: the answer carries the Bearer challenge) or 403 (the key
+    lacks the scope)."""
+
     def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
+        super().__init__(status, message, headers=CHALLENGE if status == 401 else None)
 
 
 class KeyRing:
