@@ -19,6 +19,7 @@ from meter_gateway.api import params
 from meter_gateway.api.billing import billing_routes
 from meter_gateway.api.errors import ApiError, exception_handlers, shown
 from meter_gateway.api.openapi import openapi_document
+from meter_gateway.billing import rating
 from meter_gateway.billing.invoices import InvoiceError
 from meter_gateway.billing.wallet import WalletError
 from meter_gateway.catalog import MODELS, CatalogError
@@ -27,7 +28,7 @@ from meter_gateway.model import Reason
 from meter_gateway.pipeline.timestamps import format_timestamp
 from meter_gateway.service import Gateway
 from meter_gateway.store.base import ConflictError
-from meter_gateway.usage import current_period, summary, windows
+from meter_gateway.usage import current_period, windows
 from receivers.remote_write import RemoteWriteReceiver
 from receivers.rest import ingest, json_response
 
@@ -182,10 +183,11 @@ def create_app(gw: Gateway) -> Starlette:
         params.within_store(to_ns)
         await run_in_threadpool(window_cap, customer, dimension, from_ns, to_ns, w, tz)
         values = await run_in_threadpool(
-            windows, gw.store, catalog, customer, dimension, from_ns, to_ns, w, tz
+            windows, gw.store, catalog, customer, dimension, from_ns, to_ns, w, tz, now
         )
         return json_response(
             {
+                "asOf": format_timestamp(min(now, to_ns)),
                 "data": [
                     {
                         "start": format_timestamp(v.start),
@@ -193,9 +195,10 @@ def create_app(gw: Gateway) -> Starlette:
                         "customerId": v.customer,
                         "dimensionId": v.dimension,
                         "value": None if v.value is None else fmt(v.value),
+                        **({} if v.projected is None else {"projected": fmt(v.projected)}),
                     }
                     for v in values
-                ]
+                ],
             }
         )
 
@@ -208,12 +211,14 @@ def create_app(gw: Gateway) -> Starlette:
         now = gw.clock.now_ns()
         from_ns, to_ns = params.period(q.get("from"), q.get("to"), current_period(now, gw.tz))
         params.within_store(to_ns)
-        s = await run_in_threadpool(summary, gw.store, catalog, cid, from_ns, to_ns, gw.tz)
+        at = rating.as_of(now, from_ns, to_ns)
+        s = await run_in_threadpool(rating.rate, gw.store, catalog, cid, from_ns, to_ns, at, gw.tz)
         return json_response(
             {
                 "customerId": s.customer,
                 "from": format_timestamp(s.from_ns),
                 "to": format_timestamp(s.to_ns),
+                "asOf": format_timestamp(s.as_of_ns),
                 "currency": s.currency,
                 "dimensions": [
                     {
@@ -221,6 +226,7 @@ def create_app(gw: Gateway) -> Starlette:
                         "unit": ln.dimension.unit,
                         "quantity": fmt(ln.quantity),
                         "amount": None if ln.amount is None else str(ln.amount),
+                        **({"warnings": list(ln.warnings)} if ln.warnings else {}),
                     }
                     for ln in s.lines
                 ],

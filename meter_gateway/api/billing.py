@@ -20,8 +20,7 @@ from meter_gateway import meters
 from meter_gateway.api import params
 from meter_gateway.api.errors import ApiError, shown
 from meter_gateway.billing import invoices as inv
-from meter_gateway.billing import wallet
-from meter_gateway.billing.margin import margin
+from meter_gateway.billing import rating, wallet
 from meter_gateway.decimals import DecimalError, fmt, parse_value
 from meter_gateway.pipeline.timestamps import format_timestamp
 from meter_gateway.service import Gateway
@@ -145,23 +144,26 @@ def billing_routes(gw: Gateway, guarded: Guard) -> list[Route]:
     async def get_margin(request: Request) -> Response:
         cid = customer_of(request)
         from_ns, to_ns = period(request.query_params.get("from"), request.query_params.get("to"))
+        at = rating.as_of(gw.clock.now_ns(), from_ns, to_ns)
         m = await run_in_threadpool(
-            margin, gw.store, gw.catalog.current, cid, from_ns, to_ns, gw.tz
+            rating.rate, gw.store, gw.catalog.current, cid, from_ns, to_ns, at, gw.tz
         )
         return json_response(
             {
                 "customerId": cid,
                 "from": format_timestamp(from_ns),
                 "to": format_timestamp(to_ns),
+                "asOf": format_timestamp(m.as_of_ns),
                 "currency": m.currency,
                 "dimensions": [
                     {
-                        "dimensionId": ln.dimension,
+                        "dimensionId": ln.dimension.id,
                         "quantity": fmt(ln.quantity),
-                        "billed": ln.billed,
+                        "billed": ln.charge is not None,
                         "revenue": str(ln.revenue),
                         "cost": str(ln.cost),
                         "margin": str(ln.margin),
+                        **({"warnings": list(ln.warnings)} if ln.warnings else {}),
                     }
                     for ln in m.lines
                 ],
