@@ -1,11 +1,20 @@
 """Runs the gateway: the HTTP API and OTLP/HTTP under uvicorn in one event loop, OTLP/gRPC on
-its own threads, then a clean drain on SIGTERM/SIGINT."""
+its own threads, then a clean drain on SIGTERM/SIGINT.
+
+Start-up opens the store and binds every listener before anything else runs, so what stops it
+(a port in use, a store held by another gateway or unreachable, a missing extra) is one
+``StartupError`` with one line for a person.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import errno
+import fcntl
 import logging
+import os
 import signal
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
@@ -15,7 +24,10 @@ from starlette.types import ASGIApp
 
 from meter_gateway.api.app import create_app
 from meter_gateway.config import Config
-from meter_gateway.service import Gateway
+
+# _clock_from: the store opens at the gateway's time (a test clock may be offset).
+from meter_gateway.service import Gateway, _clock_from
+from meter_gateway.store import Store, StoreUnavailableError, open_store
 from receivers.otlp_grpc import GrpcSettings, OtlpGrpcServer
 from receivers.otlp_http import HttpSettings
 from receivers.otlp_http import create_app as create_otlp_app
@@ -23,6 +35,10 @@ from receivers.otlp_http import create_app as create_otlp_app
 GRACE_S = 30.0
 
 log = logging.getLogger(__name__)
+
+
+class StartupError(Exception):
+    """The gateway cannot start; the message is one line naming the cause."""
 
 
 class _Server(uvicorn.Server):
@@ -46,6 +62,28 @@ def split_listen(listen: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def _bind(listen: str, what: str, setting: str) -> socket.socket:
+    """A socket bound to ``listen`` (not yet listening), or StartupError naming the setting."""
+    host, port = split_listen(listen)
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise StartupError(
+            f"{what} could not listen on {listen} ({setting}): {exc.strerror}"
+        ) from None
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn and gRPC do
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        cause = "address already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
+        raise StartupError(f"{what} could not listen on {listen} ({setting}): {cause}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
 def _uvicorn(app: ASGIApp, listen: str, cert: str | None = None, key: str | None = None) -> _Server:
     host, port = split_listen(listen)
     return _Server(
@@ -65,22 +103,24 @@ def _uvicorn(app: ASGIApp, listen: str, cert: str | None = None, key: str | None
     )
 
 
-async def _run(servers: list[_Server], grpc_server: OtlpGrpcServer | None) -> None:
+async def _run(
+    servers: list[tuple[_Server, socket.socket]], grpc_server: OtlpGrpcServer | None
+) -> None:
     """Serve until a signal; then every server stops taking requests and finishes its own."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
 
     def on_signal(sig: int, frame: FrameType | None) -> None:
-        for server in servers:
+        for server, _ in servers:
             server.handle_exit(sig, frame)
         loop.call_soon_threadsafe(stop.set)
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        tasks = [asyncio.create_task(server.serve()) for server in servers]
+        tasks = [asyncio.create_task(server.serve(sockets=[sock])) for server, sock in servers]
         stopping = asyncio.create_task(stop.wait())
         await asyncio.wait([*tasks, stopping], return_when=asyncio.FIRST_COMPLETED)
-        for server in servers:
+        for server, _ in servers:
             server.should_exit = True
         stopped = grpc_server.stop(GRACE_S) if grpc_server is not None else None
         await asyncio.gather(*tasks)
@@ -92,15 +132,45 @@ async def _run(servers: list[_Server], grpc_server: OtlpGrpcServer | None) -> No
             signal.signal(sig, handler)
 
 
+def _open_store(config: Config, now_ns: int) -> Store:
+    try:
+        return open_store(config.store.url, int(config.ingest.dedup_window.total_seconds()), now_ns)
+    except StoreUnavailableError as exc:
+        raise StartupError(str(exc)) from None
+
+
 def serve(config: Config) -> int:
-    """Run until SIGTERM/SIGINT; drain and commit what is in flight; return the exit code."""
-    gw = Gateway(config)
+    """Run until SIGTERM/SIGINT; drain and commit what is in flight; return the exit code.
+
+    Raises StartupError, before anything is served, when the store or a listener is unavailable.
+    """
+    server_cfg, limits = config.server, config.ingest
+    otlp_http, otlp_grpc = server_cfg.otlp_http, server_cfg.otlp_grpc
+    sockets: list[socket.socket] = []
+    store: Store | None = None
+    try:
+        # Listeners first: a port in use must not leave a new, empty database behind.
+        sockets.append(_bind(server_cfg.http.listen, "the HTTP API", "server.http.listen"))
+        if otlp_http.enabled:
+            sockets.append(_bind(otlp_http.listen, "OTLP/HTTP", "server.otlp_http.listen"))
+        if otlp_grpc.enabled:
+            # gRPC binds its own socket once the gateway exists; trying the address first keeps
+            # a port in use a one-line failure before anything starts.
+            _bind(otlp_grpc.listen, "OTLP/gRPC", "server.otlp_grpc.listen").close()
+        clock = _clock_from(os.environ)
+        store = _open_store(config, clock.now_ns())
+        gw = Gateway(config, clock=clock, store=store)
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        if store is not None:
+            store.close()
+            _remove_lock_file(config.store.url)
+        raise
     grpc_server: OtlpGrpcServer | None = None
     try:
-        limits, server_cfg = config.ingest, config.server
-        servers = [_uvicorn(create_app(gw), server_cfg.http.listen)]
-        log.info("meter-gateway listening on http://%s", server_cfg.http.listen)
-        otlp_http = server_cfg.otlp_http
+        servers = [(_uvicorn(create_app(gw), server_cfg.http.listen), sockets[0])]
+        log.info("meter-gateway listening on http://%s", _address(sockets[0]))
         if otlp_http.enabled:
             settings = HttpSettings(
                 limits.max_body_bytes,
@@ -108,9 +178,9 @@ def serve(config: Config) -> int:
                 limits.retry_after.total_seconds(),
             )
             app = create_otlp_app(gw.otlp, gw.keys, gw.telemetry, settings)
-            servers.append(_uvicorn(app, otlp_http.listen, otlp_http.cert_file, otlp_http.key_file))
-            log.info("OTLP/HTTP listening on %s", otlp_http.listen)
-        otlp_grpc = server_cfg.otlp_grpc
+            server = _uvicorn(app, otlp_http.listen, otlp_http.cert_file, otlp_http.key_file)
+            servers.append((server, sockets[1]))
+            log.info("OTLP/HTTP listening on %s", _address(sockets[1]))
         if otlp_grpc.enabled:
             grpc_server = OtlpGrpcServer(
                 gw.otlp,
@@ -124,10 +194,13 @@ def serve(config: Config) -> int:
                     otlp_grpc.key_file,
                 ),
             )
-            grpc_server.start()
+            try:
+                grpc_server.start()
+            except OSError as exc:  # taken between the check above and now
+                raise StartupError(str(exc)) from None
             log.info("OTLP/gRPC listening on %s", otlp_grpc.listen)
         gw.start()
-        loop_factory = servers[0].config.get_loop_factory()
+        loop_factory = servers[0][0].config.get_loop_factory()
         with asyncio.Runner(loop_factory=loop_factory) as runner:
             # returns once a signal asked it to stop and open requests finished
             runner.run(_run(servers, grpc_server))
@@ -135,4 +208,37 @@ def serve(config: Config) -> int:
         if grpc_server is not None:
             grpc_server.stop(0)
         gw.close()
+        for sock in sockets:
+            sock.close()
+        _remove_lock_file(config.store.url)
     return 0
+
+
+def _address(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _remove_lock_file(url: str) -> None:
+    """Remove a SQLite store's ``<path>.lock`` once the store is closed.
+
+    Only while holding the lock ourselves, and only if the path is still the file we locked:
+    a gateway that started meanwhile keeps its lock file.
+    """
+    if not url.startswith("sqlite://"):
+        return
+    from meter_gateway.store.sqlite import path_from_url
+
+    path = f"{path_from_url(url)}.lock"
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if os.fstat(fd).st_ino == os.stat(path).st_ino:
+            os.unlink(path)
+    except OSError:
+        pass  # another gateway holds it, or it is already gone: either way, leave it
+    finally:
+        os.close(fd)
