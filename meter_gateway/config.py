@@ -116,6 +116,16 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# Validation context for a definition being written (the config file, an API body), as against
+# one read back from the store: ISO 4217 currencies, template units and aliases are checked only
+# then, so a catalog stored before those checks existed still loads.
+NEW_DEFINITION: Mapping[str, bool] = {"new_definition": True}
+
+
+def _is_new(info: ValidationInfo) -> bool:
+    return isinstance(info.context, Mapping) and bool(info.context.get("new_definition"))
+
+
 # --- server, store, ingest, auth -------------------------------------------------------------
 
 
@@ -259,7 +269,7 @@ class Dimension(_Model):
     @classmethod
     def _template_unit(cls, v: str, info: ValidationInfo) -> str:
         template = measurements.TEMPLATES.get(info.data.get("measurement") or "")
-        if template is not None and v != template.unit:
+        if template is not None and v != template.unit and _is_new(info):
             name, expected = template.id, template.unit
             raise ValueError(
                 f"measurement {name!r} bills in {expected!r}, not {v!r} "
@@ -321,8 +331,11 @@ class Offering(_Model):
 
     @field_validator("currency")
     @classmethod
-    def _iso_4217(cls, v: str) -> str:
-        currencies.minor_unit(v)  # ValueError naming the code
+    def _iso_4217(cls, v: str, info: ValidationInfo) -> str:
+        if _is_new(info):
+            currencies.minor_unit(v)  # ValueError naming the code
+        elif not re.fullmatch(r"[A-Z]{3}", v):
+            raise ValueError(f"{v!r} is not a currency code")
         return v
 
     @model_validator(mode="after")
@@ -344,7 +357,7 @@ class Customer(_Model):
     @field_validator("aliases")
     @classmethod
     def _not_its_own_id(cls, v: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
-        if info.data.get("id") in v:
+        if info.data.get("id") in v and _is_new(info):
             raise ValueError(f"alias {info.data['id']!r} is the customer's own id")
         return v
 
@@ -791,7 +804,7 @@ def parse_config(
     errors = list(env_errors)
     config: Config | None = None
     try:
-        config = Config.model_validate(raw)
+        config = Config.model_validate(raw, context=NEW_DEFINITION)
     except ValidationError as exc:
         for path, msg in _format_errors(exc):
             if not any(path == u or path.startswith(f"{u}.") for u in unset):

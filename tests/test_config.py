@@ -10,10 +10,15 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from meter_gateway.config import (
+    NEW_DEFINITION,
     OVERRIDES,
     ConfigError,
+    Customer,
+    Dimension,
+    Offering,
     format_duration,
     load_config,
     parse_config,
@@ -227,3 +232,26 @@ def test_default_limits_print_as_the_spec_writes_them() -> None:
     ingest = parse_config("", {}).ingest
     assert format_duration(ingest.late_arrival_limit) == "35d"
     assert format_duration(ingest.future_tolerance) == "5m"
+
+
+# --- definitions already stored still load ------------------------------------------------------
+
+
+def test_checks_for_new_definitions_spare_what_the_store_already_holds() -> None:
+    """A catalog written before these checks (a pod-time dimension labelled ``second``, an
+    alias equal to its id, a code ISO 4217 no longer lists) must still load at start-up."""
+    stored_dim = {
+        "id": "pods",
+        "name": "Pods",
+        "measurement": "kubernetes-pod-compute-time",
+        "unit": "second",
+    }
+    assert Dimension.model_validate(stored_dim).unit == "second"
+    assert Offering.model_validate({"id": "o", "name": "O", "currency": "SVC"}).currency == "SVC"
+    customer = {"id": "acme", "name": "Acme", "aliases": ["acme"]}
+    assert Customer.model_validate(customer).aliases == ("acme",)
+    for model, body in ((Dimension, stored_dim), (Customer, customer)):
+        with pytest.raises(ValidationError):
+            model.model_validate(body, context=NEW_DEFINITION)
+    with pytest.raises(ValidationError, match="unknown currency 'SVC'"):
+        Offering.model_validate({"id": "o", "name": "O", "currency": "SVC"}, context=NEW_DEFINITION)
