@@ -1,13 +1,17 @@
 """Bodies to JSON documents: decompression with limits, JSON / JSON array / NDJSON framing.
 
 Numbers stay exact: orjson parses bodies whose numbers all have at most 15 significant digits
-(those round-trip through a double); any body with a longer digit run is parsed with the
-standard library into ``Decimal``s.
+and no exponent below -99 (those round-trip through a double); any other body is parsed with
+the standard library into ``Decimal``s. A number even ``Decimal`` cannot hold (``1e99999999999
+999999999``) or an integer past Python's digit limit stays text (``decimals.Unrepresentable``),
+so only its own record fails.
 """
 
 from __future__ import annotations
 
+import decimal
 import json
+import re
 import zlib
 from dataclasses import dataclass
 from decimal import Decimal
@@ -17,11 +21,25 @@ import cramjam
 import orjson
 import zstandard
 
-# A run of 16+ digits/dots may be a number a double cannot hold exactly. Mapping digits and
-# dots to "1" and everything else to "0" turns the check into one substring search, several
-# times faster than a regex scan of the body.
-_DIGITS = bytes(0x31 if chr(b) in "0123456789." else 0x30 for b in range(256))
+from meter_gateway.decimals import Unrepresentable
+
+# A run of 16+ digits/dots may be a number a double cannot hold exactly, and an exponent of
+# -100 or below may underflow it (orjson reads 1e-400 as 0.0). Mapping digits and dots to "1",
+# e/E to "e", "-" to "-" and everything else to "0" turns both checks into substring searches
+# of one translation, several times faster than a regex scan of the body. The exponent pattern
+# also turns up inside strings (a UUID "...0e-4123..."): the regex then looks for it where a
+# number can stand, after ":", "," or "[".
+_DIGITS = bytes(
+    0x31 if chr(b) in "0123456789." else 0x65 if chr(b) in "eE" else 0x2D if b == 0x2D else 0x30
+    for b in range(256)
+)
 _LONG_RUN = b"1" * 16
+_SMALL_EXP = b"e-111"
+_SMALL_EXP_NUMBER = re.compile(rb"(?:^|[:,\[])[ \t\r\n]*-?[0-9]+(?:\.[0-9]+)?[eE]-[0-9]{3}")
+# Python refuses int() of longer digit strings (sys.int_info.default_max_str_digits).
+_MAX_INT_DIGITS = 4300
+# Nesting kept when a rejected item is written back as text for the rejected store.
+CLIP_DEPTH = 32
 
 
 class DecodeError(Exception):
@@ -121,15 +139,36 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a valid JSON number")
 
 
+def _decimal(text: str) -> Decimal | Unrepresentable:
+    try:
+        return Decimal(text)
+    except decimal.InvalidOperation:  # an exponent past what Decimal holds
+        return Unrepresentable(text)
+
+
+def _int(text: str) -> int | Unrepresentable:
+    return int(text) if len(text) <= _MAX_INT_DIGITS else Unrepresentable(text)
+
+
+def _double_exact(data: bytes) -> bool:
+    """Whether orjson's doubles read every number of ``data`` exactly (module docstring)."""
+    shape = data.translate(_DIGITS)
+    if _LONG_RUN in shape:
+        return False
+    return _SMALL_EXP not in shape or _SMALL_EXP_NUMBER.search(data) is None
+
+
 def loads(data: bytes) -> Any:
     """Parse one JSON document exactly (see module docstring)."""
-    if _LONG_RUN not in data.translate(_DIGITS):
+    if _double_exact(data):
         try:
             return orjson.loads(data)
         except orjson.JSONDecodeError:
             pass  # the standard library's message says where, and it also handles big ints
     try:
-        return json.loads(data, parse_float=Decimal, parse_constant=_reject_constant)
+        return json.loads(
+            data, parse_float=_decimal, parse_int=_int, parse_constant=_reject_constant
+        )
     except RecursionError:
         raise ValueError("JSON nested too deeply") from None
     except UnicodeDecodeError as exc:
@@ -228,7 +267,26 @@ def _kind(doc: Any) -> str:
 
 
 def _clip(doc: Any) -> str:
+    return clip_json(doc, 4096)
+
+
+def clip_json(doc: Any, limit: int) -> str:
+    """``doc`` as JSON text of at most ``limit`` characters, whatever it holds: nesting past
+    ``CLIP_DEPTH`` levels becomes "...", text that is not Unicode is escaped, numbers JSON
+    cannot carry become strings. For the rejected store and error messages."""
     try:
-        return orjson.dumps(doc, default=str).decode()[:4096]
-    except TypeError:
-        return repr(doc)[:4096]
+        return orjson.dumps(doc, default=str).decode()[:limit]
+    except (TypeError, RecursionError):  # orjson.JSONEncodeError is a TypeError
+        return json.dumps(_bounded(doc, CLIP_DEPTH), default=str)[:limit]
+
+
+def _bounded(v: Any, depth: int) -> Any:
+    if isinstance(v, dict | list):
+        if depth <= 0:
+            return "..."
+        if isinstance(v, dict):
+            return {str(k): _bounded(x, depth - 1) for k, x in v.items()}
+        return [_bounded(x, depth - 1) for x in v]
+    if isinstance(v, int) and not isinstance(v, bool) and v.bit_length() > 64:
+        return f"<integer of {v.bit_length()} bits>" if v.bit_length() > 13_000 else str(v)
+    return v
