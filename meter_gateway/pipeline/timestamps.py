@@ -1,34 +1,65 @@
-"""RFC 3339 timestamps to integer nanoseconds, keeping every fractional digit."""
+"""RFC 3339 timestamps to integer nanoseconds, keeping every fractional digit.
+
+The grammar is RFC 3339's ``date-time`` (section 5.6), nothing wider:
+``YYYY-MM-DDTHH:MM:SS[.fraction](Z|+HH:MM|-HH:MM)``, ASCII digits only. As the RFC allows,
+``T`` and ``Z`` may be lower case and a space may separate date and time (its note to 5.6).
+Refused: ISO 8601 forms outside RFC 3339 (week dates, basic format, reduced precision such as
+``2026-11-29T16Z``), a missing offset, leap seconds (``:60``, which no clock here can hold),
+and fractions finer than nanoseconds (rejected, not truncated: a timestamp is never altered).
+"""
 
 from __future__ import annotations
 
 import re
 from datetime import UTC, datetime, timedelta
 
-_FRACTION = re.compile(r"\.(\d+)")
+# The grammar, checked in full here; datetime.fromisoformat (C, a wider ISO 8601 reader) then
+# only converts text already known to be RFC 3339, and checks the calendar (February 30).
+_RFC3339 = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.([0-9]+))?"
+    r"(?:[Zz]|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])"
+)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
+_EXAMPLE = "expected RFC 3339 such as 2026-05-01T12:00:00Z or 2026-05-01T14:00:00.5+02:00"
+MAX_FRACTION_DIGITS = 9
 
 
 def parse_timestamp(text: str) -> int:
-    """``2026-05-01T12:00:00.123456789Z`` → ns since the epoch; raises ValueError."""
-    if len(text) > 40:
-        raise ValueError("timestamp is too long for RFC 3339")
+    """``2026-05-01T12:00:00.123456789Z`` → ns since the epoch; raises ValueError saying why."""
+    m = _RFC3339.fullmatch(text) if len(text) <= 64 else None
+    if m is None:
+        raise ValueError(f"{_show(text)} is not an RFC 3339 timestamp: {_why(text)}")
     try:
-        dt = datetime.fromisoformat(text)  # takes Z and offsets; truncates past microseconds
-    except ValueError:
+        dt = datetime.fromisoformat(text if text[-1] != "z" else text[:-1] + "Z")
+    except ValueError as exc:  # month 13, February 30, year 0, hour 24, second 60
         raise ValueError(
-            f"{text!r} is not an RFC 3339 timestamp (e.g. 2026-05-01T12:00:00Z)"
+            f"{_show(text)} is not a valid date and time ({exc}); leap seconds are not "
+            f"accepted: {_EXAMPLE}"
         ) from None
-    if dt.tzinfo is None:
-        raise ValueError(f"{text!r} has no UTC offset (add Z or +00:00)")
-    ns = (dt - _EPOCH) // _MICROSECOND * 1000
-    dot = text.find(".")
-    if dot != -1 and len(text) > dot + 7 and text[dot + 7].isdigit():
-        m = _FRACTION.match(text, dot)
-        if m is not None:
-            ns += int(m.group(1)[6:9].ljust(3, "0"))
+    ns = (dt - _EPOCH) // _MICROSECOND * 1000  # fromisoformat keeps 6 fractional digits
+    # Only a text longer than "2026-05-01T12:00:00.123456Z" can hold a 7th digit.
+    if len(text) > 27 and (frac := m.group(1)) is not None and len(frac) > 6:
+        if len(frac) > MAX_FRACTION_DIGITS:
+            raise ValueError(
+                f"{_show(text)} has {len(frac)} fractional digits: expected at most "
+                f"{MAX_FRACTION_DIGITS} (nanoseconds); timestamps are never truncated"
+            )
+        ns += int(frac[6:].ljust(3, "0"))
     return ns
+
+
+def _why(text: str) -> str:
+    """What is missing, for the common near misses."""
+    if not text.isascii():
+        return f"only ASCII digits and separators are accepted; {_EXAMPLE}"
+    if re.fullmatch(r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?", text):
+        return "a UTC offset is required (add Z or +00:00)"
+    return _EXAMPLE
+
+
+def _show(text: str) -> str:
+    return repr(text) if len(text) <= 64 else repr(text[:48]) + f"... ({len(text)} characters)"
 
 
 def format_timestamp(ns: int) -> str:
