@@ -4,11 +4,17 @@ Accepts Paigo's record shape (``customerId``, ``dimensionId``, ``recordValue``, 
 optional ``id`` and ``metadata``), Logstash's ``@timestamp`` in place of ``timestamp``, ignores
 envelope fields (``host``, ``message``, ``@version``...), and turns Vector metric events into
 observations for the mapping rules.
+
+Limits are checked here so the store never sees what it cannot write or read back: values by
+``decimals.parse_value`` (observations after scaling too), timestamps by RFC 3339 and the
+late/future window, ids without control characters (``MAX_ID_LENGTH``), metadata at most
+``MAX_METADATA_DEPTH`` levels deep and ``metadata_max_bytes`` long, without NUL, and no text
+that is not Unicode (a lone surrogate escape such as ``\\ud800``) anywhere that is stored.
 """
 
 from __future__ import annotations
 
-import json
+import re
 from collections.abc import Callable, Sequence
 from decimal import Decimal
 from typing import Any
@@ -18,7 +24,7 @@ import orjson
 from meter_gateway.catalog import Catalog
 from meter_gateway.clock import Clock
 from meter_gateway.config import IngestConfig
-from meter_gateway.decimals import DecimalError, parse_value
+from meter_gateway.decimals import DecimalError, check_value, fmt, parse_value
 from meter_gateway.model import (
     Batch,
     Observation,
@@ -30,9 +36,9 @@ from meter_gateway.model import (
     UsageRecord,
     dedup_key,
 )
-from meter_gateway.pipeline.decode import Item, ItemError
+from meter_gateway.pipeline.decode import Item, ItemError, clip_json
 from meter_gateway.pipeline.mapping import Mapped, Mapper
-from meter_gateway.pipeline.timestamps import parse_timestamp
+from meter_gateway.pipeline.timestamps import format_timestamp, parse_timestamp
 
 _METRIC_VALUES = (
     "counter",
@@ -44,7 +50,15 @@ _METRIC_VALUES = (
     "sketch",
 )
 MAX_ID_LENGTH = 512
+# Levels of objects and arrays in a record's metadata, the metadata object itself being the
+# first. JSON encoders stop at about 254 (orjson) and a store must read back what it wrote.
+MAX_METADATA_DEPTH = 32
 NS = 1_000_000_000
+# A nanosecond timestamp is stored as a signed 64-bit integer (1677-09-21 .. 2262-04-11).
+MIN_NS, MAX_NS = -(2**63), 2**63 - 1
+# C0 control characters and DEL: SQLite cuts text at NUL, PostgreSQL cannot store it, and the
+# others have no place in an identifier.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _UNKNOWN = (Reason.UNKNOWN_CUSTOMER, Reason.UNKNOWN_DIMENSION)
 
 
@@ -136,24 +150,20 @@ class Validator:
         try:
             value = parse_value(item["recordValue"])
         except DecimalError as exc:
-            raise _Reject(Reason.INVALID_VALUE, "recordValue", str(exc)) from None
+            raise _Reject(Reason.INVALID_VALUE, "recordValue", f"recordValue {exc}") from None
         rid = item.get("id")
         if rid is not None:
             if isinstance(rid, int) and not isinstance(rid, bool):
                 rid = str(rid)
-            if not isinstance(rid, str) or not rid or len(rid) > MAX_ID_LENGTH:
+            if type(rid) is not str or not rid or len(rid) > MAX_ID_LENGTH:
                 raise _Reject(
                     Reason.INVALID_VALUE,
                     "id",
                     f"id must be a non-empty string of at most {MAX_ID_LENGTH} "
                     f"characters, got {_short(rid)}",
                 )
-            if not rid.isascii() and not _is_unicode(rid):
-                raise _Reject(
-                    Reason.INVALID_VALUE,
-                    "id",
-                    "id is not valid Unicode (a lone UTF-16 surrogate escape such as \\udc00)",
-                )
+            if not (rid.isascii() and rid.isprintable()):
+                _check_id_text(rid, "id")
         metadata = item.get("metadata")
         if metadata is not None:
             if not isinstance(metadata, dict):
@@ -167,7 +177,8 @@ class Validator:
                 raise _Reject(
                     Reason.TOO_LARGE,
                     "metadata",
-                    f"metadata exceeds {self._limits.metadata_max_bytes} bytes",
+                    f"metadata is {size} bytes as JSON: expected at most "
+                    f"{self._limits.metadata_max_bytes}",
                 )
         return self._finish(
             catalog,
@@ -198,6 +209,8 @@ class Validator:
         key: bytes | None,
     ) -> UsageRecord:
         if not isinstance(customer, str) or (cid := catalog.customer_id(customer)) is None:
+            if isinstance(customer, str):
+                _check_id_text(customer, "customerId")
             raise _Reject(
                 Reason.UNKNOWN_CUSTOMER,
                 "customerId",
@@ -205,6 +218,8 @@ class Validator:
             )
         dim = catalog.dimensions.get(dimension) if isinstance(dimension, str) else None
         if dim is None:
+            if isinstance(dimension, str):
+                _check_id_text(dimension, "dimensionId")
             raise _Reject(
                 Reason.UNKNOWN_DIMENSION, "dimensionId", f"unknown dimension {_short(dimension)}"
             )
@@ -215,19 +230,7 @@ class Validator:
                 f"{value} is negative; only weighted_sum dimensions take negative "
                 f"values, {dim.id!r} aggregates by {dim.aggregation}",
             )
-        if ts < lo:
-            raise _Reject(
-                Reason.TOO_LATE,
-                "timestamp",
-                "timestamp is older than the late-arrival limit "
-                f"({self._limits.late_arrival_limit})",
-            )
-        if ts > hi:
-            raise _Reject(
-                Reason.IN_FUTURE,
-                "timestamp",
-                f"timestamp is more than {self._limits.future_tolerance} in the future",
-            )
+        self._check_time(ts, lo, hi)
         unique = None
         if dim.unique_key is not None:
             raw_u = (metadata or {}).get(dim.unique_key)
@@ -238,8 +241,24 @@ class Validator:
                     f"dimension {dim.id!r} counts distinct metadata.{dim.unique_key}; "
                     "the record has none",
                 )
-            unique = raw_u if isinstance(raw_u, str) else orjson.dumps(raw_u).decode()
+            unique = raw_u if isinstance(raw_u, str) else orjson.dumps(raw_u, default=str).decode()
         return UsageRecord(ts, cid, dim.id, value, rid, metadata, source, key, unique)
+
+    def _check_time(self, ts: int, lo: int, hi: int) -> None:
+        if ts < lo:
+            raise _Reject(
+                Reason.TOO_LATE,
+                "timestamp",
+                f"timestamp {_when(ts)} is older than the late-arrival limit "
+                f"({self._limits.late_arrival_limit}): expected a time after {_when(lo)}",
+            )
+        if ts > hi:
+            raise _Reject(
+                Reason.IN_FUTURE,
+                "timestamp",
+                f"timestamp {_when(ts)} is more than {self._limits.future_tolerance} in the "
+                f"future: expected a time before {_when(hi)}",
+            )
 
     def observations(self, observations: Sequence[Observation], source: Source) -> Batch:
         """Map and validate observations (amounts or levels) into a batch.
@@ -268,26 +287,39 @@ class Validator:
                     )
                 batch.records.append(self._observation(obs, catalog, lo, hi))
             except _Reject as r:
-                raw = orjson.dumps(
+                raw = clip_json(
                     {
                         "source": obs.source.value,
                         "name": obs.name,
                         "attributes": obs.attributes,
                         "value": str(obs.value),
                         "kind": obs.kind.value,
-                        "timeUnixNano": obs.timestamp_ns,
+                        # a time past 64 bits (a remote-write sample at 2^63 ms) stays exact
+                        "timeUnixNano": obs.timestamp_ns
+                        if MIN_NS <= obs.timestamp_ns <= MAX_NS
+                        else str(obs.timestamp_ns),
                     },
-                    default=str,
-                ).decode()[:8192]
+                    8192,
+                )
                 batch.errors.append(RecordError(index, r.field, r.error, r.reason, raw))
         return batch
 
     def _observation(self, obs: Observation, catalog: Catalog, lo: int, hi: int) -> UsageRecord:
+        self._check_time(obs.timestamp_ns, lo, hi)  # before anything computes with it
         mapped = self._mapper.map(obs)
         if not isinstance(mapped, Mapped):
             raise _Reject(mapped.reason, mapped.field, mapped.error)
-        value = self._mapper.scale(mapped, obs)
-        assert isinstance(value, Decimal)
+        _check_attributes(obs.name, obs.attributes)
+        try:
+            value = check_value(self._mapper.scale(mapped, obs))
+        except DecimalError as exc:
+            scale = self._mapper.rules[mapped.rule_index].scale
+            scaled = "" if scale == 1 else f" × scale {fmt(scale)} of rule {mapped.rule_index}"
+            raise _Reject(
+                Reason.INVALID_VALUE,
+                "value",
+                f"value {_short(obs.value)} of metric {_short(obs.name)}{scaled}: {exc}",
+            ) from None
         key = None if obs.natural_key is None else dedup_key(obs.source.value, obs.natural_key)
         meta = SeriesMetadata(metric=obs.name, attributes=obs.attributes)
         return self._finish(
@@ -313,25 +345,108 @@ def _is_unicode(text: str) -> bool:
     return True
 
 
+def _check_id_text(text: str, field: str) -> None:
+    """Reject an identifier holding a control character or a lone surrogate, saying which."""
+    if (m := _CONTROL.search(text)) is not None:
+        raise _Reject(
+            Reason.INVALID_VALUE,
+            field,
+            f"{field} {_short(text)} contains the control character U+{ord(m.group()):04X}: "
+            "expected printable text (control characters cannot be stored exactly)",
+        )
+    if not text.isascii() and not _is_unicode(text):
+        raise _Reject(
+            Reason.INVALID_VALUE,
+            field,
+            f"{field} {_short(text)} is not valid Unicode (a lone UTF-16 surrogate escape "
+            "such as \\udc00): expected text",
+        )
+
+
+def _check_text(text: str, field: str) -> None:
+    """Stored text (metadata, attributes, metric names) may hold anything but NUL and lone
+    surrogates: tabs and newlines are fine."""
+    if "\x00" in text:
+        raise _Reject(
+            Reason.INVALID_VALUE,
+            field,
+            f"{field} {_short(text)} contains U+0000 (NUL): expected text without NUL, "
+            "which the stores cannot keep exactly",
+        )
+    if not text.isascii() and not _is_unicode(text):
+        raise _Reject(
+            Reason.MALFORMED,
+            field,
+            f"{field} {_short(text)} is not valid Unicode (a lone UTF-16 surrogate escape such "
+            "as \\ud800): expected text",
+        )
+
+
+def _check_attributes(name: str, attributes: dict[str, str], field: str = "attributes") -> None:
+    if "\x00" in name or not name.isascii():
+        _check_text(name, "name")
+    for k, v in attributes.items():
+        if "\x00" in k or "\x00" in v or not (k.isascii() and v.isascii()):
+            _check_text(k, f"{field} key")
+            _check_text(v, f"{field}.{k}"[:200])
+
+
+def _when(ns: int) -> str:
+    if MIN_NS <= ns <= MAX_NS:
+        return format_timestamp(ns)
+    return f"{ns} ns since 1970 (outside 1677-09-21..2262-04-11)"
+
+
 def _storable(metadata: dict[str, Any]) -> tuple[dict[str, Any], int]:
     """Metadata as it will be stored, and its size in bytes as JSON.
 
     Numbers beyond what JSON encoders carry (long decimals, integers past 64 bits) are kept
     exactly as strings; text that is not Unicode (a lone surrogate escape such as ``\\ud800``)
-    is refused.
+    or holds NUL, and nesting deeper than ``MAX_METADATA_DEPTH``, are refused.
     """
     try:
-        return metadata, len(orjson.dumps(metadata, default=str))
+        text = orjson.dumps(metadata, default=str)
     except orjson.JSONEncodeError as exc:
         if "surrogates" in str(exc):
             raise _Reject(
                 Reason.MALFORMED,
                 "metadata",
                 "metadata holds text that is not valid Unicode (a lone UTF-16 surrogate "
-                "escape such as \\ud800)",
+                "escape such as \\ud800): expected text",
             ) from None
+        _check_metadata(metadata)  # too deep for orjson, or a number it cannot write
         portable = _big_ints_as_text(metadata)
         return portable, len(orjson.dumps(portable, default=str))
+    # Nesting needs as many brackets as levels, and orjson writes NUL as \u0000: most
+    # metadata is cleared by two counts and a search of what was written anyway.
+    if b"\\u0000" in text or text.count(b"{") + text.count(b"[") > MAX_METADATA_DEPTH:
+        _check_metadata(metadata)
+    return metadata, len(text)
+
+
+def _check_metadata(metadata: dict[str, Any]) -> None:
+    """Reject metadata nested deeper than ``MAX_METADATA_DEPTH`` or holding NUL in a key or a
+    string; iterative, so no depth of input can exhaust the stack."""
+    stack: list[tuple[dict[str, Any] | list[Any], int, str]] = [(metadata, 1, "metadata")]
+    while stack:
+        node, depth, path = stack.pop()
+        if depth > MAX_METADATA_DEPTH:
+            raise _Reject(
+                Reason.TOO_LARGE,
+                "metadata",
+                f"metadata nests more than {MAX_METADATA_DEPTH} levels of objects and arrays "
+                f"(at {path[:120]}): expected at most {MAX_METADATA_DEPTH}",
+            )
+        pairs = node.items() if isinstance(node, dict) else enumerate(node)
+        for k, v in pairs:
+            if isinstance(k, str) and "\x00" in k:
+                _check_text(k, f"{path} key")
+            sub = f"{path}.{k}" if isinstance(k, str) else f"{path}[{k}]"
+            if isinstance(v, str):
+                if "\x00" in v:
+                    _check_text(v, sub[:200])
+            elif isinstance(v, dict | list):
+                stack.append((v, depth + 1, sub))
 
 
 def _big_ints_as_text(v: Any) -> Any:
@@ -357,10 +472,18 @@ def vector_observation(item: dict[str, Any], received_ns: int) -> Observation:
     name = item["name"]
     tags = item.get("tags") or {}
     if not isinstance(tags, dict):
-        raise _Reject(Reason.MALFORMED, "tags", "tags must be an object")
-    attrs = {str(k): v if isinstance(v, str) else orjson.dumps(v).decode() for k, v in tags.items()}
+        raise _Reject(Reason.MALFORMED, "tags", f"tags must be an object, got {_short(tags)}")
+    attrs = {k: v if isinstance(v, str) else _tag_text(k, v) for k, v in tags.items()}
+    _check_attributes(name, attrs, "tags")
     # StatsD and aggregated metrics often carry no timestamp: they count at receipt.
     ts = _timestamp(item["timestamp"], "timestamp") if "timestamp" in item else received_ns
+    if not MIN_NS <= ts <= MAX_NS:  # before it is written into the dedup identity
+        raise _Reject(
+            Reason.INVALID_TIMESTAMP,
+            "timestamp",
+            f"timestamp {item['timestamp']!r} is outside 1677-09-21..2262-04-11: expected a "
+            "time a 64-bit nanosecond clock holds",
+        )
     incremental = item["kind"] == "incremental"
     if "counter" in item:
         raw, kind = (
@@ -379,7 +502,8 @@ def vector_observation(item: dict[str, Any], received_ns: int) -> Observation:
     try:
         value = parse_value(raw)
     except DecimalError as exc:
-        raise _Reject(Reason.INVALID_VALUE, "value", str(exc)) from None
+        field = "counter.value" if "counter" in item else "gauge.value"
+        raise _Reject(Reason.INVALID_VALUE, field, f"{field} {exc}") from None
     if kind is ObservationKind.AMOUNT and value < 0:
         raise _Reject(Reason.NEGATIVE_VALUE, "counter.value", "incremental counter is negative")
     namespace = item.get("namespace")
@@ -396,6 +520,18 @@ def vector_observation(item: dict[str, Any], received_ns: int) -> Observation:
         identity = orjson.dumps(parts).decode()
 
     return Observation(Source.VECTOR, name, attrs, value, kind, ts, identity)
+
+
+def _tag_text(key: str, value: Any) -> str:
+    """A tag that is not a string (Vector sends arrays for multi-value tags) as JSON text."""
+    try:
+        return orjson.dumps(value).decode()
+    except orjson.JSONEncodeError:
+        raise _Reject(
+            Reason.MALFORMED,
+            f"tags.{key}"[:200],
+            f"tags.{key} is {_short(value)}: expected a string or a short array of strings",
+        ) from None
 
 
 def _value_of(item: dict[str, Any], key: str) -> Any:
@@ -419,13 +555,13 @@ def _timestamp(raw: Any, field: str) -> int:
 
 
 def _short(v: Any) -> str:
-    text = repr(v)
+    if isinstance(v, str | int | float | Decimal | None):
+        text = clip_json(v, 81) if isinstance(v, int) and v.bit_length() > 256 else repr(v)
+    else:  # a repr of any depth or size could fail; this cannot
+        text = clip_json(v, 81)
     return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _clip(item: dict[str, Any]) -> str:
     """The record as received, for the rejected store (escaped where orjson cannot write it)."""
-    try:
-        return orjson.dumps(item, default=str).decode()[:8192]
-    except orjson.JSONEncodeError:
-        return json.dumps(item, default=str)[:8192]
+    return clip_json(item, 8192)
