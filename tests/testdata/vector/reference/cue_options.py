@@ -42,7 +42,15 @@ WANTED = {
 }
 for _kind, _names in {
     "sinks": ["http"],
-    "sources": ["file", "kubernetes_logs", "statsd", "prometheus_scrape"],
+    "sources": [
+        "file",
+        "kubernetes_logs",
+        "statsd",
+        "prometheus_scrape",
+        "kafka",
+        "aws_s3",
+        "aws_kinesis_firehose",
+    ],
     "transforms": ["remap", "filter", "aggregate"],
 }.items():
     for _name in _names:
