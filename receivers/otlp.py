@@ -40,7 +40,7 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
 
 from meter_gateway.clock import Clock
 from meter_gateway.config import IngestConfig, Rule
-from meter_gateway.decimals import EXACT, ZERO, DecimalError, parse_value
+from meter_gateway.decimals import EXACT, MAX_ABS, MAX_PLACES, ZERO, DecimalError, parse_value
 from meter_gateway.model import (
     Batch,
     CommitResult,
@@ -320,6 +320,12 @@ class _Export:
         raw = orjson.dumps({"metric": name, "point": detail}, default=str).decode()[:8192]
         self.errors.append(RecordError(ordinal, field, error, reason, raw))
 
+    def validate(self, key: str, obs: Observation, ordinal: int) -> None:
+        """Leave ``obs`` (of the series ``key``) to the validator."""
+        self.slow.append(obs)
+        self.slow_ordinals.append(ordinal)
+        self.slow_keys.append(key)
+
     def skip(self, reason: str, n: int = 1) -> None:
         self.skipped[reason] = self.skipped.get(reason, 0) + n
 
@@ -342,9 +348,9 @@ class OtlpMetrics:
 
     Mapping depends only on a point's series (name, attributes, resource), so the validator
     sees the first point of each series; once it accepted one, later points of that series
-    under the same catalog snapshot become records directly, as long as their value is not
-    negative and their time is well inside the accepted range. Anything else goes through the
-    validator, which stays the one judge of what is valid and why not.
+    under the same catalog snapshot become records directly (``_record``), as long as their
+    value is plainly within bounds and their time well inside the accepted range. Anything else
+    goes through the validator, which stays the one judge of what is valid and why not.
     """
 
     def __init__(
@@ -540,27 +546,35 @@ class OtlpMetrics:
         natural_key: str,
         ordinal: int,
     ) -> None:
+        """A record of ``value``: at once when ``_record`` can make it, else by the validator."""
+        if not self._record(ex, key, value, t, natural_key):
+            ex.validate(
+                key, Observation(OTLP, name, attrs, value, kind, t, natural_key, resource), ordinal
+            )
+
+    def _record(self, ex: _Export, key: str, value: Decimal, t: int, natural_key: str) -> bool:
+        """The fast path, the one place records skip the validator: a record straight from
+        how the validator mapped the series ``key`` under this catalog, when the point is
+        plainly acceptable (time well inside the accepted range; after the rule's scale,
+        0 <= value < 1e21 with at most 18 places). False leaves the point to the validator,
+        which says what is wrong with it."""
         m = self._mapped.get(key)
-        if m is not None and m.catalog is ex.catalog and ex.lo <= t <= ex.hi:
-            v = value if m.scale is None else EXACT.multiply(value, m.scale)
-            if v >= 0:
-                ex.records.append(
-                    UsageRecord(
-                        t,
-                        m.customer,
-                        m.dimension,
-                        v,
-                        None,
-                        m.metadata,
-                        OTLP,
-                        natural_dedup_key(natural_key),
-                        m.unique,
-                    )
-                )
-                return
-        ex.slow.append(Observation(OTLP, name, attrs, value, kind, t, natural_key, resource))
-        ex.slow_ordinals.append(ordinal)
-        ex.slow_keys.append(key)
+        if m is None or m.catalog is not ex.catalog or not ex.lo <= t <= ex.hi:
+            return False
+        if m.scale is None:
+            v = value  # an int, a parse_value'd double or a step between two: ≤ 18 places
+        else:
+            v = EXACT.multiply(value, m.scale)
+            if v.as_tuple().exponent < -MAX_PLACES:  # type: ignore[operator]
+                return False
+        if not ZERO <= v < MAX_ABS:
+            return False
+        h = _KEY_HASH.copy()
+        h.update(natural_key.encode())
+        ex.records.append(
+            UsageRecord(t, m.customer, m.dimension, v, None, m.metadata, OTLP, h.digest(), m.unique)
+        )
+        return True
 
     # --- walking the request -----------------------------------------------------------------
 
@@ -689,9 +703,7 @@ class OtlpMetrics:
             if len(self._tails) >= self._max_cached:
                 self._tails, self._tails_size = {}, 0
             known = self._tails[base_id] = {}
-        point_series, emit = self._point_series, self._emit
-        mapped, catalog, lo, hi = self._mapped, ex.catalog, ex.lo, ex.hi
-        records = ex.records
+        point_series, record = self._point_series, self._record
         kind = AMOUNT if is_sum else LEVEL
         cumulative = temporality == CUMULATIVE
         ordinal = first - 1
@@ -745,7 +757,6 @@ class OtlpMetrics:
                     ex.reject(ordinal, Reason.TOO_LARGE, "attributes", found, name)
                     continue
                 series = found
-            negative = number < 0
             sid = series.sid
             if cumulative:
                 ex.cumulative.append(
@@ -765,7 +776,7 @@ class OtlpMetrics:
                 )
                 continue
             if is_sum:
-                if monotonic and negative:
+                if monotonic and number < 0:
                     ex.reject(
                         ordinal,
                         Reason.NEGATIVE_VALUE,
@@ -777,26 +788,9 @@ class OtlpMetrics:
                 nk = f"{sid}:{start}:{t}"
             else:
                 nk = f"{sid}:{t}"
-            # The fast path of _emit, inline: this loop is the receiver's hot path.
-            hit = mapped.get(sid)
-            if hit is not None and hit.catalog is catalog and lo <= t <= hi and not negative:
-                h = _KEY_HASH.copy()
-                h.update(nk.encode())
-                records.append(
-                    UsageRecord(
-                        t,
-                        hit.customer,
-                        hit.dimension,
-                        value if hit.scale is None else EXACT.multiply(value, hit.scale),
-                        None,
-                        hit.metadata,
-                        OTLP,
-                        h.digest(),
-                        hit.unique,
-                    )
-                )
-                continue
-            emit(ex, sid, name, series.attrs, resource, value, kind, t, nk, ordinal)
+            if not record(ex, sid, value, t, nk):  # the hot path: _emit without a call
+                obs = Observation(OTLP, name, series.attrs, value, kind, t, nk, resource)
+                ex.validate(sid, obs, ordinal)
 
     def _wanted_halves(
         self, sid: str, name: str, attrs: dict[str, str], resource: dict[str, str], t: int
@@ -894,8 +888,7 @@ class OtlpMetrics:
         if len({c.sid for c in points}) < len(points):
             points = sorted(points, key=lambda c: c.time)  # several points of one series
         changed: dict[str, StreamState] = {}
-        emit, mapped, records = self._emit, self._mapped, ex.records
-        catalog, lo, hi = ex.catalog, ex.lo, ex.hi
+        emit, record = self._emit, self._record
         for c in points:
             sid = c.sid
             state = changed.get(sid) or states.get(sid)
@@ -906,34 +899,13 @@ class OtlpMetrics:
                 and c.time > state.time
                 and c.value > state.value
             ):
-                # convert()'s plain step, inline with _emit's fast path: the common case.
+                # convert()'s plain step, inline: the common case.
                 delta = EXACT.subtract(c.value, state.value)
                 changed[sid] = StreamState(c.start, c.time, c.value)
                 nk = f"{sid}:{c.start}:{c.time}"
-                hit = mapped.get(sid)
-                if (
-                    hit is not None
-                    and hit.catalog is catalog
-                    and lo <= c.time <= hi
-                    and (v := delta if hit.scale is None else EXACT.multiply(delta, hit.scale)) >= 0
-                ):
-                    h = _KEY_HASH.copy()
-                    h.update(nk.encode())
-                    records.append(
-                        UsageRecord(
-                            c.time,
-                            hit.customer,
-                            hit.dimension,
-                            v,
-                            None,
-                            hit.metadata,
-                            OTLP,
-                            h.digest(),
-                            hit.unique,
-                        )
-                    )
-                else:
-                    emit(ex, sid, c.name, c.attrs, c.resource, delta, AMOUNT, c.time, nk, c.ordinal)
+                if not record(ex, sid, delta, c.time, nk):
+                    obs = Observation(OTLP, c.name, c.attrs, delta, AMOUNT, c.time, nk, c.resource)
+                    ex.validate(sid, obs, c.ordinal)
                 continue
             step = convert(state, c.start, c.time, c.value, c.sum, c.monotonic)
             if step.state is not None:
