@@ -17,7 +17,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from decimal import Decimal
 from itertools import compress, islice
@@ -326,6 +326,7 @@ class SQLiteStore:
         self._inflight: deque[_Prepared] = deque()
         self._state_mem: dict[str, bytes | None] = {}  # receiver state committed since open
         self._epoch = 0
+        self._reread_schema = False  # before the next apply: one failed
         self._next_number = 0  # of the next group prepared
         self._next_apply = 0  # of the next group to apply
         self._mem = threading.RLock()  # in-memory views: caches, counters, dedup index
@@ -583,6 +584,12 @@ class SQLiteStore:
         if p.epoch != self._epoch or p.number != self._next_apply:
             raise GroupVoided("an earlier group failed to commit; this one was void")
         conn = self._conn
+        if self._reread_schema:
+            # After a failure: a statement that fails to compile (the schema changed under
+            # it) never rereads the schema, so read it first, as the database is now.
+            with suppress(sqlite3.Error):
+                conn.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
+                self._reread_schema = False
         try:
             if not (p.meta_new or p.distinct or p.rejected or p.state_binary):
                 conn.execute(_APPLY, p.params)  # the usual group: one statement, one transaction
@@ -610,6 +617,7 @@ class SQLiteStore:
             if isinstance(exc, sqlite3.DataError | ValueError | TypeError | OverflowError):
                 # a value SQLite refuses (too big, not encodable): the group's, not an outage
                 raise Unstorable(f"SQLite refused a value: {exc}") from exc
+            self._reread_schema = True
             raise
         p.committed = True
         self._next_apply += 1
