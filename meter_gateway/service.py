@@ -117,7 +117,13 @@ class Gateway:
                 ingest.late_arrival_limit.total_seconds(),
             ):
                 self.scheduler.add(job)
-        self.ready = True
+        self._draining = False
+
+    @property
+    def ready(self) -> bool:
+        """What /readyz answers: not while draining, nor while commits fail (full disk,
+        database down); ready again once a commit succeeds."""
+        return not self._draining and self.ingestor.healthy
 
     def _aggregation(self, dimension: str) -> str | None:
         dim = self.catalog.current.dimensions.get(dimension)
@@ -229,7 +235,7 @@ class Gateway:
                 )
 
     def close(self) -> None:
-        self.ready = False
+        self._draining = True
         self.scheduler.close()
         for job in self.delivery_jobs:
             job.close()
