@@ -5,6 +5,7 @@ parameter of any GET path answers 5xx or leaves the gateway unable to answer the
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 from collections.abc import Iterator
 from datetime import timedelta
@@ -13,7 +14,12 @@ from urllib.parse import quote, urlencode
 import httpx
 import orjson
 import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
 
+from meter_gateway.api.errors import ApiError, exception_handlers, shown
 from tests.gatewayproc import ADMIN_KEY, READ_KEY, GatewayProcess
 from tests.helpers import now_iso, record
 
@@ -358,3 +364,28 @@ def test_ingest_keeps_its_contract(client: httpx.Client) -> None:
     r = client.post("/v1/usage", content=b"{not json")
     assert r.status_code == 400
     assert r.json()["error"]
+
+
+def test_an_unexpected_exception_answers_json_500() -> None:
+    # In-process: no request to the real gateway may reach this handler (that is the point of
+    # the tests above), so a route that fails on purpose shows the shape.
+    async def boom(request: Request) -> Response:
+        raise RuntimeError("bug")
+
+    app = Starlette(routes=[Route("/boom", boom)], exception_handlers=exception_handlers())
+
+    async def call() -> httpx.Response:
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as c:
+            return await c.get("/boom")
+
+    r = asyncio.run(call())
+    assert r.status_code == 500
+    assert r.json() == {"error": "internal error: the gateway's log has the details"}
+
+
+def test_api_errors_carry_their_fields_and_headers() -> None:
+    r = ApiError(401, "no key", headers={"WWW-Authenticate": "Bearer"}, parameter="x").response()
+    assert (r.status_code, r.headers["www-authenticate"]) == (401, "Bearer")
+    assert orjson.loads(bytes(r.body)) == {"error": "no key", "parameter": "x"}
+    assert shown("a" * 1000) == repr("a" * 80) + "… (1000 characters)"
