@@ -1,4 +1,4 @@
-"""The meter-gateway command: serve, check-config, dashboards, invoice.
+"""The meter-gateway command: serve, check-config, dashboards, invoice, import.
 
 Exit codes: 0 done, 1 the gateway could not start (one line on stderr says why), 2 the config is
 invalid (one line per error, each with its path).
@@ -12,7 +12,7 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 
-from meter_gateway import __version__
+from meter_gateway import __version__, importer
 from meter_gateway.billing import command as invoice_command
 from meter_gateway.config import OVERRIDES, Config, ConfigError, load_config
 from meter_gateway.dashboards import command as dashboards_command
@@ -68,6 +68,7 @@ def _parser() -> argparse.ArgumentParser:
     p_check.add_argument("--config", metavar="FILE", required=True)
     dashboards_command.add_subcommand(sub)
     invoice_command.add_subcommand(sub)
+    importer.add_subcommand(sub)
     return parser
 
 
@@ -82,6 +83,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         return dashboards_command.run(args)
     if args.command == "invoice":
         return invoice_command.run(args)
+    if args.command == "import":
+        return importer.run(args)
 
     arguments = {}
     if args.command == "serve":
