@@ -1,11 +1,6 @@
-"""The store's interfaces, by concern, and what every backend shares.
+"""The store interface: one atomic commit for a group of batches, and the reads aggregation needs.
 
-``IngestStore`` (one atomic commit for a group of batches, receiver state), ``UsageReader``
-(the reads aggregation and listings need), ``CatalogStore``, ``BillingStore`` (invoices, wallet,
-job state, outbox) and ``LeaseStore`` (scheduled work on one replica); ``Store`` is all of them.
-Callers type against the narrow one they use. Implementations: ``sqlite.SQLiteStore`` (embedded
-default) and ``postgres.PostgresStore``, each with its own ingest and usage path and both with
-the one billing persistence of ``store.billing``.
+Implementations: ``sqlite.SQLiteStore`` (embedded default) and ``postgres.PostgresStore``.
 Whatever the implementation, ``commit`` is all-or-nothing: records, their dedup keys, rollups and
 rejected records land in one transaction, and dedup keys are marked only if that transaction
 commits. A commit that fails because of what a record holds raises ``Unstorable`` (the committer
@@ -24,9 +19,9 @@ from typing import Any, Protocol
 
 import orjson
 
+from meter_gateway.aggregation.windows import BUCKET_NS
 from meter_gateway.decimals import EXACT
 from meter_gateway.model import Batch, CommitResult, UsageRecord
-from meter_gateway.timebuckets import BUCKET_NS
 
 RollupKey = tuple[str, str, int]  # (customer, dimension, bucket_ns)
 
@@ -168,25 +163,6 @@ def read_metadata(stored: str | bytes | None) -> dict[str, Any] | None:
     return {UNREADABLE_METADATA: text}
 
 
-def unique_of(metadata: dict[str, Any] | None, unique_key: str | None) -> str | None:
-    """The distinct-count value of a record: its metadata[unique_key] as text."""
-    if unique_key is None or not metadata or unique_key not in metadata:
-        return None
-    v = metadata[unique_key]
-    return v if isinstance(v, str) else orjson.dumps(v).decode()
-
-
-def pair_filter(customer: str | None, dimension: str | None, args: list[Any], mark: str) -> str:
-    """SQL conditions for optional customer/dimension filters, their arguments appended to
-    ``args``; ``mark`` is the driver's placeholder."""
-    sql = ""
-    for column, value in (("customer", customer), ("dimension", dimension)):
-        if value is not None:
-            sql += f" AND {column} = {mark}"
-            args.append(value)
-    return sql
-
-
 @dataclass(frozen=True, slots=True)
 class RollupRow:
     """Partial aggregates of one (customer, dimension, UTC hour) bucket.
@@ -280,8 +256,8 @@ class RejectedRow:
     raw: str | None
 
 
-class IngestStore(Protocol):
-    """Where usage is committed. One writer calls ``commit``; any thread may read state."""
+class Store(Protocol):
+    """Where usage lives. One writer calls ``commit``; any thread may read."""
 
     def commit(self, batches: Sequence[Batch], now_ns: int) -> list[CommitResult]:
         """Dedup, write records, update rollups and store rejected records in one transaction."""
@@ -295,57 +271,7 @@ class IngestStore(Protocol):
         """Committed receiver state whose keys start with ``prefix``."""
         ...
 
-
-class UsageReader(Protocol):
-    """Committed usage as aggregation and listings read it; any thread may call."""
-
-    def rollups(
-        self, customer: str, dimension: str, from_bucket: int, to_bucket: int
-    ) -> list[RollupRow]:
-        """Rollup rows with ``from_bucket <= bucket < to_bucket``, in bucket order."""
-        ...
-
-    def raw(
-        self, customer: str, dimension: str, from_ns: int, to_ns: int, unique_key: str | None = None
-    ) -> list[RawPoint]:
-        """Records with ``from_ns <= ts < to_ns`` ordered by (ts, seq); with ``unique_key``,
-        each point's ``unique`` is its metadata value under that key."""
-        ...
-
-    def distinct(
-        self, customer: str, dimension: str, from_bucket: int, to_bucket: int
-    ) -> list[tuple[int, str]]:
-        """(bucket, unique value) pairs of the distinct-value rollup."""
-        ...
-
-    def last_before(self, customer: str, dimension: str, ts_ns: int) -> RawPoint | None:
-        """The latest record (by ts, then seq) strictly before ``ts_ns``."""
-        ...
-
-    def pairs(
-        self, customer: str | None, dimension: str | None, before_ns: int
-    ) -> list[tuple[str, str]]:
-        """(customer, dimension) pairs that have usage before ``before_ns``."""
-        ...
-
-    def records(
-        self,
-        customer: str | None,
-        dimension: str | None,
-        from_ns: int,
-        to_ns: int,
-        after: tuple[int, int] | None,
-        limit: int,
-    ) -> list[StoredRecord]: ...
-
-    def rejected(
-        self, after_seq: int | None, limit: int, reason: str | None
-    ) -> list[RejectedRow]: ...
-
-
-class LeaseStore(Protocol):
-    """Scheduled work on one replica at a time."""
-
+    # --- scheduled work: one replica at a time
     def lease(self, name: str, holder: str, ttl_ns: int, now_ns: int) -> bool:
         """Take or renew the named lease for ``holder`` until ``now_ns + ttl_ns``; False when
         another holder's lease has not expired. Jobs run only while their lease is held."""
@@ -355,10 +281,7 @@ class LeaseStore(Protocol):
         """Give the lease up (if ``holder`` holds it) so another replica takes over at once."""
         ...
 
-
-class CatalogStore(Protocol):
-    """The catalog (dimensions, offerings, customers, meters) as JSON documents."""
-
+    # --- catalog (dimensions, offerings, customers, meters) as JSON documents
     def catalog_load(self) -> dict[str, dict[str, dict[str, Any]]]: ...
 
     def catalog_put(
@@ -388,15 +311,60 @@ class CatalogStore(Protocol):
         owns the database)."""
         ...
 
+    # --- reads for aggregation
+    def rollups(
+        self, customer: str, dimension: str, from_bucket: int, to_bucket: int
+    ) -> list[RollupRow]:
+        """Rollup rows with ``from_bucket <= bucket < to_bucket``, in bucket order."""
+        ...
 
-class BillingStore(Protocol):
-    """Invoices, the wallet ledger, scheduled jobs' state and the outbox.
+    def raw(
+        self, customer: str, dimension: str, from_ns: int, to_ns: int, unique_key: str | None = None
+    ) -> list[RawPoint]:
+        """Records with ``from_ns <= ts < to_ns`` ordered by (ts, seq); with ``unique_key``,
+        each point's ``unique`` is its metadata value under that key."""
+        ...
 
-    Documents are JSON-able dicts (decimals as strings); every method is one transaction of
-    its own. Methods that must happen once across replicas take ``fence=(lease name,
-    holder)``: the store checks, inside the same transaction, that ``holder`` still holds that
-    lease (unexpired at ``now_ns``) and raises ``LeaseLostError`` without writing anything
-    otherwise (SQLite: one process owns the database, so the check is trivially true)."""
+    def distinct(
+        self, customer: str, dimension: str, from_bucket: int, to_bucket: int
+    ) -> list[tuple[int, str]]:
+        """(bucket, unique value) pairs of the distinct-value rollup."""
+        ...
+
+    def last_before(self, customer: str, dimension: str, ts_ns: int) -> RawPoint | None:
+        """The latest record (by ts, then seq) strictly before ``ts_ns``."""
+        ...
+
+    def pairs(
+        self, customer: str | None, dimension: str | None, before_ns: int
+    ) -> list[tuple[str, str]]:
+        """(customer, dimension) pairs that have usage before ``before_ns``."""
+        ...
+
+    # --- raw listing and rejected records
+    def records(
+        self,
+        customer: str | None,
+        dimension: str | None,
+        from_ns: int,
+        to_ns: int,
+        after: tuple[int, int] | None,
+        limit: int,
+    ) -> list[StoredRecord]: ...
+
+    def rejected(
+        self, after_seq: int | None, limit: int, reason: str | None
+    ) -> list[RejectedRow]: ...
+
+    def close(self) -> None: ...
+
+    # --- billing: invoices, wallet, meters, outbox
+    #
+    # Documents are JSON-able dicts (decimals as strings); every method is one transaction of its
+    # own. Methods that must happen once across replicas take ``fence=(lease name, holder)``:
+    # the store checks, inside the same transaction, that ``holder`` still holds that lease
+    # (unexpired at ``now_ns``) and raises ``LeaseLostError`` without writing anything otherwise
+    # (SQLite: one process owns the database, so the check is trivially true).
 
     def invoice_create(self, invoice: InvoiceRow) -> None:
         """Insert a new invoice (normally a draft); ``ConflictError`` if the id exists."""
@@ -500,12 +468,6 @@ class BillingStore(Protocol):
     def outbox_purge(self, delivered_before_ns: int) -> int:
         """Delete events delivered before this time; returns how many."""
         ...
-
-
-class Store(IngestStore, UsageReader, LeaseStore, CatalogStore, BillingStore, Protocol):
-    """Every concern of a store, as a gateway opens it."""
-
-    def close(self) -> None: ...
 
 
 class LeaseLostError(RuntimeError):
