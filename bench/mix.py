@@ -67,6 +67,7 @@ if __package__ in (None, ""):  # run as ``python bench/mix.py``
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.ingest import (
+    commit_stats,
     create_schema,
     run_load,
     seed_dedup,
@@ -569,6 +570,7 @@ def run_phase(kind: str, order: str, args: argparse.Namespace, root: Path) -> Mi
                 f"({res.cpu_us:.0f} us/record), "
                 f"machine {res.machine_cpu_s:.1f}s; peak RSS {res.peak_rss_mb:.0f} MB"
             )
+            print(f"{tag} {commit_stats(gw)}")
             ok_batches = sorted(b for r in results for b in r.ok_batches)
             check_after_load(gw, plan, ok_batches, known, res)
             print(
