@@ -334,7 +334,10 @@ class Ingestor:
         return True
 
     def _failed(self, group: list[_Pending], exc: Exception) -> None:
-        log.exception("commit of %d batches failed", len(group), exc_info=exc)
+        if group[0].size == 0 and PROBE_KEY in group[0].batch.state:
+            log.debug("the store still fails: %s", exc)  # logged once, when it began
+        else:
+            log.exception("commit of %d batches failed", len(group), exc_info=exc)
         self._telemetry.commit_failures.inc()
         if not isinstance(exc, Unstorable):  # the store's own failure: not ready
             self._failure = str(exc) or type(exc).__name__
