@@ -11,9 +11,20 @@ from datetime import UTC, datetime, timedelta
 from typing import Literal
 from zoneinfo import ZoneInfo
 
+from meter_gateway.timebuckets import BUCKET_NS, NS, ceil_bucket, floor_bucket
+
+__all__ = [
+    "BUCKET_NS",
+    "NS",
+    "Window",
+    "ceil_bucket",
+    "floor_bucket",
+    "next_start",
+    "split",
+    "truncate",
+]
+
 Window = Literal["hour", "day", "month"]
-NS = 1_000_000_000
-BUCKET_NS = 3600 * NS
 
 
 def _local(ts_ns: int, tz: ZoneInfo) -> datetime:
@@ -71,12 +82,3 @@ def split(from_ns: int, to_ns: int, window: Window, tz: ZoneInfo) -> list[tuple[
         out.append((max(start, from_ns), min(end, to_ns)))
         start = end
     return out
-
-
-def floor_bucket(ts_ns: int) -> int:
-    return ts_ns - ts_ns % BUCKET_NS
-
-
-def ceil_bucket(ts_ns: int) -> int:
-    r = ts_ns % BUCKET_NS
-    return ts_ns if r == 0 else ts_ns - r + BUCKET_NS

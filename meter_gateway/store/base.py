@@ -1,6 +1,11 @@
-"""The store interface: one atomic commit for a group of batches, and the reads aggregation needs.
+"""The store's interfaces, by concern, and what every backend shares.
 
-Implementations: ``sqlite.SQLiteStore`` (embedded default) and ``postgres.PostgresStore``.
+``IngestStore`` (one atomic commit for a group of batches, receiver state), ``UsageReader``
+(the reads aggregation and listings need), ``CatalogStore``, ``BillingStore`` (invoices, wallet,
+job state, outbox) and ``LeaseStore`` (scheduled work on one replica); ``Store`` is all of them.
+Callers type against the narrow one they use. Implementations: ``sqlite.SQLiteStore`` (embedded
+default) and ``postgres.PostgresStore``, each with its own ingest and usage path and both with
+the one billing persistence of ``store.billing``.
 Whatever the implementation, ``commit`` is all-or-nothing: records, their dedup keys, rollups and
 rejected records land in one transaction, and dedup keys are marked only if that transaction
 commits. A commit that fails because of what a record holds raises ``Unstorable`` (the committer
@@ -19,9 +24,9 @@ from typing import Any, Protocol
 
 import orjson
 
-from meter_gateway.aggregation.windows import BUCKET_NS
 from meter_gateway.decimals import EXACT
 from meter_gateway.model import Batch, CommitResult, UsageRecord
+from meter_gateway.timebuckets import BUCKET_NS
 
 RollupKey = tuple[str, str, int]  # (customer, dimension, bucket_ns)
 
@@ -163,6 +168,25 @@ def read_metadata(stored: str | bytes | None) -> dict[str, Any] | None:
     return {UNREADABLE_METADATA: text}
 
 
+def unique_of(metadata: dict[str, Any] | None, unique_key: str | None) -> str | None:
+    """The distinct-count value of a record: its metadata[unique_key] as text."""
+    if unique_key is None or not metadata or unique_key not in metadata:
+        return None
+    v = metadata[unique_key]
+    return v if isinstance(v, str) else orjson.dumps(v).decode()
+
+
+def pair_filter(customer: str | None, dimension: str | None, args: list[Any], mark: str) -> str:
+    """SQL conditions for optional customer/dimension filters, their arguments appended to
+    ``args``; ``mark`` is the driver's placeholder."""
+    sql = ""
+    for column, value in (("customer", customer), ("dimension", dimension)):
+        if value is not None:
+            sql += f" AND {column} = {mark}"
+            args.append(value)
+    return sql
+
+
 @dataclass(frozen=True, slots=True)
 class RollupRow:
     """Partial aggregates of one (customer, dimension, UTC hour) bucket.
@@ -256,8 +280,8 @@ class RejectedRow:
     raw: str | None
 
 
-class Store(Protocol):
-    """Where usage lives. One writer calls ``commit``; any thread may read."""
+class IngestStore(Protocol):
+    """Where usage is committed. One writer calls ``commit``; any thread may read state."""
 
     def commit(self, batches: Sequence[Batch], now_ns: int) -> list[CommitResult]:
         """Dedup, write records, update rollups and store rejected records in one transaction."""
@@ -271,47 +295,10 @@ class Store(Protocol):
         """Committed receiver state whose keys start with ``prefix``."""
         ...
 
-    # --- scheduled work: one replica at a time
-    def lease(self, name: str, holder: str, ttl_ns: int, now_ns: int) -> bool:
-        """Take or renew the named lease for ``holder`` until ``now_ns + ttl_ns``; False when
-        another holder's lease has not expired. Jobs run only while their lease is held."""
-        ...
 
-    def release(self, name: str, holder: str) -> None:
-        """Give the lease up (if ``holder`` holds it) so another replica takes over at once."""
-        ...
+class UsageReader(Protocol):
+    """Committed usage as aggregation and listings read it; any thread may call."""
 
-    # --- catalog (dimensions, offerings, customers, meters) as JSON documents
-    def catalog_load(self) -> dict[str, dict[str, dict[str, Any]]]: ...
-
-    def catalog_put(
-        self, kind: str, id: str, body: Mapping[str, Any], expect_version: int | None = None
-    ) -> None:
-        """Upsert one entry and move ``catalog_version`` by one, in one transaction. With
-        ``expect_version``: compare-and-set, ``ConflictError`` (nothing written) unless the
-        version is still that one (another change came first: reload, validate again)."""
-        ...
-
-    def catalog_delete(self, kind: str, id: str, expect_version: int | None = None) -> bool:
-        """Delete one entry (False: absent, nothing moves); a deletion moves
-        ``catalog_version`` by one in its transaction. ``expect_version`` as for ``catalog_put``."""
-        ...
-
-    def catalog_lock(self) -> AbstractContextManager[None]:
-        """Held around one catalog change, from reading the version through validation to the
-        write, so changes made through any replica take turns (and compare-and-set writes do
-        not starve each other)."""
-        ...
-
-    def catalog_version(self) -> int:
-        """A counter that moves by one with every committed catalog change, whoever made it
-        (other replicas included): a reader that read it before ``catalog_load`` knows its
-        snapshot is at least that new, and reloads when it has moved. Compare it only with
-        values read from the same store (SQLite counts in memory from 0 at open: one process
-        owns the database)."""
-        ...
-
-    # --- reads for aggregation
     def rollups(
         self, customer: str, dimension: str, from_bucket: int, to_bucket: int
     ) -> list[RollupRow]:
@@ -341,7 +328,6 @@ class Store(Protocol):
         """(customer, dimension) pairs that have usage before ``before_ns``."""
         ...
 
-    # --- raw listing and rejected records
     def records(
         self,
         customer: str | None,
@@ -356,15 +342,61 @@ class Store(Protocol):
         self, after_seq: int | None, limit: int, reason: str | None
     ) -> list[RejectedRow]: ...
 
-    def close(self) -> None: ...
 
-    # --- billing: invoices, wallet, meters, outbox
-    #
-    # Documents are JSON-able dicts (decimals as strings); every method is one transaction of its
-    # own. Methods that must happen once across replicas take ``fence=(lease name, holder)``:
-    # the store checks, inside the same transaction, that ``holder`` still holds that lease
-    # (unexpired at ``now_ns``) and raises ``LeaseLostError`` without writing anything otherwise
-    # (SQLite: one process owns the database, so the check is trivially true).
+class LeaseStore(Protocol):
+    """Scheduled work on one replica at a time."""
+
+    def lease(self, name: str, holder: str, ttl_ns: int, now_ns: int) -> bool:
+        """Take or renew the named lease for ``holder`` until ``now_ns + ttl_ns``; False when
+        another holder's lease has not expired. Jobs run only while their lease is held."""
+        ...
+
+    def release(self, name: str, holder: str) -> None:
+        """Give the lease up (if ``holder`` holds it) so another replica takes over at once."""
+        ...
+
+
+class CatalogStore(Protocol):
+    """The catalog (dimensions, offerings, customers, meters) as JSON documents."""
+
+    def catalog_load(self) -> dict[str, dict[str, dict[str, Any]]]: ...
+
+    def catalog_put(
+        self, kind: str, id: str, body: Mapping[str, Any], expect_version: int | None = None
+    ) -> None:
+        """Upsert one entry and move ``catalog_version`` by one, in one transaction. With
+        ``expect_version``: compare-and-set, ``ConflictError`` (nothing written) unless the
+        version is still that one (another change came first: reload, validate again)."""
+        ...
+
+    def catalog_delete(self, kind: str, id: str, expect_version: int | None = None) -> bool:
+        """Delete one entry (False: absent, nothing moves); a deletion moves
+        ``catalog_version`` by one in its transaction. ``expect_version`` as for ``catalog_put``."""
+        ...
+
+    def catalog_lock(self) -> AbstractContextManager[None]:
+        """Held around one catalog change, from reading the version through validation to the
+        write, so changes made through any replica take turns (and compare-and-set writes do
+        not starve each other)."""
+        ...
+
+    def catalog_version(self) -> int:
+        """A counter that moves by one with every committed catalog change, whoever made it
+        (other replicas included): a reader that read it before ``catalog_load`` knows its
+        snapshot is at least that new, and reloads when it has moved. Compare it only with
+        values read from the same store (SQLite counts in memory from 0 at open: one process
+        owns the database)."""
+        ...
+
+
+class BillingStore(Protocol):
+    """Invoices, the wallet ledger, scheduled jobs' state and the outbox.
+
+    Documents are JSON-able dicts (decimals as strings); every method is one transaction of
+    its own. Methods that must happen once across replicas take ``fence=(lease name,
+    holder)``: the store checks, inside the same transaction, that ``holder`` still holds that
+    lease (unexpired at ``now_ns``) and raises ``LeaseLostError`` without writing anything
+    otherwise (SQLite: one process owns the database, so the check is trivially true)."""
 
     def invoice_create(self, invoice: InvoiceRow) -> None:
         """Insert a new invoice (normally a draft); ``ConflictError`` if the id exists."""
@@ -468,6 +500,12 @@ class Store(Protocol):
     def outbox_purge(self, delivered_before_ns: int) -> int:
         """Delete events delivered before this time; returns how many."""
         ...
+
+
+class Store(IngestStore, UsageReader, LeaseStore, CatalogStore, BillingStore, Protocol):
+    """Every concern of a store, as a gateway opens it."""
+
+    def close(self) -> None: ...
 
 
 class LeaseLostError(RuntimeError):

@@ -21,37 +21,33 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from decimal import Decimal
 from itertools import compress
 from typing import Any
 
-import orjson
 import psycopg
 from psycopg import errors as pg_errors
 from psycopg_pool import ConnectionPool
 
-from meter_gateway.aggregation.windows import BUCKET_NS
 from meter_gateway.model import Batch, CommitResult, UsageRecord
 from meter_gateway.store.base import (
-    ConflictError,
-    InvoiceRow,
-    LeaseLostError,
-    LedgerEntry,
-    OutboxEvent,
-    OutboxItem,
-    OutboxStats,
     RawPoint,
     RejectedRow,
     RollupRow,
     StoredRecord,
     Unstorable,
     encode_metadata,
+    pair_filter,
     printable_text,
     read_metadata,
     rollup_partials,
+    unique_of,
 )
-from meter_gateway.store.sqlite import unique_of
+from meter_gateway.store.billing import SqlBilling
+from meter_gateway.store.dialect import Row, positional
+from meter_gateway.timebuckets import BUCKET_NS
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +55,7 @@ NS = 1_000_000_000
 # Advisory lock ids (pg_advisory_lock's bigint space is shared by everything on the database).
 MIGRATION_LOCK = 0x6D67_0001  # "mg" 1
 PURGE_LOCK = 0x6D67_0002
-CATALOG_LOCK = 0x6D67_0003  # held around one catalog change (Store.catalog_lock)
+# 0x6D67_0003: store.billing.CATALOG_LOCK, held around one catalog change
 STATE_LOCK_CLASS = 0x6D67  # pg_advisory_xact_lock(class, hashtext(key)) per receiver-state key
 PURGE_EVERY_S = 600
 PURGE_CHUNK = 50_000
@@ -168,16 +164,6 @@ class SchemaTooNewError(RuntimeError):
     """The database was migrated by a newer meter-gateway than this one."""
 
 
-def _lock_catalog_version(conn: psycopg.Connection[Any], expect: int | None) -> None:
-    """A catalog writer's first step: lock the version row (writers queue here, so they never
-    deadlock on catalog rows) and, with ``expect``, check it has not moved (FOR UPDATE reads
-    the version last committed by whoever held the lock before)."""
-    row = conn.execute("SELECT version FROM catalog_version FOR UPDATE").fetchone()
-    assert row is not None  # migration 3 inserts the one row
-    if expect is not None and int(row[0]) != expect:
-        raise ConflictError(f"the catalog changed (version {row[0]}, expected {expect})")
-
-
 def _text(s: str | None) -> str | None:
     """PostgreSQL text cannot hold NUL; SQLite can. Keep the rest of the string."""
     if s is None or "\x00" not in s:
@@ -185,8 +171,10 @@ def _text(s: str | None) -> str | None:
     return s.replace("\x00", "\ufffd")
 
 
-class PostgresStore:
-    """``Store`` on PostgreSQL. Any number of processes may open the same database."""
+class PostgresStore(SqlBilling):
+    """``Store`` on PostgreSQL. Any number of processes may open the same database. Its ingest
+    and usage path is its own; catalog, billing and leases are ``SqlBilling`` over
+    ``PostgresDialect``."""
 
     def __init__(
         self,
@@ -209,6 +197,7 @@ class PostgresStore:
             name="meter-gateway",
         )
         self._pool.open(wait=True, timeout=connect_timeout_s)
+        self._dialect = PostgresDialect(self._pool)
         self._last_purge_s = now_ns // NS
         self._purge_lock = threading.Lock()
 
@@ -458,67 +447,6 @@ class PostgresStore:
             ).fetchall()
         return {k: bytes(v) for k, v in rows}
 
-    # --- leases ------------------------------------------------------------------------------
-
-    def lease(self, name: str, holder: str, ttl_ns: int, now_ns: int) -> bool:
-        with self._conn() as conn:
-            row = conn.execute(
-                "INSERT INTO leases AS l (name, holder, expires_ns) VALUES (%s, %s, %s) "
-                "ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, "
-                "expires_ns = excluded.expires_ns "
-                "WHERE l.holder = excluded.holder OR l.expires_ns <= %s RETURNING holder",
-                (name, holder, now_ns + ttl_ns, now_ns),
-            ).fetchone()
-        return row is not None
-
-    def release(self, name: str, holder: str) -> None:
-        with self._conn() as conn:
-            conn.execute("DELETE FROM leases WHERE name = %s AND holder = %s", (name, holder))
-
-    # --- catalog -----------------------------------------------------------------------------
-
-    def catalog_load(self) -> dict[str, dict[str, dict[str, Any]]]:
-        out: dict[str, dict[str, dict[str, Any]]] = {}
-        with self._conn() as conn:
-            rows = conn.execute("SELECT kind, id, body FROM catalog ORDER BY kind, id").fetchall()
-        for kind, id_, body in rows:
-            out.setdefault(kind, {})[id_] = orjson.loads(body)
-        return out
-
-    def catalog_put(
-        self, kind: str, id: str, body: Mapping[str, Any], expect_version: int | None = None
-    ) -> None:
-        with self._conn() as conn, conn.transaction():
-            _lock_catalog_version(conn, expect_version)
-            conn.execute(
-                "INSERT INTO catalog VALUES (%s, %s, %s, %s) ON CONFLICT (kind, id) "
-                "DO UPDATE SET body = excluded.body, updated_ns = excluded.updated_ns",
-                (kind, id, orjson.dumps(dict(body)).decode(), time.time_ns()),
-            )
-            conn.execute("UPDATE catalog_version SET version = version + 1")
-
-    def catalog_delete(self, kind: str, id: str, expect_version: int | None = None) -> bool:
-        with self._conn() as conn, conn.transaction():
-            _lock_catalog_version(conn, expect_version)
-            cur = conn.execute("DELETE FROM catalog WHERE kind = %s AND id = %s", (kind, id))
-            if cur.rowcount > 0:
-                conn.execute("UPDATE catalog_version SET version = version + 1")
-        return cur.rowcount > 0
-
-    def catalog_version(self) -> int:
-        with self._conn() as conn:
-            row = conn.execute("SELECT version FROM catalog_version", prepare=True).fetchone()
-        assert row is not None  # migration 3 inserts the one row
-        return int(row[0])
-
-    @contextmanager
-    def catalog_lock(self) -> Iterator[None]:
-        # A transaction lock: it goes with the transaction, whatever happens to the caller or
-        # the connection; the change itself is written on other connections meanwhile.
-        with self._conn() as conn, conn.transaction():
-            conn.execute("SELECT pg_advisory_xact_lock(%s)", (CATALOG_LOCK,))
-            yield
-
     # --- reads -------------------------------------------------------------------------------
 
     def rollups(
@@ -573,7 +501,7 @@ class PostgresStore:
     ) -> list[tuple[str, str]]:
         sql = "SELECT DISTINCT customer, dimension FROM rollups WHERE bucket < %s"
         args: list[Any] = [before_ns]
-        sql += _pair_filter(customer, dimension, args)
+        sql += pair_filter(customer, dimension, args, "%s")
         with self._conn() as conn:
             rows = conn.execute(sql + " ORDER BY 1, 2", args).fetchall()
         return [(c, d) for c, d in rows]
@@ -592,7 +520,7 @@ class PostgresStore:
             "received_ns FROM records WHERE ts >= %s AND ts < %s"
         )
         args: list[Any] = [from_ns, to_ns]
-        sql += _pair_filter(customer, dimension, args)
+        sql += pair_filter(customer, dimension, args, "%s")
         if after is not None:
             sql += " AND (ts, seq) > (%s, %s)"
             args.extend(after)
@@ -620,327 +548,11 @@ class PostgresStore:
             rows = conn.execute(sql, args).fetchall()
         return [RejectedRow(*r) for r in rows]
 
-    # --- billing: invoices, wallet, meters, outbox (semantics in store.base) ----------------
-
-    def invoice_create(self, invoice: InvoiceRow) -> None:
-        try:
-            with self._conn() as conn, conn.transaction():
-                cur = conn.cursor()
-                cur.execute(
-                    "INSERT INTO invoices VALUES (%s, %s, %s, %s, %s, %s)",
-                    (
-                        invoice.id,
-                        invoice.customer,
-                        invoice.status,
-                        invoice.created_ns,
-                        invoice.finalized_ns,
-                        orjson.dumps(invoice.document).decode(),
-                    ),
-                )
-                _put_renditions(cur, invoice.id, invoice.renditions)
-        except pg_errors.UniqueViolation:
-            raise ConflictError(f"invoice {invoice.id!r} already exists") from None
-
-    def invoice_get(self, invoice_id: str) -> InvoiceRow | None:
-        with self._conn() as conn:
-            row = conn.execute(
-                "SELECT id, customer, status, created_ns, finalized_ns, document FROM invoices "
-                "WHERE id = %s",
-                (invoice_id,),
-            ).fetchone()
-            if row is None:
-                return None
-            rend = conn.execute(
-                "SELECT format, body FROM invoice_renditions WHERE invoice_id = %s",
-                (invoice_id,),
-            ).fetchall()
-        return _invoice(row, {f: bytes(b) for f, b in rend})
-
-    def invoice_list(
-        self, customer: str | None, after: tuple[int, str] | None, limit: int
-    ) -> list[InvoiceRow]:
-        sql = (
-            "SELECT id, customer, status, created_ns, finalized_ns, document FROM invoices "
-            "WHERE true"
-        )
-        args: list[Any] = []
-        if customer is not None:
-            sql += " AND customer = %s"
-            args.append(customer)
-        if after is not None:
-            sql += " AND (created_ns, id) > (%s, %s)"
-            args.extend(after)
-        sql += " ORDER BY created_ns, id LIMIT %s"
-        args.append(limit)
-        with self._conn() as conn:
-            rows = conn.execute(sql, args).fetchall()
-        return [_invoice(r, {}) for r in rows]
-
-    def invoice_update_draft(self, invoice_id: str, document: Mapping[str, Any]) -> bool:
-        with self._conn() as conn:
-            cur = conn.execute(
-                "UPDATE invoices SET document = %s WHERE id = %s AND status = 'draft'",
-                (orjson.dumps(dict(document)).decode(), invoice_id),
-            )
-        return cur.rowcount > 0
-
-    def invoice_finalize(
-        self,
-        invoice_id: str,
-        document: Mapping[str, Any],
-        renditions: Mapping[str, bytes],
-        finalized_ns: int,
-        ledger: Sequence[LedgerEntry],
-        events: Sequence[OutboxEvent],
-    ) -> bool:
-        with self._conn() as conn, conn.transaction():
-            cur = conn.cursor()
-            # The row lock makes a second replica finalizing the same draft wait, then find
-            # it finalized and write nothing.
-            cur.execute(
-                "UPDATE invoices SET status = 'finalized', finalized_ns = %s, document = %s "
-                "WHERE id = %s AND status = 'draft'",
-                (finalized_ns, orjson.dumps(dict(document)).decode(), invoice_id),
-            )
-            if cur.rowcount == 0:
-                return False
-            _put_renditions(cur, invoice_id, renditions)
-            if ledger and not _append_ledger(cur, ledger):
-                raise ConflictError(f"invoice {invoice_id!r} already drew on the wallet")
-            _append_outbox(cur, events)
-        return True
-
-    _LEDGER_COLS = "customer, currency, seq, entry_id, kind, amount, balance, created_ns, reference"
-
-    def wallet_last(self, customer: str, currency: str) -> LedgerEntry | None:
-        with self._conn() as conn:
-            row = conn.execute(
-                f"SELECT {self._LEDGER_COLS} FROM wallet_ledger WHERE customer = %s "
-                "AND currency = %s ORDER BY seq DESC LIMIT 1",
-                (customer, currency),
-            ).fetchone()
-        return None if row is None else LedgerEntry(*row)
-
-    def wallet_entries(
-        self, customer: str, currency: str | None, after_seq: int, limit: int
-    ) -> list[LedgerEntry]:
-        sql = f"SELECT {self._LEDGER_COLS} FROM wallet_ledger WHERE customer = %s AND seq > %s"
-        args: list[Any] = [customer, after_seq]
-        if currency is not None:
-            sql += " AND currency = %s"
-            args.append(currency)
-        sql += " ORDER BY currency, seq LIMIT %s"
-        args.append(limit)
-        with self._conn() as conn:
-            rows = conn.execute(sql, args).fetchall()
-        return [LedgerEntry(*r) for r in rows]
-
-    def wallets(self) -> list[LedgerEntry]:
-        with self._conn() as conn:
-            rows = conn.execute(
-                f"SELECT DISTINCT ON (customer, currency) {self._LEDGER_COLS} "
-                "FROM wallet_ledger ORDER BY customer, currency, seq DESC"
-            ).fetchall()
-        return [LedgerEntry(*r) for r in rows]
-
-    def wallet_append(self, entries: Sequence[LedgerEntry]) -> bool:
-        with self._conn() as conn, conn.transaction():
-            return _append_ledger(conn.cursor(), entries)
-
-    def job_state(self, prefix: str) -> dict[str, dict[str, Any]]:
-        with self._conn() as conn:
-            rows = conn.execute(
-                "SELECT key, body FROM job_state WHERE key >= %s AND key < %s ORDER BY key",
-                (prefix, prefix + "\U0010ffff"),
-            ).fetchall()
-        return {k: orjson.loads(b) for k, b in rows}
-
-    def job_commit(
-        self,
-        states: Mapping[str, Mapping[str, Any] | None],
-        events: Sequence[OutboxEvent],
-        fence: tuple[str, str] | None,
-        now_ns: int,
-    ) -> None:
-        with self._conn() as conn, conn.transaction():
-            cur = conn.cursor()
-            if fence is not None:
-                self._check_fence(cur, fence, now_ns)
-            for key in sorted(states):
-                body = states[key]
-                if body is None:
-                    cur.execute("DELETE FROM job_state WHERE key = %s", (key,))
-                else:
-                    cur.execute(
-                        "INSERT INTO job_state VALUES (%s, %s) ON CONFLICT (key) "
-                        "DO UPDATE SET body = excluded.body",
-                        (key, orjson.dumps(dict(body)).decode()),
-                    )
-            _append_outbox(cur, events)
-
-    @staticmethod
-    def _check_fence(cur: psycopg.Cursor[Any], fence: tuple[str, str], now_ns: int) -> None:
-        """Inside the writing transaction: the lease is ours and unexpired. FOR SHARE holds the
-        lease row, so a replica taking the lease over waits until this transaction ends."""
-        name, holder = fence
-        row = cur.execute(
-            "SELECT holder, expires_ns FROM leases WHERE name = %s FOR SHARE", (name,)
-        ).fetchone()
-        if row is None or row[0] != holder or row[1] <= now_ns:
-            raise LeaseLostError(
-                f"lease {name!r} is not held by {holder!r} "
-                f"({'absent' if row is None else f'held by {row[0]!r}'}): nothing written"
-            )
-
-    def outbox_claim(self, exporter: str, now_ns: int, limit: int) -> list[OutboxItem]:
-        with self._conn() as conn:
-            rows = conn.execute(
-                "SELECT exporter, seq, event_id, type, payload, created_ns, attempts, "
-                "next_attempt_ns, last_error FROM outbox WHERE exporter = %s "
-                "AND status = 'pending' AND next_attempt_ns <= %s ORDER BY seq LIMIT %s",
-                (exporter, now_ns, limit),
-            ).fetchall()
-        return [
-            OutboxItem(e, s, i, t, bytes(p), c, a, n, err) for e, s, i, t, p, c, a, n, err in rows
-        ]
-
-    def outbox_delivered(self, exporter: str, seqs: Sequence[int], now_ns: int) -> None:
-        with self._conn() as conn:
-            conn.execute(
-                "UPDATE outbox SET status = 'delivered', delivered_ns = %s, "
-                "attempts = attempts + 1 WHERE exporter = %s AND seq = ANY(%s) "
-                "AND status = 'pending'",
-                (now_ns, exporter, list(seqs)),
-            )
-
-    def outbox_failed(
-        self, exporter: str, seq: int, error: str, next_attempt_ns: int | None, now_ns: int
-    ) -> None:
-        with self._conn() as conn:
-            conn.execute(
-                "UPDATE outbox SET attempts = attempts + 1, last_error = %s, "
-                "next_attempt_ns = coalesce(%s, next_attempt_ns), status = %s "
-                "WHERE exporter = %s AND seq = %s AND status = 'pending'",
-                (
-                    _text(error[:2000]),
-                    next_attempt_ns,
-                    "pending" if next_attempt_ns is not None else "dead",
-                    exporter,
-                    seq,
-                ),
-            )
-
-    def outbox_stats(self) -> list[OutboxStats]:
-        with self._conn() as conn:
-            rows = conn.execute(
-                "SELECT exporter, count(*) FILTER (WHERE status = 'pending'), "
-                "min(created_ns) FILTER (WHERE status = 'pending'), "
-                "count(*) FILTER (WHERE status = 'dead') FROM outbox "
-                "WHERE status != 'delivered' GROUP BY exporter ORDER BY exporter"
-            ).fetchall()
-        return [OutboxStats(e, int(p), o, int(d)) for e, p, o, d in rows]
-
-    def outbox_purge(self, delivered_before_ns: int) -> int:
-        with self._conn() as conn:
-            cur = conn.execute(
-                "DELETE FROM outbox WHERE status = 'delivered' AND delivered_ns < %s",
-                (delivered_before_ns,),
-            )
-        return cur.rowcount
-
     def stats(self) -> dict[str, int]:
         with self._conn() as conn:
             n = conn.execute("SELECT count(*) FROM records").fetchone()
             k = conn.execute("SELECT count(*) FROM dedup_keys").fetchone()
         return {"records": int(n[0]) if n else 0, "dedup_keys": int(k[0]) if k else 0}
-
-
-def _invoice(row: Sequence[Any], renditions: dict[str, bytes]) -> InvoiceRow:
-    id_, customer, status, created_ns, finalized_ns, document = row
-    return InvoiceRow(
-        id_, customer, status, created_ns, finalized_ns, orjson.loads(document), renditions
-    )
-
-
-def _put_renditions(
-    cur: psycopg.Cursor[Any], invoice_id: str, renditions: Mapping[str, bytes]
-) -> None:
-    if renditions:
-        cur.executemany(
-            "INSERT INTO invoice_renditions VALUES (%s, %s, %s) ON CONFLICT (invoice_id, format) "
-            "DO UPDATE SET body = excluded.body",
-            [(invoice_id, f, bytes(b)) for f, b in renditions.items()],
-        )
-
-
-def _append_ledger(cur: psycopg.Cursor[Any], entries: Sequence[LedgerEntry]) -> bool:
-    """Inside a transaction: False if the first entry's id is already in its wallet (write
-    nothing then); ConflictError if a seq is not the wallet's next one or is taken meanwhile."""
-    for i, e in enumerate(entries):
-        taken = cur.execute(
-            "SELECT 1 FROM wallet_ledger WHERE customer = %s AND currency = %s AND entry_id = %s",
-            (e.customer, e.currency, e.entry_id),
-        ).fetchone()
-        if taken is not None:
-            if i != 0:
-                raise ConflictError(f"ledger entry {e.entry_id!r} already recorded")
-            return False
-        row = cur.execute(
-            "SELECT coalesce(max(seq), 0) FROM wallet_ledger WHERE customer = %s AND currency = %s",
-            (e.customer, e.currency),
-        ).fetchone()
-        last = int(row[0]) if row else 0
-        if e.seq != last + 1:
-            raise ConflictError(
-                f"wallet {e.customer}/{e.currency} is at entry {last}, not {e.seq - 1}: "
-                "re-read and retry"
-            )
-        try:
-            # A concurrent append of the same seq (or entry id) waits for the other transaction
-            # and then fails here: a savepoint keeps our transaction usable for the error.
-            with cur.connection.transaction():
-                cur.execute(
-                    "INSERT INTO wallet_ledger VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
-                    (
-                        e.customer,
-                        e.currency,
-                        e.seq,
-                        e.entry_id,
-                        e.kind,
-                        e.amount,
-                        e.balance,
-                        e.created_ns,
-                        e.reference,
-                    ),
-                )
-        except pg_errors.UniqueViolation:
-            raise ConflictError(
-                f"wallet {e.customer}/{e.currency} already has entry {e.seq} or "
-                f"{e.entry_id!r}: re-read and retry"
-            ) from None
-    return True
-
-
-def _append_outbox(cur: psycopg.Cursor[Any], events: Sequence[OutboxEvent]) -> None:
-    if events:
-        cur.executemany(
-            "INSERT INTO outbox (exporter, event_id, type, payload, created_ns, status, "
-            "attempts, next_attempt_ns) VALUES (%s, %s, %s, %s, %s, 'pending', 0, %s) "
-            "ON CONFLICT (exporter, event_id) DO NOTHING",
-            [
-                (e.exporter, e.event_id, e.type, e.payload, e.created_ns, e.created_ns)
-                for e in events
-            ],
-        )
-
-
-def _pair_filter(customer: str | None, dimension: str | None, args: list[Any]) -> str:
-    sql = ""
-    for column, value in (("customer", customer), ("dimension", dimension)):
-        if value is not None:
-            sql += f" AND {column} = %s"
-            args.append(value)
-    return sql
 
 
 def migrate(url: str) -> int:
@@ -973,3 +585,68 @@ def migrate(url: str) -> int:
             return version
         finally:
             conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK,))
+
+
+class _PgTx:
+    """``dialect.Tx`` on one pooled connection."""
+
+    def __init__(self, conn: psycopg.Connection[Any]) -> None:
+        self._conn = conn
+
+    def one(self, sql: str, args: Sequence[Any] = ()) -> Row | None:
+        return self._conn.execute(positional(sql), args).fetchone()
+
+    def all(self, sql: str, args: Sequence[Any] = ()) -> list[Row]:
+        return self._conn.execute(positional(sql), args).fetchall()
+
+    def run(self, sql: str, args: Sequence[Any] = ()) -> int:
+        return self._conn.execute(positional(sql), args).rowcount
+
+    def many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        if rows:
+            self._conn.cursor().executemany(positional(sql), rows)
+
+    @contextmanager
+    def savepoint(self) -> Iterator[None]:
+        with self._conn.transaction():
+            yield
+
+
+class PostgresDialect:
+    """``dialect.Dialect`` for PostgreSQL: pooled autocommit connections, explicit
+    transactions, ``FOR UPDATE``/``FOR SHARE`` row locks, advisory locks, ``numeric``
+    decimals; several replicas share the database, so leases are real."""
+
+    single_owner = False
+    for_update = " FOR UPDATE"
+    for_share = " FOR SHARE"
+
+    def __init__(self, pool: ConnectionPool[Any]) -> None:
+        self._pool = pool
+
+    @contextmanager
+    def reading(self) -> Iterator[_PgTx]:
+        with self._pool.connection() as conn:
+            yield _PgTx(conn)
+
+    @contextmanager
+    def writing(self) -> Iterator[_PgTx]:
+        with self._pool.connection() as conn, conn.transaction():
+            yield _PgTx(conn)
+
+    @contextmanager
+    def exclusive(self, key: int) -> Iterator[None]:
+        # A transaction lock: it goes with the transaction, whatever happens to the caller or
+        # the connection; what the block writes goes on other connections meanwhile.
+        with self._pool.connection() as conn, conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (key,))
+            yield
+
+    def decimal(self, value: Decimal) -> Decimal:
+        return value
+
+    def text(self, value: str) -> str:
+        return _text(value) or ""
+
+    def is_unique_violation(self, exc: BaseException) -> bool:
+        return isinstance(exc, pg_errors.UniqueViolation)

@@ -14,9 +14,8 @@ import hashlib
 import logging
 import sqlite3
 import threading
-import time
 from collections import deque
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -27,17 +26,10 @@ from typing import Any
 
 import orjson
 
-from meter_gateway.aggregation.windows import BUCKET_NS
 from meter_gateway.decimals import EXACT
 from meter_gateway.model import Batch, CommitResult, SeriesMetadata, UsageRecord
 from meter_gateway.store.base import (
-    ConflictError,
     GroupVoided,
-    InvoiceRow,
-    LedgerEntry,
-    OutboxEvent,
-    OutboxItem,
-    OutboxStats,
     RawPoint,
     RejectedRow,
     RollupKey,
@@ -45,12 +37,17 @@ from meter_gateway.store.base import (
     StoredRecord,
     Unstorable,
     encode_metadata,
+    pair_filter,
     printable_text,
     read_metadata,
     rollup_partials,
+    unique_of,
     unstorable_reason,
 )
+from meter_gateway.store.billing import SqlBilling
 from meter_gateway.store.dedup_index import DedupIndex
+from meter_gateway.store.dialect import Row
+from meter_gateway.timebuckets import BUCKET_NS
 
 NS = 1_000_000_000
 
@@ -117,6 +114,13 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE TABLE metadata (id INTEGER PRIMARY KEY, digest BLOB NOT NULL, body BLOB NOT NULL);
     CREATE UNIQUE INDEX metadata_digest ON metadata (digest);
     ALTER TABLE records ADD COLUMN meta_id INTEGER;
+    """,
+    # 5: the catalog version as a row (store.billing moves it in every catalog change's
+    # transaction, as on PostgreSQL), no longer counted in memory from 0 at open
+    """
+    CREATE TABLE catalog_version (
+        one INTEGER PRIMARY KEY CHECK (one = 1), version INTEGER NOT NULL);
+    INSERT INTO catalog_version VALUES (1, 0);
     """,
 )
 
@@ -291,7 +295,10 @@ def path_from_url(url: str) -> str:
     return path or "meter-gateway.db"
 
 
-class SQLiteStore:
+class SQLiteStore(SqlBilling):
+    """The embedded store: ``Store`` on one SQLite file owned by this process. Its ingest and
+    usage path is its own; catalog, billing and leases are ``SqlBilling`` over ``SqliteDialect``."""
+
     def __init__(
         self, path: str, dedup_window_s: int, now_ns: int, rollup_cache_size: int = 200_000
     ) -> None:
@@ -330,12 +337,7 @@ class SQLiteStore:
         self._next_number = 0  # of the next group prepared
         self._next_apply = 0  # of the next group to apply
         self._mem = threading.RLock()  # in-memory views: caches, counters, dedup index
-        # The lock file makes this process the database's only writer, so the catalog version
-        # is counted here, moved only once a catalog change has committed; catalog writers hold
-        # the lock from their version check to that move.
-        self._catalog_version = 0
-        self._catalog_lock = threading.Lock()
-        self._catalog_turn = threading.Lock()  # catalog_lock: one change at a time
+        self._dialect = SqliteDialect(self._reader)
         self._prep = self._connect()  # prepare's reads: committed data only
         self.dedup = DedupIndex(dedup_window_s)
         self._load_dedup(now_ns // NS)
@@ -750,62 +752,6 @@ class SQLiteStore:
         )
         return {k: bytes(v) for k, v in cur}
 
-    # --- catalog -----------------------------------------------------------------------------
-
-    # --- leases: the lock file already makes this process the only one on the database
-
-    def lease(self, name: str, holder: str, ttl_ns: int, now_ns: int) -> bool:
-        return True
-
-    def release(self, name: str, holder: str) -> None:
-        return None
-
-    def catalog_load(self) -> dict[str, dict[str, dict[str, Any]]]:
-        out: dict[str, dict[str, dict[str, Any]]] = {}
-        for kind, id_, body in self._reader().execute(
-            "SELECT kind, id, body FROM catalog ORDER BY kind, id"
-        ):
-            out.setdefault(kind, {})[id_] = orjson.loads(body)
-        return out
-
-    def catalog_put(
-        self, kind: str, id: str, body: Mapping[str, Any], expect_version: int | None = None
-    ) -> None:
-        conn = self._reader()
-        with self._catalog_lock:
-            self._check_catalog_version(expect_version)
-            with self._write_txn(conn):
-                conn.execute(
-                    "INSERT OR REPLACE INTO catalog VALUES (?, ?, ?, ?)",
-                    (kind, id, orjson.dumps(dict(body)).decode(), time.time_ns()),
-                )
-            # after the COMMIT: whoever reads the new version, then loads, sees the change
-            self._catalog_version += 1
-
-    def catalog_delete(self, kind: str, id: str, expect_version: int | None = None) -> bool:
-        conn = self._reader()
-        with self._catalog_lock:
-            self._check_catalog_version(expect_version)
-            with self._write_txn(conn):
-                cur = conn.execute("DELETE FROM catalog WHERE kind=? AND id=?", (kind, id))
-            if cur.rowcount > 0:
-                self._catalog_version += 1
-        return cur.rowcount > 0
-
-    def catalog_version(self) -> int:
-        return self._catalog_version
-
-    @contextmanager
-    def catalog_lock(self) -> Iterator[None]:
-        with self._catalog_turn:
-            yield
-
-    def _check_catalog_version(self, expect: int | None) -> None:
-        if expect is not None and expect != self._catalog_version:
-            raise ConflictError(
-                f"the catalog changed (version {self._catalog_version}, expected {expect})"
-            )
-
     # --- reads -------------------------------------------------------------------------------
 
     def rollups(
@@ -860,7 +806,7 @@ class SQLiteStore:
     ) -> list[tuple[str, str]]:
         sql = "SELECT DISTINCT customer, dimension FROM rollups WHERE bucket < ?"
         args: list[Any] = [before_ns]
-        sql += _pair_filter(customer, dimension, args)
+        sql += pair_filter(customer, dimension, args, "?")
         return [(c, d) for c, d in self._reader().execute(sql + " ORDER BY 1, 2", args)]
 
     def records(
@@ -877,7 +823,7 @@ class SQLiteStore:
             "received_ns FROM records r WHERE ts >= ? AND ts < ?"
         )
         args: list[Any] = [from_ns, to_ns]
-        sql += _pair_filter(customer, dimension, args)
+        sql += pair_filter(customer, dimension, args, "?")
         if after is not None:
             sql += " AND (ts, seq) > (?, ?)"
             args.extend(after)
@@ -915,208 +861,6 @@ class SQLiteStore:
             "dedup_keys": len(self.dedup),
         }
 
-    # --- billing: invoices, wallet, meters, outbox (semantics in store.base) ----------------
-
-    def invoice_create(self, invoice: InvoiceRow) -> None:
-        conn = self._reader()
-        try:
-            with self._write_txn(conn):
-                conn.execute(
-                    "INSERT INTO invoices VALUES (?, ?, ?, ?, ?, ?)",
-                    (
-                        invoice.id,
-                        invoice.customer,
-                        invoice.status,
-                        invoice.created_ns,
-                        invoice.finalized_ns,
-                        orjson.dumps(invoice.document).decode(),
-                    ),
-                )
-                _put_renditions(conn, invoice.id, invoice.renditions)
-        except sqlite3.IntegrityError:
-            raise ConflictError(f"invoice {invoice.id!r} already exists") from None
-
-    def invoice_get(self, invoice_id: str) -> InvoiceRow | None:
-        conn = self._reader()
-        row = conn.execute("SELECT * FROM invoices WHERE id = ?", (invoice_id,)).fetchone()
-        if row is None:
-            return None
-        renditions = {
-            f: bytes(b)
-            for f, b in conn.execute(
-                "SELECT format, body FROM invoice_renditions WHERE invoice_id = ?", (invoice_id,)
-            )
-        }
-        return _invoice(row, renditions)
-
-    def invoice_list(
-        self, customer: str | None, after: tuple[int, str] | None, limit: int
-    ) -> list[InvoiceRow]:
-        sql, args = "SELECT * FROM invoices WHERE 1=1", list[Any]()
-        if customer is not None:
-            sql += " AND customer = ?"
-            args.append(customer)
-        if after is not None:
-            sql += " AND (created_ns, id) > (?, ?)"
-            args.extend(after)
-        sql += " ORDER BY created_ns, id LIMIT ?"
-        args.append(limit)
-        return [_invoice(r, {}) for r in self._reader().execute(sql, args)]
-
-    def invoice_update_draft(self, invoice_id: str, document: Mapping[str, Any]) -> bool:
-        conn = self._reader()
-        with self._write_txn(conn):
-            cur = conn.execute(
-                "UPDATE invoices SET document = ? WHERE id = ? AND status = 'draft'",
-                (orjson.dumps(dict(document)).decode(), invoice_id),
-            )
-        return cur.rowcount > 0
-
-    def invoice_finalize(
-        self,
-        invoice_id: str,
-        document: Mapping[str, Any],
-        renditions: Mapping[str, bytes],
-        finalized_ns: int,
-        ledger: Sequence[LedgerEntry],
-        events: Sequence[OutboxEvent],
-    ) -> bool:
-        conn = self._reader()
-        with self._write_txn(conn):
-            cur = conn.execute(
-                "UPDATE invoices SET status = 'finalized', finalized_ns = ?, document = ? "
-                "WHERE id = ? AND status = 'draft'",
-                (finalized_ns, orjson.dumps(dict(document)).decode(), invoice_id),
-            )
-            if cur.rowcount == 0:
-                return False
-            _put_renditions(conn, invoice_id, renditions)
-            if ledger and not _append_ledger(conn, ledger):
-                raise ConflictError(f"invoice {invoice_id!r} already drew on the wallet")
-            _append_outbox(conn, events)
-        return True
-
-    def wallet_last(self, customer: str, currency: str) -> LedgerEntry | None:
-        row = (
-            self._reader()
-            .execute(
-                "SELECT * FROM wallet_ledger WHERE customer = ? AND currency = ? "
-                "ORDER BY seq DESC LIMIT 1",
-                (customer, currency),
-            )
-            .fetchone()
-        )
-        return None if row is None else _ledger(row)
-
-    def wallet_entries(
-        self, customer: str, currency: str | None, after_seq: int, limit: int
-    ) -> list[LedgerEntry]:
-        sql, args = (
-            "SELECT * FROM wallet_ledger WHERE customer = ? AND seq > ?",
-            [customer, after_seq],
-        )
-        if currency is not None:
-            sql += " AND currency = ?"
-            args.append(currency)
-        sql += " ORDER BY currency, seq LIMIT ?"
-        args.append(limit)
-        return [_ledger(r) for r in self._reader().execute(sql, args)]
-
-    def wallets(self) -> list[LedgerEntry]:
-        cur = self._reader().execute(
-            "SELECT w.* FROM wallet_ledger w JOIN (SELECT customer, currency, max(seq) AS seq "
-            "FROM wallet_ledger GROUP BY customer, currency) m USING (customer, currency, seq) "
-            "ORDER BY customer, currency"
-        )
-        return [_ledger(r) for r in cur]
-
-    def wallet_append(self, entries: Sequence[LedgerEntry]) -> bool:
-        conn = self._reader()
-        with self._write_txn(conn):
-            return _append_ledger(conn, entries)
-
-    def job_state(self, prefix: str) -> dict[str, dict[str, Any]]:
-        cur = self._reader().execute(
-            "SELECT key, body FROM job_state WHERE key >= ? AND key < ? ORDER BY key",
-            (prefix, prefix + "\U0010ffff"),
-        )
-        return {k: orjson.loads(b) for k, b in cur}
-
-    def job_commit(
-        self,
-        states: Mapping[str, Mapping[str, Any] | None],
-        events: Sequence[OutboxEvent],
-        fence: tuple[str, str] | None,
-        now_ns: int,
-    ) -> None:
-        # fence: this process holds the database's lock file, so it holds every lease.
-        conn = self._reader()
-        with self._write_txn(conn):
-            for key, body in states.items():
-                if body is None:
-                    conn.execute("DELETE FROM job_state WHERE key = ?", (key,))
-                else:
-                    conn.execute(
-                        "INSERT OR REPLACE INTO job_state VALUES (?, ?)",
-                        (key, orjson.dumps(dict(body)).decode()),
-                    )
-            _append_outbox(conn, events)
-
-    def outbox_claim(self, exporter: str, now_ns: int, limit: int) -> list[OutboxItem]:
-        cur = self._reader().execute(
-            "SELECT exporter, seq, event_id, type, payload, created_ns, attempts, "
-            "next_attempt_ns, last_error FROM outbox WHERE exporter = ? AND status = 'pending' "
-            "AND next_attempt_ns <= ? ORDER BY seq LIMIT ?",
-            (exporter, now_ns, limit),
-        )
-        return [
-            OutboxItem(e, s, i, t, bytes(p), c, a, n, err) for e, s, i, t, p, c, a, n, err in cur
-        ]
-
-    def outbox_delivered(self, exporter: str, seqs: Sequence[int], now_ns: int) -> None:
-        conn = self._reader()
-        with self._write_txn(conn):
-            conn.executemany(
-                "UPDATE outbox SET status = 'delivered', delivered_ns = ?, attempts = attempts + 1 "
-                "WHERE exporter = ? AND seq = ? AND status = 'pending'",
-                [(now_ns, exporter, s) for s in seqs],
-            )
-
-    def outbox_failed(
-        self, exporter: str, seq: int, error: str, next_attempt_ns: int | None, now_ns: int
-    ) -> None:
-        conn = self._reader()
-        with self._write_txn(conn):
-            conn.execute(
-                "UPDATE outbox SET attempts = attempts + 1, last_error = ?, "
-                "next_attempt_ns = coalesce(?, next_attempt_ns), status = ? "
-                "WHERE exporter = ? AND seq = ? AND status = 'pending'",
-                (
-                    error[:2000],
-                    next_attempt_ns,
-                    "pending" if next_attempt_ns is not None else "dead",
-                    exporter,
-                    seq,
-                ),
-            )
-
-    def outbox_stats(self) -> list[OutboxStats]:
-        cur = self._reader().execute(
-            "SELECT exporter, sum(status = 'pending'), min(CASE WHEN status = 'pending' "
-            "THEN created_ns END), sum(status = 'dead') FROM outbox "
-            "WHERE status != 'delivered' GROUP BY exporter ORDER BY exporter"
-        )
-        return [OutboxStats(e, int(p), o, int(d)) for e, p, o, d in cur]
-
-    def outbox_purge(self, delivered_before_ns: int) -> int:
-        conn = self._reader()
-        with self._write_txn(conn):
-            cur = conn.execute(
-                "DELETE FROM outbox WHERE status = 'delivered' AND delivered_ns < ?",
-                (delivered_before_ns,),
-            )
-        return cur.rowcount
-
 
 def _rollup(bucket: int, r: Sequence[Any]) -> RollupRow:
     return RollupRow(
@@ -1132,101 +876,82 @@ def _rollup(bucket: int, r: Sequence[Any]) -> RollupRow:
     )
 
 
-def _invoice(row: Sequence[Any], renditions: dict[str, bytes]) -> InvoiceRow:
-    id_, customer, status, created_ns, finalized_ns, document = row
-    return InvoiceRow(
-        id_, customer, status, created_ns, finalized_ns, orjson.loads(document), renditions
-    )
+class _SqliteTx:
+    """``dialect.Tx`` on one SQLite connection."""
 
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
 
-def _put_renditions(
-    conn: sqlite3.Connection, invoice_id: str, renditions: Mapping[str, bytes]
-) -> None:
-    conn.executemany(
-        "INSERT OR REPLACE INTO invoice_renditions VALUES (?, ?, ?)",
-        [(invoice_id, f, bytes(b)) for f, b in renditions.items()],
-    )
+    def one(self, sql: str, args: Sequence[Any] = ()) -> Row | None:
+        row: Row | None = self._conn.execute(sql, args).fetchone()
+        return row
 
+    def all(self, sql: str, args: Sequence[Any] = ()) -> list[Row]:
+        return self._conn.execute(sql, args).fetchall()
 
-def _ledger(row: Sequence[Any]) -> LedgerEntry:
-    customer, currency, seq, entry_id, kind, amount, balance, created_ns, reference = row
-    return LedgerEntry(
-        customer,
-        currency,
-        int(seq),
-        entry_id,
-        kind,
-        Decimal(amount),
-        Decimal(balance),
-        int(created_ns),
-        reference,
-    )
+    def run(self, sql: str, args: Sequence[Any] = ()) -> int:
+        return self._conn.execute(sql, args).rowcount
 
+    def many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        if rows:
+            self._conn.executemany(sql, rows)
 
-def _append_ledger(conn: sqlite3.Connection, entries: Sequence[LedgerEntry]) -> bool:
-    """Inside a write transaction: False if an entry id is already in its wallet (nothing of
-    this call should then be written: the caller's transaction rolls back or writes nothing)."""
-    for e in entries:
-        taken = conn.execute(
-            "SELECT 1 FROM wallet_ledger WHERE customer = ? AND currency = ? AND entry_id = ?",
-            (e.customer, e.currency, e.entry_id),
-        ).fetchone()
-        if taken is not None:
-            if entries.index(e) != 0:
-                raise ConflictError(f"ledger entry {e.entry_id!r} already recorded")
-            return False
-        last = conn.execute(
-            "SELECT coalesce(max(seq), 0) FROM wallet_ledger WHERE customer = ? AND currency = ?",
-            (e.customer, e.currency),
-        ).fetchone()[0]
-        if e.seq != last + 1:
-            raise ConflictError(
-                f"wallet {e.customer}/{e.currency} is at entry {last}, not {e.seq - 1}: "
-                "re-read and retry"
-            )
+    @contextmanager
+    def savepoint(self) -> Iterator[None]:
+        self._conn.execute("SAVEPOINT nested")
         try:
-            conn.execute(
-                "INSERT INTO wallet_ledger VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    e.customer,
-                    e.currency,
-                    e.seq,
-                    e.entry_id,
-                    e.kind,
-                    str(e.amount),
-                    str(e.balance),
-                    e.created_ns,
-                    e.reference,
-                ),
-            )
-        except sqlite3.IntegrityError:
-            raise ConflictError(
-                f"wallet {e.customer}/{e.currency} already has entry {e.seq}: re-read and retry"
-            ) from None
-    return True
+            yield
+        except BaseException:
+            self._conn.execute("ROLLBACK TO nested")
+            self._conn.execute("RELEASE nested")
+            raise
+        self._conn.execute("RELEASE nested")
 
 
-def _append_outbox(conn: sqlite3.Connection, events: Sequence[OutboxEvent]) -> None:
-    conn.executemany(
-        "INSERT OR IGNORE INTO outbox (exporter, event_id, type, payload, created_ns, status, "
-        "attempts, next_attempt_ns) VALUES (?, ?, ?, ?, ?, 'pending', 0, ?)",
-        [(e.exporter, e.event_id, e.type, e.payload, e.created_ns, e.created_ns) for e in events],
-    )
+class SqliteDialect:
+    """``dialect.Dialect`` for SQLite: the calling thread's connection, ``BEGIN IMMEDIATE``
+    write transactions (one writer: no row locks), decimals as exact text, and one owner (the
+    lock file), so every lease is this process's and named locks are in-process locks."""
 
+    single_owner = True
+    for_update = ""
+    for_share = ""
 
-def _pair_filter(customer: str | None, dimension: str | None, args: list[Any]) -> str:
-    """SQL conditions (and their arguments, appended) for optional customer/dimension filters."""
-    sql = ""
-    for column, value in (("customer", customer), ("dimension", dimension)):
-        if value is not None:
-            sql += f" AND {column} = ?"
-            args.append(value)
-    return sql
+    def __init__(self, connection: Callable[[], sqlite3.Connection]) -> None:
+        self._connection = connection
+        self._locks: dict[int, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
 
+    @contextmanager
+    def reading(self) -> Iterator[_SqliteTx]:
+        yield _SqliteTx(self._connection())
 
-def unique_of(metadata: dict[str, Any] | None, unique_key: str | None) -> str | None:
-    """The distinct-count value of a record: its metadata[unique_key] as text."""
-    if unique_key is None or not metadata or unique_key not in metadata:
-        return None
-    v = metadata[unique_key]
-    return v if isinstance(v, str) else orjson.dumps(v).decode()
+    @contextmanager
+    def writing(self) -> Iterator[_SqliteTx]:
+        conn = self._connection()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield _SqliteTx(conn)
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    @contextmanager
+    def exclusive(self, key: int) -> Iterator[None]:
+        with self._locks_guard:
+            lock = self._locks.setdefault(key, threading.Lock())
+        with lock:
+            yield
+
+    def decimal(self, value: Decimal) -> str:
+        return str(value)
+
+    def text(self, value: str) -> str:
+        return value
+
+    def is_unique_violation(self, exc: BaseException) -> bool:
+        return isinstance(exc, sqlite3.IntegrityError) and exc.sqlite_errorname in (
+            "SQLITE_CONSTRAINT_PRIMARYKEY",
+            "SQLITE_CONSTRAINT_UNIQUE",
+        )
