@@ -18,7 +18,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ValidationError
 
 from meter_gateway.clock import Clock, SystemClock
-from meter_gateway.config import Config, Customer, Dimension, Meter, Offering
+from meter_gateway.config import NEW_DEFINITION, Config, Customer, Dimension, Meter, Offering
 from meter_gateway.store.base import ConflictError, Store
 
 log = logging.getLogger(__name__)
@@ -174,14 +174,16 @@ class CatalogService:
         return build(entries)
 
     def parse(self, kind: str, body: Any) -> BaseModel:
+        """An API body as a new entry of ``kind``: unknown fields are errors, and the checks
+        for new definitions (ISO 4217 currencies, template units, aliases) apply."""
         model = MODELS[kind]
         try:
-            return model.model_validate(body)
+            return model.model_validate(body, context=NEW_DEFINITION)
         except ValidationError as exc:
             raise CatalogError(
                 [
                     f"{'.'.join(str(p) for p in e['loc']) or '<body>'}: "
-                    f"{'unknown key' if e['type'] == 'extra_forbidden' else e['msg']}"
+                    f"{'unknown field' if e['type'] == 'extra_forbidden' else e['msg']}"
                     for e in exc.errors()
                 ]
             ) from None

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Collection
-from typing import Any
 from zoneinfo import ZoneInfo
 
 import orjson
@@ -19,6 +18,7 @@ from meter_gateway.api import params
 from meter_gateway.api.billing import billing_routes
 from meter_gateway.api.errors import ApiError, exception_handlers, shown
 from meter_gateway.api.openapi import openapi_document
+from meter_gateway.api.schemas import decode_object
 from meter_gateway.billing import rating
 from meter_gateway.billing.invoices import InvoiceError
 from meter_gateway.billing.wallet import WalletError
@@ -33,10 +33,11 @@ from receivers.remote_write import RemoteWriteReceiver
 from receivers.rest import ingest, json_response
 
 Handler = Callable[[Request], Awaitable[Response]]
-#: Query parameters of the paths that take any; every other guarded path takes none.
-USAGE_PARAMS = ("customerId", "dimensionId", "from", "to", "window", "tz", "limit", "cursor")
-PERIOD_PARAMS = ("from", "to")
-REJECTED_PARAMS = ("reason", "cursor", "limit")
+#: Query parameters of the paths that take any (declared in params, with their schemas); every
+#: other guarded path takes none.
+USAGE_PARAMS = params.USAGE_PARAMS
+PERIOD_PARAMS = params.PERIOD_PARAMS
+REJECTED_PARAMS = params.REJECTED_PARAMS
 
 
 def domain_error(exc: Exception) -> ApiError | None:
@@ -44,7 +45,7 @@ def domain_error(exc: Exception) -> ApiError | None:
     if isinstance(exc, ApiError):
         return exc
     if isinstance(exc, CatalogError):
-        return ApiError(exc.status, "invalid catalog change", errors=exc.errors)
+        return ApiError(exc.status, "; ".join(exc.errors), errors=exc.errors)
     if isinstance(exc, InvoiceError):
         return ApiError(exc.status, exc.message)
     if isinstance(exc, WalletError):
@@ -248,14 +249,13 @@ def create_app(gw: Gateway) -> Starlette:
             return json_response(item.model_dump(mode="json"))
 
         async def create(request: Request) -> Response:
-            item = gw.catalog.parse(kind, await _json_body(request))
+            item = gw.catalog.parse(kind, decode_object(await request.body()))
             await run_in_threadpool(gw.catalog.put, kind, item, True)
             return json_response(item.model_dump(mode="json"), 201)
 
         async def replace(request: Request) -> Response:
-            body = await _json_body(request)
-            if isinstance(body, dict):
-                body.setdefault("id", request.path_params["id"])
+            body = decode_object(await request.body())
+            body.setdefault("id", request.path_params["id"])
             item = gw.catalog.parse(kind, body)
             if getattr(item, "id") != request.path_params["id"]:  # noqa: B009
                 raise ApiError(400, "the body's id differs from the path's id")
@@ -312,8 +312,12 @@ def create_app(gw: Gateway) -> Starlette:
             return json_response({"status": "draining"}, 503)
         return json_response({"status": "ready", "queued_records": gw.ingestor.queued_records})
 
+    document: list[bytes] = []  # made on the first request: most gateways are never asked
+
     async def openapi(request: Request) -> Response:
-        return json_response(openapi_document())
+        if not document:
+            document.append(orjson.dumps(openapi_document(gw.config)))
+        return Response(document[0], media_type="application/json")
 
     routes = [
         # Ingest paths keep their own contract (README "Ingest status codes"): query=None.
@@ -338,13 +342,3 @@ def create_app(gw: Gateway) -> Starlette:
         routes.extend(catalog_routes(kind))
     routes.extend(billing_routes(gw, guarded))
     return Starlette(routes=routes, exception_handlers=exception_handlers())
-
-
-async def _json_body(request: Request) -> Any:
-    body = await request.body()
-    if len(body) > 1024 * 1024:
-        raise ApiError(413, "catalog documents are limited to 1 MiB")
-    try:
-        return orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise ApiError(400, f"body is not valid JSON: {exc}") from None

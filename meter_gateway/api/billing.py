@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Collection
 from typing import Any
 
-import orjson
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
@@ -19,9 +18,10 @@ from starlette.routing import Route
 from meter_gateway import meters
 from meter_gateway.api import params
 from meter_gateway.api.errors import ApiError, shown
+from meter_gateway.api.schemas import InvoiceRequest, TopUp, parse_body
 from meter_gateway.billing import invoices as inv
 from meter_gateway.billing import rating, wallet
-from meter_gateway.decimals import DecimalError, fmt, parse_value
+from meter_gateway.decimals import fmt
 from meter_gateway.pipeline.timestamps import format_timestamp
 from meter_gateway.service import Gateway
 from meter_gateway.store.base import LedgerEntry
@@ -30,7 +30,6 @@ from receivers.rest import json_response
 
 Handler = Callable[[Request], Awaitable[Response]]
 Guard = Callable[[str | None, Handler, Collection[str] | None], Handler]
-MAX_BODY = 64 * 1024
 
 
 def billing_routes(gw: Gateway, guarded: Guard) -> list[Route]:
@@ -61,8 +60,8 @@ def billing_routes(gw: Gateway, guarded: Guard) -> list[Route]:
     # --- invoices
 
     async def create_invoice(request: Request) -> Response:
-        body = await _body(request)
-        from_ns, to_ns = period(body.get("from"), body.get("to"))
+        body = parse_body(InvoiceRequest, await request.body(), empty_ok=True)
+        from_ns, to_ns = period(body.from_, body.to)
         row = await run_in_threadpool(gw.invoices.create, request.path_params["id"], from_ns, to_ns)
         return _bytes(inv.render_json(row.document), "json", 201)
 
@@ -111,31 +110,23 @@ def billing_routes(gw: Gateway, guarded: Guard) -> list[Route]:
 
     async def top_up(request: Request) -> Response:
         cid = customer_of(request)
-        body = await _body(request)
-        try:
-            amount = parse_value(body.get("amount"))
-        except DecimalError as exc:
-            raise ApiError(422, f"amount: {exc}") from None
-        currency = body.get("currency")
+        body = parse_body(TopUp, await request.body())
+        currency = body.currency
         if currency is None:
             customer = gw.catalog.current.customers[cid]
             offering = gw.catalog.current.offerings.get(customer.offering or "")
             if offering is None:
                 raise ApiError(422, "currency: required (the customer has no offering)")
             currency = offering.currency
-        for field in ("currency", "id", "note"):
-            v = body.get(field) if field != "currency" else currency
-            if v is not None and (not isinstance(v, str) or len(v) > 200):
-                raise ApiError(422, f"{field}: expected a string of at most 200 characters")
         result = await run_in_threadpool(
             wallet.top_up,
             gw.store,
             cid,
             currency,
-            amount,
+            body.amount,
             gw.clock.now_ns(),
-            body.get("id"),
-            body.get("note"),
+            body.id,
+            body.note,
         )
         return json_response(wallet.entry_json(result.entry), 201 if result.created else 200)
 
@@ -192,12 +183,18 @@ def billing_routes(gw: Gateway, guarded: Guard) -> list[Route]:
 
     return [
         route("/v1/customers/{id}/invoices", "admin", "POST", create_invoice),
-        route("/v1/customers/{id}/invoices", "read", "GET", list_invoices, ("cursor", "limit")),
-        route("/v1/invoices/{id}", "read", "GET", get_invoice, ("format",)),
+        route(
+            "/v1/customers/{id}/invoices",
+            "read",
+            "GET",
+            list_invoices,
+            params.INVOICE_LIST_PARAMS,
+        ),
+        route("/v1/invoices/{id}", "read", "GET", get_invoice, params.INVOICE_PARAMS),
         route("/v1/invoices/{id}/finalize", "admin", "POST", finalize_invoice),
-        route("/v1/customers/{id}/wallet", "read", "GET", get_wallet, ("after",)),
+        route("/v1/customers/{id}/wallet", "read", "GET", get_wallet, params.WALLET_PARAMS),
         route("/v1/customers/{id}/wallet/top-ups", "admin", "POST", top_up),
-        route("/v1/customers/{id}/margin", "read", "GET", get_margin, ("from", "to")),
+        route("/v1/customers/{id}/margin", "read", "GET", get_margin, params.PERIOD_PARAMS),
         route("/v1/meters/{id}/state", "read", "GET", meter_state),
     ]
 
@@ -207,18 +204,3 @@ def _bytes(body: bytes, format: str, status: int, name: str | None = None) -> Re
     if name is not None and format != "json":
         headers = {"Content-Disposition": f'inline; filename="{name}.{format}"'}
     return Response(body, status_code=status, media_type=inv.FORMATS[format], headers=headers)
-
-
-async def _body(request: Request) -> dict[str, Any]:
-    raw = await request.body()
-    if len(raw) > MAX_BODY:
-        raise ApiError(413, f"the body is limited to {MAX_BODY} bytes")
-    if not raw.strip():
-        return {}
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise ApiError(400, f"body is not valid JSON: {exc}") from None
-    if not isinstance(body, dict):
-        raise ApiError(400, "body must be a JSON object")
-    return body

@@ -10,12 +10,15 @@ from __future__ import annotations
 import base64
 import binascii
 import re
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from meter_gateway.aggregation.windows import Window, next_start, truncate
 from meter_gateway.api.errors import ApiError, shown
+from meter_gateway.model import Reason
 from meter_gateway.pipeline.timestamps import format_timestamp, parse_timestamp
 
 NS = 1_000_000_000
@@ -205,3 +208,74 @@ def _not_ours(raw: str) -> ApiError:
 def resource_id(raw: str) -> bool:
     """Whether ``raw`` can be an id at all (catalog ids, invoice ids): ``[A-Za-z0-9_.:-]``."""
     return _ID.fullmatch(raw) is not None
+
+
+# --- what each path takes -------------------------------------------------------------------
+#
+# The guard refuses any query parameter not named here, and /openapi.json describes each one
+# from the same declaration, so the two cannot drift. The schemas state the parsers' rules.
+
+
+@dataclass(frozen=True, slots=True)
+class Param:
+    """A query parameter as /openapi.json describes it."""
+
+    schema: Mapping[str, Any]
+    description: str
+    example: object = None
+
+
+_TIMESTAMP = {"type": "string", "format": "date-time"}
+_CURSOR = {"type": "string", "pattern": f"^{_B64.pattern}$"}
+_SEQ = {"type": "integer", "minimum": 0, "maximum": MAX_INT}
+_BOUNDS = f"between {format_timestamp(EARLIEST_NS)} and {format_timestamp(LATEST_NS)}"
+
+LIMIT = Param(
+    {"type": "integer", "minimum": 1, "maximum": PAGE_MAX, "default": PAGE_DEFAULT},
+    "Page size.",
+    100,
+)
+FROM = Param(_TIMESTAMP, f"Start of the period (inclusive), RFC 3339, {_BOUNDS}.")
+TO = Param(_TIMESTAMP, f"End of the period (exclusive), RFC 3339, after from, {_BOUNDS}.")
+PERIOD_PARAMS: Mapping[str, Param] = {
+    "from": Param(FROM.schema, FROM.description + " Default: the current month's start."),
+    "to": Param(TO.schema, TO.description + " Default: the current month's end."),
+}
+USAGE_PARAMS: Mapping[str, Param] = {
+    "customerId": Param({"type": "string"}, "Customer id or alias.", "acme"),
+    "dimensionId": Param({"type": "string"}, "Dimension id.", "data-processed"),
+    "from": Param(FROM.schema, FROM.description + " Default: the current month's start."),
+    "to": Param(TO.schema, TO.description + " Default: now."),
+    "window": Param(
+        {"type": "string", "enum": ["raw", "hour", "day", "month"], "default": "raw"},
+        f"raw: the records, paginated; otherwise aggregated windows (at most {MAX_WINDOWS:,} "
+        "in one answer).",
+    ),
+    "tz": Param(
+        {"type": "string", "maxLength": TZ_MAX_LEN, "pattern": f"^{_TZ_NAME.pattern}$"},
+        "IANA time zone the windows are cut in. Default: the billing time zone.",
+        "Europe/Berlin",
+    ),
+    "limit": Param(LIMIT.schema, "Page size (window=raw only).", 100),
+    "cursor": Param(_CURSOR, "The cursor of the previous page (window=raw only)."),
+}
+REJECTED_PARAMS: Mapping[str, Param] = {
+    "reason": Param(
+        {"type": "string", "enum": [r.value for r in Reason]}, "Only records rejected for this."
+    ),
+    "cursor": Param(_SEQ, "The cursor of the previous page."),
+    "limit": LIMIT,
+}
+INVOICE_LIST_PARAMS: Mapping[str, Param] = {
+    "cursor": Param(_CURSOR, "The cursor of the previous page."),
+    "limit": LIMIT,
+}
+INVOICE_PARAMS: Mapping[str, Param] = {
+    "format": Param(
+        {"type": "string", "enum": ["json", "csv", "html"], "default": "json"},
+        "json, csv (one row per line) or html (a page naming the customer).",
+    )
+}
+WALLET_PARAMS: Mapping[str, Param] = {
+    "after": Param(_SEQ, "Only ledger entries after this seq (at most 1,000 are listed).")
+}

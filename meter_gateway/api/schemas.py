@@ -1,0 +1,482 @@
+"""The HTTP API's bodies as pydantic models: what requests may carry and what answers hold.
+
+Request models (frozen, ``extra="forbid"``) are what the handlers validate with: ``parse_body``
+answers 422 naming every unknown or invalid field, and times go through ``params.time`` (400
+naming them, like the query parameters). Catalog bodies are the config models themselves
+(``meter_gateway.config``), so the API, the file and the stored catalog take one shape.
+Response models describe what the handlers write; ``/openapi.json`` is generated from both, and
+the tests hold every answer of a running gateway to them.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Annotated, Any, Literal, TypeVar
+
+import orjson
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    WithJsonSchema,
+    field_validator,
+)
+from pydantic.json_schema import GenerateJsonSchema, JsonSchemaValue
+from pydantic_core import core_schema
+
+from meter_gateway.api import params
+from meter_gateway.api.errors import ApiError
+from meter_gateway.config import Aggregation, Interval, Rounding
+from meter_gateway.decimals import DecimalError, parse_value
+from meter_gateway.model import Reason, Source
+
+#: Exact decimals travel as JSON-number text ("0.08", "1E+2"); a request may also send a number.
+DECIMAL_TEXT = r"^-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][-+]?[0-9]+)?$"
+#: Bodies of the catalog, invoice and wallet APIs (ingest has its own, larger limits).
+MAX_BODY = 1024 * 1024
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class ApiJsonSchema(GenerateJsonSchema):
+    """Decimals as the API reads them (a JSON number or its text) and writes them (text)."""
+
+    def decimal_schema(self, schema: core_schema.DecimalSchema) -> JsonSchemaValue:
+        text = {"type": "string", "pattern": DECIMAL_TEXT}
+        if self.mode == "serialization":
+            return text
+        return {"anyOf": [{"type": "number"}, text]}
+
+
+def _decimal(raw: object) -> Decimal:
+    try:
+        return parse_value(raw)
+    except DecimalError as exc:
+        raise ValueError(str(exc)) from None
+
+
+Dec = Annotated[Decimal, BeforeValidator(_decimal)]
+DecimalText = Annotated[str, Field(pattern=DECIMAL_TEXT)]
+Timestamp = Annotated[str, Field(json_schema_extra={"format": "date-time"})]
+_TIME_IN = WithJsonSchema({"type": "string", "format": "date-time"})
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=False)
+
+
+class _Response(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def parse_body(model: type[M], raw: bytes, *, empty_ok: bool = False) -> M:
+    """``raw`` as ``model``: 413 past MAX_BODY, 400 if it is not a JSON object, 422 naming every
+    unknown or invalid field (400 naming a time, from ``params.time``)."""
+    return validate(model, decode_object(raw, empty_ok=empty_ok))
+
+
+def decode_object(raw: bytes, *, empty_ok: bool = False) -> dict[str, Any]:
+    if len(raw) > MAX_BODY:
+        raise ApiError(413, f"the body is limited to {MAX_BODY:,} bytes")
+    if empty_ok and not raw.strip():
+        return {}
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise ApiError(400, f"body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "body must be a JSON object")
+    return body
+
+
+def validate(model: type[M], body: dict[str, Any]) -> M:
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        errors = field_errors(exc, model)
+        raise ApiError(422, "; ".join(errors), errors=errors) from None
+
+
+def field_errors(exc: ValidationError, model: type[BaseModel]) -> list[str]:
+    """One ``path: problem`` line per error; an unknown field lists the fields there are."""
+    known = ", ".join(f.alias or name for name, f in model.model_fields.items())
+    out = []
+    for e in exc.errors(include_url=False):
+        path = ".".join(str(p) for p in e["loc"]) or "<body>"
+        if e["type"] == "extra_forbidden":
+            out.append(f"{path}: unknown field (this body takes: {known})")
+        elif e["type"] == "value_error":
+            out.append(f"{path}: {e['ctx']['error']}")
+        else:
+            out.append(f"{path}: {e['msg']}")
+    return out
+
+
+# --- requests ----------------------------------------------------------------------------------
+
+
+class InvoiceRequest(_Request):
+    """A draft invoice for the period [from, to); either bound may be left out (the current
+    month's)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"from": "2026-05-01T00:00:00Z", "to": "2026-06-01T00:00:00Z"}]
+        }
+    )
+
+    from_: Annotated[str, _TIME_IN] | None = Field(default=None, alias="from")
+    to: Annotated[str, _TIME_IN] | None = None
+
+    @field_validator("from_", "to", mode="before")
+    @classmethod
+    def _time(cls, v: object, info: ValidationInfo) -> object:
+        # 400 naming the field, as for the query parameters of the same name (SPEC §9).
+        name = "from" if info.field_name == "from_" else "to"
+        if v is not None:
+            params.time(v, name, 0)
+        return v
+
+
+class TopUp(_Request):
+    """Prepaid credits. An id makes the top-up idempotent: the same id again answers the entry
+    it made (200) instead of adding another."""
+
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"amount": "50.00", "id": "po-2026-0042"}]}
+    )
+
+    amount: Dec = Field(description="More than 0, in whole minor units of the currency.")
+    currency: str | None = Field(
+        default=None, max_length=200, description="Default: the offering's currency."
+    )
+    id: str | None = Field(default=None, max_length=200)
+    note: str | None = Field(default=None, max_length=200)
+
+
+class UsageRecord(BaseModel):
+    """One usage record as ingest takes it. Ingest is lenient about envelope fields (SPEC §4):
+    others are ignored, and an invalid record is rejected alone, with its index and field."""
+
+    model_config = ConfigDict(
+        extra="allow",
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": "evt-0001",
+                    "timestamp": "2026-05-01T12:00:00Z",
+                    "customerId": "acme",
+                    "dimensionId": "data-processed",
+                    "recordValue": "2.5",
+                }
+            ]
+        },
+    )
+
+    id: str | None = Field(default=None, description="Idempotency key: counted once.")
+    timestamp: Timestamp
+    customerId: str = Field(description="Customer id or alias.")
+    dimensionId: str
+    recordValue: float | Annotated[str, Field(pattern=DECIMAL_TEXT)] = Field(
+        description="A JSON number or its text; kept exact."
+    )
+    metadata: dict[str, Any] | None = None
+
+
+# --- answers -----------------------------------------------------------------------------------
+
+
+class Error(BaseModel):
+    """Every error answer (SPEC §10): parameter names the query parameter (or body time) at
+    fault; errors lists each problem of a body."""
+
+    model_config = ConfigDict(
+        extra="allow",
+        json_schema_extra={
+            "examples": [
+                {"error": "to: must be after from (2026-05-01T00:00:00Z)", "parameter": "to"}
+            ]
+        },
+    )
+
+    error: str
+    parameter: str | None = None
+    errors: list[str] | None = None
+
+
+class RecordError(_Response):
+    index: int = Field(description="Position of the record in the request (0-based).")
+    field: str | None
+    error: str
+    reason: Reason
+
+
+class IngestResult(_Response):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"accepted": 2, "duplicates": 1, "rejected": 0, "errors": []}]
+        }
+    )
+
+    accepted: int
+    duplicates: int
+    rejected: int
+    errors: list[RecordError] = Field(description="At most 1,000.")
+    errors_truncated: bool | None = None
+    error: str | None = Field(default=None, description="Why an atomic batch was refused.")
+
+
+class RawRecord(_Response):
+    id: str | None
+    timestamp: Timestamp
+    customerId: str
+    dimensionId: str
+    recordValue: DecimalText
+    metadata: dict[str, Any] | None
+    source: Source
+    receivedAt: Timestamp
+
+
+class UsagePage(_Response):
+    """window=raw: the records, oldest first."""
+
+    data: list[RawRecord]
+    cursor: str | None = Field(description="Pass it back for the next page; null: last page.")
+
+
+class UsageWindow(_Response):
+    start: Timestamp
+    end: Timestamp
+    customerId: str
+    dimensionId: str
+    value: DecimalText | None = Field(description="null: no record in the window.")
+    projected: DecimalText | None = Field(
+        default=None, description="Levels only: the value if the level held to the window's end."
+    )
+
+
+class UsageWindows(_Response):
+    """Aggregated windows, each measured up to asOf (SPEC §9)."""
+
+    asOf: Timestamp
+    data: list[UsageWindow]
+
+
+class SummaryLine(_Response):
+    dimensionId: str
+    unit: str
+    quantity: DecimalText
+    amount: DecimalText | None = Field(description="null: the offering does not charge it.")
+    warnings: list[str] | None = None
+
+
+class UsageSummary(_Response):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "customerId": "acme",
+                    "from": "2026-05-01T00:00:00Z",
+                    "to": "2026-06-01T00:00:00Z",
+                    "asOf": "2026-05-14T09:30:00Z",
+                    "currency": "USD",
+                    "dimensions": [
+                        {
+                            "dimensionId": "data-processed",
+                            "unit": "gigabyte",
+                            "quantity": "2.5",
+                            "amount": "0.20",
+                        }
+                    ],
+                    "total": "0.20",
+                }
+            ]
+        }
+    )
+
+    customerId: str
+    from_: Timestamp = Field(alias="from")
+    to: Timestamp
+    asOf: Timestamp
+    currency: str | None
+    dimensions: list[SummaryLine]
+    total: DecimalText | None
+
+
+class TierBreakdown(_Response):
+    tier: int
+    upTo: DecimalText | None
+    units: DecimalText
+    unitPrice: DecimalText
+    flatFee: DecimalText
+    amount: DecimalText
+
+
+class PackageBreakdown(_Response):
+    size: DecimalText
+    price: DecimalText
+    freeUnits: DecimalText
+    packages: DecimalText
+
+
+class LineUsage(_Response):
+    aggregation: Aggregation
+    aggregationInterval: Interval
+    usageIncrement: DecimalText
+    rounding: Rounding
+    periodValue: DecimalText | None
+    query: str = Field(description="The GET /v1/usage request behind the quantity.")
+    rule: str
+
+
+class InvoiceLine(_Response):
+    dimensionId: str
+    name: str
+    quantity: DecimalText
+    unit: str
+    model: Literal["per_unit", "graduated", "volume", "package"]
+    unitPrice: DecimalText | None = None
+    package: PackageBreakdown | None = None
+    tiers: list[TierBreakdown] | None = None
+    exactAmount: DecimalText
+    amount: DecimalText
+    usage: LineUsage
+    warnings: list[str] | None = None
+
+
+class Invoice(_Response):
+    """An invoice as JSON (SPEC §5). A draft is recomputed as of now on every read."""
+
+    id: str
+    customerId: str
+    customerName: str
+    offeringId: str
+    offeringName: str
+    currency: str
+    from_: Timestamp = Field(alias="from")
+    to: Timestamp
+    asOf: Timestamp
+    timezone: str
+    status: Literal["draft", "finalized"]
+    createdAt: Timestamp
+    finalizedAt: Timestamp | None
+    lines: list[InvoiceLine]
+    subtotal: DecimalText
+    total: DecimalText
+    creditsApplied: DecimalText
+    amountDue: DecimalText
+    walletBalance: DecimalText
+
+
+class InvoiceSummary(_Response):
+    id: str
+    customerId: str
+    status: Literal["draft", "finalized"]
+    currency: str | None
+    from_: Timestamp | None = Field(alias="from")
+    to: Timestamp | None
+    createdAt: Timestamp
+    finalizedAt: Timestamp | None
+    total: DecimalText | None
+    amountDue: DecimalText | None
+
+
+class InvoiceList(_Response):
+    data: list[InvoiceSummary]
+    cursor: str | None
+
+
+class WalletBalance(_Response):
+    currency: str
+    balance: DecimalText
+
+
+class WalletEntry(_Response):
+    seq: int
+    id: str
+    kind: Literal["top_up", "invoice", "adjustment"]
+    currency: str
+    amount: DecimalText
+    balance: DecimalText
+    createdAt: Timestamp
+    reference: str | None
+
+
+class Wallet(_Response):
+    customerId: str
+    balances: list[WalletBalance]
+    entries: list[WalletEntry]
+
+
+class MarginLine(_Response):
+    dimensionId: str
+    quantity: DecimalText
+    billed: bool
+    revenue: DecimalText
+    cost: DecimalText
+    margin: DecimalText
+    warnings: list[str] | None = None
+
+
+class Margin(_Response):
+    customerId: str
+    from_: Timestamp = Field(alias="from")
+    to: Timestamp
+    asOf: Timestamp
+    currency: str | None
+    dimensions: list[MarginLine]
+    revenue: DecimalText
+    cost: DecimalText
+    margin: DecimalText
+
+
+class ThresholdState(_Response):
+    key: str
+    name: str | None
+    value: DecimalText | None
+    percent: DecimalText | None
+    limit: DecimalText | None
+    reached: bool
+    reachedAt: Timestamp | None
+
+
+class MeterState(_Response):
+    meterId: str
+    customerId: str
+    dimensionId: str
+    reset: Literal["daily", "monthly", "billing_period", "never"]
+    measure: Literal["usage", "billable_quantity"]
+    periodStart: Timestamp
+    periodEnd: Timestamp | None
+    value: DecimalText
+    capacity: DecimalText | None
+    usageRatio: DecimalText | None
+    thresholds: list[ThresholdState]
+    lastReset: dict[str, Any] | None
+
+
+class RejectedRecord(_Response):
+    seq: int
+    receivedAt: Timestamp
+    receiver: Source
+    reason: Reason
+    field: str | None
+    error: str
+    record: str | None = Field(description="The record as received (bounded).")
+
+
+class RejectedPage(_Response):
+    data: list[RejectedRecord]
+    cursor: str | None
+
+
+class Health(_Response):
+    status: Literal["ok"]
+
+
+class Readiness(_Response):
+    status: Literal["ready", "draining"]
+    queued_records: int | None = None
