@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 from meter_gateway.billing.events import EventType, envelope
 from meter_gateway.clock import Clock
-from meter_gateway.store.base import OutboxEvent, OutboxItem, Store
+from meter_gateway.store.base import BillingStore, OutboxEvent, OutboxItem
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ class DeliveryJob:
 
     def __init__(
         self,
-        store: Store,
+        store: BillingStore,
         sink: Sink,
         clock: Clock,
         backoff_initial_s: float = 1.0,

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ValidationError
 
 from meter_gateway.clock import Clock, SystemClock
 from meter_gateway.config import NEW_DEFINITION, Config, Customer, Dimension, Meter, Offering
-from meter_gateway.store.base import ConflictError, Store
+from meter_gateway.store.base import CatalogStore, ConflictError
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ class CatalogService:
 
     def __init__(
         self,
-        store: Store,
+        store: CatalogStore,
         config: Config,
         clock: Clock | None = None,
         check_every_s: float = CHECK_EVERY_S,

@@ -33,7 +33,7 @@ from meter_gateway.config import Dimension, Meter, MeterThreshold
 from meter_gateway.decimals import EXACT, ZERO, fmt
 from meter_gateway.model import Batch, CommitResult
 from meter_gateway.pipeline.timestamps import format_timestamp
-from meter_gateway.store.base import OutboxEvent, Store
+from meter_gateway.store.base import MeteredBillingStore, OutboxEvent
 from meter_gateway.usage import current_period
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ def limit(threshold: MeterThreshold, capacity: Decimal | None) -> Decimal | None
 
 
 def value(
-    store: Store,
+    store: MeteredBillingStore,
     meter: Meter,
     dim: Dimension,
     from_ns: int,
@@ -155,7 +155,7 @@ class MeterJob:
 
     def __init__(
         self,
-        store: Store,
+        store: MeteredBillingStore,
         catalog: Callable[[], Catalog],
         tz: ZoneInfo,
         route: EventRoute,
@@ -302,7 +302,9 @@ def _opt(v: Decimal | None) -> str | None:
     return None if v is None else fmt(v)
 
 
-def readings(store: Store, catalog: Catalog, tz: ZoneInfo, now_ns: int) -> list[MeterReading]:
+def readings(
+    store: MeteredBillingStore, catalog: Catalog, tz: ZoneInfo, now_ns: int
+) -> list[MeterReading]:
     """Every meter's current reading (value computed now; fired thresholds from the state the
     job recorded for the current period)."""
     stored = store.job_state(STATE_PREFIX)
@@ -315,7 +317,7 @@ def readings(store: Store, catalog: Catalog, tz: ZoneInfo, now_ns: int) -> list[
 
 
 def reading(
-    store: Store,
+    store: MeteredBillingStore,
     catalog: Catalog,
     meter: Meter,
     tz: ZoneInfo,

@@ -14,7 +14,7 @@ from zoneinfo import ZoneInfo
 from meter_gateway.aggregation.engine import aggregate
 from meter_gateway.aggregation.windows import Window, next_start, split, truncate
 from meter_gateway.catalog import Catalog
-from meter_gateway.store.base import Store
+from meter_gateway.store.base import UsageReader
 
 # A forecast to a window's end exists for these: the last level holds until it changes.
 _LEVELS = ("weighted_sum", "time_weighted_avg")
@@ -38,7 +38,7 @@ def current_period(now_ns: int, tz: ZoneInfo) -> tuple[int, int]:
 
 
 def windows(
-    store: Store,
+    store: UsageReader,
     catalog: Catalog,
     customer: str | None,
     dimension: str | None,

@@ -15,7 +15,7 @@ from zoneinfo import ZoneInfo
 from meter_gateway.aggregation.windows import BUCKET_NS, ceil_bucket, floor_bucket, split
 from meter_gateway.config import Dimension
 from meter_gateway.decimals import EXACT, ZERO
-from meter_gateway.store.base import RawPoint, RollupRow, Store
+from meter_gateway.store.base import RawPoint, RollupRow, UsageReader
 
 RESULT_PLACES = Decimal("1e-18")
 _ROUNDING = {"ceil": ROUND_CEILING, "floor": ROUND_FLOOR, "round": ROUND_HALF_UP}
@@ -32,7 +32,7 @@ def divide(a: Decimal, b: Decimal | int) -> Decimal:
 
 
 def aggregate(
-    store: Store,
+    store: UsageReader,
     customer: str,
     dim: Dimension,
     windows: Sequence[tuple[int, int]],
@@ -55,7 +55,7 @@ def aggregate(
 
 
 def _aggregate(
-    store: Store,
+    store: UsageReader,
     customer: str,
     dim: Dimension,
     windows: Sequence[tuple[int, int]],
@@ -121,7 +121,7 @@ def _aggregate(
 
 
 def _raw_in(
-    store: Store,
+    store: UsageReader,
     customer: str,
     dimension: str,
     buckets: Sequence[int],
@@ -136,7 +136,7 @@ def _raw_in(
 
 
 def _weighted(
-    store: Store,
+    store: UsageReader,
     customer: str,
     dimension: str,
     windows: Sequence[tuple[int, int]],
@@ -172,7 +172,7 @@ def _weighted(
 
 
 def _time_weighted(
-    store: Store,
+    store: UsageReader,
     customer: str,
     dimension: str,
     windows: Sequence[tuple[int, int]],
@@ -197,7 +197,7 @@ def _time_weighted(
 
 
 def _unique(
-    store: Store,
+    store: UsageReader,
     customer: str,
     dim: Dimension,
     windows: Sequence[tuple[int, int]],
@@ -236,7 +236,7 @@ def round_increments(value: Decimal, dim: Dimension) -> Decimal:
 
 
 def billable_quantity(
-    store: Store,
+    store: UsageReader,
     customer: str,
     dim: Dimension,
     from_ns: int,

@@ -33,7 +33,12 @@ from meter_gateway.clock import Clock
 from meter_gateway.config import Dimension
 from meter_gateway.decimals import EXACT, ZERO, fmt
 from meter_gateway.pipeline.timestamps import format_timestamp, parse_timestamp
-from meter_gateway.store.base import ConflictError, InvoiceRow, LedgerEntry, Store
+from meter_gateway.store.base import (
+    ConflictError,
+    InvoiceRow,
+    LedgerEntry,
+    MeteredBillingStore,
+)
 
 FORMATS = {
     "json": "application/json",
@@ -146,7 +151,7 @@ def _line(
 
 
 def compute(
-    store: Store,
+    store: MeteredBillingStore,
     catalog: Catalog,
     tz: ZoneInfo,
     invoice_id: str,
@@ -355,7 +360,7 @@ RENDERERS: Mapping[str, Callable[[Mapping[str, Any]], bytes]] = {
 
 @dataclass
 class Invoices:
-    store: Store
+    store: MeteredBillingStore
     catalog: Callable[[], Catalog]
     clock: Clock
     tz: ZoneInfo

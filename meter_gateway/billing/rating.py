@@ -23,7 +23,7 @@ from meter_gateway.aggregation.engine import aggregate, billable_quantity
 from meter_gateway.catalog import Catalog
 from meter_gateway.config import Charge, Dimension, Offering
 from meter_gateway.decimals import EXACT, ZERO, fmt
-from meter_gateway.store.base import Store
+from meter_gateway.store.base import UsageReader
 from meter_gateway.usage import current_period
 
 __all__ = [
@@ -55,7 +55,7 @@ class Quantity:
 
 
 def quantity(
-    store: Store,
+    store: UsageReader,
     customer: str,
     dim: Dimension,
     from_ns: int,
@@ -156,7 +156,7 @@ def pricing_charge(charge: Charge, dim: Dimension) -> pricing.Charge:
 
 
 def _line(
-    store: Store,
+    store: UsageReader,
     customer: str,
     dim: Dimension,
     charge: Charge | None,
@@ -179,7 +179,7 @@ def _line(
 
 
 def rate(
-    store: Store,
+    store: UsageReader,
     catalog: Catalog,
     customer_id: str,
     from_ns: int,
@@ -221,7 +221,7 @@ def rate(
     return Rating(customer_id, from_ns, to_ns, as_of_ns, offering, lines)
 
 
-def current(store: Store, catalog: Catalog, now_ns: int, tz: ZoneInfo) -> Sequence[Rating]:
+def current(store: UsageReader, catalog: Catalog, now_ns: int, tz: ZoneInfo) -> Sequence[Rating]:
     """Every catalog customer with usage, rated for the billing period holding ``now_ns``."""
     start, end = current_period(now_ns, tz)
     at = as_of(now_ns, start, end)

@@ -17,7 +17,7 @@ from typing import Any
 from meter_gateway.decimals import EXACT, ZERO
 from meter_gateway.pipeline.timestamps import format_timestamp
 from meter_gateway.pricing import minor_unit, round_money
-from meter_gateway.store.base import ConflictError, LedgerEntry, Store
+from meter_gateway.store.base import BillingStore, ConflictError, LedgerEntry
 
 RETRIES = 20
 
@@ -32,14 +32,14 @@ class TopUp:
     created: bool  # False: the same top-up id was already applied (this is that entry)
 
 
-def balance(store: Store, customer: str, currency: str) -> tuple[Decimal, int]:
+def balance(store: BillingStore, customer: str, currency: str) -> tuple[Decimal, int]:
     """(balance, seq of the latest entry) of a wallet; an empty wallet is (0, 0)."""
     last = store.wallet_last(customer, currency)
     return (ZERO, 0) if last is None else (last.balance, last.seq)
 
 
 def top_up(
-    store: Store,
+    store: BillingStore,
     customer: str,
     currency: str,
     amount: Decimal,

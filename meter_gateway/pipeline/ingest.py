@@ -35,7 +35,7 @@ from typing import Any, Protocol
 
 from meter_gateway.clock import Clock
 from meter_gateway.model import Batch, CommitResult, Reason, RecordError, Source, UsageRecord
-from meter_gateway.store.base import GroupVoided, Store, Unstorable, unstorable_reason
+from meter_gateway.store.base import GroupVoided, IngestStore, Unstorable, unstorable_reason
 from meter_gateway.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ class _Pending:
 class Ingestor:
     def __init__(
         self,
-        store: Store,
+        store: IngestStore,
         clock: Clock,
         telemetry: Telemetry,
         max_queue_records: int,

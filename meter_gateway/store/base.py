@@ -502,6 +502,10 @@ class BillingStore(Protocol):
         ...
 
 
+class MeteredBillingStore(UsageReader, BillingStore, Protocol):
+    """What rates usage into money: invoices and meters read usage and write billing."""
+
+
 class Store(IngestStore, UsageReader, LeaseStore, CatalogStore, BillingStore, Protocol):
     """Every concern of a store, as a gateway opens it."""
 
