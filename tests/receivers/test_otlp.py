@@ -418,3 +418,20 @@ def test_remembered_series_stay_within_the_bound_across_metrics(gw: Gateway) -> 
             gw.otlp.export(request(sum_metric(points), service=service))
             assert sum(len(known) for known in gw.otlp._tails.values()) <= 10
     assert committed(gw)["totals"] == {"acme/data-processed": "60"}
+
+
+def test_known_series_leave_values_past_the_rules_after_scale_to_the_validator(gw: Gateway) -> None:
+    """A known series' records skip the validator only while they plainly keep the value rules
+    after the rule's scale (app.scaled.bytes: 1e-9): 19 places, or 1e21 and more, are the
+    validator's to refuse, with its reason, as for a first point."""
+    at = [T0 + i * MIN for i in range(1, 5)]
+    first = point(2, at[0], T0, tenant="acme")  # 2e-9, and the series is learned
+    gw.otlp.export(request(sum_metric([first], name="app.scaled.bytes")))
+    points = [
+        point(1e-10, at[1], at[0], tenant="acme"),  # 1e-19: 19 places
+        point(0.001, at[2], at[1], tenant="acme"),  # 1e-12
+    ]
+    outcome = gw.otlp.export(request(sum_metric(points, name="app.scaled.bytes")))
+    assert (outcome.accepted, outcome.rejected) == (1, 1)
+    assert committed(gw)["totals"] == {"acme/data-processed": "0.000000002001"}
+    assert [r["reason"] for r in committed(gw)["rejected"]] == ["invalid_value"]
