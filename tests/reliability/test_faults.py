@@ -15,6 +15,7 @@ import os
 import queue
 import shutil
 import subprocess
+import tempfile
 import threading
 import time
 import uuid
@@ -175,9 +176,10 @@ def _fill(where: Path) -> Path:
 
 
 @pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[tuple[Path, dict[str, Any]]]:
-    """A 48 MiB filesystem the store lives on, and the store config for it."""
-    disk = tmp_path / "disk"
+def small_disk() -> Iterator[tuple[Path, dict[str, Any]]]:
+    """A 48 MiB filesystem the store lives on, and the store config for it (mounted outside
+    pytest's private temporary tree, which the postgres user cannot enter)."""
+    disk = Path(tempfile.gettempdir()) / f"mg-disk-{uuid.uuid4().hex[:8]}"
     _mount_tmpfs(disk, 48)
     cleanup = []
     try:
@@ -213,6 +215,7 @@ def small_disk(tmp_path: Path) -> Iterator[tuple[Path, dict[str, Any]]]:
         for f in cleanup:
             f()
         subprocess.run(["umount", "-l", str(disk)], check=False)
+        disk.rmdir()
 
 
 def test_a_full_disk_answers_503_is_not_ready_and_recovers_exactly(
