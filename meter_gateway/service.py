@@ -15,13 +15,13 @@ from exporters.files import FileSink
 from exporters.outbox import DeliveryJob, Router
 from exporters.webhook import WebhookSink
 from meter_gateway import meters
-from meter_gateway.api.auth import KeyRing
 from meter_gateway.billing import rating
 from meter_gateway.billing.invoices import Invoices
 from meter_gateway.catalog import CatalogService
 from meter_gateway.clock import TEST_CLOCK_OFFSET_FILE_ENV, Clock, OffsetFileClock, SystemClock
 from meter_gateway.config import Config
 from meter_gateway.decimals import ZERO, fmt
+from meter_gateway.keys import KeyRing
 from meter_gateway.pipeline.cumulative import StreamTable, Totals
 from meter_gateway.pipeline.ingest import Ingestor
 from meter_gateway.pipeline.mapping import Mapper
@@ -38,6 +38,7 @@ from meter_gateway.telemetry import (
 )
 from receivers import prometheus_query
 from receivers.otlp import OtlpMetrics
+from receivers.remote_write import RemoteWriteReceiver
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +94,16 @@ class Gateway:
             self.clock,
             ingest,
             self.telemetry,
+        )
+        # Prometheus remote write → observations → validator → ingestor; the API serves it.
+        self.remote_write = RemoteWriteReceiver(
+            config.rules,
+            self.validator,
+            self.ingestor,
+            self.store,
+            ingest,
+            self.telemetry,
+            ingest.retry_after.total_seconds(),
         )
         self.telemetry.add_collector(PeriodUsageCollector(self._period_gauges))
         # Scheduled work (Prometheus queries, meters, exporter outboxes) registers its jobs

@@ -24,7 +24,7 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
     ExportMetricsServiceResponse,
 )
 
-from meter_gateway.api.auth import AuthError
+from meter_gateway.keys import AuthError
 from meter_gateway.model import Source
 from meter_gateway.pipeline.cumulative import StreamsBusy
 from meter_gateway.pipeline.ingest import CommitFailed, Overloaded, ShuttingDown
@@ -41,7 +41,7 @@ OTLP = Source.OTLP.value
 
 
 class Authorizer(Protocol):
-    """Checks an ``Authorization`` value for a scope (``api.auth.KeyRing``)."""
+    """Checks an ``Authorization`` value for a scope (``meter_gateway.keys.KeyRing``)."""
 
     def check(self, authorization: str | None, scope: str) -> str | None: ...
 

@@ -26,7 +26,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from meter_gateway.api.auth import AuthError
+from meter_gateway.keys import AuthError
 from meter_gateway.model import Source
 from meter_gateway.pipeline.cumulative import StreamsBusy
 from meter_gateway.pipeline.decode import DecodeError, decompress

@@ -8,31 +8,41 @@ per-record errors; the bad records are kept in the rejected-records store.
 from __future__ import annotations
 
 import time
+from typing import Protocol
 
-import orjson
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
+from meter_gateway.config import Config
+from meter_gateway.http import error_response, json_response
 from meter_gateway.model import Batch, CommitResult, Source
-from meter_gateway.pipeline.cumulative import StreamsBusy
+from meter_gateway.pipeline.cumulative import StreamsBusy, Totals
 from meter_gateway.pipeline.decode import DecodeError, decompress, parse_items
-from meter_gateway.pipeline.ingest import CommitFailed, Overloaded, ShuttingDown
-from meter_gateway.service import Gateway
+from meter_gateway.pipeline.ingest import CommitFailed, Ingestor, Overloaded, ShuttingDown
+from meter_gateway.pipeline.validate import Validator
+from meter_gateway.telemetry import Telemetry
 
 MAX_ERRORS_IN_RESPONSE = 1000
 
 
-def json_response(
-    body: object, status: int = 200, headers: dict[str, str] | None = None
-) -> Response:
-    return Response(
-        orjson.dumps(body), status_code=status, headers=headers, media_type="application/json"
-    )
+class IngestServices(Protocol):
+    """What the REST receiver needs of the service that runs it (``Gateway`` has these)."""
 
+    @property
+    def config(self) -> Config: ...
 
-def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
-    return json_response({"error": message}, status, headers)
+    @property
+    def telemetry(self) -> Telemetry: ...
+
+    @property
+    def validator(self) -> Validator: ...
+
+    @property
+    def ingestor(self) -> Ingestor: ...
+
+    @property
+    def totals(self) -> Totals: ...
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -52,7 +62,7 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def ingest(request: Request, gw: Gateway) -> Response:
+async def ingest(request: Request, gw: IngestServices) -> Response:
     started = time.perf_counter()
     limits = gw.config.ingest
     source = Source.REST
@@ -86,7 +96,7 @@ async def ingest(request: Request, gw: Gateway) -> Response:
 
 
 def _ingest_totals(
-    gw: Gateway, batch: Batch, single: bool, atomic: bool, started: float
+    gw: IngestServices, batch: Batch, single: bool, atomic: bool, started: float
 ) -> Response:
     def check(converted: Batch) -> None:
         if atomic and converted.errors:
@@ -105,7 +115,7 @@ class _AtomicRefused(Exception):
     """An atomic request turned out to hold invalid records once its totals were converted."""
 
 
-def _atomic_refusal(gw: Gateway, batch: Batch) -> Response:
+def _atomic_refusal(gw: IngestServices, batch: Batch) -> Response:
     gw.telemetry.requests.labels(batch.source.value, "422").inc()
     return json_response(
         {
@@ -119,7 +129,7 @@ def _atomic_refusal(gw: Gateway, batch: Batch) -> Response:
     )
 
 
-def _unavailable(gw: Gateway, batch: Batch, exc: Exception) -> Response:
+def _unavailable(gw: IngestServices, batch: Batch, exc: Exception) -> Response:
     retry = {"Retry-After": str(max(1, round(gw.config.ingest.retry_after.total_seconds())))}
     if isinstance(exc, Overloaded):
         gw.telemetry.requests.labels(batch.source.value, "429").inc()
@@ -129,7 +139,7 @@ def _unavailable(gw: Gateway, batch: Batch, exc: Exception) -> Response:
 
 
 def _answer(
-    gw: Gateway, batch: Batch, result: CommitResult, single: bool, started: float
+    gw: IngestServices, batch: Batch, result: CommitResult, single: bool, started: float
 ) -> Response:
     t, source = gw.telemetry, batch.source
     errors = [e.to_json() for e in batch.errors[:MAX_ERRORS_IN_RESPONSE]]

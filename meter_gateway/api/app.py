@@ -1,4 +1,4 @@
-"""The Starlette application: routes of SPEC §5 over a ``Gateway``."""
+"""The Starlette application: routes of SPEC §5 over the services of ``api.services``."""
 
 from __future__ import annotations
 
@@ -19,18 +19,18 @@ from meter_gateway.api.billing import billing_routes
 from meter_gateway.api.errors import ApiError, exception_handlers, shown
 from meter_gateway.api.openapi import openapi_document
 from meter_gateway.api.schemas import decode_object
+from meter_gateway.api.services import ApiServices
 from meter_gateway.billing import rating
 from meter_gateway.billing.invoices import InvoiceError
 from meter_gateway.billing.wallet import WalletError
 from meter_gateway.catalog import MODELS, CatalogError
 from meter_gateway.decimals import fmt
+from meter_gateway.http import json_response
 from meter_gateway.model import Reason
 from meter_gateway.pipeline.timestamps import format_timestamp
-from meter_gateway.service import Gateway
 from meter_gateway.store.base import ConflictError
 from meter_gateway.usage import current_period, windows
-from receivers.remote_write import RemoteWriteReceiver
-from receivers.rest import ingest, json_response
+from receivers.rest import ingest
 
 Handler = Callable[[Request], Awaitable[Response]]
 #: Query parameters of the paths that take any (declared in params, with their schemas); every
@@ -55,7 +55,7 @@ def domain_error(exc: Exception) -> ApiError | None:
     return None
 
 
-def create_app(gw: Gateway) -> Starlette:
+def create_app(gw: ApiServices) -> Starlette:
     def guarded(scope: str | None, handler: Handler, query: Collection[str] | None = ()) -> Handler:
         """``handler`` behind the scope check, refusing query parameters not in ``query``
         (None: the path keeps its own rules, as ingest does), with every error as JSON."""
@@ -81,18 +81,8 @@ def create_app(gw: Gateway) -> Starlette:
     async def post_usage(request: Request) -> Response:
         return await ingest(request, gw)
 
-    remote_write = RemoteWriteReceiver(
-        gw.config.rules,
-        gw.validator,
-        gw.ingestor,
-        gw.store,
-        gw.config.ingest,
-        gw.telemetry,
-        gw.config.ingest.retry_after.total_seconds(),
-    )
-
     async def post_write(request: Request) -> Response:
-        return await remote_write.handle(request)
+        return await gw.remote_write.handle(request)
 
     async def get_write(request: Request) -> Response:
         # Vector's prometheus_remote_write healthcheck: a GET that must answer 200.

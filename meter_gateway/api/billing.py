@@ -19,20 +19,20 @@ from meter_gateway import meters
 from meter_gateway.api import params
 from meter_gateway.api.errors import ApiError, shown
 from meter_gateway.api.schemas import InvoiceRequest, TopUp, parse_body
+from meter_gateway.api.services import ApiServices
 from meter_gateway.billing import invoices as inv
 from meter_gateway.billing import rating, wallet
 from meter_gateway.decimals import fmt
+from meter_gateway.http import json_response
 from meter_gateway.pipeline.timestamps import format_timestamp
-from meter_gateway.service import Gateway
 from meter_gateway.store.base import LedgerEntry
 from meter_gateway.usage import current_period
-from receivers.rest import json_response
 
 Handler = Callable[[Request], Awaitable[Response]]
 Guard = Callable[[str | None, Handler, Collection[str] | None], Handler]
 
 
-def billing_routes(gw: Gateway, guarded: Guard) -> list[Route]:
+def billing_routes(gw: ApiServices, guarded: Guard) -> list[Route]:
     def route(
         path: str, scope: str, method: str, handler: Handler, query: Collection[str] = ()
     ) -> Route:

@@ -1,7 +1,5 @@
-"""The HTTP API's one error type and its one JSON shape: ``{"error": "<what and why>", ...}``.
-
-    ApiError        any 4xx/5xx answer; extra fields ride along (``parameter``, ``errors``)
-     └── AuthError  401 (with the Bearer challenge) or 403, in ``auth.py``
+"""The HTTP API's errors: ``ApiError`` and its one JSON shape (``meter_gateway.http``, shared
+with the receivers) for every answer that is not a success.
 
 The errors of the layers below (catalog, invoices, wallet, store conflicts) become ``ApiError``
 in one place, the app's guard (``app.domain_error``); ``exception_handlers`` gives Starlette's
@@ -10,58 +8,17 @@ own answers (unknown route 404, wrong method 405, an unexpected exception 500) t
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
-import orjson
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Match
 from starlette.types import ExceptionHandler
 
-#: How much of a client's value an error message repeats (a 10k-character value stays out).
-SHOWN = 80
+from meter_gateway.http import ApiError, error_response, shown
 
-
-class ApiError(Exception):
-    """An answer that is not a success: ``status``, a message a person can act on, and any
-    extra JSON fields (``parameter`` names the query parameter at fault)."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        *,
-        headers: Mapping[str, str] | None = None,
-        **fields: Any,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.headers = dict(headers) if headers else None
-        self.fields = fields
-
-    def response(self) -> Response:
-        return error_response(self.status, self.message, self.headers, **self.fields)
-
-
-def error_response(
-    status: int, message: str, headers: Mapping[str, str] | None = None, **fields: Any
-) -> Response:
-    return Response(
-        orjson.dumps({"error": message, **fields}),
-        status_code=status,
-        headers=dict(headers) if headers else None,
-        media_type="application/json",
-    )
-
-
-def shown(value: str) -> str:
-    """``repr`` of a client's value, cut to ``SHOWN`` characters for messages."""
-    if len(value) <= SHOWN:
-        return repr(value)
-    return repr(value[:SHOWN]) + f"… ({len(value)} characters)"
+__all__ = ["ApiError", "error_response", "exception_handlers", "shown"]
 
 
 async def _http_exception(request: Request, exc: Exception) -> Response:

@@ -1,4 +1,6 @@
-"""API keys with scopes; Bearer, or Basic with the key as the password (for Logstash)."""
+"""API keys with scopes; Bearer, or Basic with the key as the password (for Logstash).
+
+Below the receivers and the API, which both check keys with a ``KeyRing`` the service makes."""
 
 from __future__ import annotations
 
@@ -8,8 +10,8 @@ import hashlib
 import hmac
 from collections.abc import Mapping, Sequence
 
-from meter_gateway.api.errors import ApiError
 from meter_gateway.config import ApiKeyConfig
+from meter_gateway.http import ApiError
 
 IMPLIED = {"admin": {"admin", "read", "ingest"}, "read": {"read"}, "ingest": {"ingest"}}
 CHALLENGE = {"WWW-Authenticate": 'Bearer realm="meter-gateway"'}
