@@ -31,6 +31,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from meter_gateway.config import IngestConfig, Rule
+from meter_gateway.decimals import DecimalError, parse_value
 from meter_gateway.model import (
     Batch,
     CommitResult,
@@ -56,6 +57,8 @@ from receivers.rest import read_body
 SOURCE = Source.REMOTE_WRITE
 STATE_PREFIX = "remote_write/"
 STALE_NAN_BITS = 0x7FF0000000000002
+MAX_NS = 2**63 - 1  # the latest time an int64 of nanoseconds holds
+_EXACT_INT = 2**53  # whole doubles below this are plain integers
 MAX_LABELS = 128
 MAX_LABEL_BYTES = 4096
 _COUNTER_SUFFIXES = ("_total", "_count", "_sum", "_bucket")
@@ -191,6 +194,20 @@ def observations(req: Any, wanted: _Wanted) -> Decoded:
         for k, s in enumerate(ts.samples):
             v = s.value
             t_ns = s.timestamp * 1_000_000
+            # Checked before a running total can become a counter's state: a sample refused
+            # only after conversion would still have moved its series' baseline.
+            if not 0 < t_ns <= MAX_NS:
+                out.errors.append(
+                    RecordError(
+                        first + k,
+                        "timestamp",
+                        f"sample timestamp {s.timestamp} ms is out of range: expected "
+                        f"milliseconds since 1970 up to {MAX_NS // 1_000_000}",
+                        Reason.INVALID_TIMESTAMP,
+                        name[:200],
+                    )
+                )
+                continue
             if math.isnan(v):
                 stale = _is_stale(v)
                 if stale and not is_counter:
@@ -198,19 +215,16 @@ def observations(req: Any, wanted: _Wanted) -> Decoded:
                 else:
                     out.skip(SKIP_STALE if stale else SKIP_NAN)
                     continue
-            elif math.isinf(v):
-                out.errors.append(
-                    RecordError(
-                        first + k,
-                        "value",
-                        f"{v} is not a finite sample value",
-                        Reason.INVALID_VALUE,
-                        name[:200],
-                    )
-                )
-                continue
+            elif -_EXACT_INT < v < _EXACT_INT and v == int(v):
+                value = Decimal(int(v))  # the usual sample: a whole number, no checks needed
             else:
-                value = Decimal(repr(v)) if v != int(v) or abs(v) >= 2**53 else Decimal(int(v))
+                try:
+                    value = parse_value(v)  # finite, |v| < 1e21, at most 18 places
+                except DecimalError as exc:
+                    out.errors.append(
+                        RecordError(first + k, "value", str(exc), Reason.INVALID_VALUE, name[:200])
+                    )
+                    continue
             if is_counter:
                 obs = Observation(SOURCE, name, labels, value, ObservationKind.CUMULATIVE, t_ns)
                 out.cumulative.append((first + k, obs))
