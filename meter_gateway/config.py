@@ -461,8 +461,59 @@ class PrometheusReceiverConfig(_Model):
 _GAUGE_AGGREGATIONS = ("time_weighted_avg", "last", "max", "min", "sum")
 
 
+_IDENT = r"^[A-Za-z_][A-Za-z0-9_$]{0,62}$"
+
+
+class DatastoreColumns(_Model):
+    """Which result columns of a datastore query hold what (receivers.datastore)."""
+
+    id: str | None = Field(default=None, pattern=_IDENT)  # the row's unique key
+    customer: str = Field(pattern=_IDENT)  # a customer id or alias
+    dimension: str | None = Field(default=None, pattern=_IDENT)  # else the fixed `dimension`
+    value: str = Field(pattern=_IDENT)
+    time: str = Field(pattern=_IDENT)  # timestamp or timestamptz (naive times are UTC)
+
+
+class DatastoreReceiverConfig(_Model):
+    """A scheduled SQL query against a customer's PostgreSQL, read forward from a watermark
+    (see receivers.datastore)."""
+
+    name: Slug
+    url: str = Field(pattern=r"^postgres(ql)?://")
+    query: str = Field(min_length=1)
+    columns: DatastoreColumns
+    dimension: Slug | None = None
+    watermark_column: str | None = Field(default=None, pattern=_IDENT)  # default columns.time
+    interval: Duration = timedelta(seconds=60)
+    # Rows are read once they are this old, so transactions still open at the source (with
+    # earlier times) have committed before the watermark passes them.
+    delay: Duration = timedelta()
+    page_size: int = Field(default=1000, gt=0, le=50_000)
+    timeout: Duration = timedelta(seconds=30)
+
+    @model_validator(mode="after")
+    def _one_dimension(self) -> DatastoreReceiverConfig:
+        if (self.dimension is None) == (self.columns.dimension is None):
+            raise ValueError("set exactly one of 'dimension' (fixed) or 'columns.dimension'")
+        if self.interval <= timedelta():
+            raise ValueError("interval must be positive")
+        return self
+
+
 class ReceiversConfig(_Model):
     prometheus: PrometheusReceiverConfig | None = None
+    datastore: tuple[DatastoreReceiverConfig, ...] = ()
+
+    @field_validator("datastore")
+    @classmethod
+    def _unique_names(
+        cls, v: tuple[DatastoreReceiverConfig, ...]
+    ) -> tuple[DatastoreReceiverConfig, ...]:
+        names = [d.name for d in v]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"datastore names must be unique (they key the watermark): {dup}")
+        return v
 
 
 EventType = Literal["threshold_reached", "meter_reset", "invoice_finalized"]
@@ -620,6 +671,10 @@ def reference_errors(raw: Mapping[str, Any]) -> list[str]:
         if isinstance(c, str) and c not in custs:
             errors.append(f"meters.{i}.customer: unknown customer {c!r}")
     receivers = raw.get("receivers")
+    for i, ds in _items(receivers if isinstance(receivers, Mapping) else {}, "datastore"):
+        d = ds.get("dimension")
+        if isinstance(d, str) and d not in dims:
+            errors.append(f"receivers.datastore.{i}.dimension: unknown dimension {d!r}")
     prometheus = receivers.get("prometheus") if isinstance(receivers, Mapping) else None
     if isinstance(prometheus, Mapping):
         aggregations: dict[object, object] = {}

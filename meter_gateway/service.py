@@ -36,7 +36,7 @@ from meter_gateway.telemetry import (
     PeriodUsageCollector,
     Telemetry,
 )
-from receivers import prometheus_query
+from receivers import datastore, prometheus_query
 from receivers.otlp import OtlpMetrics
 from receivers.remote_write import RemoteWriteReceiver
 
@@ -128,6 +128,11 @@ class Gateway:
                 ingest.late_arrival_limit.total_seconds(),
             ):
                 self.scheduler.add(job)
+        # Customers' own databases, read forward from a watermark (receivers/datastore.py).
+        for ds_job in datastore.build_jobs(
+            config.receivers.datastore, self.validator, self.store, self.ingestor
+        ):
+            self.scheduler.add(ds_job)
         self._draining = False
 
     @property
