@@ -302,9 +302,13 @@ class _Mapped(NamedTuple):
 class _Export:
     """What one request turns into: records, observations still to validate, errors."""
 
-    def __init__(self, catalog: object, lo: int, hi: int) -> None:
+    def __init__(
+        self, catalog: object, lo: int, hi: int, oldest: int, newest: int, limits: IngestConfig
+    ) -> None:
         self.catalog = catalog
-        self.lo, self.hi = lo, hi
+        self.lo, self.hi = lo, hi  # times the fast path takes (inside the validator's)
+        self.oldest, self.newest = oldest, newest  # times the validator accepts
+        self._limits = limits
         self.records: list[UsageRecord] = []  # points of series whose mapping is known
         self.slow: list[Observation] = []  # points the validator has to see
         self.slow_ordinals: list[int] = []
@@ -325,6 +329,22 @@ class _Export:
         self.slow.append(obs)
         self.slow_ordinals.append(ordinal)
         self.slow_keys.append(key)
+
+    def out_of_time(self, ordinal: int, t: int, name: str) -> bool:
+        """Reject a running total the validator would refuse for its time (as it would), before
+        it can become its series' state: a total from the far future would make every later
+        point an old repeat, one from long ago their baseline."""
+        if self.oldest <= t <= self.newest:
+            return False
+        limits = self._limits
+        if t < self.oldest:
+            reason = Reason.TOO_LATE
+            why = f"timestamp is older than the late-arrival limit ({limits.late_arrival_limit})"
+        else:
+            reason = Reason.IN_FUTURE
+            why = f"timestamp is more than {limits.future_tolerance} in the future"
+        self.reject(ordinal, reason, "timeUnixNano", why, name, t)
+        return True
 
     def skip(self, reason: str, n: int = 1) -> None:
         self.skipped[reason] = self.skipped.get(reason, 0) + n
@@ -382,6 +402,7 @@ class OtlpMetrics:
         self._commit_timeout = commit_timeout_s
         self._state = state
         self._expire_after_ns = int(limits.late_arrival_limit.total_seconds()) * NS
+        self._limits = limits
         self._expired_at = clock.now_ns()
         self._max_cached = max_cached_series
         self._series: dict[tuple[Any, ...], str] = {}
@@ -413,7 +434,14 @@ class OtlpMetrics:
                 name="otlp-expire-streams",
                 daemon=True,
             ).start()
-        ex = _Export(self._catalog(), now - self._late_ns, now + self._future_ns)
+        ex = _Export(
+            self._catalog(),
+            now - self._late_ns,
+            now + self._future_ns,
+            now - self._expire_after_ns,
+            now + self._future_ns,
+            self._limits,
+        )
         with self._walkers:
             self._walk(request, ex)
         t = self._telemetry
@@ -704,6 +732,7 @@ class OtlpMetrics:
                 self._tails, self._tails_size = {}, 0
             known = self._tails[base_id] = {}
         point_series, record = self._point_series, self._record
+        oldest, newest = ex.oldest, ex.newest
         kind = AMOUNT if is_sum else LEVEL
         cumulative = temporality == CUMULATIVE
         ordinal = first - 1
@@ -759,6 +788,8 @@ class OtlpMetrics:
                 series = found
             sid = series.sid
             if cumulative:
+                if not oldest <= t <= newest and ex.out_of_time(ordinal, t, name):
+                    continue
                 ex.cumulative.append(
                     _Cumulative(
                         ordinal,
@@ -856,6 +887,8 @@ class OtlpMetrics:
                 total = None
             start = p.start_time_unix_nano
             if temporality == CUMULATIVE:
+                if ex.out_of_time(ordinal, t, name):
+                    continue
                 ex.cumulative.append(
                     _Cumulative(
                         ordinal,

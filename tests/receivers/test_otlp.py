@@ -435,3 +435,21 @@ def test_known_series_leave_values_past_the_rules_after_scale_to_the_validator(g
     assert (outcome.accepted, outcome.rejected) == (1, 1)
     assert committed(gw)["totals"] == {"acme/data-processed": "0.000000002001"}
     assert [r["reason"] for r in committed(gw)["rejected"]] == ["invalid_value"]
+
+
+@pytest.mark.parametrize("bad_time", [2**64 - 1, NOW + 3600 * 10**9, 1], ids=["max", "hour", "1"])
+def test_a_cumulative_point_out_of_time_never_moves_its_series(gw: Gateway, bad_time: int) -> None:
+    """A cumulative point refused for its time is refused before conversion: had it become the
+    series' state, every later point would have been an old repeat (or counted from it)."""
+    at = [T0 + i * MIN for i in range(1, 4)]
+
+    def export(value: int, t: int) -> Any:
+        return gw.otlp.export(
+            request(sum_metric([point(value, t, T0, tenant="acme")], temporality=2))
+        )
+
+    assert export(5, at[0]).accepted == 1
+    refused = export(50, bad_time)
+    assert (refused.accepted, refused.rejected) == (0, 1)
+    assert export(7, at[1]).accepted == 1
+    assert committed(gw)["totals"] == {"acme/data-processed": "7"}
