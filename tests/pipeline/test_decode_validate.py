@@ -108,6 +108,8 @@ def test_tiny_exponents_take_the_exact_path_even_beside_uuid_like_text() -> None
     assert doc[0]["v"] == Decimal("0.5")
     assert doc[0]["w"] == Decimal("1e-400")
     assert doc[0]["x"] == Decimal("-2.5e-320")
+    assert loads(b'{"v": \n\t 1e-400}') == {"v": Decimal("1e-400")}
+    assert loads(b"[1e-400,-1E-999]") == [Decimal("1e-400"), Decimal("-1e-999")]
     fast = loads(b'[{"id":"550e8400-e29b-41d4-a716-0e-4123","v":0.5}]')
     assert fast[0] == {"id": "550e8400-e29b-41d4-a716-0e-4123", "v": 0.5}
 
