@@ -606,6 +606,7 @@ def run_phase(kind: str, order: str, args: argparse.Namespace, root: Path) -> Mi
 @dataclass
 class OverloadClient:
     sent: int = 0
+    unsent: int = 0  # due within the duration but not sent before it ended
     statuses: dict[int, int] = field(default_factory=dict)
     retry_after: int = 0  # 429 answers that carried Retry-After
     errors: int = 0
@@ -617,10 +618,17 @@ class OverloadClient:
 
 
 def overload_client(
-    port: int, plan: MixPlan, connections: int, interval_s: float, barrier: Any, out: Any
+    port: int,
+    plan: MixPlan,
+    connections: int,
+    interval_s: float,
+    duration_s: float,
+    barrier: Any,
+    out: Any,
 ) -> None:
     """Open loop: batch k is due at start + k × interval; nothing is retried. A batch is sent
-    late only when every connection is waiting for an answer."""
+    late only when every connection is waiting for an answer, and not at all once
+    ``duration_s`` has passed (the rest are counted as unsent)."""
     bodies = [plan.body(b) for b in range(plan.batches)]
     res = OverloadClient()
     nxt = itertools.count()
@@ -632,6 +640,10 @@ def overload_client(
             delay = res.t0 + k * interval_s - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
+            if time.monotonic() - res.t0 > duration_s:
+                with lock:
+                    res.unsent += 1
+                continue
             t = time.monotonic()
             try:
                 conn.request(
@@ -727,7 +739,15 @@ def run_overload(kind: str, rate: float, args: argparse.Namespace, root: Path) -
             barrier, out = ctx.Barrier(2), ctx.Queue()
             child = ctx.Process(
                 target=overload_client,
-                args=(gw.port, plan, args.overload_connections, interval, barrier, out),
+                args=(
+                    gw.port,
+                    plan,
+                    args.overload_connections,
+                    interval,
+                    args.overload_s,
+                    barrier,
+                    out,
+                ),
             )
             child.start()
             barrier.wait(timeout=1200)
@@ -740,9 +760,9 @@ def run_overload(kind: str, rate: float, args: argparse.Namespace, root: Path) -
             print(
                 f"{tag} offered {offered:,.0f} records/s (2 x {rate:,.0f}) over "
                 f"{args.overload_connections} connections for {args.overload_s:.0f}s: "
-                f"{res.sent} answers in {wall:.1f}s (actual offer "
-                f"{res.sent * plan.batch / wall:,.0f} records/s), statuses {res.statuses}, "
-                f"{res.errors} connection errors"
+                f"{res.sent} answers in {wall:.1f}s (sent {res.sent * plan.batch / wall:,.0f} "
+                f"records/s; {res.unsent} batches still unsent when the time was up), "
+                f"statuses {res.statuses}, {res.errors} connection errors"
             )
             print(
                 f"{tag} 429 share {n429 / max(1, res.sent):.1%} ({res.retry_after} with "
