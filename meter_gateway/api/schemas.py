@@ -10,6 +10,7 @@ the tests hold every answer of a running gateway to them.
 
 from __future__ import annotations
 
+from datetime import timedelta
 from decimal import Decimal
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -29,7 +30,7 @@ from pydantic_core import core_schema
 
 from meter_gateway.api import params
 from meter_gateway.api.errors import ApiError
-from meter_gateway.config import Aggregation, Interval, Rounding
+from meter_gateway.config import Aggregation, Interval, Rounding, format_duration
 from meter_gateway.decimals import DecimalError, parse_value
 from meter_gateway.model import Reason, Source
 
@@ -42,13 +43,21 @@ M = TypeVar("M", bound=BaseModel)
 
 
 class ApiJsonSchema(GenerateJsonSchema):
-    """Decimals as the API reads them (a JSON number or its text) and writes them (text)."""
+    """Decimals as the API reads them (a JSON number or its text) and writes them (text);
+    durations as the API and the config write them (1h, not ISO 8601's PT1H)."""
 
     def decimal_schema(self, schema: core_schema.DecimalSchema) -> JsonSchemaValue:
         text = {"type": "string", "pattern": DECIMAL_TEXT}
         if self.mode == "serialization":
             return text
         return {"anyOf": [{"type": "number"}, text]}
+
+    def encode_default(self, dft: Any) -> Any:
+        # pydantic encodes defaults without the field's serializer, so a timedelta would read
+        # PT1H, which the duration's own pattern refuses.
+        if isinstance(dft, timedelta):
+            return format_duration(dft)
+        return super().encode_default(dft)
 
 
 def _decimal(raw: object) -> Decimal:
