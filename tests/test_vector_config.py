@@ -47,19 +47,35 @@ DATA = Path(__file__).parent / "testdata" / "vector"
 REFERENCE = DATA / "reference"
 UPDATE_GOLDEN = os.environ.get("METER_GATEWAY_UPDATE_GOLDEN") == "1"
 GATEWAY_EXAMPLE = CONFIG_DIR / "gateway-example.yaml"
-# What the READMEs tell operators to set for Vector.
-VECTOR_ENV_NAMES = ("METER_GATEWAY_URL", "METER_GATEWAY_INGEST_KEY")
+# What the READMEs tell operators to set for Vector (the Firehose key only for firehose.yaml).
+VECTOR_ENV_NAMES = ("METER_GATEWAY_URL", "METER_GATEWAY_INGEST_KEY", "METER_FIREHOSE_ACCESS_KEY")
 STATIC_ENV = {
     "METER_GATEWAY_URL": "https://meter.example.com",
     "METER_GATEWAY_INGEST_KEY": "k" * 24,
+    "METER_FIREHOSE_ACCESS_KEY": "f" * 24,
 }
 
-LOG_SOURCES = {"file", "kubernetes_logs"}
+LOG_SOURCES = {"file", "kubernetes_logs", "kafka", "aws_s3", "aws_kinesis_firehose"}
 METRIC_SOURCES = {"statsd", "prometheus_scrape"}
 # What each log source puts in every event (legacy namespace), besides what its options add.
 SOURCE_FIELDS = {
     "file": {"message", "file", "host", "source_type", "timestamp"},
     "kubernetes_logs": {"message", "file", "kubernetes", "source_type", "stream", "timestamp"},
+    # src/sources/kafka.rs (key_field, topic_key, partition_key, offset_key, headers_key defaults)
+    "kafka": {
+        "message",
+        "message_key",
+        "headers",
+        "topic",
+        "partition",
+        "offset",
+        "source_type",
+        "timestamp",
+    },
+    # website/cue/reference/components/sources/aws_s3.cue, output.logs
+    "aws_s3": {"message", "bucket", "object", "region", "source_type", "timestamp"},
+    # src/sources/aws_kinesis_firehose/handlers.rs: the record (base64-decoded) is .message
+    "aws_kinesis_firehose": {"message", "request_id", "source_arn", "source_type", "timestamp"},
 }
 # Status codes the gateway answers that must never be retried (they would loop forever) and
 # codes that must be (overload; the gateway sends them with Retry-After).
@@ -72,6 +88,8 @@ def vector_configs() -> list[Path]:
 
 
 CONFIG_IDS = [p.stem for p in vector_configs()]
+# Log streams other than files: each event says where it sits, or its content identifies it.
+STREAM_CONFIGS = ("kafka", "s3-sqs", "firehose")
 
 
 # --- Vector's config loading ----------------------------------------------------------------
@@ -272,7 +290,9 @@ def test_configs_reference_only_documented_env_vars(config_path: Path) -> None:
     names = {m.group(1) or m.group(2) for m in _VAR.finditer(text) if m.group() != "$$"}
     assert names <= set(VECTOR_ENV_NAMES), f"undocumented variables {names - set(VECTOR_ENV_NAMES)}"
     with pytest.raises(ValueError, match="METER_GATEWAY_INGEST_KEY"):
-        load_vector_config(config_path, {"METER_GATEWAY_URL": "http://x"})
+        load_vector_config(
+            config_path, {"METER_GATEWAY_URL": "http://x", "METER_FIREHOSE_ACCESS_KEY": "f" * 24}
+        )
 
 
 def test_config_options_are_valid_for_vector(config_path: Path) -> None:
@@ -742,7 +762,11 @@ def gateway(tmp_path: Path) -> Iterator[GatewayProcess]:
 
 
 def vector_env(gw: GatewayProcess) -> dict[str, str]:
-    return {"METER_GATEWAY_URL": gw.url, "METER_GATEWAY_INGEST_KEY": INGEST_KEY}
+    return {
+        "METER_GATEWAY_URL": gw.url,
+        "METER_GATEWAY_INGEST_KEY": INGEST_KEY,
+        "METER_FIREHOSE_ACCESS_KEY": STATIC_ENV["METER_FIREHOSE_ACCESS_KEY"],
+    }
 
 
 def send(request: Request) -> httpx.Response:
@@ -841,15 +865,28 @@ def test_a_retried_batch_counts_once(name: str, gateway: GatewayProcess) -> None
     assert_usage(gateway, json.loads((DATA / name / "expected_usage.json").read_text()))
 
 
-@pytest.mark.parametrize("name", ["app-json-logs", "access-logs"])
+@pytest.mark.parametrize("name", ["app-json-logs", "access-logs", *STREAM_CONFIGS])
 def test_a_line_read_again_after_a_restart_counts_once(name: str, gateway: GatewayProcess) -> None:
-    """Vector re-reads unacknowledged lines after a restart, at a later read time; the remap
+    """Vector re-reads unacknowledged lines after a restart, at a later read time (a Kafka
+    rebalance, an SQS message back after its visibility timeout, a Firehose retry); the remap
     runs again and must give the same ids."""
     env = vector_env(gateway)
     inputs = load_inputs(name)
     topo, _, by_sink = run_config(name, env, inputs)
     reread = {
-        src: [{**e, "timestamp": "2025-06-02T18:30:00.250Z"} for e in events]
+        # A Firehose record delivered again comes in another request, with another request id.
+        src: [
+            {
+                **e,
+                "timestamp": "2025-06-02T18:30:00.250Z",
+                **(
+                    {"request_id": "a2b5c0d9-0000-4e4e-9f9f-redelivered0"}
+                    if "request_id" in e
+                    else {}
+                ),
+            }
+            for e in events
+        ]
         for src, events in inputs.items()
     }
     _, _, by_sink_again = run_config(name, env, reread)
