@@ -439,6 +439,17 @@ def read_latency(gw: GatewayProcess, customers: list[int], params: dict[str, str
     return out
 
 
+def scrape_stats(gw: GatewayProcess) -> str:
+    """The gateway's group-commit figures and how long its /metrics took to answer (per-customer
+    series make it grow with the customers)."""
+    t = time.monotonic()
+    try:
+        text = commit_stats(gw)
+    except httpx.HTTPError as exc:
+        text = f"/metrics failed: {type(exc).__name__} {exc}"
+    return f"{text}; /metrics answered in {time.monotonic() - t:.1f}s"
+
+
 def pct(xs: list[float], q: float) -> float:
     if not xs:
         return 0.0
@@ -570,7 +581,7 @@ def run_phase(kind: str, order: str, args: argparse.Namespace, root: Path) -> Mi
                 f"({res.cpu_us:.0f} us/record), "
                 f"machine {res.machine_cpu_s:.1f}s; peak RSS {res.peak_rss_mb:.0f} MB"
             )
-            print(f"{tag} {commit_stats(gw)}")
+            print(f"{tag} {scrape_stats(gw)}")
             ok_batches = sorted(b for r in results for b in r.ok_batches)
             check_after_load(gw, plan, ok_batches, known, res)
             print(
