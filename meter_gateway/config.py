@@ -16,7 +16,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -24,12 +24,15 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 from pydantic import (
+    AwareDatetime,
     BaseModel,
     BeforeValidator,
     ConfigDict,
     Field,
+    PlainSerializer,
     ValidationError,
     ValidationInfo,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
@@ -347,12 +350,74 @@ class Offering(_Model):
         return self
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_STORE_HORIZON = datetime(2262, 4, 11, tzinfo=UTC)  # where 64-bit nanoseconds end
+
+
+def _catalog_duration(raw: object) -> timedelta:
+    # Catalog entries travel as JSON: a duration is text ("1h"), bounded so it never overflows.
+    if not isinstance(raw, str | timedelta):
+        raise ValueError("expected a duration such as 90s, 5m, 1h or 2d")
+    try:
+        value = parse_duration(raw)
+    except OverflowError:
+        raise ValueError(f"{raw!r} is too long a duration") from None
+    if not timedelta() <= value <= timedelta(days=366):
+        raise ValueError(f"{raw!r} must be between 0s and 366d")
+    return value
+
+
+CatalogDuration = Annotated[
+    timedelta,
+    BeforeValidator(_catalog_duration),
+    PlainSerializer(format_duration, return_type=str, when_used="json"),
+    WithJsonSchema({"type": "string", "pattern": r"^([0-9]+(ms|s|m|h|d|w))+$", "example": "1h"}),
+]
+
+
+class CustomerBilling(_Model):
+    """A customer's billing cycle (SPEC 11; see meter_gateway.billing.cycles): cycles of one
+    ``interval`` that start at local midnight of ``anchor_day`` in ``time_zone`` (default
+    ``billing.timezone``; a yearly cycle's month is the month of the customer's ``start``, else
+    January). A closed cycle is invoiced and finalized by itself once ``finalize_after`` has
+    passed (late usage still counts until then)."""
+
+    interval: Literal["month", "year"] = "month"
+    anchor_day: int = Field(default=1, ge=1, le=28)
+    time_zone: str | None = Field(default=None, max_length=64, pattern=r"^[A-Za-z0-9_+/-]+$")
+    finalize_after: CatalogDuration = timedelta(hours=1)
+
+    @field_validator("time_zone")
+    @classmethod
+    def _known_zone(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                ZoneInfo(v)
+            except (ZoneInfoNotFoundError, ValueError, OSError):
+                raise ValueError(f"{v!r} is not an IANA time zone") from None
+        return v
+
+
 class Customer(_Model):
     id: Slug
     name: str
     offering: Slug | None = None
     aliases: tuple[str, ...] = ()
     stripe_account_id: str | None = None
+    # Billed from ``start`` (inclusive) to ``end`` (exclusive), RFC 3339 with an offset.
+    start: AwareDatetime | None = None
+    end: AwareDatetime | None = None
+    billing: CustomerBilling | None = None
+
+    @model_validator(mode="after")
+    def _start_before_end(self) -> Customer:
+        for name in ("start", "end"):
+            v = getattr(self, name)
+            if v is not None and not _EPOCH <= v < _STORE_HORIZON:
+                raise ValueError(f"{name} must be between 1970-01-01 and 2262-04-11 (got {v})")
+        if self.start is not None and self.end is not None and self.end <= self.start:
+            raise ValueError("end must be after start")
+        return self
 
     @field_validator("aliases")
     @classmethod
@@ -516,7 +581,11 @@ class ReceiversConfig(_Model):
         return v
 
 
-EventType = Literal["threshold_reached", "meter_reset", "invoice_finalized"]
+# invoice_finalized: the name before SPEC 11's invoice.finalized; subscribing to it subscribes
+# to invoice.finalized (billing.events.subscription).
+EventType = Literal[
+    "threshold_reached", "meter_reset", "invoice.finalized", "invoice.voided", "invoice_finalized"
+]
 
 
 class WebhookExporterConfig(_Model):

@@ -26,10 +26,10 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from meter_gateway.aggregation.windows import next_start, truncate
-from meter_gateway.billing import rating
+from meter_gateway.billing import cycles, rating
 from meter_gateway.billing.events import EventRoute
 from meter_gateway.catalog import Catalog
-from meter_gateway.config import Dimension, Meter, MeterThreshold
+from meter_gateway.config import Customer, Dimension, Meter, MeterThreshold
 from meter_gateway.decimals import EXACT, ZERO, fmt
 from meter_gateway.model import Batch, CommitResult
 from meter_gateway.pipeline.timestamps import format_timestamp
@@ -45,8 +45,12 @@ MAX_PERIODS_PER_RUN = 500
 HUNDRED = Decimal(100)
 
 
-def period(meter: Meter, now_ns: int, tz: ZoneInfo) -> tuple[int, int | None]:
-    """The meter's period holding ``now_ns``: [start, end); ``end`` None never resets."""
+def period(
+    meter: Meter, now_ns: int, tz: ZoneInfo, customer: Customer | None = None
+) -> tuple[int, int | None]:
+    """The meter's period holding ``now_ns``: [start, end); ``end`` None never resets.
+    ``billing_period`` follows the customer's billing cycle (anchor day, its zone) when it has
+    ``billing``, else the calendar month in ``tz``."""
     if meter.reset == "daily":
         start = truncate(now_ns, "day", tz)
         return start, next_start(start, "day", tz)
@@ -54,12 +58,10 @@ def period(meter: Meter, now_ns: int, tz: ZoneInfo) -> tuple[int, int | None]:
         start = truncate(now_ns, "month", tz)
         return start, next_start(start, "month", tz)
     if meter.reset == "billing_period":
+        if customer is not None and customer.billing is not None:
+            return cycles.current_cycle(customer, cycles.zone(customer.billing, tz), now_ns)
         return current_period(now_ns, tz)
     return 0, None
-
-
-def _next_period(meter: Meter, end_ns: int, tz: ZoneInfo) -> tuple[int, int | None]:
-    return period(meter, end_ns, tz)
 
 
 def limit(threshold: MeterThreshold, capacity: Decimal | None) -> Decimal | None:
@@ -182,13 +184,16 @@ class MeterJob:
             if dim is None or meter.customer not in catalog.customers:
                 continue
             key = STATE_PREFIX + meter.id
-            new_state, new_events, more = self._advance(meter, dim, stored.get(key), now_ns)
+            customer = catalog.customers[meter.customer]
+            new_state, new_events, more = self._advance(
+                meter, dim, customer, stored.get(key), now_ns
+            )
             if new_state is not None:
                 states[key] = new_state
             events.extend(new_events)
             if more:
                 next_due_s = 0.0
-            _, end = period(meter, now_ns, self._tz)
+            _, end = period(meter, now_ns, self._tz, customer)
             if end is not None:
                 next_due_s = min(next_due_s, (end - now_ns) / NS + 0.001)
         if states or events:
@@ -198,12 +203,17 @@ class MeterJob:
         return max(next_due_s, 0.0)
 
     def _advance(
-        self, meter: Meter, dim: Dimension, st: Mapping[str, Any] | None, now_ns: int
+        self,
+        meter: Meter,
+        dim: Dimension,
+        customer: Customer,
+        st: Mapping[str, Any] | None,
+        now_ns: int,
     ) -> tuple[dict[str, Any] | None, list[OutboxEvent], bool]:
         tz = self._tz
         changed = False
         if st is None or st.get("signature") != _signature(meter):
-            start, end = period(meter, now_ns, tz)
+            start, end = period(meter, now_ns, tz, customer)
             state: dict[str, Any] = {
                 "signature": _signature(meter),
                 "periodStart": start,
@@ -236,7 +246,7 @@ class MeterJob:
                     now_ns,
                 )
             )
-            nstart, nend = _next_period(meter, end, tz)
+            nstart, nend = period(meter, end, tz, customer)
             state = {**state, "periodStart": nstart, "periodEnd": nend, "fired": {}}
             state["lastReset"] = reset
             changed = True
@@ -327,7 +337,7 @@ def reading(
     dim = catalog.dimensions.get(meter.dimension)
     if dim is None:
         return None
-    start, end = period(meter, now_ns, tz)
+    start, end = period(meter, now_ns, tz, catalog.customers.get(meter.customer))
     current = value(store, meter, dim, start, end, now_ns, tz)
     fired: Mapping[str, int] = {}
     if st is not None and st.get("signature") == _signature(meter) and st["periodStart"] == start:

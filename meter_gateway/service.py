@@ -15,7 +15,8 @@ from exporters.files import FileSink
 from exporters.outbox import DeliveryJob, Router
 from exporters.webhook import WebhookSink
 from meter_gateway import meters
-from meter_gateway.billing import rating
+from meter_gateway.billing import cycles, rating
+from meter_gateway.billing.events import subscription
 from meter_gateway.billing.invoices import Invoices
 from meter_gateway.catalog import CatalogService
 from meter_gateway.clock import TEST_CLOCK_OFFSET_FILE_ENV, Clock, OffsetFileClock, SystemClock
@@ -149,9 +150,9 @@ class Gateway:
         """Exporters (one outbox delivery job each), the meter job, invoices, their metrics."""
         exp = config.exporters
         subs: dict[str, frozenset[str] | None] = {
-            e.name: frozenset(e.events) or None for e in exp.webhooks
+            e.name: subscription(e.events) for e in exp.webhooks
         }
-        subs.update({e.name: frozenset(e.events) or None for e in exp.files})
+        subs.update({e.name: subscription(e.events) for e in exp.files})
         self.router = Router(subs)
         self.delivery_jobs: list[DeliveryJob] = []
         for w in exp.webhooks:
@@ -197,7 +198,18 @@ class Gateway:
             self.tz,
             self.router,
             on_events=self._wake_exporters,
+            reopen=lambda row, catalog: cycles.reopen(row, catalog, self.tz),
         )
+        self.invoices.backfill_periods()  # invoices stored before periods were columns
+        # Closed billing cycles invoice themselves (billing/cycles.py), under their lease.
+        self.cycle_job = cycles.CycleJob(
+            self.store,
+            self.invoices,
+            lambda: self.catalog.current,
+            self.tz,
+            lambda: self.scheduler.holder,
+        )
+        self.scheduler.add(self.cycle_job)
         self.telemetry.add_collector(BillingCollector(self._billing_gauges))
 
     def _wake_exporters(self) -> None:

@@ -1,4 +1,4 @@
-"""Routes for invoices, the prepaid wallet, margin and meter state (SPEC §5).
+"""Routes for invoices, the prepaid wallet, margin and meter state (SPEC §5, §11).
 
 ``billing_routes`` is handed the gateway and the app's guard, which checks the scope and the
 query parameters and turns the errors handlers raise (``ApiError``, the billing modules' own)
@@ -18,18 +18,20 @@ from starlette.routing import Route
 from meter_gateway import meters
 from meter_gateway.api import params
 from meter_gateway.api.errors import ApiError, shown
+from meter_gateway.api.idempotency import Idempotency, derived_id
 from meter_gateway.api.schemas import InvoiceRequest, TopUp, parse_body
 from meter_gateway.api.services import ApiServices
+from meter_gateway.billing import cycles, rating, wallet
 from meter_gateway.billing import invoices as inv
-from meter_gateway.billing import rating, wallet
 from meter_gateway.decimals import fmt
 from meter_gateway.http import json_response
 from meter_gateway.pipeline.timestamps import format_timestamp
-from meter_gateway.store.base import LedgerEntry
+from meter_gateway.store.base import ConflictError, LedgerEntry
 from meter_gateway.usage import current_period
 
 Handler = Callable[[Request], Awaitable[Response]]
 Guard = Callable[[str | None, Handler, Collection[str] | None], Handler]
+INVOICE_STATUSES = ("draft", "finalized", "void")
 
 
 def billing_routes(gw: ApiServices, guarded: Guard) -> list[Route]:
@@ -52,18 +54,71 @@ def billing_routes(gw: ApiServices, guarded: Guard) -> list[Route]:
             raise ApiError(404, f"invoice {shown(ref)} not found")
         return ref
 
-    def period(raw_from: Any, raw_to: Any) -> tuple[int, int]:
-        default = current_period(gw.clock.now_ns(), gw.tz)
+    def period(raw_from: Any, raw_to: Any, customer: str | None = None) -> tuple[int, int]:
+        """from/to, by default the current month (the customer's current billing cycle, when
+        it has one)."""
+        now = gw.clock.now_ns()
+        default = current_period(now, gw.tz)
+        found = gw.catalog.current.customers.get(customer) if customer else None
+        if found is not None and found.billing is not None:
+            default = cycles.current_cycle(found, cycles.zone(found.billing, gw.tz), now)
         from_ns, to_ns = params.period(raw_from, raw_to, default)
         return from_ns, params.within_store(to_ns)
+
+    once = Idempotency(gw.store, gw.clock).wrap
 
     # --- invoices
 
     async def create_invoice(request: Request) -> Response:
         body = parse_body(InvoiceRequest, await request.body(), empty_ok=True)
-        from_ns, to_ns = period(body.from_, body.to)
-        row = await run_in_threadpool(gw.invoices.create, request.path_params["id"], from_ns, to_ns)
-        return _bytes(inv.render_json(row.document), "json", 201)
+        ref = request.path_params["id"]
+        from_ns, to_ns = period(body.from_, body.to, gw.catalog.current.customer_id(ref))
+        items = [inv.Item(i.description, i.quantity, i.unitPrice) for i in body.items or ()]
+        invoice_id = derived_id(request, "inv_")
+
+        def create() -> dict[str, Any]:
+            try:
+                return gw.invoices.create(ref, from_ns, to_ns, items, invoice_id).document
+            except ConflictError:
+                if invoice_id is None:
+                    raise
+                # A retry whose first answer was never recorded (its process died after the
+                # commit): the draft the key named is there.
+                return gw.invoices.get(invoice_id).document
+
+        doc = await run_in_threadpool(create)
+        return _bytes(inv.render_json(doc), "json", 201)
+
+    async def search_invoices(request: Request) -> Response:
+        q = request.query_params
+        limit = params.limit(q.get("limit"))
+        after = params.invoice_cursor(q.get("cursor"))
+        status = q.get("status") or None
+        if status is not None:
+            status = params.choice(status, "status", INVOICE_STATUSES, status)
+        from_ns = params.time(q.get("from"), "from", 0) if q.get("from") else None
+        to_ns = params.time(q.get("to"), "to", 0) if q.get("to") else None
+        if from_ns is not None and to_ns is not None and to_ns <= from_ns:
+            raise params.bad("to", f"must be after from ({format_timestamp(from_ns)})")
+        # Filters, not periods to measure: past the store's horizon they hold nothing more.
+        horizon = params.STORE_HORIZON_NS
+        from_ns = None if from_ns is None else min(from_ns, horizon)
+        to_ns = None if to_ns is None else min(to_ns, horizon)
+        rows = await run_in_threadpool(
+            gw.invoices.search, q.get("customerId") or None, status, from_ns, to_ns, after, limit
+        )
+        cursor = None
+        if len(rows) == limit:
+            cursor = params.encode_invoice_cursor(rows[-1].created_ns, rows[-1].id)
+        return json_response({"data": [inv.summary_json(r) for r in rows], "cursor": cursor})
+
+    async def delete_invoice(request: Request) -> Response:
+        await run_in_threadpool(gw.invoices.delete, invoice_of(request))
+        return Response(status_code=204)
+
+    async def void_invoice(request: Request) -> Response:
+        row = await run_in_threadpool(gw.invoices.void, invoice_of(request))
+        return _bytes(row.renditions["json"], "json", 200)
 
     async def list_invoices(request: Request) -> Response:
         q = request.query_params
@@ -125,7 +180,7 @@ def billing_routes(gw: ApiServices, guarded: Guard) -> list[Route]:
             currency,
             body.amount,
             gw.clock.now_ns(),
-            body.id,
+            body.id or derived_id(request, "key:"),
             body.note,
         )
         return json_response(wallet.entry_json(result.entry), 201 if result.created else 200)
@@ -182,7 +237,7 @@ def billing_routes(gw: ApiServices, guarded: Guard) -> list[Route]:
         return json_response(r.to_json())
 
     return [
-        route("/v1/customers/{id}/invoices", "admin", "POST", create_invoice),
+        route("/v1/customers/{id}/invoices", "admin", "POST", once(create_invoice)),
         route(
             "/v1/customers/{id}/invoices",
             "read",
@@ -190,10 +245,13 @@ def billing_routes(gw: ApiServices, guarded: Guard) -> list[Route]:
             list_invoices,
             params.INVOICE_LIST_PARAMS,
         ),
+        route("/v1/invoices", "read", "GET", search_invoices, params.INVOICE_SEARCH_PARAMS),
         route("/v1/invoices/{id}", "read", "GET", get_invoice, params.INVOICE_PARAMS),
+        route("/v1/invoices/{id}", "admin", "DELETE", delete_invoice),
         route("/v1/invoices/{id}/finalize", "admin", "POST", finalize_invoice),
+        route("/v1/invoices/{id}/void", "admin", "POST", void_invoice),
         route("/v1/customers/{id}/wallet", "read", "GET", get_wallet, params.WALLET_PARAMS),
-        route("/v1/customers/{id}/wallet/top-ups", "admin", "POST", top_up),
+        route("/v1/customers/{id}/wallet/top-ups", "admin", "POST", once(top_up)),
         route("/v1/customers/{id}/margin", "read", "GET", get_margin, params.PERIOD_PARAMS),
         route("/v1/meters/{id}/state", "read", "GET", meter_state),
     ]

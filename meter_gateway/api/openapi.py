@@ -49,6 +49,8 @@ class Operation:
     description: str = ""
     #: Error answers in text/plain (remote write: what Prometheus senders expect).
     text_errors: Sequence[int] = ()
+    #: Takes an Idempotency-Key header (api.idempotency).
+    idempotent: bool = False
 
 
 def _catalog_operations() -> list[Operation]:
@@ -153,13 +155,27 @@ OPERATIONS: list[Operation] = [
               "read", {200: ("A page, oldest first", schemas.RejectedPage)}, (400,),
               params.REJECTED_PARAMS),
     Operation("post", "/v1/customers/{id}/invoices", "createInvoice",
-              "Create a draft invoice (off-cycle, any period)", "billing", "admin",
+              "Create a draft invoice (off-cycle, any period), with manual items",
+              "billing", "admin",
               {201: ("The draft", schemas.Invoice)}, (400, 404, 409, 413, 422),
               path_id="Customer id or alias.", body=schemas.InvoiceRequest, body_required=False,
-              description="409 if the customer has no offering."),
+              description="409 if the customer has no offering.", idempotent=True),
     Operation("get", "/v1/customers/{id}/invoices", "listInvoices", "List a customer's invoices",
-              "billing", "read", {200: ("A page, newest first", schemas.InvoiceList)}, (400, 404),
-              params.INVOICE_LIST_PARAMS, path_id="Customer id or alias."),
+              "billing", "read", {200: ("A page, oldest first", schemas.InvoiceList)},
+              (400, 404), params.INVOICE_LIST_PARAMS, path_id="Customer id or alias."),
+    Operation("get", "/v1/invoices", "searchInvoices", "List invoices across customers",
+              "billing", "read", {200: ("A page, oldest first", schemas.InvoiceList)},
+              (400, 404), params.INVOICE_SEARCH_PARAMS,
+              description="404 for an unknown customerId."),
+    Operation("delete", "/v1/invoices/{id}", "deleteInvoice", "Delete a draft invoice",
+              "billing", "admin", {204: ("The draft is gone", None)}, (400, 404, 409),
+              path_id="Invoice id.",
+              description="409 for a finalized or void invoice (void a finalized one)."),
+    Operation("post", "/v1/invoices/{id}/void", "voidInvoice",
+              "Void a finalized invoice (credits back, its period free again)", "billing",
+              "admin", {200: ("The void invoice (again, if it already was)", schemas.Invoice)},
+              (400, 404, 409), path_id="Invoice id.",
+              description="409 for a draft (delete it instead). Sends invoice.voided."),
     Operation("get", "/v1/invoices/{id}", "getInvoice", "An invoice as JSON, CSV or HTML",
               "billing", "read",
               {200: ("The invoice; a draft as of now",
@@ -178,7 +194,8 @@ OPERATIONS: list[Operation] = [
               "billing", "admin",
               {201: ("The new ledger entry", schemas.WalletEntry),
                200: ("The entry an earlier top-up with this id made", schemas.WalletEntry)},
-              (400, 404, 409, 413, 422), path_id="Customer id or alias.", body=schemas.TopUp),
+              (400, 404, 409, 413, 422), path_id="Customer id or alias.", body=schemas.TopUp,
+              idempotent=True),
     Operation("get", "/v1/customers/{id}/margin", "getMargin", "Revenue, cost and margin",
               "billing", "read", {200: ("Measured up to asOf = min(now, to)", schemas.Margin)},
               (400, 404), params.PERIOD_PARAMS, path_id="Customer id or alias."),
@@ -326,6 +343,13 @@ def _operation(op: Operation, scope: str | None, ref: Any) -> dict[str, Any]:
         parameters.append(
             {"name": "id", "in": "path", "required": True, "description": op.path_id,
              "schema": {"type": "string", "minLength": 1}}
+        )  # fmt: skip
+    if op.idempotent:
+        parameters.append(
+            {"name": "Idempotency-Key", "in": "header", "required": False,
+             "description": "The same key and body answer the first answer again (kept 24 "
+             "h); the same key with another body, or while its first request runs, answers "
+             "409.", "schema": {"type": "string", "pattern": "^[!-~]{1,255}$"}}
         )  # fmt: skip
     for name, p in op.query.items():
         q: dict[str, Any] = {"name": name, "in": "query", "required": False,

@@ -270,6 +270,16 @@ INVOICE_LIST_PARAMS: Mapping[str, Param] = {
     "cursor": Param(_CURSOR, "The cursor of the previous page."),
     "limit": LIMIT,
 }
+INVOICE_SEARCH_PARAMS: Mapping[str, Param] = {
+    "status": Param(
+        {"type": "string", "enum": ["draft", "finalized", "void"]}, "Only invoices of this status."
+    ),
+    "customerId": Param({"type": "string"}, "Only this customer's (id or alias).", "acme"),
+    "from": Param(FROM.schema, "Only invoices whose period ends after this. " + FROM.description),
+    "to": Param(TO.schema, "Only invoices whose period starts before this. " + TO.description),
+    "cursor": Param(_CURSOR, "The cursor of the previous page."),
+    "limit": LIMIT,
+}
 INVOICE_PARAMS: Mapping[str, Param] = {
     "format": Param(
         {"type": "string", "enum": ["json", "csv", "html"], "default": "json"},

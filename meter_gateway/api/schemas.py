@@ -127,18 +127,49 @@ def field_errors(exc: ValidationError, model: type[BaseModel]) -> list[str]:
 # --- requests ----------------------------------------------------------------------------------
 
 
+class InvoiceItem(_Request):
+    """A one-off charge on a draft: a line of type item, quantity × unitPrice (exact), its
+    amount rounded to the currency's minor unit like every line."""
+
+    description: str = Field(min_length=1, max_length=500)
+    quantity: Dec = Field(description="More than 0.")
+    unitPrice: Dec = Field(description="0 or more, in the offering's currency.")
+
+    @field_validator("quantity")
+    @classmethod
+    def _positive(cls, v: Decimal) -> Decimal:
+        if v <= 0:
+            raise ValueError(f"must be more than 0, got {v}")
+        return v
+
+    @field_validator("unitPrice")
+    @classmethod
+    def _not_negative(cls, v: Decimal) -> Decimal:
+        if v < 0:
+            raise ValueError(f"must be 0 or more, got {v}")
+        return v
+
+
 class InvoiceRequest(_Request):
     """A draft invoice for the period [from, to); either bound may be left out (the current
-    month's)."""
+    month's, or the customer's current billing cycle's). ``items``: one-off charges."""
 
     model_config = ConfigDict(
         json_schema_extra={
-            "examples": [{"from": "2026-05-01T00:00:00Z", "to": "2026-06-01T00:00:00Z"}]
+            "examples": [
+                {"from": "2026-05-01T00:00:00Z", "to": "2026-06-01T00:00:00Z"},
+                {
+                    "from": "2026-05-01T00:00:00Z",
+                    "to": "2026-06-01T00:00:00Z",
+                    "items": [{"description": "Onboarding", "quantity": 1, "unitPrice": "500"}],
+                },
+            ]
         }
     )
 
     from_: Annotated[str, _TIME_IN] | None = Field(default=None, alias="from")
     to: Annotated[str, _TIME_IN] | None = None
+    items: list[InvoiceItem] | None = Field(default=None, max_length=100)
 
     @field_validator("from_", "to", mode="before")
     @classmethod
@@ -342,6 +373,11 @@ class LineUsage(_Response):
 
 
 class InvoiceLine(_Response):
+    """A line of usage: one charge of the offering."""
+
+    type: Literal["usage"] = Field(
+        default="usage", description="Absent on invoices finalized before lines had types."
+    )
     dimensionId: str
     name: str
     quantity: DecimalText
@@ -356,10 +392,27 @@ class InvoiceLine(_Response):
     warnings: list[str] | None = None
 
 
+class ItemLine(_Response):
+    """A manual item (SPEC 11)."""
+
+    type: Literal["item"]
+    description: str
+    quantity: DecimalText
+    unitPrice: DecimalText
+    exactAmount: DecimalText
+    amount: DecimalText
+
+
 class Invoice(_Response):
-    """An invoice as JSON (SPEC §5). A draft is recomputed as of now on every read."""
+    """An invoice as JSON (SPEC §5, §11). A draft is recomputed as of now on every read; a
+    finalized one is served as stored; a void one is the finalized one, marked void."""
 
     id: str
+    number: str | None = Field(
+        default=None,
+        description="INV-000001, ... once finalized (one gapless sequence); null for drafts. "
+        "Absent on invoices finalized before numbers existed.",
+    )
     customerId: str
     customerName: str
     offeringId: str
@@ -369,26 +422,32 @@ class Invoice(_Response):
     to: Timestamp
     asOf: Timestamp
     timezone: str
-    status: Literal["draft", "finalized"]
+    status: Literal["draft", "finalized", "void"]
     createdAt: Timestamp
     finalizedAt: Timestamp | None
-    lines: list[InvoiceLine]
+    lines: list[InvoiceLine | ItemLine]
     subtotal: DecimalText
     total: DecimalText
     creditsApplied: DecimalText
     amountDue: DecimalText
     walletBalance: DecimalText
+    voidedAt: Timestamp | None = Field(default=None, description="Void invoices only.")
+    creditsReturned: DecimalText | None = Field(
+        default=None, description="Void invoices only: the credits given back to the wallet."
+    )
 
 
 class InvoiceSummary(_Response):
     id: str
+    number: str | None
     customerId: str
-    status: Literal["draft", "finalized"]
+    status: Literal["draft", "finalized", "void"]
     currency: str | None
     from_: Timestamp | None = Field(alias="from")
     to: Timestamp | None
     createdAt: Timestamp
     finalizedAt: Timestamp | None
+    voidedAt: Timestamp | None
     total: DecimalText | None
     amountDue: DecimalText | None
 
@@ -406,7 +465,7 @@ class WalletBalance(_Response):
 class WalletEntry(_Response):
     seq: int
     id: str
-    kind: Literal["top_up", "invoice", "adjustment"]
+    kind: Literal["top_up", "invoice", "void", "adjustment"]
     currency: str
     amount: DecimalText
     balance: DecimalText

@@ -1,4 +1,4 @@
-"""The events the gateway forwards (meters' thresholds and resets, finalized invoices).
+"""The events the gateway forwards (meters' thresholds and resets, finalized and void invoices).
 
 Every event is one JSON envelope ``{"id", "type", "createdAt", "data"}``; ``id`` is stable (the
 same threshold of the same period always has the same id), so receivers deduplicate on it. An
@@ -8,7 +8,7 @@ that subscribes to its type; the caller writes those rows in its own transaction
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, Literal, Protocol
 
 import orjson
@@ -16,8 +16,23 @@ import orjson
 from meter_gateway.pipeline.timestamps import format_timestamp
 from meter_gateway.store.base import OutboxEvent
 
-EventType = Literal["threshold_reached", "meter_reset", "invoice_finalized"]
-EVENT_TYPES: tuple[EventType, ...] = ("threshold_reached", "meter_reset", "invoice_finalized")
+EventType = Literal["threshold_reached", "meter_reset", "invoice.finalized", "invoice.voided"]
+EVENT_TYPES: tuple[EventType, ...] = (
+    "threshold_reached",
+    "meter_reset",
+    "invoice.finalized",
+    "invoice.voided",
+)
+#: Names an exporter's ``events`` may still use, and the type each stands for: finalized
+#: invoices went out as ``invoice_finalized`` before SPEC 11 named them ``invoice.finalized``.
+LEGACY_NAMES: Mapping[str, EventType] = {"invoice_finalized": "invoice.finalized"}
+
+
+def subscription(names: Iterable[str]) -> frozenset[str] | None:
+    """The event types an exporter's ``events`` list subscribes to (None: every type), with
+    legacy names read as the types they stand for."""
+    types = frozenset(LEGACY_NAMES.get(n, n) for n in names)
+    return types or None
 
 
 class EventRoute(Protocol):

@@ -1,12 +1,16 @@
-"""Invoices: a customer's charges for a period ``[from, to)``, drafted, then finalized for good.
+"""Invoices: a customer's charges for a period ``[from, to)``, drafted, finalized, voided.
 
 A draft is recomputed from the usage whenever it is read (a period that ends in the future is
-billed to date: ``asOf``). Finalizing computes it once more and, in ONE store transaction, stores
-the exact JSON, CSV and HTML bytes (served verbatim from then on: later usage never changes
-them), draws the wallet down by ``min(balance, total)`` and queues the ``invoice_finalized``
-event. Every line carries how to reproduce its quantity (the ``GET /v1/usage`` query and the
-rule that turns its windows into the quantity) and its tier breakdown. Amounts are rounded once
-per line (``pricing.round_money``); subtotal and total are the exact sums of the rounded lines.
+billed to date: ``asOf``); it may carry manual items (``type: item`` lines) and can be deleted.
+Finalizing computes it once more and, in ONE store transaction, takes the next number of the one
+gapless sequence (``INV-000001``, ...), stores the exact JSON, CSV and HTML bytes (served
+verbatim from then on: later usage never changes them), draws the wallet down by
+``min(balance, total)`` and queues the ``invoice.finalized`` event. Voiding a finalized invoice
+gives those credits back, queues ``invoice.voided`` and frees its period to be invoiced again
+(one finalized invoice per customer and period). Every usage line carries how to reproduce its
+quantity (the ``GET /v1/usage`` query and the rule that turns its windows into the quantity)
+and its tier breakdown. Amounts are rounded once per line (``pricing.round_money``); subtotal
+and total are the exact sums of the rounded lines.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import csv
 import io
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import Decimal
 from html import escape
 from typing import Any
@@ -35,9 +39,11 @@ from meter_gateway.decimals import EXACT, ZERO, fmt
 from meter_gateway.pipeline.timestamps import format_timestamp, parse_timestamp
 from meter_gateway.store.base import (
     ConflictError,
+    FinalInvoice,
     InvoiceRow,
     LedgerEntry,
     MeteredBillingStore,
+    PeriodInvoicedError,
 )
 
 FORMATS = {
@@ -57,6 +63,40 @@ class InvoiceError(Exception):
 
 def new_invoice_id() -> str:
     return f"inv_{uuid.uuid4().hex[:20]}"
+
+
+#: Manual items one draft may carry.
+MAX_ITEMS = 100
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    """A one-off charge on a draft (a line of ``type: item``): quantity × unit price."""
+
+    description: str
+    quantity: Decimal
+    unit_price: Decimal
+
+
+def _item_line(item: Item, currency: str) -> dict[str, Any]:
+    exact = EXACT.multiply(item.quantity, item.unit_price)
+    return {
+        "type": "item",
+        "description": item.description,
+        "quantity": fmt(item.quantity),
+        "unitPrice": fmt(item.unit_price),
+        "exactAmount": fmt(exact),
+        "amount": _money(pricing.round_money(exact, currency)),
+    }
+
+
+def items_of(doc: Mapping[str, Any]) -> list[Item]:
+    """The manual items a stored document carries (its lines of type item)."""
+    return [
+        Item(ln["description"], Decimal(ln["quantity"]), Decimal(ln["unitPrice"]))
+        for ln in doc.get("lines", ())
+        if ln.get("type") == "item"
+    ]
 
 
 # --- computing -----------------------------------------------------------------------------
@@ -103,6 +143,7 @@ def _line(
     amount, usage = rated.revenue, rated.usage
     query, rule = _usage_query(customer, dim, from_ns, as_of_ns, tz)
     line: dict[str, Any] = {
+        "type": "usage",
         "dimensionId": dim.id,
         "name": dim.name,
         "quantity": fmt(quantity),
@@ -160,8 +201,10 @@ def compute(
     to_ns: int,
     created_ns: int,
     as_of_ns: int,
+    items: Sequence[Item] = (),
 ) -> dict[str, Any]:
-    """The invoice document of a draft as of ``as_of_ns`` (usage up to then)."""
+    """The invoice document of a draft as of ``as_of_ns`` (usage up to then): a usage line per
+    charge of the offering, then the manual ``items``."""
     customer = catalog.customers.get(customer_id)
     if customer is None:
         raise InvoiceError(409, f"customer {customer_id!r} is no longer in the catalog")
@@ -175,13 +218,20 @@ def compute(
             raise InvoiceError(409, f"dimension {charge.dimension!r} is not in the catalog")
     rated = rating.rate(store, catalog, customer_id, from_ns, to_ns, end, tz, charged_only=True)
     lines = [_line(ln, customer_id, from_ns, end, tz) for ln in rated.lines]
+    # Recurring fees (lines of type fee) come from the rating path beside the usage lines.
+    lines += [_item_line(item, currency) for item in items]
     assert rated.total is not None  # the customer has an offering
-    subtotal = rated.total
+    # Every line is rounded once; the sum of rounded amounts is exact (round_money only
+    # writes it with the currency's places).
+    subtotal = pricing.round_money(
+        sum((Decimal(ln["amount"]) for ln in lines[len(rated.lines) :]), rated.total), currency
+    )
     wallet, _ = balance(store, customer_id, currency)
     wallet = pricing.round_money(wallet, currency)  # top-ups are whole minor units: exact
     credits = min(max(wallet, ZERO), subtotal)
     return {
         "id": invoice_id,
+        "number": None,  # given at finalization
         "customerId": customer_id,
         "customerName": customer.name,
         "offeringId": offering.id,
@@ -227,6 +277,8 @@ CSV_COLUMNS = (
     "unit_price",
     "amount",
     "usage_query",
+    "invoice_number",
+    "line_type",
 )
 
 
@@ -250,17 +302,24 @@ def render_csv(doc: Mapping[str, Any]) -> bytes:
                 doc["currency"],
                 doc["from"],
                 doc["to"],
-                _cell(ln["dimensionId"]),
-                _cell(ln["name"]),
-                _cell(ln["unit"]),
+                _cell(ln.get("dimensionId", "")),
+                _cell(_line_name(ln)),
+                _cell(ln.get("unit", "")),
                 ln["quantity"],
-                ln["model"],
+                ln.get("model", ""),
                 ln.get("unitPrice", ""),
                 ln["amount"],
-                ln["usage"]["query"],
+                ln["usage"]["query"] if "usage" in ln else "",
+                doc.get("number") or "",
+                ln.get("type", "usage"),
             ]
         )
     return buf.getvalue().encode()
+
+
+def _line_name(ln: Mapping[str, Any]) -> str:
+    name = ln.get("name", ln.get("description", ""))
+    return name if isinstance(name, str) else ""
 
 
 _STYLE = """
@@ -270,7 +329,7 @@ th,td{text-align:left;padding:.35rem .5rem;border-bottom:1px solid #ddd;vertical
 td.n,th.n{text-align:right;font-variant-numeric:tabular-nums}
 tr.tier td{color:#555;font-size:.9em;border-bottom:none}
 tfoot td{font-weight:600}
-.draft{color:#b00;font-weight:700}
+.draft,.void{color:#b00;font-weight:700}
 code{font-size:.8em;word-break:break-all}
 @media print{body{margin:0}a{color:inherit;text-decoration:none}}
 """
@@ -283,17 +342,25 @@ def render_html(doc: Mapping[str, Any]) -> bytes:
         return escape("" if v is None else str(v), quote=True)
 
     cur = e(doc["currency"])
+    title = e(doc.get("number") or doc["id"])
     out = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>Invoice {e(doc['id'])} — {e(doc['customerName'])}</title>",
+        f"<title>Invoice {title} — {e(doc['customerName'])}</title>",
         f"<style>{_STYLE}</style></head><body><main>",
-        f"<h1>Invoice {e(doc['id'])}</h1>",
+        f"<h1>Invoice {title}</h1>",
     ]
-    if doc["status"] != "finalized":
+    if doc["status"] == "draft":
         out.append('<p class="draft">DRAFT — amounts change until the invoice is finalized</p>')
+    elif doc["status"] == "void":
+        out.append(
+            f'<p class="void">VOID since {e(doc.get("voidedAt"))} — nothing is due; '
+            f"{e(doc.get('creditsReturned'))} {cur} of prepaid credits were given back</p>"
+        )
+    out.append('<table class="meta"><tbody>')
+    if doc.get("number"):
+        out.append(f"<tr><th>Invoice id</th><td>{e(doc['id'])}</td></tr>")
     out += [
-        '<table class="meta"><tbody>',
         f"<tr><th>Customer</th><td>{e(doc['customerName'])} ({e(doc['customerId'])})</td></tr>",
         f"<tr><th>Offering</th><td>{e(doc['offeringName'])} ({e(doc['offeringId'])})</td></tr>",
         f"<tr><th>Period</th><td>{e(doc['from'])} – {e(doc['to'])}"
@@ -306,6 +373,13 @@ def render_html(doc: Mapping[str, Any]) -> bytes:
         f'<th>Unit</th><th>Pricing</th><th class="n">Amount ({cur})</th></tr></thead><tbody>',
     ]
     for ln in doc["lines"]:
+        if ln.get("type") == "item":
+            out.append(
+                f"<tr><td>{e(ln['description'])}</td>"
+                f'<td class="n">{e(ln["quantity"])}</td><td></td>'
+                f'<td>{e(ln["unitPrice"])} {cur} each</td><td class="n">{e(ln["amount"])}</td></tr>'
+            )
+            continue
         if "unitPrice" in ln:
             pricing_text = f"{e(ln['unitPrice'])} {cur} per {e(ln['unit'])}"
         elif "package" in ln:
@@ -357,6 +431,10 @@ RENDERERS: Mapping[str, Callable[[Mapping[str, Any]], bytes]] = {
 
 # --- the service ----------------------------------------------------------------------------
 
+#: Called with an invoice being voided: the job state, written with the void, that lets the
+#: billing-cycle job invoice its period again when it was a cycle (``cycles.reopen``), or None.
+Reopen = Callable[[InvoiceRow, Catalog], Mapping[str, Mapping[str, Any] | None] | None]
+
 
 @dataclass
 class Invoices:
@@ -367,38 +445,50 @@ class Invoices:
     route: EventRoute
     new_id: Callable[[], str] = new_invoice_id
     on_events: Callable[[], None] | None = None
+    reopen: Reopen | None = None
 
-    def create(self, customer_ref: str, from_ns: int, to_ns: int) -> InvoiceRow:
+    def create(
+        self,
+        customer_ref: str,
+        from_ns: int,
+        to_ns: int,
+        items: Sequence[Item] = (),
+        invoice_id: str | None = None,
+    ) -> InvoiceRow:
+        """A new draft; ``invoice_id`` (e.g. derived from an idempotency key) instead of a
+        fresh one: ``ConflictError`` if that id exists."""
         catalog = self.catalog()
         customer = catalog.customer_id(customer_ref)
         if customer is None:
             raise InvoiceError(404, f"unknown customer {customer_ref!r}")
         if to_ns <= from_ns:
             raise InvoiceError(400, "'to' must be after 'from'")
+        if len(items) > MAX_ITEMS:
+            raise InvoiceError(422, f"items: at most {MAX_ITEMS} on one invoice")
         now = self.clock.now_ns()
-        invoice_id = self.new_id()
-        doc = compute(self.store, catalog, self.tz, invoice_id, customer, from_ns, to_ns, now, now)
-        row = InvoiceRow(invoice_id, customer, "draft", now, None, doc, {})
+        invoice_id = invoice_id or self.new_id()
+        doc = compute(
+            self.store, catalog, self.tz, invoice_id, customer, from_ns, to_ns, now, now, items
+        )
+        row = InvoiceRow(invoice_id, customer, "draft", now, None, doc, {}, None, from_ns, to_ns)
         self.store.invoice_create(row)
         return row
 
     def get(self, invoice_id: str) -> InvoiceRow:
         """The invoice; a draft is recomputed now (and saved when its amounts moved)."""
-        row = self.store.invoice_get(invoice_id)
-        if row is None:
-            raise InvoiceError(404, f"invoice {invoice_id!r} not found")
+        row = self._row(invoice_id)
         if row.status != "draft":
             return row
         doc = self._recompute(row)
         if _without_as_of(doc) != _without_as_of(row.document):
             self.store.invoice_update_draft(invoice_id, doc)
-        return InvoiceRow(row.id, row.customer, row.status, row.created_ns, None, doc, {})
+        return _with(row, document=doc)
 
     def render(self, invoice_id: str, format: str) -> bytes:
         if format not in FORMATS:
             raise InvoiceError(400, f"format must be json, csv or html, got {format!r}")
         row = self.get(invoice_id)
-        if row.status == "finalized":
+        if row.status != "draft":
             return row.renditions[format]
         return RENDERERS[format](row.document)
 
@@ -410,55 +500,224 @@ class Invoices:
             raise InvoiceError(404, f"unknown customer {customer_ref!r}")
         return self.store.invoice_list(customer, after, limit)
 
+    def search(
+        self,
+        customer_ref: str | None,
+        status: str | None,
+        from_ns: int | None,
+        to_ns: int | None,
+        after: tuple[int, str] | None,
+        limit: int,
+    ) -> list[InvoiceRow]:
+        """Invoices across customers: of one customer (id or alias), of one status, whose
+        period overlaps ``[from_ns, to_ns)``; by creation, after the cursor."""
+        customer = None
+        if customer_ref is not None:
+            customer = self.catalog().customer_id(customer_ref)
+            if customer is None:
+                raise InvoiceError(404, f"unknown customer {customer_ref!r}")
+        return self.store.invoice_list(
+            customer, after, limit, status=status, from_ns=from_ns, to_ns=to_ns
+        )
+
+    def delete(self, invoice_id: str) -> None:
+        """Delete a draft (a finalized or void invoice stays: 409)."""
+        row = self._row(invoice_id)
+        if row.status == "draft" and self.store.invoice_delete_draft(invoice_id):
+            return
+        row = self._row(invoice_id)  # finalized meanwhile?
+        raise InvoiceError(
+            409,
+            f"invoice {invoice_id!r} is {row.status}: only drafts can be deleted"
+            + (" (void it instead)" if row.status == "finalized" else ""),
+        )
+
     def finalize(self, invoice_id: str) -> InvoiceRow:
         """Freeze the invoice (idempotent: finalizing a finalized invoice returns it)."""
         for _ in range(RETRIES):
-            row = self.store.invoice_get(invoice_id)
-            if row is None:
-                raise InvoiceError(404, f"invoice {invoice_id!r} not found")
+            row = self._row(invoice_id)
             if row.status == "finalized":
                 return row
+            if row.status == "void":
+                raise InvoiceError(409, f"invoice {invoice_id!r} is void")
+            self._check_period_free(row)
+            done = self._finalize(row, self._recompute(row, as_of_ns=self.clock.now_ns()))
+            if done is not None:
+                return done
+        raise InvoiceError(409, f"invoice {invoice_id!r}: the wallet kept changing; try again")
+
+    def issue(
+        self,
+        customer: str,
+        from_ns: int,
+        to_ns: int,
+        fence: tuple[str, str] | None,
+        states: Mapping[str, Mapping[str, Any] | None],
+    ) -> InvoiceRow:
+        """Create and finalize the invoice of ``[from_ns, to_ns)`` in one (fenced) store
+        transaction that also writes ``states``: the billing-cycle job's step.
+        ``PeriodInvoicedError`` when the period is invoiced already."""
+        catalog = self.catalog()
+        for _ in range(RETRIES):
             now = self.clock.now_ns()
-            doc = self._recompute(row, as_of_ns=now)
-            currency, total = doc["currency"], Decimal(doc["total"])
-            wallet, seq = balance(self.store, row.customer, currency)
-            wallet = pricing.round_money(wallet, currency)  # whole minor units: exact
-            credits = min(max(wallet, ZERO), total)
-            ledger: Sequence[LedgerEntry] = ()
+            invoice_id = self.new_id()
+            doc = compute(
+                self.store, catalog, self.tz, invoice_id, customer, from_ns, to_ns, now, now
+            )
+            row = InvoiceRow(
+                invoice_id, customer, "draft", now, None, doc, {}, None, from_ns, to_ns,
+                origin="cycle",
+            )  # fmt: skip
+            self._check_period_free(row)
+            done = self._finalize(row, doc, insert=True, fence=fence, states=states)
+            if done is not None:
+                return done
+        raise InvoiceError(409, f"customer {customer!r}: the wallet kept changing; try again")
+
+    def void(self, invoice_id: str) -> InvoiceRow:
+        """Void a finalized invoice: its credits go back to the wallet, its period is free
+        again (idempotent: voiding a void invoice returns it)."""
+        for _ in range(RETRIES):
+            row = self._row(invoice_id)
+            if row.status == "void":
+                return row
+            if row.status == "draft":
+                raise InvoiceError(
+                    409, f"invoice {invoice_id!r} is a draft: delete it instead of voiding it"
+                )
+            now = self.clock.now_ns()
+            doc = dict(row.document)
+            currency = doc["currency"]
+            credits = Decimal(doc.get("creditsApplied") or "0")
+            ledger: list[LedgerEntry] = []
             if credits > 0:
-                ledger = [
+                wallet, seq = balance(self.store, row.customer, currency)
+                ledger.append(
                     LedgerEntry(
                         row.customer,
                         currency,
                         seq + 1,
-                        f"invoice:{invoice_id}",
-                        "invoice",
-                        -credits,
-                        EXACT.subtract(wallet, credits),
+                        f"void:{invoice_id}",
+                        "void",
+                        credits,
+                        EXACT.add(wallet, credits),
                         now,
                         invoice_id,
                     )
-                ]
-            doc.update(
-                status="finalized",
-                finalizedAt=format_timestamp(now),
-                creditsApplied=_money(credits),
-                amountDue=_money(EXACT.subtract(total, credits)),
-                walletBalance=_money(EXACT.subtract(wallet, credits)),
-            )
-            renditions = {f: render(doc) for f, render in RENDERERS.items()}
-            events = self.route("invoice_finalized", f"invoice/{invoice_id}/finalized", doc, now)
-            try:
-                done = self.store.invoice_finalize(invoice_id, doc, renditions, now, ledger, events)
-            except ConflictError:
-                continue  # the wallet moved (a top-up, another invoice): recompute the credits
-            if done and events and self.on_events is not None:
-                self.on_events()
-            if done:
-                return InvoiceRow(
-                    row.id, row.customer, "finalized", row.created_ns, now, doc, renditions
                 )
+            doc.update(status="void", voidedAt=format_timestamp(now))
+            doc["creditsReturned"] = _money(credits)
+            renditions = {f: render(doc) for f, render in RENDERERS.items()}
+            events = self.route("invoice.voided", f"invoice/{invoice_id}/voided", doc, now)
+            voided = _with(row, status="void", document=doc, renditions=renditions)
+            states = None
+            if self.reopen is not None:
+                states = self.reopen(_with(voided, voided_ns=now), self.catalog())
+            try:
+                done = self.store.invoice_void(
+                    invoice_id, doc, renditions, now, ledger, events, states
+                )
+            except ConflictError:
+                continue  # the wallet moved: give back on top of the new balance
+            if done:
+                if events and self.on_events is not None:
+                    self.on_events()
+                return _with(voided, voided_ns=now)
         raise InvoiceError(409, f"invoice {invoice_id!r}: the wallet kept changing; try again")
+
+    def backfill_periods(self) -> int:
+        """Give invoices stored before periods were columns their period (once, at start)."""
+
+        def period_of(doc: Mapping[str, Any]) -> tuple[int, int] | None:
+            try:
+                return parse_timestamp(doc["from"]), parse_timestamp(doc["to"])
+            except (KeyError, TypeError, ValueError):
+                return None
+
+        return self.store.invoice_backfill_periods(period_of)
+
+    # --- helpers
+
+    def _row(self, invoice_id: str) -> InvoiceRow:
+        row = self.store.invoice_get(invoice_id)
+        if row is None:
+            raise InvoiceError(404, f"invoice {invoice_id!r} not found")
+        return row
+
+    def _check_period_free(self, row: InvoiceRow) -> None:
+        """409 if another invoice is finalized for exactly this period (the store's unique
+        index decides races; this names the invoice, and covers invoices finalized before
+        numbers existed, which the index leaves out)."""
+        if row.from_ns is None or row.to_ns is None:
+            return
+        for other in self.store.invoice_list(
+            row.customer, None, 100, status="finalized", from_ns=row.from_ns, to_ns=row.to_ns
+        ):
+            if (other.from_ns, other.to_ns) == (row.from_ns, row.to_ns) and other.id != row.id:
+                raise PeriodInvoicedError(
+                    f"customer {row.customer!r}'s period {format_timestamp(row.from_ns)} to "
+                    f"{format_timestamp(row.to_ns)} is already invoiced by "
+                    f"{other.number or other.id} (void it to invoice the period again)"
+                )
+
+    def _finalize(
+        self,
+        row: InvoiceRow,
+        doc: dict[str, Any],
+        *,
+        insert: bool = False,
+        fence: tuple[str, str] | None = None,
+        states: Mapping[str, Mapping[str, Any] | None] | None = None,
+    ) -> InvoiceRow | None:
+        """One attempt: the finalized row, or None when the wallet moved (retry). A draft
+        finalized meanwhile (another replica) is returned as stored."""
+        now = self.clock.now_ns()
+        currency, total = doc["currency"], Decimal(doc["total"])
+        wallet, seq = balance(self.store, row.customer, currency)
+        wallet = pricing.round_money(wallet, currency)  # whole minor units: exact
+        credits = min(max(wallet, ZERO), total)
+        ledger: Sequence[LedgerEntry] = ()
+        if credits > 0:
+            ledger = [
+                LedgerEntry(
+                    row.customer,
+                    currency,
+                    seq + 1,
+                    f"invoice:{row.id}",
+                    "invoice",
+                    -credits,
+                    EXACT.subtract(wallet, credits),
+                    now,
+                    row.id,
+                )
+            ]
+        doc.update(
+            status="finalized",
+            finalizedAt=format_timestamp(now),
+            creditsApplied=_money(credits),
+            amountDue=_money(EXACT.subtract(total, credits)),
+            walletBalance=_money(EXACT.subtract(wallet, credits)),
+        )
+
+        def finish(number: str) -> FinalInvoice:
+            final = {**doc, "number": number}
+            renditions = {f: render(final) for f, render in RENDERERS.items()}
+            events = self.route("invoice.finalized", f"invoice/{row.id}/finalized", final, now)
+            return FinalInvoice(final, renditions, events)
+
+        try:
+            done = self.store.invoice_finalize(
+                row, now, ledger, finish, insert=insert, fence=fence, states=states
+            )
+        except PeriodInvoicedError:
+            raise
+        except ConflictError:
+            return None  # the wallet moved (a top-up, another invoice): recompute the credits
+        if done is None:
+            return self._row(row.id)
+        if self.on_events is not None:
+            self.on_events()
+        return done
 
     def _recompute(self, row: InvoiceRow, as_of_ns: int | None = None) -> dict[str, Any]:
         d = row.document
@@ -473,7 +732,12 @@ class Invoices:
             parse_timestamp(d["to"]),
             row.created_ns,
             now,
+            items_of(d),
         )
+
+
+def _with(row: InvoiceRow, **changes: Any) -> InvoiceRow:
+    return replace(row, **changes)
 
 
 def _without_as_of(doc: Mapping[str, Any]) -> dict[str, Any]:
@@ -485,6 +749,7 @@ def summary_json(row: InvoiceRow) -> dict[str, Any]:
     d = row.document
     return {
         "id": row.id,
+        "number": row.number,
         "customerId": row.customer,
         "status": row.status,
         "currency": d.get("currency"),
@@ -492,6 +757,7 @@ def summary_json(row: InvoiceRow) -> dict[str, Any]:
         "to": d.get("to"),
         "createdAt": format_timestamp(row.created_ns),
         "finalizedAt": None if row.finalized_ns is None else format_timestamp(row.finalized_ns),
+        "voidedAt": None if row.voided_ns is None else format_timestamp(row.voided_ns),
         "total": d.get("total"),
         "amountDue": d.get("amountDue"),
     }

@@ -2,7 +2,8 @@
 
 ``IngestStore`` (one atomic commit for a group of batches, receiver state), ``UsageReader``
 (the reads aggregation and listings need), ``CatalogStore``, ``BillingStore`` (invoices, wallet,
-job state, outbox) and ``LeaseStore`` (scheduled work on one replica); ``Store`` is all of them.
+job state, outbox), ``IdempotencyStore`` (answers recorded under ``Idempotency-Key``) and
+``LeaseStore`` (scheduled work on one replica); ``Store`` is all of them.
 Callers type against the narrow one they use. Implementations: ``sqlite.SQLiteStore`` (embedded
 default) and ``postgres.PostgresStore``, each with its own ingest and usage path and both with
 the one billing persistence of ``store.billing``.
@@ -14,7 +15,7 @@ then finds the record and rejects it alone); any other failure is the store's ow
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from decimal import Decimal, localcontext
@@ -407,10 +408,19 @@ class BillingStore(Protocol):
         ...
 
     def invoice_list(
-        self, customer: str | None, after: tuple[int, str] | None, limit: int
+        self,
+        customer: str | None,
+        after: tuple[int, str] | None,
+        limit: int,
+        *,
+        status: str | None = None,
+        from_ns: int | None = None,
+        to_ns: int | None = None,
     ) -> list[InvoiceRow]:
         """Invoices (of one customer, or all) ordered by ``(created_ns, id)``, those after the
-        ``after`` key only; rows come without ``renditions`` (an empty dict)."""
+        ``after`` key only; rows come without ``renditions`` (an empty dict). ``status`` keeps
+        one status; ``from_ns``/``to_ns`` keep invoices whose period overlaps
+        ``[from_ns, to_ns)``."""
         ...
 
     def invoice_update_draft(self, invoice_id: str, document: Mapping[str, Any]) -> bool:
@@ -418,21 +428,55 @@ class BillingStore(Protocol):
         invoice does not exist or is no longer a draft."""
         ...
 
+    def invoice_delete_draft(self, invoice_id: str) -> bool:
+        """Delete a draft; False, deleting nothing, when it is absent or not a draft."""
+        ...
+
     def invoice_finalize(
+        self,
+        invoice: InvoiceRow,
+        finalized_ns: int,
+        ledger: Sequence[LedgerEntry],
+        finish: Callable[[str], FinalInvoice],
+        *,
+        insert: bool = False,
+        fence: tuple[str, str] | None = None,
+        states: Mapping[str, Mapping[str, Any] | None] | None = None,
+    ) -> InvoiceRow | None:
+        """In ONE transaction: check the fence; if ``insert``, write ``invoice`` as a new row,
+        else require the stored ``invoice.id`` to still be a draft (None, writing nothing,
+        when it is not: finalized meanwhile, e.g. by another replica, or absent); append the
+        ledger entries (rules of ``wallet_append``: a taken seq raises ``ConflictError``); take
+        the next number of the one gapless sequence (``INV-000001``, ...: a counter row
+        updated in this transaction, so a rollback gives the number back); call
+        ``finish(number)`` for the document, its exact renditions (served verbatim from then
+        on) and the outbox events, and write them with status ``finalized``; upsert
+        ``states`` (job state, as ``job_commit``). ``PeriodInvoicedError`` (nothing written)
+        when another numbered invoice of the customer is finalized for the same period. The
+        finalized row."""
+        ...
+
+    def invoice_void(
         self,
         invoice_id: str,
         document: Mapping[str, Any],
         renditions: Mapping[str, bytes],
-        finalized_ns: int,
+        voided_ns: int,
         ledger: Sequence[LedgerEntry],
         events: Sequence[OutboxEvent],
+        states: Mapping[str, Mapping[str, Any] | None] | None = None,
     ) -> bool:
-        """In ONE transaction: if the invoice is still a draft, set it ``finalized`` at
-        ``finalized_ns`` with this document and these exact renditions (format → bytes, served
-        verbatim from then on and never changed), append the ledger entries (rules of
-        ``wallet_append``: a taken seq raises ``ConflictError`` and nothing is written) and the
-        outbox events. Returns False, writing nothing, when the invoice is not a draft (already
-        finalized, e.g. by another replica, or absent)."""
+        """In ONE transaction: if the invoice is finalized, make it ``void`` at ``voided_ns``
+        with this document and these renditions (its period is free again), append the ledger
+        entries (credits given back; ``wallet_append``'s rules), the outbox events and the job
+        states. False, writing nothing, when it is not finalized."""
+        ...
+
+    def invoice_backfill_periods(
+        self, period_of: Callable[[Mapping[str, Any]], tuple[int, int] | None]
+    ) -> int:
+        """Give rows stored before invoices had period columns their ``from_ns``/``to_ns``, as
+        ``period_of(document)`` reads them; how many rows it set."""
         ...
 
     def wallet_last(self, customer: str, currency: str) -> LedgerEntry | None:
@@ -502,11 +546,39 @@ class BillingStore(Protocol):
         ...
 
 
+class IdempotencyStore(Protocol):
+    """Answers recorded under ``Idempotency-Key`` headers, per (path, key)."""
+
+    def idempotency_begin(
+        self, path: str, key: str, fingerprint: str, now_ns: int, stale_before_ns: int
+    ) -> IdempotentAnswer | None:
+        """Reserve (path, key) for a request with this fingerprint: None when the caller now
+        holds it (new, or an unfinished reservation made before ``stale_before_ns``, taken
+        over); otherwise what is recorded there (finished or still in progress)."""
+        ...
+
+    def idempotency_finish(
+        self, path: str, key: str, status: int, media_type: str | None, body: bytes
+    ) -> None:
+        """Record the reserved request's answer (replayed for the same key from then on)."""
+        ...
+
+    def idempotency_release(self, path: str, key: str) -> None:
+        """Drop an unfinished reservation (the request failed: the key may be used again)."""
+        ...
+
+    def idempotency_purge(self, before_ns: int) -> int:
+        """Delete what was recorded before ``before_ns``; how many."""
+        ...
+
+
 class MeteredBillingStore(UsageReader, BillingStore, Protocol):
     """What rates usage into money: invoices and meters read usage and write billing."""
 
 
-class Store(IngestStore, UsageReader, LeaseStore, CatalogStore, BillingStore, Protocol):
+class Store(
+    IngestStore, UsageReader, LeaseStore, CatalogStore, BillingStore, IdempotencyStore, Protocol
+):
     """Every concern of a store, as a gateway opens it."""
 
     def close(self) -> None: ...
@@ -522,9 +594,13 @@ class ConflictError(RuntimeError):
 
 @dataclass(frozen=True, slots=True)
 class InvoiceRow:
-    """An invoice as stored. ``status`` is ``draft`` or ``finalized``; ``document`` is the
-    invoice JSON (for a draft, its last computation); ``renditions`` maps a format (``json``,
-    ``csv``, ``html``) to the exact bytes served for a finalized invoice (empty for drafts)."""
+    """An invoice as stored. ``status`` is ``draft``, ``finalized`` or ``void``; ``document`` is
+    the invoice JSON (for a draft, its last computation); ``renditions`` maps a format
+    (``json``, ``csv``, ``html``) to the exact bytes served for a finalized or void invoice
+    (empty for drafts). ``number`` is the gapless number a finalization gave it (None for
+    drafts, and for invoices finalized before numbers existed); ``from_ns``/``to_ns`` its period
+    (None only for rows older than those columns, until backfilled); ``origin`` ``api`` or
+    ``cycle`` (made by the billing-cycle job)."""
 
     id: str
     customer: str
@@ -533,6 +609,39 @@ class InvoiceRow:
     finalized_ns: int | None
     document: dict[str, Any]
     renditions: dict[str, bytes]
+    number: str | None = None
+    from_ns: int | None = None
+    to_ns: int | None = None
+    voided_ns: int | None = None
+    origin: str = "api"
+
+
+@dataclass(frozen=True, slots=True)
+class FinalInvoice:
+    """What a finalization writes once its number is known: the document, its exact
+    renditions and the outbox events (see ``BillingStore.invoice_finalize``)."""
+
+    document: dict[str, Any]
+    renditions: dict[str, bytes]
+    events: Sequence[OutboxEvent]
+
+
+class PeriodInvoicedError(ConflictError):
+    """A finalization found the customer's period already held by another finalized invoice
+    (one finalized invoice per customer and exact period; a void one frees it). Nothing was
+    written."""
+
+
+@dataclass(frozen=True, slots=True)
+class IdempotentAnswer:
+    """What an ``Idempotency-Key`` recorded: the request's fingerprint and, once the first
+    request finished, its answer (``status`` None: still in progress)."""
+
+    fingerprint: str
+    status: int | None
+    media_type: str | None
+    body: bytes | None
+    created_ns: int
 
 
 @dataclass(frozen=True, slots=True)

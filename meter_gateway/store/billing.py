@@ -1,15 +1,17 @@
-"""Billing persistence written once, for every SQL store: the catalog, invoices, the wallet
-ledger, leases with fenced job commits, and the outbox.
+"""Billing persistence written once, for every SQL store: the catalog, invoices (with the one
+gapless number sequence), the wallet ledger, leases with fenced job commits, the outbox and
+idempotency keys.
 
-``SqlBilling`` implements ``CatalogStore``, ``BillingStore`` and ``LeaseStore`` (semantics in
-``store.base``) over a ``Dialect``; ``SQLiteStore`` and ``PostgresStore`` compose it and keep
-only their hot ingest and usage paths to themselves. Every method is one transaction.
+``SqlBilling`` implements ``CatalogStore``, ``BillingStore``, ``IdempotencyStore`` and
+``LeaseStore`` (semantics in ``store.base``) over a ``Dialect``; ``SQLiteStore`` and
+``PostgresStore`` compose it and keep only their hot ingest and usage paths to themselves.
+Every method is one transaction.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from decimal import Decimal
 from typing import Any
@@ -18,12 +20,15 @@ import orjson
 
 from meter_gateway.store.base import (
     ConflictError,
+    FinalInvoice,
+    IdempotentAnswer,
     InvoiceRow,
     LeaseLostError,
     LedgerEntry,
     OutboxEvent,
     OutboxItem,
     OutboxStats,
+    PeriodInvoicedError,
 )
 from meter_gateway.store.dialect import Dialect, Row, Tx
 
@@ -35,7 +40,10 @@ MAX_ERROR_CHARS = 2000
 # The upper bound of a key prefix scan: no key continues past this code point.
 _PREFIX_END = "\U0010ffff"
 
-_INVOICE_COLS = "id, customer, status, created_ns, finalized_ns, document"
+_INVOICE_COLS = (
+    "id, customer, status, created_ns, finalized_ns, document, number, from_ns, to_ns, "
+    "voided_ns, origin"
+)
 _LEDGER_COLS = "customer, currency, seq, entry_id, kind, amount, balance, created_ns, reference"
 _OUTBOX_COLS = (
     "exporter, seq, event_id, type, payload, created_ns, attempts, next_attempt_ns, last_error"
@@ -138,17 +146,7 @@ class SqlBilling:
     def invoice_create(self, invoice: InvoiceRow) -> None:
         try:
             with self._dialect.writing() as tx:
-                tx.run(
-                    "INSERT INTO invoices VALUES (?, ?, ?, ?, ?, ?)",
-                    (
-                        invoice.id,
-                        invoice.customer,
-                        invoice.status,
-                        invoice.created_ns,
-                        invoice.finalized_ns,
-                        orjson.dumps(invoice.document).decode(),
-                    ),
-                )
+                _insert_invoice(tx, invoice)
                 _put_renditions(tx, invoice.id, invoice.renditions)
         except Exception as exc:
             if not self._dialect.is_unique_violation(exc):
@@ -166,13 +164,26 @@ class SqlBilling:
         return _invoice(row, {f: bytes(b) for f, b in rend})
 
     def invoice_list(
-        self, customer: str | None, after: tuple[int, str] | None, limit: int
+        self,
+        customer: str | None,
+        after: tuple[int, str] | None,
+        limit: int,
+        *,
+        status: str | None = None,
+        from_ns: int | None = None,
+        to_ns: int | None = None,
     ) -> list[InvoiceRow]:
         sql = f"SELECT {_INVOICE_COLS} FROM invoices WHERE true"
         args: list[Any] = []
-        if customer is not None:
-            sql += " AND customer = ?"
-            args.append(customer)
+        for cond, value in (
+            (" AND customer = ?", customer),
+            (" AND status = ?", status),
+            (" AND to_ns > ?", from_ns),  # the period overlaps [from_ns, to_ns)
+            (" AND from_ns < ?", to_ns),
+        ):
+            if value is not None:
+                sql += cond
+                args.append(value)
         if after is not None:
             sql += " AND (created_ns, id) > (?, ?)"
             args.extend(after)
@@ -190,30 +201,180 @@ class SqlBilling:
             )
         return changed > 0
 
+    def invoice_delete_draft(self, invoice_id: str) -> bool:
+        with self._dialect.writing() as tx:
+            deleted = tx.run(
+                "DELETE FROM invoices WHERE id = ? AND status = 'draft'", (invoice_id,)
+            )
+            if deleted:
+                tx.run("DELETE FROM invoice_renditions WHERE invoice_id = ?", (invoice_id,))
+        return deleted > 0
+
     def invoice_finalize(
+        self,
+        invoice: InvoiceRow,
+        finalized_ns: int,
+        ledger: Sequence[LedgerEntry],
+        finish: Callable[[str], FinalInvoice],
+        *,
+        insert: bool = False,
+        fence: tuple[str, str] | None = None,
+        states: Mapping[str, Mapping[str, Any] | None] | None = None,
+    ) -> InvoiceRow | None:
+        with self._dialect.writing() as tx:
+            if fence is not None:
+                self._check_fence(tx, fence, finalized_ns)
+            if insert:
+                _insert_invoice(tx, invoice)
+            else:
+                # The row lock makes a second replica finalizing the same draft wait, then
+                # find it finalized and write nothing.
+                row = tx.one(
+                    f"SELECT status FROM invoices WHERE id = ?{self._dialect.for_update}",
+                    (invoice.id,),
+                )
+                if row is None or row[0] != "draft":
+                    return None
+            if ledger and not self._append_ledger(tx, ledger):
+                raise ConflictError(f"invoice {invoice.id!r} already drew on the wallet")
+            # The one counter row: finalizations take their numbers in commit order, and a
+            # rolled-back one gives its number back, so the sequence has no gaps.
+            counter = tx.one("UPDATE invoice_numbers SET last = last + 1 RETURNING last")
+            assert counter is not None  # the migration inserts the one row
+            number = invoice_number(int(counter[0]))
+            final = finish(number)
+            try:
+                with tx.savepoint():
+                    tx.run(
+                        "UPDATE invoices SET status = 'finalized', finalized_ns = ?, "
+                        "document = ?, number = ? WHERE id = ?",
+                        (
+                            finalized_ns,
+                            orjson.dumps(final.document).decode(),
+                            number,
+                            invoice.id,
+                        ),
+                    )
+            except Exception as exc:
+                if not self._dialect.is_unique_violation(exc):
+                    raise
+                raise PeriodInvoicedError(
+                    f"customer {invoice.customer!r} already has a finalized invoice for this "
+                    "period (void it to invoice the period again)"
+                ) from None
+            _put_renditions(tx, invoice.id, final.renditions)
+            _append_outbox(tx, final.events)
+            if states:
+                _put_states(tx, states)
+            stored = tx.one(f"SELECT {_INVOICE_COLS} FROM invoices WHERE id = ?", (invoice.id,))
+        assert stored is not None
+        return _invoice(stored, dict(final.renditions))
+
+    def invoice_void(
         self,
         invoice_id: str,
         document: Mapping[str, Any],
         renditions: Mapping[str, bytes],
-        finalized_ns: int,
+        voided_ns: int,
         ledger: Sequence[LedgerEntry],
         events: Sequence[OutboxEvent],
+        states: Mapping[str, Mapping[str, Any] | None] | None = None,
     ) -> bool:
         with self._dialect.writing() as tx:
-            # The row lock makes a second replica finalizing the same draft wait, then find
-            # it finalized and write nothing.
             changed = tx.run(
-                "UPDATE invoices SET status = 'finalized', finalized_ns = ?, document = ? "
-                "WHERE id = ? AND status = 'draft'",
-                (finalized_ns, orjson.dumps(dict(document)).decode(), invoice_id),
+                "UPDATE invoices SET status = 'void', voided_ns = ?, document = ? "
+                "WHERE id = ? AND status = 'finalized'",
+                (voided_ns, orjson.dumps(dict(document)).decode(), invoice_id),
             )
             if changed == 0:
                 return False
-            _put_renditions(tx, invoice_id, renditions)
             if ledger and not self._append_ledger(tx, ledger):
-                raise ConflictError(f"invoice {invoice_id!r} already drew on the wallet")
+                raise ConflictError(f"invoice {invoice_id!r} already gave its credits back")
+            _put_renditions(tx, invoice_id, renditions)
             _append_outbox(tx, events)
+            if states:
+                _put_states(tx, states)
         return True
+
+    def invoice_backfill_periods(
+        self, period_of: Callable[[Mapping[str, Any]], tuple[int, int] | None]
+    ) -> int:
+        with self._dialect.reading() as tx:
+            rows = tx.all("SELECT id, document FROM invoices WHERE from_ns IS NULL")
+        done = 0
+        for id_, document in rows:
+            period = period_of(orjson.loads(document))
+            if period is None:
+                continue
+            with self._dialect.writing() as tx:
+                done += tx.run(
+                    "UPDATE invoices SET from_ns = ?, to_ns = ? WHERE id = ? AND from_ns IS NULL",
+                    (period[0], period[1], id_),
+                )
+        return done
+
+    # --- idempotency keys --------------------------------------------------------------------
+
+    def idempotency_begin(
+        self, path: str, key: str, fingerprint: str, now_ns: int, stale_before_ns: int
+    ) -> IdempotentAnswer | None:
+        with self._dialect.writing() as tx:
+            # A concurrent insert of the same key waits for ours to commit, then does nothing.
+            if tx.run(
+                "INSERT INTO idempotency (path, key, fingerprint, created_ns) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (path, key) DO NOTHING",
+                (path, key, fingerprint, now_ns),
+            ):
+                return None
+            row = tx.one(
+                "SELECT fingerprint, status, media_type, body, created_ns FROM idempotency "
+                f"WHERE path = ? AND key = ?{self._dialect.for_update}",
+                (path, key),
+            )
+            if row is None:  # purged between the two statements: the key is free
+                tx.run(
+                    "INSERT INTO idempotency (path, key, fingerprint, created_ns) "
+                    "VALUES (?, ?, ?, ?)",
+                    (path, key, fingerprint, now_ns),
+                )
+                return None
+            fp, status, media_type, body, created_ns = row
+            if status is None and created_ns < stale_before_ns:
+                # The request that reserved it never finished (its process died): take over.
+                tx.run(
+                    "UPDATE idempotency SET fingerprint = ?, created_ns = ? "
+                    "WHERE path = ? AND key = ?",
+                    (fingerprint, now_ns, path, key),
+                )
+                return None
+        return IdempotentAnswer(
+            fp,
+            None if status is None else int(status),
+            media_type,
+            None if body is None else bytes(body),
+            int(created_ns),
+        )
+
+    def idempotency_finish(
+        self, path: str, key: str, status: int, media_type: str | None, body: bytes
+    ) -> None:
+        with self._dialect.writing() as tx:
+            tx.run(
+                "UPDATE idempotency SET status = ?, media_type = ?, body = ? "
+                "WHERE path = ? AND key = ? AND status IS NULL",
+                (status, media_type, body, path, key),
+            )
+
+    def idempotency_release(self, path: str, key: str) -> None:
+        with self._dialect.writing() as tx:
+            tx.run(
+                "DELETE FROM idempotency WHERE path = ? AND key = ? AND status IS NULL",
+                (path, key),
+            )
+
+    def idempotency_purge(self, before_ns: int) -> int:
+        with self._dialect.writing() as tx:
+            return tx.run("DELETE FROM idempotency WHERE created_ns < ?", (before_ns,))
 
     # --- wallet ------------------------------------------------------------------------------
 
@@ -326,16 +487,7 @@ class SqlBilling:
         with self._dialect.writing() as tx:
             if fence is not None:
                 self._check_fence(tx, fence, now_ns)
-            for key in sorted(states):  # rows locked in key order: concurrent commits queue
-                body = states[key]
-                if body is None:
-                    tx.run("DELETE FROM job_state WHERE key = ?", (key,))
-                else:
-                    tx.run(
-                        "INSERT INTO job_state VALUES (?, ?) ON CONFLICT (key) "
-                        "DO UPDATE SET body = excluded.body",
-                        (key, orjson.dumps(dict(body)).decode()),
-                    )
+            _put_states(tx, states)
             _append_outbox(tx, events)
 
     # --- outbox ------------------------------------------------------------------------------
@@ -395,11 +547,59 @@ class SqlBilling:
             )
 
 
+def invoice_number(n: int) -> str:
+    """The n-th number of the one invoice sequence."""
+    return f"INV-{n:06d}"
+
+
 def _invoice(row: Row, renditions: dict[str, bytes]) -> InvoiceRow:
-    id_, customer, status, created_ns, finalized_ns, document = row
+    id_, customer, status, created_ns, finalized_ns, document, number, f, t, voided, origin = row
     return InvoiceRow(
-        id_, customer, status, created_ns, finalized_ns, orjson.loads(document), renditions
+        id_,
+        customer,
+        status,
+        int(created_ns),
+        None if finalized_ns is None else int(finalized_ns),
+        orjson.loads(document),
+        renditions,
+        number,
+        None if f is None else int(f),
+        None if t is None else int(t),
+        None if voided is None else int(voided),
+        origin,
     )
+
+
+def _insert_invoice(tx: Tx, invoice: InvoiceRow) -> None:
+    tx.run(
+        f"INSERT INTO invoices ({_INVOICE_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            invoice.id,
+            invoice.customer,
+            invoice.status,
+            invoice.created_ns,
+            invoice.finalized_ns,
+            orjson.dumps(invoice.document).decode(),
+            invoice.number,
+            invoice.from_ns,
+            invoice.to_ns,
+            invoice.voided_ns,
+            invoice.origin,
+        ),
+    )
+
+
+def _put_states(tx: Tx, states: Mapping[str, Mapping[str, Any] | None]) -> None:
+    for key in sorted(states):  # rows locked in key order: concurrent commits queue
+        body = states[key]
+        if body is None:
+            tx.run("DELETE FROM job_state WHERE key = ?", (key,))
+        else:
+            tx.run(
+                "INSERT INTO job_state VALUES (?, ?) ON CONFLICT (key) "
+                "DO UPDATE SET body = excluded.body",
+                (key, orjson.dumps(dict(body)).decode()),
+            )
 
 
 def _put_renditions(tx: Tx, invoice_id: str, renditions: Mapping[str, bytes]) -> None:

@@ -128,6 +128,29 @@ MIGRATIONS: tuple[str, ...] = (
         one boolean PRIMARY KEY DEFAULT true CHECK (one), version bigint NOT NULL);
     INSERT INTO catalog_version VALUES (true, 0);
     """,
+    # 4: the invoice lifecycle (SPEC 11): gapless numbers from one counter row (finalizing
+    # replicas queue on it; a rolled-back finalization gives its number back), the period as
+    # columns (one finalized numbered invoice per customer and period; a void one frees it),
+    # void invoices, cycle-made invoices; answers recorded under Idempotency-Key headers
+    """
+    ALTER TABLE invoices ADD COLUMN number text COLLATE "C";
+    ALTER TABLE invoices ADD COLUMN from_ns bigint;
+    ALTER TABLE invoices ADD COLUMN to_ns bigint;
+    ALTER TABLE invoices ADD COLUMN voided_ns bigint;
+    ALTER TABLE invoices ADD COLUMN origin text NOT NULL DEFAULT 'api';
+    CREATE UNIQUE INDEX invoices_number ON invoices (number);
+    CREATE UNIQUE INDEX invoices_finalized_period ON invoices (customer, from_ns, to_ns)
+        WHERE status = 'finalized' AND number IS NOT NULL;
+    CREATE INDEX invoices_status ON invoices (status, created_ns, id);
+    CREATE TABLE invoice_numbers (
+        one boolean PRIMARY KEY DEFAULT true CHECK (one), last bigint NOT NULL);
+    INSERT INTO invoice_numbers VALUES (true, 0);
+    CREATE TABLE idempotency (
+        path text COLLATE "C" NOT NULL, key text COLLATE "C" NOT NULL,
+        fingerprint text NOT NULL, status int, media_type text, body bytea,
+        created_ns bigint NOT NULL, PRIMARY KEY (path, key));
+    CREATE INDEX idempotency_created ON idempotency (created_ns);
+    """,
 )
 
 

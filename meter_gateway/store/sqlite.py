@@ -122,6 +122,27 @@ MIGRATIONS: tuple[str, ...] = (
         one INTEGER PRIMARY KEY CHECK (one = 1), version INTEGER NOT NULL);
     INSERT INTO catalog_version VALUES (1, 0);
     """,
+    # 6: the invoice lifecycle (SPEC 11): gapless numbers from one counter row, the period as
+    # columns (one finalized numbered invoice per customer and period; a void one frees it),
+    # void invoices, cycle-made invoices; answers recorded under Idempotency-Key headers
+    """
+    ALTER TABLE invoices ADD COLUMN number TEXT;
+    ALTER TABLE invoices ADD COLUMN from_ns INTEGER;
+    ALTER TABLE invoices ADD COLUMN to_ns INTEGER;
+    ALTER TABLE invoices ADD COLUMN voided_ns INTEGER;
+    ALTER TABLE invoices ADD COLUMN origin TEXT NOT NULL DEFAULT 'api';
+    CREATE UNIQUE INDEX invoices_number ON invoices (number);
+    CREATE UNIQUE INDEX invoices_finalized_period ON invoices (customer, from_ns, to_ns)
+        WHERE status = 'finalized' AND number IS NOT NULL;
+    CREATE INDEX invoices_status ON invoices (status, created_ns, id);
+    CREATE TABLE invoice_numbers (one INTEGER PRIMARY KEY CHECK (one = 1), last INTEGER NOT NULL);
+    INSERT INTO invoice_numbers VALUES (1, 0);
+    CREATE TABLE idempotency (
+        path TEXT NOT NULL, key TEXT NOT NULL, fingerprint TEXT NOT NULL, status INTEGER,
+        media_type TEXT, body BLOB, created_ns INTEGER NOT NULL,
+        PRIMARY KEY (path, key)) WITHOUT ROWID;
+    CREATE INDEX idempotency_created ON idempotency (created_ns);
+    """,
 )
 
 _RECORD_ID = attrgetter("record_id")

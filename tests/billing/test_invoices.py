@@ -232,7 +232,7 @@ def test_renditions_match_the_golden_files(gateway: tuple[Gateway, httpx.Client]
     client.post(f"/v1/invoices/{inv['id']}/finalize")
     for f in FORMATS:
         body = client.get(f"/v1/invoices/{inv['id']}", params={"format": f}).content
-        golden(f"finalized.{f}", body)
+        golden(f"numbered.{f}", body)
 
 
 def test_csv_has_one_row_per_line_and_defuses_formulas(

@@ -31,6 +31,7 @@ def test_invoices_and_meter_events_land_in_their_files(tmp_path: Path) -> None:
         "exporters": {
             "files": [
                 {"name": "all", "path": str(all_events)},
+                # the name before SPEC 11's invoice.finalized still subscribes to it
                 {"name": "invoices", "path": str(invoices), "events": ["invoice_finalized"]},
             ]
         },
@@ -49,7 +50,7 @@ def test_invoices_and_meter_events_land_in_their_files(tmp_path: Path) -> None:
             gw.scheduler.run_due()
         metrics = client.get("/metrics").text
     assert [(e["type"], e["id"]) for e in lines(all_events)] == [
-        ("invoice_finalized", f"invoice/{inv['id']}/finalized"),
+        ("invoice.finalized", f"invoice/{inv['id']}/finalized"),
         ("threshold_reached", "m/2026-05-01T00:00:00Z/threshold/value:5"),
     ]
     (only,) = lines(invoices)

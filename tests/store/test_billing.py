@@ -15,6 +15,7 @@ from meter_gateway.store.base import (
     BillingStore,
     CatalogStore,
     ConflictError,
+    FinalInvoice,
     InvoiceRow,
     LeaseLostError,
     LeaseStore,
@@ -93,10 +94,16 @@ def test_a_finalized_invoice_keeps_its_bytes_and_cannot_be_finalized_or_redrafte
         store.invoice_create(draft("inv-1"))
     assert store.invoice_update_draft("inv-1", {"total": "2.00"})
     done = store.invoice_finalize(
-        "inv-1", {"total": "2.00"}, {"json": b"{}\n", "csv": b"a,b\r\n"}, 99, [], [event("e1")]
+        draft("inv-1"),
+        99,
+        [],
+        lambda n: FinalInvoice(
+            {"total": "2.00"}, {"json": b"{}\n", "csv": b"a,b\r\n"}, [event("e1")]
+        ),
     )
-    assert done
-    assert not store.invoice_finalize("inv-1", {"total": "3"}, {"json": b"x"}, 100, [], [])
+    assert done is not None
+    again = lambda n: FinalInvoice({"total": "3"}, {"json": b"x"}, [])  # noqa: E731
+    assert store.invoice_finalize(draft("inv-1"), 100, [], again) is None
     assert not store.invoice_update_draft("inv-1", {"total": "4.00"})
     row = store.invoice_get("inv-1")
     assert row is not None
@@ -137,7 +144,9 @@ def test_finalize_rolls_back_everything_when_the_wallet_moved(store: BillingStor
     store.wallet_append([entry(1, "t1", "10", "10")])
     stale = entry(1, "invoice:inv-1", "-1", "9", kind="invoice")
     with pytest.raises(ConflictError):
-        store.invoice_finalize("inv-1", {}, {"json": b"{}"}, 5, [stale], [event("e1")])
+        store.invoice_finalize(
+            draft("inv-1"), 5, [stale], lambda n: FinalInvoice({}, {"json": b"{}"}, [event("e1")])
+        )
     row = store.invoice_get("inv-1")
     assert row is not None
     assert (row.status, row.renditions) == ("draft", {})
