@@ -381,6 +381,7 @@ def test_invoices_finalized_before_numbers_keep_their_bytes(
     for f, body in stored.items():
         assert client.get(f"/v1/invoices/{doc['id']}", params={"format": f}).content == body
     # its period is taken: a new invoice for May cannot be finalized beside it
-    assert client.post(f"/v1/invoices/{create(client, 'acme', MAY)['id']}/finalize").status_code == 409
+    beside = create(client, "acme", MAY)
+    assert client.post(f"/v1/invoices/{beside['id']}/finalize").status_code == 409
     void = client.post(f"/v1/invoices/{doc['id']}/void").json()
     assert (void["status"], void.get("number")) == ("void", None)
