@@ -60,7 +60,42 @@ def test_another_replicas_change_is_seen_once_the_check_is_due(store: Store) -> 
     a.delete("customers", "c2")
     clock.advance(1)
     assert "c2" not in b.current.customers
-    assert a.current is a.current  # an unmoved version keeps the snapshot (and its caches)
+
+
+class CountingStore:
+    """The store, counting the version checks made through it."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.checks = 0
+
+    def catalog_version(self) -> Any:
+        self.checks += 1
+        return self.store.catalog_version()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
+
+
+def test_an_unmoved_version_keeps_the_snapshot_and_its_caches_across_a_check(
+    store: Store,
+) -> None:
+    clock = FixedClock(NOW)
+    b = CatalogService(store, CONFIG, clock)  # first: starting up writes the config entries
+    counting = CountingStore(store)
+    a = CatalogService(counting, CONFIG, clock)  # type: ignore[arg-type]
+    s = a.current
+    checks = counting.checks
+    clock.advance(1)
+    assert a.current is s  # nothing changed: the same object, not a reload of equal content
+    assert counting.checks == checks + 1  # ... though the version was checked
+    b.put("customers", Customer(id="c2", name="C2"))
+    clock.advance(1)
+    moved = a.current
+    assert moved is not s  # the version moved: a new snapshot
+    assert "c2" in moved.customers
+    clock.advance(1)
+    assert a.current is moved
 
 
 def test_fresh_checks_at_once(store: Store) -> None:
