@@ -269,7 +269,7 @@ def post(
 # --- the tests ------------------------------------------------------------------------------
 
 
-@fuzz_settings(120)
+@fuzz_settings(300)
 @given(data=st.data())
 def test_hostile_records_store_exactly_the_valid_ones(
     data: st.DataObject,
@@ -548,3 +548,51 @@ def test_raw_is_not_a_value_literal() -> None:
     assert judge_number_text("999999999999999999999.999999999999999999", False).value == Decimal(
         "999999999999999999999.999999999999999999"
     )
+
+
+HOSTILE_TAGS = [
+    '{"tenant":"acme","\\udc00x":1.5}',
+    '{"tenant":"acme","k":"\\ud800"}',
+    '{"tenant":"acme","\\u0000":1}',
+    '{"tenant":"\\ud800"}',
+    '{"tenant":"acme","k":{"nested":["\\udfff"]}}',
+]
+
+
+@pytest.mark.parametrize("tags", HOSTILE_TAGS)
+@pytest.mark.parametrize(
+    ("kind", "value"), [("absolute", "counter"), ("incremental", "counter"), ("absolute", "gauge")]
+)
+def test_vector_metric_events_with_hostile_tags(
+    tags: str,
+    kind: str,
+    value: str,
+    fuzz_gateway: GatewayProcess,
+    admin: httpx.Client,
+    ingest: httpx.Client,
+    probe_customer: str,
+    tally: Tally,
+) -> None:
+    """Issue 13 item 4 for every kind of Vector metric event: a tag that is not Unicode text
+    is this event's error, never a 500; the good event beside it is stored."""
+    ts = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 60))
+    customer, _ = fresh_customer(admin)
+    bad = (
+        f'{{"name":"fuzz_requests","tags":{tags},"kind":"{kind}",'
+        f'"{value}":{{"value":1}},"timestamp":"{ts}"}}'
+    )
+    good = dumps(
+        {
+            "id": f"tags-{customer}",
+            "timestamp": ts,
+            "customerId": customer,
+            "dimensionId": "data-processed",
+            "recordValue": "2",
+        }
+    )
+    r = post(ingest, "/v1/usage", f"[{bad},{good}]".encode(), "application/json", None)
+    tally.add("rest-vector-tags", r.status_code)
+    assert r.status_code == 200, f"{r.status_code}: {r.text[:300]}"
+    assert 1 not in {e["index"] for e in r.json()["errors"]}, r.text[:300]
+    assert [row["recordValue"] for row in raw_records(admin, customer)] == ["2"]
+    probe(fuzz_gateway, admin, probe_customer)
