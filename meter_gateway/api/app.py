@@ -17,8 +17,9 @@ from meter_gateway.aggregation.windows import Window
 from meter_gateway.api import params
 from meter_gateway.api.billing import billing_routes
 from meter_gateway.api.errors import ApiError, exception_handlers, shown
+from meter_gateway.api.idempotency import Idempotency
 from meter_gateway.api.openapi import openapi_document
-from meter_gateway.api.schemas import decode_object
+from meter_gateway.api.schemas import CancellationRequest, decode_object, parse_body
 from meter_gateway.api.services import ApiServices
 from meter_gateway.billing import rating
 from meter_gateway.billing.invoices import InvoiceError
@@ -290,6 +291,48 @@ def create_app(gw: ApiServices) -> Starlette:
             {"data": data, "cursor": str(rows[-1].seq) if len(rows) == limit else None}
         )
 
+    async def cancel_usage(request: Request) -> Response:
+        body = parse_body(CancellationRequest, await request.body())
+        unique_keys = {
+            d.id: d.unique_key for d in gw.catalog.current.dimensions.values() if d.unique_key
+        }
+        results = await run_in_threadpool(
+            gw.store.cancel_records, body.ids, body.reason, gw.clock.now_ns(), unique_keys
+        )
+        return json_response(
+            {
+                "results": [
+                    {"id": r.id, "status": r.status, "invoiceId": r.invoice_id} for r in results
+                ]
+            }
+        )
+
+    async def cancellations(request: Request) -> Response:
+        q = request.query_params
+        limit = params.limit(q.get("limit"))
+        rows = await run_in_threadpool(
+            gw.store.cancellations, params.seq_cursor(q.get("cursor")), limit
+        )
+        data = [
+            {
+                "seq": r.seq,
+                "id": r.record_id,
+                "timestamp": format_timestamp(r.timestamp_ns),
+                "customerId": r.customer_id,
+                "dimensionId": r.dimension_id,
+                "recordValue": fmt(r.value),
+                "metadata": r.metadata,
+                "source": r.source,
+                "receivedAt": format_timestamp(r.received_ns),
+                "cancelledAt": format_timestamp(r.cancelled_ns),
+                "reason": r.reason,
+            }
+            for r in rows
+        ]
+        return json_response(
+            {"data": data, "cursor": str(rows[-1].seq) if len(rows) == limit else None}
+        )
+
     async def metrics(request: Request) -> Response:
         body = await run_in_threadpool(generate_latest, gw.telemetry.registry)
         return Response(body, media_type=CONTENT_TYPE_LATEST)
@@ -323,6 +366,16 @@ def create_app(gw: ApiServices) -> Starlette:
             methods=["GET"],
         ),
         Route("/v1/rejected", guarded("read", rejected, REJECTED_PARAMS), methods=["GET"]),
+        Route(
+            "/v1/usage/cancellations",
+            guarded("admin", Idempotency(gw.store, gw.clock).wrap(cancel_usage)),
+            methods=["POST"],
+        ),
+        Route(
+            "/v1/usage/cancellations",
+            guarded("read", cancellations, params.CANCELLATION_PARAMS),
+            methods=["GET"],
+        ),
         Route("/metrics", guarded(ops_scope, metrics), methods=["GET"]),
         Route("/healthz", guarded(ops_scope, healthz), methods=["GET", "HEAD"]),
         Route("/readyz", guarded(ops_scope, readyz), methods=["GET", "HEAD"]),

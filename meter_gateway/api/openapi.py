@@ -154,6 +154,17 @@ OPERATIONS: list[Operation] = [
     Operation("get", "/v1/rejected", "listRejected", "Rejected records with reasons", "usage",
               "read", {200: ("A page, oldest first", schemas.RejectedPage)}, (400,),
               params.REJECTED_PARAMS),
+    Operation("post", "/v1/usage/cancellations", "cancelUsage",
+              "Cancel usage records by id (removed from every aggregate exactly)", "usage",
+              "admin", {200: ("What became of each id", schemas.CancellationResults)},
+              (400, 409, 413, 422), body=schemas.CancellationRequest, idempotent=True,
+              description="Each id is cancelled, not_found, already_cancelled, or invoiced "
+              "(its usage is on a finalized invoice, named by invoiceId, and stays billed). "
+              "A cancelled id stays used: the record sent again is a duplicate."),
+    Operation("get", "/v1/usage/cancellations", "listCancellations",
+              "Cancelled usage records (the audit list)", "usage", "read",
+              {200: ("A page, oldest cancellation first", schemas.CancellationPage)}, (400,),
+              params.CANCELLATION_PARAMS),
     Operation("post", "/v1/customers/{id}/invoices", "createInvoice",
               "Create a draft invoice (off-cycle, any period), with manual items",
               "billing", "admin",

@@ -289,3 +289,7 @@ INVOICE_PARAMS: Mapping[str, Param] = {
 WALLET_PARAMS: Mapping[str, Param] = {
     "after": Param(_SEQ, "Only ledger entries after this seq (at most 1,000 are listed).")
 }
+CANCELLATION_PARAMS: Mapping[str, Param] = {
+    "cursor": Param(_SEQ, "The cursor of the previous page."),
+    "limit": LIMIT,
+}

@@ -197,6 +197,21 @@ class TopUp(_Request):
     note: str | None = Field(default=None, max_length=200)
 
 
+class CancellationRequest(_Request):
+    """Records to cancel by id (SPEC 11). Each is removed from every aggregate exactly, unless
+    its usage is on a finalized invoice (``invoiced``); a cancelled id stays used: sending the
+    record again is a duplicate."""
+
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"ids": ["evt-123", "evt-124"], "reason": "test run"}]}
+    )
+
+    ids: list[Annotated[str, Field(min_length=1, max_length=1024)]] = Field(
+        min_length=1, max_length=1000, description="Record ids, as sent in usage records."
+    )
+    reason: str | None = Field(default=None, max_length=1000, description="Kept in the audit list.")
+
+
 class UsageRecord(BaseModel):
     """One usage record as ingest takes it. Ingest is lenient about envelope fields (SPEC §4):
     others are ignored, and an invalid record is rejected alone, with its index and field."""
@@ -539,6 +554,43 @@ class RejectedRecord(_Response):
 class RejectedPage(_Response):
     data: list[RejectedRecord]
     cursor: str | None
+
+
+class CancellationResult(_Response):
+    id: str
+    status: Literal["cancelled", "not_found", "already_cancelled", "invoiced"]
+    invoiceId: str | None = Field(
+        description="invoiced: the finalized invoice that billed the record (it stays billed)."
+    )
+
+
+class CancellationResults(_Response):
+    """What became of each id, in the request's order."""
+
+    results: list[CancellationResult]
+
+
+class CancelledRecord(_Response):
+    """A cancelled record as it was stored, and when and why it was cancelled."""
+
+    seq: int = Field(description="Position in the audit list.")
+    id: str
+    timestamp: Timestamp
+    customerId: str
+    dimensionId: str
+    recordValue: DecimalText
+    metadata: dict[str, Any] | None
+    source: str
+    receivedAt: Timestamp
+    cancelledAt: Timestamp
+    reason: str | None
+
+
+class CancellationPage(_Response):
+    """The audit list, oldest cancellation first."""
+
+    data: list[CancelledRecord]
+    cursor: str | None = Field(description="Pass it back for the next page; null: last page.")
 
 
 class Health(_Response):

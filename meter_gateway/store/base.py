@@ -2,8 +2,9 @@
 
 ``IngestStore`` (one atomic commit for a group of batches, receiver state), ``UsageReader``
 (the reads aggregation and listings need), ``CatalogStore``, ``BillingStore`` (invoices, wallet,
-job state, outbox), ``IdempotencyStore`` (answers recorded under ``Idempotency-Key``) and
-``LeaseStore`` (scheduled work on one replica); ``Store`` is all of them.
+job state, outbox), ``IdempotencyStore`` (answers recorded under ``Idempotency-Key``),
+``CorrectionStore`` (records cancelled by id) and ``LeaseStore`` (scheduled work on one
+replica); ``Store`` is all of them.
 Callers type against the narrow one they use. Implementations: ``sqlite.SQLiteStore`` (embedded
 default) and ``postgres.PostgresStore``, each with its own ingest and usage path and both with
 the one billing persistence of ``store.billing``.
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 from decimal import Decimal, localcontext
 from itertools import islice
 from operator import mul
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import orjson
 
@@ -255,6 +256,36 @@ class RawPoint:
     seq: int
     value: Decimal
     unique: str | None
+
+
+CancelStatus = Literal["cancelled", "not_found", "already_cancelled", "invoiced"]
+
+
+@dataclass(frozen=True, slots=True)
+class CancelResult:
+    """What became of one id of a cancellation request."""
+
+    id: str
+    status: CancelStatus
+    invoice_id: str | None = None  # for ``invoiced``: the finalized invoice that billed it
+
+
+@dataclass(frozen=True, slots=True)
+class CancelledRecord:
+    """One entry of the audit list: the record as it was stored, and its cancellation."""
+
+    seq: int  # of the list: cancellations in the order they happened
+    record_seq: int
+    record_id: str
+    timestamp_ns: int
+    customer_id: str
+    dimension_id: str
+    value: Decimal
+    metadata: dict[str, Any] | None
+    source: str
+    received_ns: int
+    cancelled_ns: int
+    reason: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -572,12 +603,43 @@ class IdempotencyStore(Protocol):
         ...
 
 
+class CorrectionStore(Protocol):
+    """Usage corrections (SPEC 11): records cancelled by id, and the audit list of them."""
+
+    def cancel_records(
+        self,
+        ids: Sequence[str],
+        reason: str | None,
+        now_ns: int,
+        unique_keys: Mapping[str, str],
+    ) -> list[CancelResult]:
+        """In ONE transaction, per id: move the records with that id out of ``records`` into
+        the audit list and recompute the rollup buckets they were in from the records that
+        remain (``store.corrections``), unless one lies in a finalized invoice's period of
+        its customer (``invoiced``, nothing changed). Answers each id in order: ``cancelled``,
+        ``not_found``, ``already_cancelled`` or ``invoiced``. ``unique_keys`` maps a
+        dimension to its ``unique_key``. Dedup keys stay marked: a cancelled id sent again is
+        a duplicate."""
+        ...
+
+    def cancellations(self, after_seq: int | None, limit: int) -> list[CancelledRecord]:
+        """The audit list: cancelled records, oldest cancellation first."""
+        ...
+
+
 class MeteredBillingStore(UsageReader, BillingStore, Protocol):
     """What rates usage into money: invoices and meters read usage and write billing."""
 
 
 class Store(
-    IngestStore, UsageReader, LeaseStore, CatalogStore, BillingStore, IdempotencyStore, Protocol
+    IngestStore,
+    UsageReader,
+    LeaseStore,
+    CatalogStore,
+    BillingStore,
+    IdempotencyStore,
+    CorrectionStore,
+    Protocol,
 ):
     """Every concern of a store, as a gateway opens it."""
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from decimal import Decimal
 from itertools import compress
@@ -32,7 +32,10 @@ from psycopg import errors as pg_errors
 from psycopg_pool import ConnectionPool
 
 from meter_gateway.model import Batch, CommitResult, UsageRecord
+from meter_gateway.store import corrections
 from meter_gateway.store.base import (
+    CancelledRecord,
+    CancelResult,
     RawPoint,
     RejectedRow,
     RollupRow,
@@ -150,6 +153,18 @@ MIGRATIONS: tuple[str, ...] = (
         fingerprint text NOT NULL, status int, media_type text, body bytea,
         created_ns bigint NOT NULL, PRIMARY KEY (path, key));
     CREATE INDEX idempotency_created ON idempotency (created_ns);
+    """,
+    # 5: usage corrections (SPEC 11): records cancelled by id leave ``records`` for this audit
+    # list (store.corrections); ids are looked up, so they are indexed
+    """
+    CREATE TABLE cancelled_records (
+        seq bigserial PRIMARY KEY, record_seq bigint NOT NULL,
+        record_id text COLLATE "C" NOT NULL, ts bigint NOT NULL,
+        customer text COLLATE "C" NOT NULL, dimension text COLLATE "C" NOT NULL,
+        value numeric NOT NULL, metadata text, source text NOT NULL,
+        received_ns bigint NOT NULL, cancelled_ns bigint NOT NULL, reason text);
+    CREATE INDEX cancelled_records_id ON cancelled_records (record_id);
+    CREATE INDEX records_record_id ON records (record_id) WHERE record_id IS NOT NULL;
     """,
 )
 
@@ -450,6 +465,32 @@ class PostgresStore(SqlBilling):
         finally:
             self._purge_lock.release()
         return deleted
+
+    # --- corrections ---------------------------------------------------------------------
+
+    def cancel_records(
+        self,
+        ids: Sequence[str],
+        reason: str | None,
+        now_ns: int,
+        unique_keys: Mapping[str, str],
+    ) -> list[CancelResult]:
+        for attempt in range(1, COMMIT_ATTEMPTS + 1):
+            try:
+                with self._dialect.writing() as tx:
+                    results, _ = corrections.cancel(
+                        tx, self._dialect, ids, reason, now_ns, unique_keys, "metadata"
+                    )
+                return results
+            except (pg_errors.DeadlockDetected, pg_errors.SerializationFailure):
+                if attempt == COMMIT_ATTEMPTS:
+                    raise
+                log.warning("a cancellation hit a deadlock; retrying")
+        raise AssertionError("unreachable")
+
+    def cancellations(self, after_seq: int | None, limit: int) -> list[CancelledRecord]:
+        with self._dialect.reading() as tx:
+            return corrections.cancelled_page(tx, after_seq, limit)
 
     # --- receiver state ----------------------------------------------------------------------
 

@@ -15,7 +15,7 @@ import logging
 import sqlite3
 import threading
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -28,7 +28,10 @@ import orjson
 
 from meter_gateway.decimals import EXACT
 from meter_gateway.model import Batch, CommitResult, SeriesMetadata, UsageRecord
+from meter_gateway.store import corrections
 from meter_gateway.store.base import (
+    CancelledRecord,
+    CancelResult,
     GroupVoided,
     RawPoint,
     RejectedRow,
@@ -143,6 +146,17 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (path, key)) WITHOUT ROWID;
     CREATE INDEX idempotency_created ON idempotency (created_ns);
     """,
+    # 7: usage corrections (SPEC 11): records cancelled by id leave ``records`` for this audit
+    # list (store.corrections); ids are looked up, so they are indexed
+    """
+    CREATE TABLE cancelled_records (
+        seq INTEGER PRIMARY KEY, record_seq INTEGER NOT NULL, record_id TEXT NOT NULL,
+        ts INTEGER NOT NULL, customer TEXT NOT NULL, dimension TEXT NOT NULL,
+        value TEXT NOT NULL, metadata BLOB, source TEXT NOT NULL, received_ns INTEGER NOT NULL,
+        cancelled_ns INTEGER NOT NULL, reason TEXT);
+    CREATE INDEX cancelled_records_id ON cancelled_records (record_id);
+    CREATE INDEX records_record_id ON records (record_id) WHERE record_id IS NOT NULL;
+    """,
 )
 
 _RECORD_ID = attrgetter("record_id")
@@ -254,6 +268,9 @@ class _Prepared:
     results: list[CommitResult] = field(default_factory=list)
     params: tuple[Any, ...] = ()  # of _APPLY
     state_binary: list[tuple[str, bytes]] = field(default_factory=list)  # not JSON text
+    # Set once ``apply`` is done with the group (committed or not), or when a failure voids
+    # it: what a cancellation waits for before it writes (``_quiet``).
+    settled: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self) -> None:
         self.now_s = self.now_ns // NS
@@ -340,7 +357,11 @@ class SQLiteStore(SqlBilling):
         self._local = threading.local()
         self._cache: dict[RollupKey, RollupRow] = {}
         self._cache_size = rollup_cache_size
-        row = self._conn.execute("SELECT coalesce(max(seq), 0) FROM records").fetchone()
+        # A cancelled record's seq is never given again (the audit list keeps it).
+        row = self._conn.execute(
+            "SELECT max(coalesce((SELECT max(seq) FROM records), 0), "
+            "coalesce((SELECT max(record_seq) FROM cancelled_records), 0))"
+        ).fetchone()
         self._next_seq = int(row[0]) + 1
         row = self._conn.execute("SELECT coalesce(max(seq), 0) FROM rejected").fetchone()
         self._next_rejected = int(row[0]) + 1
@@ -606,6 +627,12 @@ class SQLiteStore(SqlBilling):
         still in flight. So the applying thread goes from one commit to the next without waiting
         for a ``prepare`` to let go of ``_mem``.
         """
+        try:
+            return self._apply(p)
+        finally:
+            p.settled.set()
+
+    def _apply(self, p: _Prepared) -> list[CommitResult]:
         if p.epoch != self._epoch or p.number != self._next_apply:
             raise GroupVoided("an earlier group failed to commit; this one was void")
         conn = self._conn
@@ -638,6 +665,8 @@ class SQLiteStore(SqlBilling):
                 self._fold()  # groups committed before this one are kept
                 self._epoch += 1
                 self._next_apply = self._next_number
+                for g in self._inflight:
+                    g.settled.set()  # void: never applied
                 self._inflight.clear()
             if isinstance(exc, sqlite3.DataError | ValueError | TypeError | OverflowError):
                 # a value SQLite refuses (too big, not encodable): the group's, not an outage
@@ -746,6 +775,44 @@ class SQLiteStore(SqlBilling):
             else:
                 current.update(b.state)
         return bad
+
+    # --- corrections ---------------------------------------------------------------------
+
+    @contextmanager
+    def _quiet(self) -> Iterator[None]:
+        """Held while a write outside the ingest pipeline touches rollups: no group is in
+        flight (each prepared one has been applied or voided) and none can be prepared until
+        the block ends, so no group's merged rows, computed before the write, overwrite it,
+        and the rollup cache can be brought in step under ``_mem``. Waits without ``_mem``:
+        a failing ``apply`` takes it to void the groups behind."""
+        while True:
+            with self._mem:
+                self._fold()
+                if not self._inflight:
+                    yield
+                    return
+                last = self._inflight[-1]
+            last.settled.wait()
+
+    def cancel_records(
+        self,
+        ids: Sequence[str],
+        reason: str | None,
+        now_ns: int,
+        unique_keys: Mapping[str, str],
+    ) -> list[CancelResult]:
+        with self._quiet():
+            with self._dialect.writing() as tx:
+                results, touched = corrections.cancel(
+                    tx, self._dialect, ids, reason, now_ns, unique_keys, _META
+                )
+            for key in touched:  # rebuilt in the database: read again when next merged
+                self._cache.pop(key, None)
+        return results
+
+    def cancellations(self, after_seq: int | None, limit: int) -> list[CancelledRecord]:
+        with self._dialect.reading() as tx:
+            return corrections.cancelled_page(tx, after_seq, limit)
 
     # --- receiver state --------------------------------------------------------------------
 
