@@ -10,6 +10,7 @@ the other for it.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -45,8 +46,14 @@ class ApiError(Exception):
 def json_response(
     body: object, status: int = 200, headers: Mapping[str, str] | None = None
 ) -> Response:
+    try:
+        content = orjson.dumps(body)
+    except TypeError:  # orjson.JSONEncodeError: text that is not Unicode (a lone surrogate)
+        # An answer that quotes what was sent may quote a lone surrogate: the standard library
+        # writes it as a \u escape, so the answer is still JSON and still names the culprit.
+        content = json.dumps(body, ensure_ascii=True, default=str).encode()
     return Response(
-        orjson.dumps(body),
+        content,
         status_code=status,
         headers=dict(headers) if headers else None,
         media_type="application/json",

@@ -154,6 +154,9 @@ def _answer(
     # A lone record that was rejected is an error to its sender; in a batch, the good records
     # were stored and the answer must be 2xx so Vector and Logstash do not drop or retry them.
     status = 422 if single and result.rejected == 1 else 200
+    if status == 422:  # every error answer names what went wrong at the top (SPEC §10)
+        first = batch.errors[0] if batch.errors else None
+        body_out["error"] = f"the record was rejected: {first.error}" if first else "rejected"
     t.requests.labels(source.value, str(status)).inc()
     t.batch_seconds.labels(source.value).observe(time.perf_counter() - started)
     return json_response(body_out, status)

@@ -40,6 +40,9 @@ _BEFORE_NUMBER = b":,["
 _SPACE = b" \t\r\n"
 # Python refuses int() of longer digit strings (sys.int_info.default_max_str_digits).
 _MAX_INT_DIGITS = 4300
+# What ``loads`` says of a document nested past what the parsers follow (orjson stops at 1024
+# levels, the standard library at the interpreter's recursion limit).
+TOO_DEEP = "JSON nested too deeply"
 # Nesting kept when a rejected item is written back as text for the rejected store.
 CLIP_DEPTH = 32
 
@@ -189,7 +192,7 @@ def loads(data: bytes) -> Any:
             data, parse_float=_decimal, parse_int=_int, parse_constant=_reject_constant
         )
     except RecursionError:
-        raise ValueError("JSON nested too deeply") from None
+        raise ValueError(TOO_DEEP) from None
     except UnicodeDecodeError as exc:
         raise ValueError(f"body is not UTF-8: {exc.reason} at byte {exc.start}") from None
 
@@ -212,7 +215,14 @@ def parse_items(body: bytes, content_type: str | None, max_items: int) -> Parsed
         "text/plain",
     )
     if text[:1] == b"[" and not ndjson:
-        doc = _whole(text)
+        try:
+            doc = loads(text)
+        except ValueError as exc:
+            if str(exc) != TOO_DEEP:
+                raise DecodeError(400, f"body is not valid JSON: {exc}") from None
+            # Only some records nest past what a parser follows: split the array and fail
+            # just those, so the rest of the batch is stored (SPEC §4).
+            return _array_by_element(text, max_items)
         if not isinstance(doc, list):
             raise DecodeError(400, "expected a JSON array of records")
         if len(doc) > max_items:
@@ -268,11 +278,59 @@ def parse_items(body: bytes, content_type: str | None, max_items: int) -> Parsed
     return items
 
 
-def _whole(text: bytes) -> Any:
-    try:
-        return loads(text)
-    except ValueError as exc:
-        raise DecodeError(400, f"body is not valid JSON: {exc}") from None
+# A string token, or one structural character outside strings.
+_TOKENS = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{},]')
+
+
+def _array_by_element(text: bytes, max_items: int) -> Parsed:
+    """A JSON array too deep for the parsers, element by element: each element is parsed on
+    its own, and one nested past the limit fails alone. The array's structure is followed
+    token by token (strings are skipped whole by the regex), so a body that is not a
+    well-formed array is still refused as a whole."""
+    depth = 0
+    start = 1
+    spans: list[tuple[int, int]] = []
+    end = -1
+    for m in _TOKENS.finditer(text):
+        tok = m.group()
+        if tok[:1] == b'"':
+            continue
+        if tok in (b"[", b"{"):
+            depth += 1
+        elif tok in (b"]", b"}"):
+            depth -= 1
+            if depth == 0:
+                end = m.start()
+                break
+        elif depth == 1:  # a comma between elements
+            spans.append((start, m.start()))
+            start = m.end()
+        if depth < 0:
+            break
+    if end < 0 or text[end + 1 :].strip():
+        raise DecodeError(400, "body is not valid JSON: not a well-formed array")
+    if text[start:end].strip() or spans:
+        spans.append((start, end))
+    if len(spans) > max_items:
+        raise DecodeError(413, f"batch has {len(spans)} records; the limit is {max_items}")
+    items = Parsed()
+    for i, (a, b) in enumerate(spans):
+        element = text[a:b].strip()
+        try:
+            doc = loads(element)
+        except ValueError as exc:
+            if str(exc) != TOO_DEEP:
+                raise DecodeError(400, f"body is not valid JSON: element {i}: {exc}") from None
+            items.append(
+                ItemError(i, f"record {i} is {exc}", element[:4096].decode("utf-8", "replace"))
+            )
+            continue
+        items.append(
+            doc
+            if isinstance(doc, dict)
+            else ItemError(i, f"expected a JSON object, got {_kind(doc)}", _clip(doc))
+        )
+    return items
 
 
 def _kind(doc: Any) -> str:

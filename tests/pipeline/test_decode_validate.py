@@ -126,9 +126,25 @@ def test_a_body_nested_a_thousand_deep_is_an_item_error_beside_good_records() ->
 
 
 @pytest.mark.parametrize("depth", [1025, 5000, 100_000])
-def test_a_body_too_deep_to_parse_is_a_400(depth: int) -> None:
+def test_an_array_element_too_deep_to_parse_fails_alone(depth: int) -> None:
+    good = orjson.dumps(rec())
+    deep = b'{"metadata":' * depth + b"1" + b"}" * depth
+    body = b"[" + good + b"," + deep + b',{"s":"],[{\\"x"},' + good + b"]"
+    items = parse_items(body, "application/json", 10)
+    assert [type(i) for i in items] == [dict, ItemError, dict, dict]
+    assert "nested too deeply" in items[1].error
+    assert items[2] == {"s": '],[{"x'}  # brackets inside strings are not structure
+    batch = run(list(items))
+    assert len(batch.records) == 2
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"[" * 1100 + b"]" * 1099, b"[" + b"[" * 1100 + b"]" * 1100 + b"]x", b'{"a":' * 1100 + b"1"],
+)
+def test_a_body_too_deep_and_not_well_formed_is_a_400(body: bytes) -> None:
     with pytest.raises(DecodeError) as info:
-        parse_items(b"[" * depth + b"]" * depth, "application/json", 10)
+        parse_items(body, "application/json", 10)
     assert info.value.status == 400
 
 
