@@ -23,7 +23,7 @@ import orjson
 
 from meter_gateway.catalog import Catalog
 from meter_gateway.clock import Clock
-from meter_gateway.config import IngestConfig
+from meter_gateway.config import IngestConfig, format_duration
 from meter_gateway.decimals import DecimalError, check_value, fmt, parse_value
 from meter_gateway.model import (
     Batch,
@@ -38,7 +38,7 @@ from meter_gateway.model import (
 )
 from meter_gateway.pipeline.decode import Item, ItemError, clip_json
 from meter_gateway.pipeline.mapping import Mapped, Mapper
-from meter_gateway.pipeline.timestamps import parse_timestamp
+from meter_gateway.pipeline.timestamps import format_timestamp, parse_timestamp
 
 _METRIC_VALUES = (
     "counter",
@@ -245,20 +245,9 @@ class Validator:
         return UsageRecord(ts, cid, dim.id, value, rid, metadata, source, key, unique)
 
     def _check_time(self, ts: int, lo: int, hi: int) -> None:
-        # The wording is kept in golden files (tests/testdata/otlp): change them together.
-        if ts < lo:
-            raise _Reject(
-                Reason.TOO_LATE,
-                "timestamp",
-                "timestamp is older than the late-arrival limit "
-                f"({self._limits.late_arrival_limit})",
-            )
-        if ts > hi:
-            raise _Reject(
-                Reason.IN_FUTURE,
-                "timestamp",
-                f"timestamp is more than {self._limits.future_tolerance} in the future",
-            )
+        why = time_window_error(ts, lo, hi, self._limits)
+        if why is not None:
+            raise _Reject(why[0], "timestamp", why[1])
 
     def observations(self, observations: Sequence[Observation], source: Source) -> Batch:
         """Map and validate observations (amounts or levels) into a batch.
@@ -335,6 +324,34 @@ class Validator:
             obs.source,
             key,
         )
+
+
+def time_window_error(ts: int, lo: int, hi: int, limits: IngestConfig) -> tuple[Reason, str] | None:
+    """Why a time outside [lo, hi] (now − late-arrival limit, now + future tolerance) is
+    refused, or None: one wording for every receiver (golden files in tests/testdata/otlp hold
+    it)."""
+    if ts < lo:
+        return (
+            Reason.TOO_LATE,
+            f"timestamp {_when(ts)} is older than the late-arrival limit "
+            f"({format_duration(limits.late_arrival_limit)}): expected {format_timestamp(lo)} "
+            "or later (raise ingest.late_arrival_limit to backfill)",
+        )
+    if ts > hi:
+        return (
+            Reason.IN_FUTURE,
+            f"timestamp {_when(ts)} is more than "
+            f"{format_duration(limits.future_tolerance)} in the future: expected "
+            f"{format_timestamp(hi)} or earlier",
+        )
+    return None
+
+
+def _when(ts: int) -> str:
+    try:
+        return format_timestamp(ts)
+    except (ValueError, OverflowError):  # past what a datetime holds
+        return f"{ts} ns after 1970"
 
 
 def _is_unicode(text: str) -> bool:

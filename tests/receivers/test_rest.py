@@ -202,7 +202,9 @@ def test_batch_over_the_record_limit_is_413(client: httpx.Client) -> None:
         (b'[{"a": 1}', {}, 400, "not valid JSON"),
         (b'{"customerId": ', {}, 400, "not valid JSON"),
         (b"\xff\xfe\x00garbage", {}, 400, "JSON"),
-        (b"[" * 100_000 + b"]" * 100_000, {}, 400, "JSON"),
+        # Nested 100,000 deep and one bracket short: not JSON at all. (A well-formed array
+        # whose one element is too deep fails only that element: tests/reliability.)
+        pytest.param(b"[" * 100_000 + b"]" * 99_999, {}, 400, "JSON", id="deep-unbalanced"),
         (b"42", {}, 400, "expected a JSON object"),
         (gzip.compress(b"[{}]")[:-6], {"Content-Encoding": "gzip"}, 400, "truncated"),
         (b"not gzip at all", {"Content-Encoding": "gzip"}, 400, "gzip"),
