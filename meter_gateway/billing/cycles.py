@@ -1,13 +1,13 @@
 """Billing cycles (SPEC 11): each customer with ``billing`` is invoiced per cycle by itself.
 
 A customer's cycles are ``interval`` long (``month`` or ``year``) and start at local midnight of
-``anchor_day`` in the cycle's time zone (``cycle_containing`` is a pure function of
-(time, billing, zone)); they are clipped to the customer's ``[start, end)``. ``CycleJob`` runs on
-the scheduler under the ``billing-cycles`` lease: it finds cycles that closed at least
-``finalize_after`` ago and that have no finalized invoice, and for each, oldest first, creates
-and finalizes its invoice in ONE fenced store transaction that also moves the customer's
-watermark (``cycles/<customer>``: every cycle before ``through`` is settled). Exactly once
-across replicas and restarts: the lease fence, the watermark written with the invoice, and the
+``anchor_day`` in the cycle's time zone (``cycle_containing``, a pure function of (time,
+billing, zone) in ``billing.periods``); they are clipped to the customer's ``[start, end)``.
+``CycleJob`` runs on the scheduler under the ``billing-cycles`` lease: it finds cycles that
+closed at least ``finalize_after`` ago and that have no finalized invoice, and for each, oldest
+first, creates and finalizes its invoice in ONE fenced store transaction that also moves the
+customer's watermark (``cycles/<customer>``: every cycle before ``through`` is settled). Exactly
+once across replicas and restarts: the lease fence, the watermark written with the invoice, and the
 store's unique index on a customer's finalized period.
 
 Where cycles begin: at the customer's ``start``; without one, at the cycle in progress when the
@@ -19,16 +19,36 @@ it again ``finalize_after`` after the void, unless an invoice for it was finaliz
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
 from meter_gateway.billing.invoices import InvoiceError, Invoices
+from meter_gateway.billing.periods import (
+    bounds,
+    current_cycle,
+    cycle_containing,
+    cycles_from,
+    is_cycle,
+    zone,
+)
 from meter_gateway.catalog import Catalog
-from meter_gateway.config import Customer, CustomerBilling
+from meter_gateway.config import Customer
 from meter_gateway.store.base import BillingStore, InvoiceRow, PeriodInvoicedError
+
+__all__ = [  # the cycle arithmetic is billing.periods'; callers find it here too
+    "JOB_NAME",
+    "CycleJob",
+    "bounds",
+    "current_cycle",
+    "cycle_containing",
+    "cycles_from",
+    "is_cycle",
+    "reopen",
+    "zone",
+]
 
 log = logging.getLogger(__name__)
 
@@ -40,97 +60,6 @@ REOPENED = "/reopened/"
 MAX_CYCLES_PER_RUN = 50
 #: How often the job looks when nothing is due sooner (a catalog change may add customers).
 POLL_S = 30.0
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-
-# --- pure cycle arithmetic -------------------------------------------------------------------
-
-
-def zone(billing: CustomerBilling, default: ZoneInfo) -> ZoneInfo:
-    return default if billing.time_zone is None else ZoneInfo(billing.time_zone)
-
-
-def _ns(dt: datetime) -> int:
-    return (dt - _EPOCH) // timedelta(microseconds=1) * 1000
-
-
-def _anchor_month(customer: Customer, tz: ZoneInfo) -> int:
-    """A yearly cycle's month: the month of the customer's start (in the zone), else January."""
-    return 1 if customer.start is None else customer.start.astimezone(tz).month
-
-
-def _boundary(billing: CustomerBilling, tz: ZoneInfo, year: int, month: int) -> int:
-    # A local midnight a DST change skips resolves to the instant of the change.
-    return _ns(datetime(year, month, billing.anchor_day, tzinfo=tz))
-
-
-def cycle_containing(customer: Customer, tz: ZoneInfo, t_ns: int) -> tuple[int, int]:
-    """The (unclipped) cycle ``[start, end)`` of ``customer`` holding ``t_ns``; ``tz`` is the
-    cycle's zone (``zone(billing, default)``)."""
-    billing = customer.billing
-    assert billing is not None
-    local = datetime.fromtimestamp(t_ns // NS, tz=tz)
-    if billing.interval == "month":
-        y, m = local.year, local.month
-        start = _boundary(billing, tz, y, m)
-        if start > t_ns:
-            y, m = (y - 1, 12) if m == 1 else (y, m - 1)
-            start = _boundary(billing, tz, y, m)
-        ny, nm = (y + 1, 1) if m == 12 else (y, m + 1)
-        return start, _boundary(billing, tz, ny, nm)
-    month = _anchor_month(customer, tz)
-    y = local.year
-    start = _boundary(billing, tz, y, month)
-    if start > t_ns:
-        y -= 1
-        start = _boundary(billing, tz, y, month)
-    return start, _boundary(billing, tz, y + 1, month)
-
-
-def bounds(customer: Customer) -> tuple[int | None, int | None]:
-    """The customer's ``start`` and ``end`` in ns (None: unbounded)."""
-    return (
-        None if customer.start is None else _ns(customer.start),
-        None if customer.end is None else _ns(customer.end),
-    )
-
-
-def cycles_from(customer: Customer, tz: ZoneInfo, from_ns: int) -> Iterator[tuple[int, int]]:
-    """The customer's cycles from ``from_ns`` on, clipped to its ``[start, end)``: the first
-    starts at max(from_ns, start) and ends at the next boundary; they stop at ``end``."""
-    start, end = bounds(customer)
-    cursor = from_ns if start is None else max(from_ns, start)
-    while end is None or cursor < end:
-        _, cycle_end = cycle_containing(customer, tz, cursor)
-        stop = cycle_end if end is None else min(cycle_end, end)
-        yield cursor, stop
-        cursor = stop
-
-
-def is_cycle(customer: Customer, tz: ZoneInfo, from_ns: int, to_ns: int) -> bool:
-    """Whether ``[from_ns, to_ns)`` is exactly one of the customer's (clipped) cycles."""
-    start, end = bounds(customer)
-    cycle_start, cycle_end = cycle_containing(customer, tz, from_ns)
-    lo = cycle_start if start is None else max(cycle_start, start)
-    hi = cycle_end if end is None else min(cycle_end, end)
-    return (from_ns, to_ns) == (lo, hi)
-
-
-def current_cycle(customer: Customer, tz: ZoneInfo, now_ns: int) -> tuple[int, int]:
-    """The customer's cycle holding ``now_ns``, cut where its start or end falls inside (after
-    the end: the rest of the cycle the end cut)."""
-    start, end = bounds(customer)
-    lo, hi = cycle_containing(customer, tz, now_ns)
-    if start is not None and start <= now_ns:
-        lo = max(lo, start)
-    if end is not None:
-        if now_ns < end:
-            hi = min(hi, end)
-        else:
-            lo = max(lo, end)
-    return lo, hi
-
-
 # --- job state -------------------------------------------------------------------------------
 
 
