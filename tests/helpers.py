@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import itertools
+import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
@@ -16,6 +18,40 @@ from meter_gateway.store import open_store as open_any_store
 from tests.pgdb import store_url
 
 NS = 1_000_000_000
+
+T = TypeVar("T")
+
+
+def eventually(check: Callable[[], T], what: str, timeout: float = 60.0) -> T:
+    """Poll ``check`` until it returns something truthy, and return that.
+
+    The synchronisation point of tests that wait on another thread or process: the deadline
+    only keeps a broken test from hanging. Polls at once, then backs off from 10 ms to 250 ms.
+    On timeout raises AssertionError naming ``what`` and the last value (or exception) seen.
+    Exceptions from ``check`` count as not yet (a server still starting refuses connections),
+    except AssertionError: an assertion inside ``check`` is a failure, raised at once.
+    """
+    deadline = time.monotonic() + timeout
+    pause = 0.01
+    last: object = None
+    while True:
+        try:
+            got = check()
+        except AssertionError:
+            raise
+        except Exception as exc:  # reported, and chained, if still failing at the deadline
+            last = exc
+        else:
+            if got:
+                return got
+            last = got
+        if time.monotonic() >= deadline:
+            cause = last if isinstance(last, Exception) else None
+            raise AssertionError(
+                f"not reached within {timeout}s: {what} (last: {last!r})"
+            ) from cause
+        time.sleep(pause)
+        pause = min(pause * 2, 0.25)
 
 
 def ts(text: str) -> int:

@@ -33,6 +33,8 @@ from typing import Any
 import httpx
 import yaml
 
+from tests.helpers import eventually
+
 PROMETHEUS_BINARY = os.environ.get("PROMETHEUS_BINARY", "/usr/bin/prometheus")
 
 
@@ -191,15 +193,8 @@ class PrometheusServer:
     def wait_for(
         self, check: Callable[[], Any], timeout: float = 60.0, what: str = "condition"
     ) -> Any:
-        """Poll ``check`` until it returns something truthy; return that."""
-        deadline = time.monotonic() + timeout
-        last: Any = None
-        while time.monotonic() < deadline:
-            last = check()
-            if last:
-                return last
-            time.sleep(0.2)
-        raise TimeoutError(f"prometheus: {what} not reached in {timeout}s (last: {last!r})")
+        """Poll ``check`` until it returns something truthy; return that (``eventually``)."""
+        return eventually(check, f"prometheus: {what}", timeout)
 
     def wait_for_targets(self, timeout: float = 60.0) -> None:
         """Wait until every configured target was scraped and is up."""

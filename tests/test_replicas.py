@@ -33,7 +33,7 @@ import yaml
 
 from tests import pgdb
 from tests.gatewayproc import BASE_CONFIG, INGEST_KEY, GatewayProcess
-from tests.helpers import now_iso, total
+from tests.helpers import eventually, now_iso, total
 
 NS = 1_000_000_000
 WINDOW_S = 0.4  # the test job's window
@@ -164,14 +164,18 @@ def test_scheduled_work_runs_once_per_window_across_replicas_and_fails_over(
     migrate(url)
     procs = [_start_window_job(url, f"replica-{i}", tmp_path / f"job{i}.log") for i in range(3)]
     try:
-        first_holder = _wait_for(lambda: _holder(url), 30)
-        _wait_for(lambda: _windows_done(url) >= 5, 30)
+        first_holder = eventually(lambda: _holder(url), "a replica holds the lease", 30)
+        eventually(lambda: _windows_done(url) >= 5, "5 windows done", 30)
         victim = next(p for i, p in enumerate(procs) if f"replica-{i}" == first_holder)
         victim.send_signal(signal.SIGKILL)  # the lease holder dies mid-way
         victim.wait()
         done_at_kill = _windows_done(url)
-        _wait_for(lambda: _holder(url) not in (None, first_holder), 30)
-        _wait_for(lambda: _windows_done(url) >= done_at_kill + 5, 30)
+        eventually(
+            lambda: _holder(url) not in (None, first_holder), "another replica takes the lease", 30
+        )
+        eventually(
+            lambda: _windows_done(url) >= done_at_kill + 5, "5 more windows after the kill", 30
+        )
     finally:
         for p in procs:
             if p.poll() is None:
@@ -201,16 +205,6 @@ def _start_window_job(url: str, holder: str, log_path: Path) -> subprocess.Popen
             stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
         )
-
-
-def _wait_for(cond: Any, timeout: float) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = cond()
-        if v:
-            return v
-        time.sleep(0.05)
-    raise AssertionError("timed out waiting for the replicas")
 
 
 def _holder(url: str) -> str | None:
@@ -346,7 +340,7 @@ def test_a_customer_created_on_one_replica_is_accepted_by_another(url: str, tmp_
                 assert body["errors"][0]["reason"] == "unknown_customer", body
             return bool(body["accepted"] or body["duplicates"])
 
-        _wait_for(accepted_by_b, 15)
+        eventually(accepted_by_b, "b accepts usage of the customer a created", 15)
         for gw in (a, b):
             with gw.client() as c:
                 assert total(c, cid) == Decimal("2.5")
@@ -355,7 +349,11 @@ def test_a_customer_created_on_one_replica_is_accepted_by_another(url: str, tmp_
         with b.client() as cb:
             assert cb.delete(f"/v1/customers/{cid}").status_code == 204
         with a.client() as ca:
-            _wait_for(lambda: ca.get(f"/v1/customers/{cid}").status_code == 404, 15)
+            eventually(
+                lambda: ca.get(f"/v1/customers/{cid}").status_code == 404,
+                "a sees the deletion made through b",
+                15,
+            )
     finally:
         codes = [gw.stop() for gw in (a, b) if gw.proc is not None]
     assert codes == [0, 0]

@@ -10,7 +10,6 @@ from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import httpx
 import orjson
@@ -23,7 +22,7 @@ from meter_gateway.clock import TEST_CLOCK_OFFSET_FILE_ENV, FixedClock
 from meter_gateway.store.base import OutboxEvent
 from tests.exporters.receiver import WebhookReceiver
 from tests.gatewayproc import BASE_CONFIG, INGEST_KEY, GatewayProcess
-from tests.helpers import open_store
+from tests.helpers import eventually, open_store
 
 NS = 1_000_000_000
 SECRET = "whsec-test-0123456789abcdef"
@@ -37,15 +36,6 @@ def receiver() -> Iterator[WebhookReceiver]:
     r = WebhookReceiver()
     yield r
     r.stop()
-
-
-def wait_for(what: str, check: Any, timeout: float = 60.0) -> None:
-    """Poll until ``check()`` is true; the deadline only guards against hanging forever."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"gave up waiting for {what}")
-        time.sleep(0.05)
 
 
 def test_signature_is_hmac_sha256_over_timestamp_dot_body() -> None:
@@ -191,9 +181,8 @@ def test_every_meter_event_arrives_exactly_once_after_the_receiver_comes_back(
     try:
         # Day 1, receiver down: 6 of 10 reaches 50 %; the gateway keeps trying.
         ingest(gw, offset_file, "6", "r1")
-        wait_for("the 50 % threshold queued", lambda: pending() == 1)
-        wait_for(
-            "a failed delivery",
+        eventually(lambda: pending() == 1, "the 50 % threshold queued")
+        eventually(
             lambda: (
                 (
                     metric(
@@ -206,21 +195,22 @@ def test_every_meter_event_arrives_exactly_once_after_the_receiver_comes_back(
                 )
                 > 0
             ),
+            "a failed delivery",
         )
         gw.stop()
         gw.start()  # restarted with the event still pending
         ingest(gw, offset_file, "3", "r2")  # 9: reaches 8, not 100 %
-        wait_for("the value-8 threshold queued", lambda: pending() == 2)
+        eventually(lambda: pending() == 2, "the value-8 threshold queued")
         # Midnight passes: the reset forwards day 1's total.
         set_offset(offset_file, T0 + DAY)
-        wait_for("the reset queued", lambda: pending() == 3)
+        eventually(lambda: pending() == 3, "the reset queued")
         ingest(gw, offset_file, "11", "r3")  # day 2: all three at once
-        wait_for("day 2's thresholds queued", lambda: pending() == 6)
+        eventually(lambda: pending() == 6, "day 2's thresholds queued")
         gw.stop()
         gw.start()
         assert receiver.received == []
         receiver.start()
-        wait_for("the outbox drained", lambda: pending() == 0)
+        eventually(lambda: pending() == 0, "the outbox drained")
     finally:
         code = gw.stop()
     assert code == 0

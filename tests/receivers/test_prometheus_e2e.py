@@ -21,11 +21,12 @@ import httpx
 import pytest
 
 from tests.gatewayproc import BASE_CONFIG, GatewayProcess, free_port
-from tests.helpers import total
+from tests.helpers import eventually, total
 from tests.promapp import PromApp
 from tests.promserver import PrometheusServer
 
 NS = 1_000_000_000
+WAIT_S = 90.0  # scrapes and query windows of a second or two each; generous on a busy machine
 
 
 def _config(prom_url: str) -> dict[str, Any]:
@@ -87,22 +88,15 @@ def _metric(gw: GatewayProcess, name: str, **labels: str) -> float | None:
     return None if m is None else float(m.group(1))
 
 
-def _wait(check: Any, what: str, timeout: float = 90.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = check()
-        if got:
-            return got
-        time.sleep(0.25)
-    raise AssertionError(f"not reached within {timeout}s: {what}")
-
-
 def _wait_watermark(gw: GatewayProcess, dimension: str, past_s: float) -> None:
     def passed() -> bool:
         wm = _metric(gw, "meter_gateway_prometheus_query_watermark_seconds", dimension=dimension)
         return wm is not None and wm > past_s
 
-    _wait(passed, f"{dimension} watermark past {past_s} ({gw.log()[-2000:]})")
+    try:
+        eventually(passed, f"{dimension} watermark past {past_s}", WAIT_S)
+    except AssertionError as exc:  # with the gateway's log as it is at the deadline
+        raise AssertionError(f"{exc}\n{gw.log()[-2000:]}") from exc
 
 
 def _wait_value(prom: PrometheusServer, expr: str, value: str) -> float:
@@ -112,7 +106,8 @@ def _wait_value(prom: PrometheusServer, expr: str, value: str) -> float:
         r = prom.query(expr)
         return float(r[0]["value"][0]) if r and r[0]["value"][1] == value else None
 
-    t: float = _wait(seen, f"{expr} == {value}")
+    t = eventually(seen, f"{expr} == {value}", WAIT_S)
+    assert t is not None  # (eventually returns only truthy values)
     return t
 
 
@@ -135,7 +130,9 @@ def test_counter_usage_is_the_exact_increase_across_resets_and_restarts(
         assert gw.stop() == 0
         app.inc("acme", 30)
         t = _wait_value(prom, 'app_bytes_processed_total{tenant="acme"}', "1380.5")
-        _wait(lambda: time.time() > t + 5, "a few windows pass while the gateway is down")
+        eventually(
+            lambda: time.time() > t + 5, "a few windows pass while the gateway is down", WAIT_S
+        )
         gw.start()
         # The app restarts: every counter starts from zero again (a reset).
         app.stop()
@@ -189,7 +186,7 @@ def test_gauges_give_the_exact_time_weighted_level_and_running_time(
         app.set("acme", 5e9)  # 5 GB
         app.set("acme", 1, name="app_pod_running", label="namespace")
         t1 = _wait_value(prom, 'app_storage_bytes{tenant="acme"}', "5000000000")
-        _wait(lambda: time.time() > t1 + 4, "the level holds a while")
+        eventually(lambda: time.time() > t1 + 4, "the level holds a while", WAIT_S)
         app.set("acme", 8e9)
         app.set("acme", 0, name="app_pod_running", label="namespace")
         t2 = _wait_value(prom, 'app_storage_bytes{tenant="acme"}', "8000000000")
