@@ -485,7 +485,7 @@ def test_measurement_template_fills_dimension_and_series() -> None:
         )
     )
     pods, vol = cfg.dimensions
-    assert (pods.unit, pods.aggregation, pods.aggregation_interval) == ("second", "sum", "hour")
+    assert (pods.unit, pods.aggregation, pods.aggregation_interval) == ("minute", "sum", "hour")
     assert (pods.usage_increment, pods.rounding) == (Decimal(60), "ceil")
     assert (vol.aggregation, vol.aggregation_interval) == ("time_weighted_avg", "day")
     assert cfg.receivers.prometheus is not None
