@@ -6,6 +6,10 @@ A ``DeliveryJob`` per exporter runs on the scheduler (under a lease: one replica
 claims due rows oldest first, hands each to its ``Sink`` and marks it delivered, or records the
 failure and retries it with exponential backoff. Delivery is at-least-once: a crash between a
 sink accepting an event and the mark repeats it, with the same event id.
+
+A sink raises ``DeliveryError`` when it cannot take events now (the round stops: the receiver is
+likely down), ``EventError`` when this one event failed (it backs off alone and the round goes
+on) and ``Skip`` when the event is not for it (marked delivered, counted, never retried).
 """
 
 from __future__ import annotations
@@ -26,6 +30,16 @@ DELIVERED_RETENTION_NS = 7 * 86400 * NS
 
 class DeliveryError(Exception):
     """The sink could not take the event; it stays pending and is retried."""
+
+
+class EventError(DeliveryError):
+    """This event failed and the sink is fine (e.g. Stripe refused one customer's invoice): it
+    is retried with its own backoff while the job goes on with the next events."""
+
+
+class Skip(Exception):
+    """The event does not concern this sink (e.g. a customer without a Stripe id): marked
+    delivered without being sent, logged and counted, never retried."""
 
 
 class Sink(Protocol):
@@ -73,6 +87,7 @@ class DeliveryJob:
         on_delivery: Callable[[str, bool], None] | None = None,
         batch: int = 100,
         poll_s: float = 5.0,
+        on_skip: Callable[[str], None] | None = None,
     ) -> None:
         self.name = f"exporter:{sink.name}"
         self.exporter = sink.name
@@ -82,6 +97,7 @@ class DeliveryJob:
         self._backoff = (backoff_initial_s, backoff_max_s)
         self._max_attempts = max_attempts
         self._on_delivery = on_delivery
+        self._on_skip = on_skip
         self._batch = batch
         self._poll_s = poll_s
         self._last_purge_ns = 0
@@ -96,6 +112,12 @@ class DeliveryJob:
         for item in items:
             try:
                 self._sink.deliver(item)
+            except Skip as skip:
+                log.warning("exporter %s: event %s skipped: %s", self.exporter, item.event_id, skip)
+                self._store.outbox_delivered(self.exporter, [item.seq], self._clock.now_ns())
+                if self._on_skip is not None:
+                    self._on_skip(self.exporter)
+                continue
             except Exception as exc:
                 attempts = item.attempts + 1
                 give_up = self._max_attempts is not None and attempts >= self._max_attempts
@@ -117,6 +139,8 @@ class DeliveryJob:
                     " (given up)" if give_up else f", retry in {delay:g}s",
                     exc,
                 )
+                if isinstance(exc, EventError):
+                    continue  # only this event is in trouble
                 # The receiver is likely down: stop this round rather than fail every event.
                 return delay
             self._store.outbox_delivered(self.exporter, [item.seq], self._clock.now_ns())
