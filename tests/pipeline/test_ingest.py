@@ -14,7 +14,7 @@ from meter_gateway.model import Batch, CommitResult, Source
 from meter_gateway.pipeline.ingest import CommitFailed, Ingestor, Overloaded, ShuttingDown
 from meter_gateway.store.sqlite import SQLiteStore
 from meter_gateway.telemetry import Telemetry
-from tests.helpers import open_store, rec, ts
+from tests.helpers import eventually, open_store, rec, ts
 
 
 class GatedStore:
@@ -53,6 +53,14 @@ def make(store: GatedStore, max_queue: int = 100) -> Ingestor:
     )  # type: ignore[arg-type]
 
 
+async def queued(ing: Ingestor, records: int) -> None:
+    """Wait until ``records`` records are queued (held ones included), polling on a thread so
+    the event loop keeps running the submitting tasks."""
+    await asyncio.get_running_loop().run_in_executor(
+        None, eventually, lambda: ing.queued_records == records, f"{records} records queued", 5
+    )
+
+
 def test_full_queue_answers_overloaded_instead_of_growing(store: GatedStore) -> None:
     ing = make(store, max_queue=100)
 
@@ -60,7 +68,7 @@ def test_full_queue_answers_overloaded_instead_of_growing(store: GatedStore) -> 
         first = asyncio.ensure_future(ing.submit(batch(60, "a")))
         await asyncio.get_running_loop().run_in_executor(None, store.entered.wait, 5)
         second = asyncio.ensure_future(ing.submit(batch(30, "b")))  # queued behind the first
-        await asyncio.sleep(0)
+        await queued(ing, 90)
         with pytest.raises(Overloaded):
             await ing.submit(batch(20, "c"))  # 60 + 30 + 20 > 100
         store.gate.set()
@@ -79,7 +87,7 @@ def test_waiting_batches_commit_together_in_one_group(store: GatedStore) -> None
         first = asyncio.ensure_future(ing.submit(batch(1, "first")))
         await asyncio.get_running_loop().run_in_executor(None, store.entered.wait, 5)
         rest = [asyncio.ensure_future(ing.submit(batch(10, f"r{i}-"))) for i in range(5)]
-        await asyncio.sleep(0.01)
+        await queued(ing, 1 + 5 * 10)  # all five wait behind the first before it ends
         store.gate.set()
         await first
         return list(await asyncio.gather(*rest))
