@@ -297,6 +297,7 @@ def test_sigterm_drains_exports_in_flight(tmp_path: Path, protocol: str) -> None
     ]
     answered: list[int] = []
     lock = threading.Lock()
+    streaming = threading.Event()  # some answered, most still to send: time to stop
     counter = iter(range(len(bodies)))
     http = httpx.Client(timeout=30)  # one client: each new one loads the CA bundle
 
@@ -323,11 +324,13 @@ def test_sigterm_drains_exports_in_flight(tmp_path: Path, protocol: str) -> None
             if send_one(i):
                 with lock:
                     answered.append(i)
+                    if len(answered) >= 20:
+                        streaming.set()
 
     threads = [threading.Thread(target=worker) for _ in range(8)]
     for th in threads:
         th.start()
-    time.sleep(0.3)
+    assert streaming.wait(60), gw.log()
     assert gw.stop() == 0, gw.log()
     for th in threads:
         th.join()
