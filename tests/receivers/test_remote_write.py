@@ -269,12 +269,13 @@ def test_real_prometheus_remote_write_gives_the_exact_increase(tmp_path: Path) -
             scrape_targets=[app.target], scrape_interval="1s", remote_write=[remote]
         ) as prom:
             prom.wait_for_targets()
-            for amount in (100, 0.5, 20):
-                app.inc("acme", amount)
-                time.sleep(1.2)
-            app.set("acme", 3e9)
             sel = 'app_bytes_processed_total{tenant="acme"}'
-            prom.wait_for(lambda: prom.query(f"{sel} == 125.5"), what="final value scraped")
+            for amount, running in ((100, "105"), (0.5, "105.5"), (20, "125.5")):
+                app.inc("acme", amount)  # each step scraped before the next is made
+                prom.wait_for(
+                    lambda r=running: prom.query(f"{sel} == {r}"), what=f"{running} scraped"
+                )
+            app.set("acme", 3e9)
             (series,) = prom.query(f"{sel}[10m]")
             first = Decimal(series["values"][0][1])  # the baseline the gateway also saw first
             with gw.client() as c:
