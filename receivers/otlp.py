@@ -54,6 +54,7 @@ from meter_gateway.model import (
 from meter_gateway.pipeline.cumulative import (
     STATE_CONFLICT_RETRIES,
     Committer,
+    InexactStep,
     ObservationSink,
     StateReader,
     StreamsBusy,
@@ -457,10 +458,11 @@ class OtlpMetrics:
                     states = self.streams.load(sids)
                     with self._walkers:
                         changed = self._convert(ex, states)
-                    done = self._commit(ex, changed, self.streams.expect(changed, states))
+                    writes = self.streams.writes(changed)
+                    done = self._commit(ex, writes, self.streams.expect(changed, states))
                     if done is not None:
                         outcome = done
-                        self.streams.committed(changed)
+                        self.streams.committed(changed, writes)
                         break
                     # Another replica moved these series first: reload them, convert again.
                     self.streams.forget(sids)
@@ -503,9 +505,10 @@ class OtlpMetrics:
             log.exception("expiring cumulative OTLP series failed; will retry in an hour")
 
     def _commit(
-        self, ex: _Export, changed: dict[str, StreamState], expect: dict[str, bytes | None]
+        self, ex: _Export, state: dict[str, bytes | None], expect: dict[str, bytes | None]
     ) -> ExportOutcome | None:
-        """Validate what is left and commit; None when the state expectations failed."""
+        """Validate what is left and commit with the series' new ``state`` (``Batch.state``);
+        None when the state expectations failed."""
         errors = ex.errors
         if ex.slow:
             checked = self._sink.observations(ex.slow, OTLP)
@@ -518,7 +521,7 @@ class OtlpMetrics:
             ex.records.extend(checked.records)
             errors.sort(key=lambda e: e.index)
         batch = Batch(OTLP, ex.records, errors)
-        batch.state = self.streams.writes(changed)
+        batch.state = state
         batch.state_expect = expect
         if batch.records or batch.errors or batch.state:
             result = self._committer.submit_sync(batch, self._commit_timeout)
@@ -932,7 +935,8 @@ class OtlpMetrics:
                 and c.time > state.time
                 and c.value > state.value
             ):
-                # convert()'s plain step, inline: the common case.
+                # convert()'s plain step, inline: the common case (two parse_value'd
+                # totals: at most 39 digits, so the subtraction is exact).
                 delta = EXACT.subtract(c.value, state.value)
                 changed[sid] = StreamState(c.start, c.time, c.value)
                 nk = f"{sid}:{c.start}:{c.time}"
@@ -940,7 +944,11 @@ class OtlpMetrics:
                     obs = Observation(OTLP, c.name, c.attrs, delta, AMOUNT, c.time, nk, c.resource)
                     ex.validate(sid, obs, c.ordinal)
                 continue
-            step = convert(state, c.start, c.time, c.value, c.sum, c.monotonic)
+            try:
+                step = convert(state, c.start, c.time, c.value, c.sum, c.monotonic)
+            except InexactStep as exc:
+                ex.reject(c.ordinal, Reason.INVALID_VALUE, "value", str(exc), c.name)
+                continue
             if step.state is not None:
                 changed[sid] = step.state
             if step.kind != "delta":

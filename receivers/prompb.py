@@ -9,6 +9,7 @@ protobuf runtime's C implementation.
 
 from __future__ import annotations
 
+import struct
 from typing import Any
 
 from google.protobuf import (  # type: ignore[import-untyped]
@@ -100,3 +101,103 @@ TimeSeries: Any = _CLASSES["TimeSeries"]
 Label: Any = _CLASSES["Label"]
 Sample: Any = _CLASSES["Sample"]
 MetricMetadata: Any = _CLASSES["MetricMetadata"]
+
+
+# --- reading a WriteRequest without building messages ------------------------------------------
+#
+# A request's series repeat from one request to the next: the bytes of a series' labels name it.
+# ``scan`` walks the wire format of the usual request (only timeseries, each its labels then its
+# samples, a sample its value then its timestamp, as Prometheus and Vector write them) and gives
+# each series' label bytes and samples, so the receiver looks a known series up by its bytes and
+# reads nothing else of it. Anything else (metadata, exemplars, histograms, other field orders)
+# gives None, and the request is parsed as messages instead. Lengths are checked as they are
+# read; a known series' label bytes are the exact bytes that parsed (and were UTF-8) before.
+
+_TIMESERIES = 0x0A  # WriteRequest.timeseries: field 1, length-delimited
+_LABEL = 0x0A  # TimeSeries.labels: field 1, length-delimited
+_SAMPLE = 0x12  # TimeSeries.samples: field 2, length-delimited
+_VALUE = 0x09  # Sample.value: field 1, 64-bit
+_TIMESTAMP = 0x10  # Sample.timestamp: field 2, varint
+_DOUBLE = struct.Struct("<d")
+_INT64 = 1 << 64
+
+
+def _varint(raw: bytes, pos: int) -> tuple[int, int]:
+    """The varint at ``pos`` and the position after it (``IndexError`` past the end)."""
+    b = raw[pos]
+    if b < 0x80:
+        return b, pos + 1
+    result, shift = b & 0x7F, 7
+    while True:
+        pos += 1
+        b = raw[pos]
+        result |= (b & 0x7F) << shift
+        if b < 0x80:
+            return result, pos + 1
+        shift += 7
+        if shift > 63:
+            raise IndexError("varint longer than 10 bytes")
+
+
+Scanned = list[tuple[bytes, list[tuple[float, int]]]]
+
+
+def scan(raw: bytes) -> Scanned | None:
+    """Each series of a serialized ``WriteRequest`` as (label bytes, [(value, timestamp ms)]),
+    or None when the request is not in the usual layout (parse it as messages then)."""
+    out: Scanned = []
+    end_all = len(raw)
+    times: dict[bytes, int] = {}  # a request's samples share few timestamps
+    unpack = _DOUBLE.unpack_from
+    pos = 0
+    try:
+        while pos < end_all:
+            if raw[pos] != _TIMESERIES:
+                return None
+            length, pos = _varint(raw, pos + 1)
+            end = pos + length
+            if end > end_all:
+                return None
+            p = pos
+            while p < end and raw[p] == _LABEL:
+                n = raw[p + 1]
+                p = p + 2 + n if n < 0x80 else sum(_varint(raw, p + 1))
+            if p > end:
+                return None
+            labels = raw[pos:p]
+            samples: list[tuple[float, int]] = []
+            while p < end:
+                if raw[p] != _SAMPLE:
+                    return None
+                n, s = _varint(raw, p + 1)
+                e = s + n
+                if e > end:
+                    return None
+                value = 0.0
+                if s < e and raw[s] == _VALUE:
+                    if s + 9 > e:
+                        return None
+                    value = unpack(raw, s + 1)[0]
+                    s += 9
+                t = 0
+                if s < e:
+                    if raw[s] != _TIMESTAMP:
+                        return None
+                    key = raw[s + 1 : e]
+                    got = times.get(key)
+                    if got is None:
+                        t, after = _varint(raw, s + 1)
+                        if after != e:
+                            return None
+                        if t >= 1 << 63:
+                            t -= _INT64
+                        times[key] = t
+                    else:
+                        t = got
+                samples.append((value, t))
+                p = e
+            out.append((labels, samples))
+            pos = end
+    except IndexError:
+        return None
+    return out

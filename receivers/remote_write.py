@@ -12,17 +12,17 @@ rejected. Answers: 204 once committed; 400 when samples were invalid (the valid 
 committed, the invalid ones kept in the rejected store; Prometheus never retries a 4xx); 413
 past the size limits; 415 for remote write 2.0 or other content types; when the commit queue
 is full, 429 for senders known to retry it (Vector) and 503 for everyone else (Prometheus
-retries 5xx but, by default, not 429).
+retries 5xx but, by default, not 429). Every error is JSON ``{"error": ...}`` (SPEC §10; the
+400 also lists the refused samples); Prometheus and Vector only log the body.
 """
 
 from __future__ import annotations
 
-import math
 import struct
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from decimal import Decimal
-from typing import Any
+from typing import Any, NamedTuple
 
 import cramjam
 from google.protobuf.message import DecodeError as ProtoDecodeError  # type: ignore[import-untyped]
@@ -30,8 +30,10 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
+from meter_gateway.clock import Clock
 from meter_gateway.config import IngestConfig, Rule
-from meter_gateway.decimals import DecimalError, parse_value
+from meter_gateway.decimals import ZERO, DecimalError, parse_value
+from meter_gateway.http import error_response
 from meter_gateway.model import (
     Batch,
     CommitResult,
@@ -40,17 +42,21 @@ from meter_gateway.model import (
     Reason,
     RecordError,
     Source,
+    UsageRecord,
 )
 from meter_gateway.pipeline.cumulative import (
     Committer,
     ObservationSink,
+    SeriesMappings,
     StreamsBusy,
     StreamTable,
+    TimeWindow,
     Totals,
     series_id,
 )
 from meter_gateway.pipeline.decode import DecodeError
 from meter_gateway.pipeline.ingest import CommitFailed, Overloaded, ShuttingDown
+from meter_gateway.pipeline.mapping import Mapper
 from receivers import prompb
 from receivers.rest import read_body
 
@@ -61,6 +67,7 @@ MAX_NS = 2**63 - 1  # the latest time an int64 of nanoseconds holds
 _EXACT_INT = 2**53  # whole doubles below this are plain integers
 MAX_LABELS = 128
 MAX_LABEL_BYTES = 4096
+MAX_ERRORS = 100  # refused samples listed in a 400 answer (all are in /v1/rejected)
 _COUNTER_SUFFIXES = ("_total", "_count", "_sum", "_bucket")
 _PACK = struct.Struct("<d")
 _UNPACK = struct.Struct("<Q")
@@ -92,6 +99,11 @@ def check_content_type(content_type: str | None, encoding: str | None) -> None:
 
 def decode_body(body: bytes, max_decompressed: int) -> Any:
     """Snappy block → ``prompb.WriteRequest``; ``DecodeError`` 400/413 on bad input."""
+    return parse(decompress(body, max_decompressed))
+
+
+def decompress(body: bytes, max_decompressed: int) -> bytes:
+    """Snappy block → the serialized ``WriteRequest``; ``DecodeError`` 400/413 on bad input."""
     try:
         size = int(cramjam.snappy.decompress_raw_len(body))
     except Exception as exc:  # cramjam raises its own DecompressionError or ValueError
@@ -101,9 +113,13 @@ def decode_body(body: bytes, max_decompressed: int) -> Any:
             413, f"decompressed body of {size} bytes exceeds the limit of {max_decompressed}"
         )
     try:
-        raw = bytes(cramjam.snappy.decompress_raw(body))
+        return bytes(cramjam.snappy.decompress_raw(body))
     except Exception as exc:
         raise DecodeError(400, f"body is not snappy block data: {exc}") from None
+
+
+def parse(raw: bytes) -> Any:
+    """The serialized ``WriteRequest`` as a message; ``DecodeError`` 400 if it is not one."""
     req = prompb.WriteRequest()
     try:
         req.ParseFromString(raw)
@@ -124,14 +140,88 @@ class _Wanted:
         return self.all or name in self.names
 
 
+class _Series(NamedTuple):
+    """What a series' labels say, worked out once per series (``SeriesCache``)."""
+
+    name: str
+    family: str  # the name without a counter suffix
+    labels: dict[str, str]  # without __name__
+    sid: str  # pipeline.cumulative.series_id: state keys and natural keys
+    wanted: bool  # some rule could match its name
+    problem: tuple[Reason, str, str] | None  # why its samples are refused
+    n_labels: int
+
+
+def describe(pairs: Sequence[tuple[str, str]], wanted: _Wanted) -> _Series:
+    """A series from its labels, as (name, value) pairs in wire order."""
+    labels: dict[str, str] = {}
+    problem: tuple[Reason, str, str] | None = None
+    if len(pairs) > MAX_LABELS:
+        problem = (Reason.TOO_LARGE, "labels", f"{len(pairs)} labels (max {MAX_LABELS})")
+    else:
+        for key, value in pairs:
+            if len(key) + len(value) > MAX_LABEL_BYTES:
+                problem = (
+                    Reason.TOO_LARGE,
+                    f"labels.{key[:64]}",
+                    f"label longer than {MAX_LABEL_BYTES} bytes",
+                )
+                break
+            if key in labels:
+                problem = (Reason.MALFORMED, f"labels.{key[:64]}", "duplicate label name")
+                break
+            labels[key] = value
+    name = labels.pop("__name__", "")
+    if problem is None and not name:
+        problem = (Reason.MISSING_FIELD, "labels.__name__", "series has no __name__ label")
+    family = name
+    for suffix in _COUNTER_SUFFIXES:
+        if name.endswith(suffix):
+            family = name[: -len(suffix)]
+            break
+    wants = problem is None and wanted(name)
+    sid = (
+        series_id(Observation(SOURCE, name, labels, ZERO, ObservationKind.LEVEL, 0))
+        if wants
+        else ""
+    )
+    return _Series(name, family, labels, sid, wants, problem, len(pairs))
+
+
+class SeriesCache:
+    """Series by the bytes of their labels (``prompb.scan``), bounded: emptied when full."""
+
+    def __init__(self, wanted: _Wanted, max_series: int = 250_000) -> None:
+        self._wanted = wanted
+        self._max = max_series
+        self._known: dict[bytes, _Series] = {}
+
+    def get(self, labels: bytes) -> _Series:
+        series = self._known.get(labels)
+        if series is None:
+            ts = prompb.TimeSeries()
+            try:
+                ts.ParseFromString(labels)
+            except ProtoDecodeError as exc:
+                raise DecodeError(400, f"body is not a remote write WriteRequest: {exc}") from None
+            series = describe([(lb.name, lb.value) for lb in ts.labels], self._wanted)
+            if len(self._known) >= self._max:
+                self._known.clear()
+            self._known[labels] = series
+        return series
+
+
 class Decoded:
     """A request's samples as observations: running totals, levels, and the samples rejected
     while decoding. Indices are sample ordinals within the request."""
 
     def __init__(self) -> None:
         self.cumulative: list[tuple[int, Observation]] = []
+        self.cumulative_sids: list[str] = []
         self.levels: list[Observation] = []
         self.level_index: list[int] = []
+        self.level_sids: list[str] = []
+        self.records: list[UsageRecord] = []  # levels of known series, mapped already
         self.errors: list[RecordError] = []
         self.skipped: dict[str, int] = {}
         self.samples = 0
@@ -140,104 +230,108 @@ class Decoded:
         self.skipped[reason] = self.skipped.get(reason, 0) + n
 
 
-def observations(req: Any, wanted: _Wanted) -> Decoded:
-    out = Decoded()
-    counters = {m.metric_family_name for m in req.metadata if m.type == prompb.COUNTER}
-    gauges = {m.metric_family_name for m in req.metadata if m.type != prompb.COUNTER}
-    index = 0
+Samples = Sequence[tuple[float, int]]
+
+
+def _message_series(req: Any, wanted: _Wanted) -> Iterator[tuple[_Series | None, Samples, int]]:
+    """The series of a request parsed as messages (any layout): (series, samples, histograms);
+    series None when it has no samples."""
     for ts in req.timeseries:
-        n = len(ts.samples)
+        samples = [(s.value, s.timestamp) for s in ts.samples]
+        series = describe([(lb.name, lb.value) for lb in ts.labels], wanted) if samples else None
+        yield series, samples, len(ts.histograms)
+
+
+def observations(
+    series: Iterable[tuple[_Series | None, Samples, int]],
+    counters: set[str],
+    gauges: set[str],
+    mappings: SeriesMappings | None = None,
+    snap: tuple[object, int, int] | None = None,
+) -> Decoded:
+    """Samples → observations (and records of levels of known series, with ``mappings``)."""
+    out = Decoded()
+    index = 0
+    cumulative, cumulative_sids = out.cumulative, out.cumulative_sids
+    record = mappings.record if mappings is not None and snap is not None else None
+    for s, samples, histograms in series:
+        n = len(samples)
         first = index
         index += n
         out.samples += n
-        if ts.histograms:
-            out.skip(SKIP_HISTOGRAM, len(ts.histograms))
-        if not n:
+        if histograms:
+            out.skip(SKIP_HISTOGRAM, histograms)
+        if s is None or not n:
             continue
-        labels: dict[str, str] = {}
-        problem: tuple[Reason, str, str] | None = None
-        if len(ts.labels) > MAX_LABELS:
-            problem = (Reason.TOO_LARGE, "labels", f"{len(ts.labels)} labels (max {MAX_LABELS})")
-        else:
-            for lb in ts.labels:
-                if len(lb.name) + len(lb.value) > MAX_LABEL_BYTES:
-                    problem = (
-                        Reason.TOO_LARGE,
-                        f"labels.{lb.name[:64]}",
-                        f"label longer than {MAX_LABEL_BYTES} bytes",
-                    )
-                    break
-                if lb.name in labels:
-                    problem = (Reason.MALFORMED, f"labels.{lb.name[:64]}", "duplicate label name")
-                    break
-                labels[lb.name] = lb.value
-        name = labels.pop("__name__", "")
-        if problem is None and not name:
-            problem = (Reason.MISSING_FIELD, "labels.__name__", "series has no __name__ label")
-        if problem is None and not wanted(name):
-            out.skip(SKIP_UNMAPPED, n)
-            continue
-        if problem is not None:
-            reason, field, error = problem
-            raw = f"{name[:200]} ({len(ts.labels)} labels, {n} samples)"
+        name = s.name
+        if s.problem is not None:
+            reason, field, error = s.problem
+            raw = f"{name[:200]} ({s.n_labels} labels, {n} samples)"
             out.errors.append(RecordError(first, field, error, reason, raw))
             continue
-        family = name
-        for suffix in _COUNTER_SUFFIXES:
-            if name.endswith(suffix):
-                family = name[: -len(suffix)]
-                break
-        is_counter = name in counters or family in counters
-        if not is_counter and name not in gauges and family not in gauges:
-            is_counter = family != name  # no metadata: the name's suffix says
-        sid: str | None = None
-        for k, s in enumerate(ts.samples):
-            v = s.value
-            t_ns = s.timestamp * 1_000_000
+        if not s.wanted:
+            out.skip(SKIP_UNMAPPED, n)
+            continue
+        family, labels, sid = s.family, s.labels, s.sid
+        if counters or gauges:
+            is_counter = name in counters or family in counters
+            if not is_counter and name not in gauges and family not in gauges:
+                is_counter = family != name  # no metadata: the name's suffix says
+        else:
+            is_counter = family != name
+        k = first - 1
+        for v, t_ms in samples:
+            k += 1
+            t_ns = t_ms * 1_000_000
             # Checked before a running total can become a counter's state: a sample refused
             # only after conversion would still have moved its series' baseline.
             if not 0 < t_ns <= MAX_NS:
                 out.errors.append(
                     RecordError(
-                        first + k,
+                        k,
                         "timestamp",
-                        f"sample timestamp {s.timestamp} ms is out of range: expected "
+                        f"sample timestamp {t_ms} ms is out of range: expected "
                         f"milliseconds since 1970 up to {MAX_NS // 1_000_000}",
                         Reason.INVALID_TIMESTAMP,
                         name[:200],
                     )
                 )
                 continue
-            if math.isnan(v):
+            if -_EXACT_INT < v < _EXACT_INT and v == int(v):
+                value = Decimal(int(v))  # the usual sample: a whole number, no checks needed
+            elif v != v:  # NaN
                 stale = _is_stale(v)
                 if stale and not is_counter:
-                    value = Decimal(0)  # the series ended: so did its level
+                    value = ZERO  # the series ended: so did its level
                 else:
                     out.skip(SKIP_STALE if stale else SKIP_NAN)
                     continue
-            elif -_EXACT_INT < v < _EXACT_INT and v == int(v):
-                value = Decimal(int(v))  # the usual sample: a whole number, no checks needed
             else:
                 try:
                     value = parse_value(v)  # finite, |v| < 1e21, at most 18 places
                 except DecimalError as exc:
                     out.errors.append(
-                        RecordError(first + k, "value", str(exc), Reason.INVALID_VALUE, name[:200])
+                        RecordError(k, "value", str(exc), Reason.INVALID_VALUE, name[:200])
                     )
                     continue
             if is_counter:
-                obs = Observation(SOURCE, name, labels, value, ObservationKind.CUMULATIVE, t_ns)
-                out.cumulative.append((first + k, obs))
-            else:
-                obs = Observation(SOURCE, name, labels, value, ObservationKind.LEVEL, t_ns)
-                if sid is None:
-                    sid = series_id(obs)
-                out.levels.append(
-                    Observation(
-                        SOURCE, name, labels, value, ObservationKind.LEVEL, t_ns, f"{sid}:{t_ns}"
-                    )
+                cumulative.append(
+                    (k, Observation(SOURCE, name, labels, value, ObservationKind.CUMULATIVE, t_ns))
                 )
-                out.level_index.append(first + k)
+                cumulative_sids.append(sid)
+                continue
+            nk = f"{sid}:{t_ns}"
+            if record is not None:
+                assert snap is not None
+                rec = record(snap, sid, value, t_ns, nk)
+                if rec is not None:
+                    out.records.append(rec)
+                    continue
+            out.levels.append(
+                Observation(SOURCE, name, labels, value, ObservationKind.LEVEL, t_ns, nk)
+            )
+            out.level_index.append(k)
+            out.level_sids.append(sid)
     return out
 
 
@@ -246,7 +340,14 @@ def _is_stale(v: float) -> bool:
 
 
 class RemoteWriteReceiver:
-    """Turns remote-write requests into committed usage (``handle`` is the HTTP endpoint)."""
+    """Turns remote-write requests into committed usage (``handle`` is the HTTP endpoint).
+
+    Series are remembered by their label bytes (``SeriesCache``) and how they map by their id
+    (``pipeline.cumulative.SeriesMappings``, per catalog snapshot): a known series' samples
+    are read from the wire without building messages and become records without the
+    validator. Without ``catalog`` and ``clock`` every sample goes through the validator and
+    totals are not checked for their time before converting (tests of the parts only).
+    """
 
     def __init__(
         self,
@@ -257,6 +358,10 @@ class RemoteWriteReceiver:
         limits: IngestConfig,
         telemetry: Any,
         retry_after_s: float,
+        *,
+        catalog: Callable[[], object] | None = None,
+        clock: Clock | None = None,
+        max_cached_series: int = 250_000,
     ) -> None:
         self._wanted = _Wanted(rules)
         self._sink = sink
@@ -264,34 +369,73 @@ class RemoteWriteReceiver:
         self._limits = limits
         self._telemetry = telemetry
         self._retry_after = str(max(1, round(retry_after_s)))
-        self.totals = Totals(StreamTable(store, STATE_PREFIX), sink, committer)
+        self.series = SeriesCache(self._wanted, max_cached_series)
+        self.mappings = (
+            SeriesMappings(SOURCE, Mapper(rules), catalog, clock, limits, max_cached_series)
+            if catalog is not None and clock is not None
+            else None
+        )
+        self.totals = Totals(
+            StreamTable(store, STATE_PREFIX, max_cached_series),
+            sink,
+            committer,
+            window=TimeWindow(clock, limits) if clock is not None else None,
+            mappings=self.mappings,
+        )
 
     def batch(self, body: bytes) -> tuple[Batch, Decoded]:
         """Decode and validate one request body (``DecodeError`` for a bad body)."""
-        req = decode_body(body, self._limits.max_decompressed_bytes)
-        decoded = observations(req, self._wanted)
-        if decoded.samples > self._limits.max_batch_records:
-            raise DecodeError(
-                413,
-                f"{decoded.samples} samples exceed the limit of "
-                f"{self._limits.max_batch_records} per request",
+        raw = decompress(body, self._limits.max_decompressed_bytes)
+        mappings = self.mappings
+        snap = mappings.snapshot() if mappings is not None else None
+        scanned = prompb.scan(raw)
+        if scanned is not None:
+            n = sum(len(samples) for _, samples in scanned)
+            self._check_size(n)
+            get = self.series.get
+            decoded = observations(
+                ((get(labels), samples, 0) for labels, samples in scanned),
+                set(),
+                set(),
+                mappings,
+                snap,
+            )
+        else:
+            req = parse(raw)
+            self._check_size(sum(len(ts.samples) for ts in req.timeseries))
+            counters = {m.metric_family_name for m in req.metadata if m.type == prompb.COUNTER}
+            gauges = {m.metric_family_name for m in req.metadata if m.type != prompb.COUNTER}
+            decoded = observations(
+                _message_series(req, self._wanted), counters, gauges, mappings, snap
             )
         if decoded.levels:
             batch = self._sink.observations(decoded.levels, SOURCE)
+            if mappings is not None and snap is not None:
+                mappings.learn(snap, decoded.level_sids, decoded.levels, batch)
             for i, e in enumerate(batch.errors):
                 batch.errors[i] = RecordError(
                     decoded.level_index[e.index], e.field, e.error, e.reason, e.raw
                 )
+            batch.records.extend(decoded.records)
         else:
-            batch = Batch(SOURCE)
+            batch = Batch(SOURCE, decoded.records)
         batch.errors.extend(decoded.errors)
         batch.cumulative = decoded.cumulative
         return batch, decoded
 
-    def commit(self, batch: Batch) -> CommitResult:
-        """Convert running totals and commit (blocking; on a worker thread)."""
+    def _check_size(self, samples: int) -> None:
+        if samples > self._limits.max_batch_records:
+            raise DecodeError(
+                413,
+                f"{samples} samples exceed the limit of "
+                f"{self._limits.max_batch_records} per request",
+            )
+
+    def commit(self, batch: Batch, sids: list[str] | None = None) -> CommitResult:
+        """Convert running totals and commit (blocking; on a worker thread); ``sids``: the
+        series ids of ``batch.cumulative``."""
         if batch.cumulative:
-            return self.totals.commit(batch)
+            return self.totals.commit(batch, sids=sids)
         return self._committer.submit_sync(batch)
 
     async def handle(self, request: Request) -> Response:
@@ -305,40 +449,45 @@ class RemoteWriteReceiver:
             batch, decoded = await run_in_threadpool(self.batch, body)
         except DecodeError as exc:
             t.requests.labels(SOURCE.value, str(exc.status)).inc()
-            return Response(exc.message + "\n", exc.status, media_type="text/plain")
+            return error_response(exc.status, exc.message)
         except ClientDisconnect:
             t.requests.labels(SOURCE.value, "499").inc()
-            return Response("client disconnected\n", 400, media_type="text/plain")
+            return error_response(400, "client disconnected before the body was complete")
         t.received.labels(SOURCE.value).inc(decoded.samples)
         for reason, n in decoded.skipped.items():
             t.remote_write_skipped.labels(reason).inc(n)
         try:
-            await run_in_threadpool(self.commit, batch)
+            await run_in_threadpool(self.commit, batch, decoded.cumulative_sids)
         except Overloaded:
             # Only senders known to retry a 429 get one; Prometheus drops the data on a 429
             # unless retry_on_http_429 is set, but retries every 5xx.
             ua = request.headers.get("user-agent", "")
             code = 429 if ua.startswith("Vector/") else 503
             t.requests.labels(SOURCE.value, str(code)).inc()
-            return Response(
-                "ingest queue is full; retry later\n",
-                code,
-                headers={"Retry-After": self._retry_after},
-                media_type="text/plain",
+            return error_response(
+                code, "ingest queue is full; retry later", {"Retry-After": self._retry_after}
             )
         except (CommitFailed, ShuttingDown, StreamsBusy) as exc:
             t.requests.labels(SOURCE.value, "503").inc()
-            return Response(
-                f"{exc}\n", 503, headers={"Retry-After": self._retry_after}, media_type="text/plain"
-            )
+            return error_response(503, str(exc), {"Retry-After": self._retry_after})
         t.batch_seconds.labels(SOURCE.value).observe(time.perf_counter() - started)
         if batch.errors:
             t.requests.labels(SOURCE.value, "400").inc()
-            lines = [
-                f"sample {e.index}: {e.field}: {e.error} ({e.reason.value})"
-                for e in sorted(batch.errors, key=lambda e: e.index)[:20]
-            ]
-            head = f"{len(batch.errors)} invalid samples (the valid ones were stored):"
-            return Response("\n".join([head, *lines]) + "\n", 400, media_type="text/plain")
+            message, fields = invalid_samples(batch.errors)
+            return error_response(400, message, **fields)
         t.requests.labels(SOURCE.value, "204").inc()
         return Response(status_code=204)
+
+
+def invalid_samples(errors: Sequence[RecordError]) -> tuple[str, dict[str, Any]]:
+    """The 400 answer: its message, and how many samples were refused with the first
+    ``MAX_ERRORS`` of them, each with its ordinal in the request, field, error and reason."""
+    refused = sorted(errors, key=lambda e: e.index)
+    rejected = len({e.index for e in refused})
+    return f"{rejected} invalid samples (the valid ones were stored)", {
+        "rejected": rejected,
+        "errors": [
+            {"index": e.index, "field": e.field, "error": e.error, "reason": e.reason.value}
+            for e in refused[:MAX_ERRORS]
+        ],
+    }

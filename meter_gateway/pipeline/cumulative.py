@@ -18,29 +18,45 @@ has committed, so two requests touching one series never compute against the sam
 Across replicas the batch carries the state it converted against (``Batch.state_expect``); a
 replica that lost the race gets ``CommitResult.conflict``, with nothing written, and converts
 again against the state the other replica committed.
+
+Running totals are checked before they convert: a total whose time the validator would refuse
+(``TimeWindow``, the validator's wording) is rejected, never made its series' state (one total
+from the far future would make every later one an old repeat), and a step that the 120-digit
+``EXACT`` context would round (``InexactStep``) is rejected instead of stored altered.
+
+``SeriesMappings`` remembers how each series maps, learned from the validator's verdict on one
+of its amounts under the current catalog snapshot; later amounts of the series become records
+directly when they are plainly acceptable, and anything else still goes through the validator.
 """
 
 from __future__ import annotations
 
+import decimal
 import hashlib
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from decimal import Decimal
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import orjson
 
-from meter_gateway.decimals import EXACT, ZERO
+from meter_gateway.clock import Clock
+from meter_gateway.config import IngestConfig
+from meter_gateway.decimals import EXACT, MAX_ABS, MAX_PLACES, ZERO, DecimalError
 from meter_gateway.model import (
     Batch,
     CommitResult,
     Observation,
     ObservationKind,
+    Reason,
     RecordError,
     Source,
+    UsageRecord,
 )
+from meter_gateway.pipeline.decode import clip_json
+from meter_gateway.pipeline.mapping import Mapped, Mapper
 
 # Why a point added nothing; label values of the receivers' skipped-points counters.
 SKIP_REPEATED = "repeated"  # a cumulative point already counted (a retried request)
@@ -74,6 +90,55 @@ STATE_CONFLICT_RETRIES = 5
 
 class StreamsBusy(Exception):
     """Another request held the same cumulative series for too long; retry."""
+
+
+# Steps between totals: EXACT, but a step that would need more than its 120 digits raises
+# instead of rounding. parse_value bounds every total (|v| < 1e21, 18 places: 39 digits), so
+# only a total that skipped it can get here; it is refused, never stored altered.
+_STEPS = EXACT.copy()
+_STEPS.traps[decimal.Inexact] = True
+
+
+class InexactStep(DecimalError):
+    """The step between two totals does not fit the exact context; the total is refused."""
+
+
+def step_between(value: Decimal, previous: Decimal) -> Decimal:
+    """``value - previous``, exactly, or ``InexactStep``."""
+    try:
+        return _STEPS.subtract(value, previous)
+    except decimal.Inexact:
+        raise InexactStep(
+            f"the step from the previous total {previous} to {value} needs more than "
+            f"{EXACT.prec} digits: expected totals with at most {MAX_PLACES} decimal places"
+        ) from None
+
+
+class TimeWindow:
+    """The validator's late-arrival and future limits, for running totals checked before they
+    convert, in the validator's words (``pipeline.validate``; OTLP's golden files hold them)."""
+
+    def __init__(self, clock: Clock, limits: IngestConfig) -> None:
+        self._clock = clock
+        self._late = limits.late_arrival_limit
+        self._future = limits.future_tolerance
+        self._late_ns = int(limits.late_arrival_limit.total_seconds()) * 1_000_000_000
+        self._future_ns = int(limits.future_tolerance.total_seconds()) * 1_000_000_000
+
+    def bounds(self) -> tuple[int, int]:
+        """The oldest and newest times accepted now."""
+        now = self._clock.now_ns()
+        return now - self._late_ns, now + self._future_ns
+
+    def refusal(self, t: int, oldest: int, newest: int) -> tuple[Reason, str] | None:
+        """Why a total at ``t`` is refused within ``bounds()``, or None."""
+        if t < oldest:
+            return Reason.TOO_LATE, (
+                f"timestamp is older than the late-arrival limit ({self._late})"
+            )
+        if t > newest:
+            return Reason.IN_FUTURE, f"timestamp is more than {self._future} in the future"
+        return None
 
 
 class StreamState(NamedTuple):
@@ -115,7 +180,8 @@ def convert(
     total: Decimal | None,
     monotonic: bool,
 ) -> Step:
-    """One cumulative point against its series' last state (pure; see the module docstring)."""
+    """One cumulative point against its series' last state (pure; see the module docstring).
+    Raises ``InexactStep`` when the step cannot be computed exactly."""
     new = StreamState(start, t, value, total)
     if state is None or start > state.start:
         if start == 0 or start >= t:  # unknown start: the value so far is only a baseline
@@ -127,11 +193,11 @@ def convert(
         return Step(SKIP_REPEATED, ZERO, None, None)
     if monotonic and value < state.value:  # a reset within one run: count from zero
         return Step("delta", value, total, new)
-    delta = EXACT.subtract(value, state.value)
+    delta = step_between(value, state.value)
     if total is None:
         dsum = None
     else:
-        dsum = EXACT.subtract(total, state.sum) if state.sum is not None else total
+        dsum = step_between(total, state.sum) if state.sum is not None else total
     if delta == 0 and not dsum:
         return Step(SKIP_UNCHANGED, ZERO, None, new)
     return Step("delta", delta, dsum, new)
@@ -158,7 +224,7 @@ class StreamTable:
         self._wait_s = wait_s
         self._cond = threading.Condition()
         self._held: set[str] = set()
-        self._cache: dict[str, StreamState] = {}
+        self._cache: dict[str, tuple[StreamState, bytes]] = {}  # sid → (state, its bytes)
 
     @contextmanager
     def hold(self, sids: set[str]) -> Iterator[None]:
@@ -177,21 +243,25 @@ class StreamTable:
                 self._cond.notify_all()
 
     def load(self, sids: Iterable[str]) -> dict[str, StreamState]:
-        """The committed state of held series (absent: never seen)."""
+        """The committed state of held series (absent: never seen). Series known here are not
+        read from the store: the version kept with each (its bytes as committed) is what the
+        commit expects to find, so a series another replica moved meanwhile conflicts there."""
         out: dict[str, StreamState] = {}
         missing: list[str] = []
         cache = self._cache
         for sid in sids:
-            st = cache.get(sid)
-            if st is None:
+            known = cache.get(sid)
+            if known is None:
                 missing.append(sid)
             else:
-                out[sid] = st
+                out[sid] = known[0]
         if missing:
             prefix = self.prefix
             rows = self._reader.state_get([prefix + s for s in missing])
-            for key, raw in rows.items():
-                out[key[len(prefix) :]] = decode_state(raw)
+            fresh = {key[len(prefix) :]: (decode_state(raw), raw) for key, raw in rows.items()}
+            for sid, known in fresh.items():
+                out[sid] = known[0]
+            self._remember(fresh)
         return out
 
     def writes(self, changed: dict[str, StreamState]) -> dict[str, bytes | None]:
@@ -203,17 +273,41 @@ class StreamTable:
         self, changed: Iterable[str], states: dict[str, StreamState]
     ) -> dict[str, bytes | None]:
         """``Batch.state_expect`` for series about to move: the state they were converted
-        against (None: none). Another replica may have moved a series since this one cached
-        it; the store then commits nothing of the batch (``CommitResult.conflict``)."""
+        against (None: none), as the bytes it was committed with. Another replica may have
+        moved a series since this one cached it; the store then commits nothing of the batch
+        (``CommitResult.conflict``)."""
         prefix = self.prefix
-        return {
-            prefix + sid: encode_state(states[sid]) if sid in states else None for sid in changed
-        }
+        cache = self._cache
+        out: dict[str, bytes | None] = {}
+        for sid in changed:
+            state = states.get(sid)
+            if state is None:
+                out[prefix + sid] = None
+                continue
+            known = cache.get(sid)
+            out[prefix + sid] = (
+                known[1] if known is not None and known[0] is state else encode_state(state)
+            )
+        return out
 
-    def committed(self, states: dict[str, StreamState]) -> None:
-        if len(self._cache) + len(states) > self._max_cached:
+    def committed(
+        self, states: dict[str, StreamState], written: dict[str, bytes | None] | None = None
+    ) -> None:
+        """The series' state after a successful commit; ``written``: the ``Batch.state`` that
+        committed it (saves encoding it again for the next expectation)."""
+        prefix = self.prefix
+        if written is None:
+            self._remember({sid: (s, encode_state(s)) for sid, s in states.items()})
+            return
+        got = written.get
+        self._remember(
+            {sid: (s, got(prefix + sid) or encode_state(s)) for sid, s in states.items()}
+        )
+
+    def _remember(self, known: dict[str, tuple[StreamState, bytes]]) -> None:
+        if len(self._cache) + len(known) > self._max_cached:
             self._cache.clear()
-        self._cache.update(states)
+        self._cache.update(known)
 
     def forget(self, sids: Iterable[str]) -> None:
         for sid in sids:
@@ -235,6 +329,118 @@ def series_id(obs: Observation) -> str:
     return hashlib.blake2b(orjson.dumps(identity), digest_size=16).hexdigest()
 
 
+class _Mapping(NamedTuple):
+    """How every amount of one series maps, learned from validating one of them."""
+
+    catalog: object  # the catalog snapshot it was validated against
+    customer: str
+    dimension: str
+    scale: Decimal | None  # None: 1
+    metadata: dict[str, Any]
+    unique: str | None
+
+
+class SeriesMappings:
+    """Per series (its id), how its amounts map: the customer, dimension, scale and metadata
+    the validator gave one of them under a catalog snapshot. A later amount of the series
+    becomes a record directly (``record``) while that snapshot is current, its time is well
+    inside the accepted range and its value, scaled, plainly within bounds; anything else
+    (and every series after a catalog change) goes through the validator again, which stays
+    the one judge of what is valid and why not. Rules are fixed for the life of the mapper.
+    Bounded: emptied when full (every entry can be learned again).
+    """
+
+    def __init__(
+        self,
+        source: Source,
+        mapper: Mapper,
+        catalog: Callable[[], object],
+        clock: Clock,
+        limits: IngestConfig,
+        max_series: int = 250_000,
+    ) -> None:
+        self._source = source
+        self._mapper = mapper
+        self._catalog = catalog
+        self._clock = clock
+        self._max = max_series
+        # A minute inside the validator's own bounds, so a record made here is never one the
+        # validator would have refused a moment later.
+        self._late_ns = (int(limits.late_arrival_limit.total_seconds()) - 60) * 1_000_000_000
+        self._future_ns = int(limits.future_tolerance.total_seconds()) * 1_000_000_000
+        self._known: dict[str, _Mapping] = {}
+        # the validator's dedup digest, model.dedup_key(source, key), hashed on from a copy
+        self._key_hash = hashlib.blake2b(source.value.encode() + b"\x00", digest_size=16)
+
+    def snapshot(self) -> tuple[object, int, int]:
+        """The catalog snapshot and the times ``record`` takes, for one request."""
+        now = self._clock.now_ns()
+        return self._catalog(), now - self._late_ns, now + self._future_ns
+
+    def record(
+        self,
+        snap: tuple[object, int, int],
+        sid: str,
+        value: Decimal,
+        t: int,
+        natural_key: str,
+    ) -> UsageRecord | None:
+        """The record of an amount of a known series, or None: leave it to the validator."""
+        m = self._known.get(sid)
+        catalog, lo, hi = snap
+        if m is None or m.catalog is not catalog or not lo <= t <= hi:
+            return None
+        if m.scale is None:
+            v = value  # a parse_value'd total or a step between two: <= 18 places
+        else:
+            v = EXACT.multiply(value, m.scale)
+            if v.as_tuple().exponent < -MAX_PLACES:  # type: ignore[operator]
+                return None
+        if not ZERO <= v < MAX_ABS:
+            return None
+        h = self._key_hash.copy()
+        h.update(natural_key.encode())
+        return UsageRecord(
+            t, m.customer, m.dimension, v, None, m.metadata, self._source, h.digest(), m.unique
+        )
+
+    def learn(
+        self,
+        snap: tuple[object, int, int],
+        sids: Sequence[str],
+        observations: Sequence[Observation],
+        checked: Batch,
+    ) -> None:
+        """Remember how the series of the accepted ones of ``observations`` (validated under
+        ``snap``'s catalog into ``checked``) map."""
+        refused = {e.index for e in checked.errors}
+        records = iter(checked.records)
+        known = self._known
+        if len(known) >= self._max:
+            known.clear()
+        catalog = snap[0]
+        for i, obs in enumerate(observations):
+            if i in refused:
+                continue
+            record = next(records)
+            sid = sids[i]
+            m = known.get(sid)
+            if (m is not None and m.catalog is catalog) or record.value < 0:
+                continue
+            rule = self._mapper.map(obs)
+            if not isinstance(rule, Mapped):
+                continue
+            scale = self._mapper.rules[rule.rule_index].scale
+            known[sid] = _Mapping(
+                catalog,
+                record.customer_id,
+                record.dimension_id,
+                None if scale == 1 else scale,
+                record.metadata or {},
+                record.unique_value,
+            )
+
+
 class Totals:
     """Commits batches that carry running totals (``Batch.cumulative``) from senders without
     start times: Vector absolute counters, Prometheus remote write.
@@ -243,7 +449,9 @@ class Totals:
     the amount since the previous one (``convert`` with an unknown start: a series' first total
     is its baseline, a drop is a counter reset), validates those amounts, and commits them with
     the series' new state in one transaction. An amount's natural key is (series, time), so a
-    resent request adds nothing; a total that did not move adds no record.
+    resent request adds nothing; a total that did not move adds no record. With a
+    ``window``, a total the validator would refuse for its time is rejected before it converts;
+    with ``mappings``, amounts of known series skip the validator.
     """
 
     def __init__(
@@ -252,11 +460,16 @@ class Totals:
         sink: ObservationSink,
         committer: Committer,
         commit_timeout_s: float = 60.0,
+        *,
+        window: TimeWindow | None = None,
+        mappings: SeriesMappings | None = None,
     ) -> None:
         self.table = table
         self._sink = sink
         self._committer = committer
         self._timeout = commit_timeout_s
+        self._window = window
+        self.mappings = mappings
 
     def convert(self, batch: Batch, sids: Sequence[str] | None = None) -> dict[str, StreamState]:
         """Move ``batch.cumulative`` into records and errors (the caller holds the series;
@@ -264,20 +477,47 @@ class Totals:
         moves with the batch, also set in ``batch.state``."""
         if sids is None:
             sids = [series_id(obs) for _, obs in batch.cumulative]
-        pending = sorted(
-            zip(batch.cumulative, sids, strict=True), key=lambda p: p[0][1].timestamp_ns
-        )
+        pairs = list(zip(batch.cumulative, sids, strict=True))
+        if len(set(sids)) < len(sids):  # several totals of one series: in time order
+            pairs.sort(key=lambda p: p[0][1].timestamp_ns)
         states = self.table.load(set(sids))
         changed: dict[str, StreamState] = {}
         amounts: list[Observation] = []
+        amount_sids: list[str] = []
         ordinals: list[int] = []
+        errors: list[RecordError] = []
         amount = ObservationKind.AMOUNT
-        for (index, obs), sid in pending:
+        window = self._window
+        oldest, newest = window.bounds() if window is not None else (0, 0)
+        mappings = self.mappings
+        snap = mappings.snapshot() if mappings is not None else None
+        records = batch.records
+        for (index, obs), sid in pairs:
             t = obs.timestamp_ns
-            step = convert(changed.get(sid) or states.get(sid), 0, t, obs.value, None, True)
+            if window is not None and not oldest <= t <= newest:
+                refused = window.refusal(t, oldest, newest)
+                if refused is not None:
+                    errors.append(
+                        RecordError(index, "timestamp", refused[1], refused[0], _raw(obs))
+                    )
+                    continue
+            try:
+                step = convert(changed.get(sid) or states.get(sid), 0, t, obs.value, None, True)
+            except InexactStep as exc:
+                errors.append(
+                    RecordError(index, "value", str(exc), Reason.INVALID_VALUE, _raw(obs))
+                )
+                continue
             if step.state is not None:
                 changed[sid] = step.state
             if step.kind == "delta":
+                nk = f"{sid}:{t}"
+                if snap is not None:
+                    assert mappings is not None
+                    rec = mappings.record(snap, sid, step.delta, t, nk)
+                    if rec is not None:
+                        records.append(rec)
+                        continue
                 amounts.append(
                     Observation(
                         obs.source,
@@ -286,18 +526,23 @@ class Totals:
                         step.delta,
                         amount,
                         t,
-                        f"{sid}:{t}",
+                        nk,
                         obs.resource_attributes,
                     )
                 )
+                amount_sids.append(sid)
                 ordinals.append(index)
         if amounts:
             checked = self._sink.observations(amounts, batch.source)
-            batch.records.extend(checked.records)
-            batch.errors.extend(
+            if mappings is not None and snap is not None:
+                mappings.learn(snap, amount_sids, amounts, checked)
+            records.extend(checked.records)
+            errors.extend(
                 RecordError(ordinals[e.index], e.field, e.error, e.reason, e.raw)
                 for e in checked.errors
             )
+        if errors:
+            batch.errors.extend(errors)
             batch.errors.sort(key=lambda e: e.index)
         batch.cumulative = []
         batch.state.update(self.table.writes(changed))
@@ -305,34 +550,56 @@ class Totals:
         return changed
 
     @contextmanager
-    def holding(self, batch: Batch) -> Iterator[list[str]]:
+    def holding(self, batch: Batch, sids: list[str] | None = None) -> Iterator[list[str]]:
         """Hold the series of ``batch.cumulative`` (for convert, then commit); yields their
-        ids, in ``batch.cumulative`` order, for ``convert``."""
-        sids = [series_id(obs) for _, obs in batch.cumulative]
+        ids, in ``batch.cumulative`` order, for ``convert`` (``sids``: known already)."""
+        if sids is None:
+            sids = [series_id(obs) for _, obs in batch.cumulative]
         with self.table.hold(set(sids)):
             yield sids
 
-    def commit(self, batch: Batch, check: Callable[[Batch], None] | None = None) -> CommitResult:
+    def commit(
+        self,
+        batch: Batch,
+        check: Callable[[Batch], None] | None = None,
+        sids: list[str] | None = None,
+    ) -> CommitResult:
         """Convert and commit in one go (blocks until durable; run it on a worker thread).
 
         ``check`` sees each converted batch before it is submitted and may raise to commit
         nothing (an atomic request with invalid records). A conflict (another replica moved a
-        series first) converts again from fresh state.
+        series first) converts again from fresh state. ``sids``: the series ids of
+        ``batch.cumulative``, when the caller knows them.
         """
-        with self.holding(batch) as sids:
+        with self.holding(batch, sids) as held:
             cumulative, records = list(batch.cumulative), list(batch.records)
             errors, state, expect = list(batch.errors), dict(batch.state), dict(batch.state_expect)
             for _ in range(STATE_CONFLICT_RETRIES):
-                changed = self.convert(batch, sids)
+                changed = self.convert(batch, held)
                 if check is not None:
                     check(batch)
                 result = self._committer.submit_sync(batch, self._timeout)
                 if not result.conflict:
-                    self.table.committed(changed)
+                    self.table.committed(changed, batch.state)
                     return result
                 # Another replica moved these series first: forget what we cached, convert again.
-                self.table.forget(sids)
+                self.table.forget(held)
                 batch.cumulative, batch.records = list(cumulative), list(records)
                 batch.errors = list(errors)
                 batch.state, batch.state_expect = dict(state), dict(expect)
         raise StreamsBusy("cumulative series kept moving on other replicas; retry")
+
+
+def _raw(obs: Observation) -> str:
+    """A refused total as the rejected-records store keeps it."""
+    return clip_json(
+        {
+            "source": obs.source.value,
+            "name": obs.name,
+            "attributes": obs.attributes,
+            "value": str(obs.value),
+            "kind": obs.kind.value,
+            "timeUnixNano": obs.timestamp_ns,
+        },
+        8192,
+    )
