@@ -23,7 +23,7 @@ from meter_gateway.clock import TEST_CLOCK_OFFSET_FILE_ENV, Clock, OffsetFileClo
 from meter_gateway.config import Config
 from meter_gateway.decimals import ZERO, fmt
 from meter_gateway.keys import KeyRing
-from meter_gateway.pipeline.cumulative import StreamTable, Totals
+from meter_gateway.pipeline.cumulative import StreamTable, TimeWindow, Totals
 from meter_gateway.pipeline.ingest import Ingestor
 from meter_gateway.pipeline.mapping import Mapper
 from meter_gateway.pipeline.validate import Validator
@@ -84,7 +84,12 @@ class Gateway:
             ),
         )
         # Running totals from senders without start times (Vector absolute counters).
-        self.totals = Totals(StreamTable(self.store, "vector/"), self.validator, self.ingestor)
+        self.totals = Totals(
+            StreamTable(self.store, "vector/"),
+            self.validator,
+            self.ingestor,
+            window=TimeWindow(self.clock, ingest),
+        )
         # OTLP exports (gRPC and HTTP) → observations → validator → ingestor; server.py serves it.
         self.otlp = OtlpMetrics(
             self.validator,
@@ -105,6 +110,8 @@ class Gateway:
             ingest,
             self.telemetry,
             ingest.retry_after.total_seconds(),
+            catalog=lambda: self.catalog.current,
+            clock=self.clock,
         )
         self.telemetry.add_collector(PeriodUsageCollector(self._period_gauges))
         # Scheduled work (Prometheus queries, meters, exporter outboxes) registers its jobs
