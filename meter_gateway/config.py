@@ -22,8 +22,10 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+import babel
 import yaml
 from pydantic import (
+    AfterValidator,
     AwareDatetime,
     BaseModel,
     BeforeValidator,
@@ -225,8 +227,46 @@ class AuthConfig(_Model):
     open_operations: bool = True
 
 
+def _known_locale(v: str) -> str:
+    try:
+        babel.Locale.parse(v)
+    except (ValueError, babel.UnknownLocaleError):
+        raise ValueError(f"{v!r} is not a locale Babel knows (e.g. en_GB, de_DE)") from None
+    return v
+
+
+Locale = Annotated[str, Field(max_length=32), AfterValidator(_known_locale)]
+
+
+class Issuer(_Model):
+    """Who issues the invoices (the seller), as every new invoice shows it."""
+
+    name: str = Field(min_length=1, max_length=200)
+    address: tuple[Annotated[str, Field(max_length=200)], ...] = Field(default=(), max_length=8)
+    email: str | None = Field(default=None, max_length=200)
+    tax_id: str | None = Field(default=None, max_length=100)
+    # Shown by the HTML; the PDF fetches nothing, so only a data: URI shows there.
+    logo_url: str | None = Field(default=None, max_length=100_000, pattern=r"^(https?|data):")
+
+
+class TaxRate(_Model):
+    """A tax rate invoices can carry: ``inclusive`` when prices already hold it (VAT-style
+    gross prices), else it is added to the total."""
+
+    id: Slug
+    name: str = Field(min_length=1, max_length=100)
+    percentage: Dec = Field(ge=0, le=100)
+    inclusive: bool = False
+
+
 class BillingConfig(_Model):
     timezone: str = "UTC"
+    issuer: Issuer | None = None
+    # Net payment terms: an invoice is due this many days after its issue date.
+    due_days: int = Field(default=30, ge=0, le=365)
+    # How invoices format dates, numbers and money, unless a customer's billing_details say.
+    locale: Locale = "en_GB"
+    tax_rates: tuple[TaxRate, ...] = ()
 
     @field_validator("timezone")
     @classmethod
@@ -235,6 +275,15 @@ class BillingConfig(_Model):
             ZoneInfo(v)
         except (ZoneInfoNotFoundError, ValueError):
             raise ValueError(f"{v!r} is not an IANA time zone") from None
+        return v
+
+    @field_validator("tax_rates")
+    @classmethod
+    def _unique_rates(cls, v: tuple[TaxRate, ...]) -> tuple[TaxRate, ...]:
+        ids = [r.id for r in v]
+        dup = sorted({i for i in ids if ids.count(i) > 1})
+        if dup:
+            raise ValueError(f"tax rate ids must be unique, repeated: {dup}")
         return v
 
 
@@ -331,6 +380,7 @@ class Offering(_Model):
     name: str
     currency: str = "USD"
     charges: tuple[Charge, ...] = ()
+    tax_rate: Slug | None = None  # an id of billing.tax_rates; a customer's own rate wins
 
     @field_validator("currency")
     @classmethod
@@ -398,6 +448,17 @@ class CustomerBilling(_Model):
         return v
 
 
+class CustomerDetails(_Model):
+    """Who an invoice is addressed to (its bill-to), and how it reads for them."""
+
+    legal_name: str | None = Field(default=None, max_length=200)  # else the customer's name
+    address: tuple[Annotated[str, Field(max_length=200)], ...] = Field(default=(), max_length=8)
+    tax_id: str | None = Field(default=None, max_length=100)
+    email: str | None = Field(default=None, max_length=200)
+    locale: Locale | None = None  # else billing.locale
+    tax_rate: Slug | None = None  # an id of billing.tax_rates; wins over the offering's
+
+
 class Customer(_Model):
     id: Slug
     name: str
@@ -408,6 +469,7 @@ class Customer(_Model):
     start: AwareDatetime | None = None
     end: AwareDatetime | None = None
     billing: CustomerBilling | None = None
+    billing_details: CustomerDetails | None = None
 
     @model_validator(mode="after")
     def _start_before_end(self) -> Customer:
@@ -715,6 +777,22 @@ def reference_errors(raw: Mapping[str, Any]) -> list[str]:
             d = c.get("dimension") if isinstance(c, Mapping) else None
             if isinstance(d, str) and d not in dims:
                 errors.append(f"offerings.{i}.charges.{j}.dimension: unknown dimension {d!r}")
+    billing = raw.get("billing")
+    rates = {
+        r.get("id") for _, r in _items(billing if isinstance(billing, Mapping) else {}, "tax_rates")
+    }
+    for i, o in _items(raw, "offerings"):
+        rate = o.get("tax_rate")
+        if isinstance(rate, str) and rate not in rates:
+            errors.append(f"offerings.{i}.tax_rate: unknown tax rate {rate!r} (billing.tax_rates)")
+    for i, cust in customers:
+        details = cust.get("billing_details")
+        rate = details.get("tax_rate") if isinstance(details, Mapping) else None
+        if isinstance(rate, str) and rate not in rates:
+            errors.append(
+                f"customers.{i}.billing_details.tax_rate: unknown tax rate {rate!r} "
+                "(billing.tax_rates)"
+            )
     owners: dict[str, str] = {}
     for i, cust in customers:
         offering = cust.get("offering")
