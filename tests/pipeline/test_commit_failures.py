@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ from meter_gateway.store.base import Store
 from meter_gateway.store.sqlite import SQLiteStore, path_from_url
 from meter_gateway.telemetry import Telemetry
 from tests.gatewayproc import GatewayProcess
-from tests.helpers import open_store, rec, record, ts
+from tests.helpers import eventually, open_store, rec, record, ts
 
 NOW = ts("2026-05-02T00:00:00")
 DAY = (ts("2026-05-01T00:00:00"), NOW)
@@ -47,15 +46,6 @@ def deep(rid: str, depth: int = 253) -> UsageRecord:
 
 def good(rid: str, value: str = "1") -> UsageRecord:
     return rec("2026-05-01T10:00:00", value, rid=rid)
-
-
-def until(check: Callable[[], bool], timeout: float = 10.0) -> None:
-    """Poll ``check`` until it holds (the probe runs on the writer's own schedule)."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.01)
 
 
 class Held:
@@ -222,7 +212,7 @@ def test_an_outage_fails_its_requests_and_health_returns_with_the_store(store: S
         finally:
             outage.stop()
         # nothing is sent: the probe finds the store back
-        until(lambda: ing.healthy)
+        eventually(lambda: ing.healthy, "a probe commit succeeds", 10)
         assert PROBE_KEY in store.state_get([PROBE_KEY])
         r = ing.submit_sync(Batch(Source.REST, [good("during"), good("after")]), 30)
         assert (r.accepted, r.duplicates) == (2, 0)  # "during" was never marked
@@ -274,7 +264,7 @@ def test_groups_prepared_behind_a_failed_one_are_prepared_again(tmp_path: Path) 
 
     try:
         ing.enqueue(Batch(Source.REST, [good("one")]), settle("failed"))
-        until(lambda: ing.queued_records == 1 and not ing._pending)  # taken
+        eventually(lambda: ing.queued_records == 1 and not ing._pending, "'one' taken", 10)
         ing.enqueue(Batch(Source.REST, [good("two")]), settle("voided"))
         assert both.wait(30)
     finally:
@@ -319,7 +309,7 @@ def test_gateway_readyz_is_503_while_commits_fail(tmp_path: Path) -> None:
                 assert c.get("/readyz").status_code == 503
             finally:
                 undo()
-            until(lambda: c.get("/readyz").status_code == 200, timeout=20)
+            eventually(lambda: c.get("/readyz").status_code == 200, "ready again", 20)
             assert c.post("/v1/usage", json=record()).status_code == 200
     finally:
         gw.stop()

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -21,18 +21,9 @@ from meter_gateway.config import DatastoreReceiverConfig
 from receivers.datastore import Watermark, advance, page_query, row_key, to_records
 from tests import pgdb
 from tests.gatewayproc import BASE_CONFIG, GatewayProcess
-from tests.helpers import next_id
+from tests.helpers import eventually, next_id
 
 JOB = "datastore:billing-db"
-
-
-def wait_until(check: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
-    """Poll ``check`` until it holds (the synchronisation point; never a fixed sleep)."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 @pytest.fixture
@@ -128,7 +119,7 @@ def job_runs(gw: GatewayProcess, job: str = JOB) -> float:
 def settled(gw: GatewayProcess, runs: int = 3) -> None:
     """Let the job run a few more times, so a repeat would have shown in the totals."""
     start = job_runs(gw)
-    wait_until(lambda: job_runs(gw) >= start + runs, f"{runs} more runs of {JOB}")
+    eventually(lambda: job_runs(gw) >= start + runs, f"{runs} more runs of {JOB}")
 
 
 def new_customer(gw: GatewayProcess) -> str:
@@ -155,7 +146,7 @@ def test_rows_count_once_across_pages_restarts_and_bad_rows(source: str, tmp_pat
         first += [(i, cust, Decimal(2**i) / 1024, same) for i in range(5, 12)]
         insert(source, "usage_events", first)
         want = sum((r[2] for r in first), Decimal(0))
-        wait_until(lambda: total(gw, cust) == want, f"{want} GB counted")
+        eventually(lambda: total(gw, cust) == want, f"{want} GB counted")
         settled(gw)
         assert total(gw, cust) == want
 
@@ -168,7 +159,7 @@ def test_rows_count_once_across_pages_restarts_and_bad_rows(source: str, tmp_pat
         insert(source, "usage_events", later)
         want += sum((r[2] for r in later if r[1] == cust), Decimal(0))
         gw.start()
-        wait_until(lambda: total(gw, cust) == want, f"{want} GB counted after the restart")
+        eventually(lambda: total(gw, cust) == want, f"{want} GB counted after the restart")
         settled(gw)
         assert total(gw, cust) == want
 
@@ -193,13 +184,13 @@ def test_rows_without_an_id_count_once_even_when_a_page_is_all_one_time(
         rows += [(cust, 7, at + timedelta(seconds=i), f"late-{i}") for i in range(1, 4)]
         insert(source, "api_calls", rows)
         want = Decimal(sum(r[1] for r in rows))
-        wait_until(lambda: total(gw, cust, "compute-time") == want, f"{want} calls counted")
+        eventually(lambda: total(gw, cust, "compute-time") == want, f"{want} calls counted")
         settled(gw)
         gw.stop()
         gw.start()
         insert(source, "api_calls", [(cust, 11, at + timedelta(seconds=3), "same-time-as-last")])
         want += 11
-        wait_until(lambda: total(gw, cust, "compute-time") == want, "the late row counted")
+        eventually(lambda: total(gw, cust, "compute-time") == want, "the late row counted")
         settled(gw)
         assert total(gw, cust, "compute-time") == want
     finally:
@@ -216,17 +207,17 @@ def test_two_replicas_count_each_row_once(source: str, tmp_path: Path) -> None:
     try:
         cust = new_customer(a)
         # A read through another replica may lag a catalog change by up to a second.
-        wait_until(lambda: known(b, cust), "replica b to know the new customer")
+        eventually(lambda: known(b, cust), "replica b to know the new customer")
         t0 = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=3)
         rows = [(i, cust, Decimal(i) / 10, t0 + timedelta(seconds=i // 4)) for i in range(1, 40)]
         insert(source, "usage_events", rows)
         want = sum((r[2] for r in rows), Decimal(0))
-        wait_until(lambda: total(b, cust) == want, f"{want} GB counted")
+        eventually(lambda: total(b, cust) == want, f"{want} GB counted")
         a.kill()  # the lease holder may die mid-read; the other takes over
         more = [(i, cust, Decimal(1), t0 + timedelta(seconds=60)) for i in range(40, 50)]
         insert(source, "usage_events", more)
         want += 10
-        wait_until(lambda: total(b, cust) == want, "rows after a replica died", timeout=60)
+        eventually(lambda: total(b, cust) == want, "rows after a replica died", timeout=60)
         settled(b)
         assert total(b, cust) == want
     finally:
