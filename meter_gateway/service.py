@@ -206,6 +206,7 @@ class Gateway:
             self.router,
             on_events=self._wake_exporters,
             reopen=lambda row, catalog: cycles.reopen(row, catalog, self.tz),
+            billing=config.billing,
         )
         self.invoices.backfill_periods()  # invoices stored before periods were columns
         # Closed billing cycles invoice themselves (billing/cycles.py), under their lease.

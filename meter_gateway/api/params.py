@@ -282,8 +282,8 @@ INVOICE_SEARCH_PARAMS: Mapping[str, Param] = {
 }
 INVOICE_PARAMS: Mapping[str, Param] = {
     "format": Param(
-        {"type": "string", "enum": ["json", "csv", "html"], "default": "json"},
-        "json, csv (one row per line) or html (a page naming the customer).",
+        {"type": "string", "enum": ["json", "csv", "html", "pdf"], "default": "json"},
+        "json, csv (one row per line), html (a printable page) or pdf (that page as A4).",
     )
 }
 WALLET_PARAMS: Mapping[str, Param] = {

@@ -10,7 +10,7 @@ the tests hold every answer of a running gateway to them.
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import date, timedelta
 from decimal import Decimal
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -397,6 +397,11 @@ class InvoiceLine(_Response):
     name: str
     quantity: DecimalText
     unit: str
+    billedUnit: str | None = Field(
+        default=None,
+        description="What one billed unit is: the unit, named by its increment (hour for "
+        "minutes counted by 60) or e.g. '60 minutes'. Absent on invoices stored before it.",
+    )
     model: Literal["per_unit", "graduated", "volume", "package"]
     unitPrice: DecimalText | None = None
     package: PackageBreakdown | None = None
@@ -414,6 +419,29 @@ class ItemLine(_Response):
     description: str
     quantity: DecimalText
     unitPrice: DecimalText
+    exactAmount: DecimalText
+    amount: DecimalText
+
+
+class InvoiceParty(_Response):
+    """Who issues an invoice (``billing.issuer``) or is billed (the customer's
+    ``billing_details``; ``name`` is its legal name, else the customer's name)."""
+
+    name: str
+    address: list[str]
+    email: str | None
+    taxId: str | None
+    logoUrl: str | None = Field(default=None, description="The issuer's only.")
+
+
+class InvoiceTax(_Response):
+    """A tax rate applied to every line: exact per line, rounded once per invoice."""
+
+    id: str
+    name: str
+    percentage: DecimalText
+    inclusive: bool = Field(description="The line amounts hold it (else it is added).")
+    taxableAmount: DecimalText
     exactAmount: DecimalText
     amount: DecimalText
 
@@ -440,9 +468,21 @@ class Invoice(_Response):
     status: Literal["draft", "finalized", "void"]
     createdAt: Timestamp
     finalizedAt: Timestamp | None
+    issuer: InvoiceParty | None = Field(
+        default=None, description="billing.issuer as it was when computed; null: none set."
+    )
+    billTo: InvoiceParty | None = None
+    locale: str | None = Field(default=None, description="How the HTML and PDF read, e.g. en_GB.")
+    paymentTermsDays: int | None = Field(default=None, description="billing.due_days (net terms).")
+    issueDate: date | None = Field(default=None, description="Null for drafts.")
+    dueDate: date | None = Field(default=None, description="issueDate + paymentTermsDays.")
     lines: list[InvoiceLine | ItemLine]
     subtotal: DecimalText
-    total: DecimalText
+    taxes: list[InvoiceTax] | None = None
+    tax: DecimalText | None = Field(
+        default=None, description="The sum of the lines' exact tax, rounded once."
+    )
+    total: DecimalText = Field(description="subtotal + an exclusive tax.")
     creditsApplied: DecimalText
     amountDue: DecimalText
     walletBalance: DecimalText

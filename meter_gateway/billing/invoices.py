@@ -15,26 +15,22 @@ and total are the exact sums of the rounded lines.
 
 from __future__ import annotations
 
-import csv
-import io
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
-from html import escape
 from typing import Any
 from urllib.parse import urlencode
 from zoneinfo import ZoneInfo
 
-import orjson
-
 from meter_gateway import pricing
-from meter_gateway.billing import rating
+from meter_gateway.billing import document, rating, tax
+from meter_gateway.billing.document import FORMATS, render_json
 from meter_gateway.billing.events import EventRoute
 from meter_gateway.billing.wallet import balance
 from meter_gateway.catalog import Catalog
 from meter_gateway.clock import Clock
-from meter_gateway.config import Dimension
+from meter_gateway.config import BillingConfig, Dimension
 from meter_gateway.decimals import EXACT, ZERO, fmt
 from meter_gateway.pipeline.timestamps import format_timestamp, parse_timestamp
 from meter_gateway.store.base import (
@@ -46,11 +42,8 @@ from meter_gateway.store.base import (
     PeriodInvoicedError,
 )
 
-FORMATS = {
-    "json": "application/json",
-    "csv": "text/csv; charset=utf-8",
-    "html": "text/html; charset=utf-8",
-}
+__all__ = ["FORMATS", "InvoiceError", "Invoices", "Item", "compute", "render_json"]
+
 RETRIES = 20
 
 
@@ -148,6 +141,7 @@ def _line(
         "name": dim.name,
         "quantity": fmt(quantity),
         "unit": dim.unit,
+        "billedUnit": document.billed_unit(dim.unit, dim.usage_increment),
         "model": pc.model,
     }
     if pc.model == "per_unit":
@@ -202,9 +196,11 @@ def compute(
     created_ns: int,
     as_of_ns: int,
     items: Sequence[Item] = (),
+    billing: BillingConfig | None = None,
 ) -> dict[str, Any]:
     """The invoice document of a draft as of ``as_of_ns`` (usage up to then): a usage line per
-    charge of the offering, then the manual ``items``."""
+    charge of the offering, then the manual ``items``; the issuer, bill-to, locale, terms and
+    tax of ``billing`` (the ``billing`` config section)."""
     customer = catalog.customers.get(customer_id)
     if customer is None:
         raise InvoiceError(409, f"customer {customer_id!r} is no longer in the catalog")
@@ -221,14 +217,19 @@ def compute(
     # Recurring fees (lines of type fee) come from the rating path beside the usage lines.
     lines += [_item_line(item, currency) for item in items]
     assert rated.total is not None  # the customer has an offering
-    # Every line is rounded once; the sum of rounded amounts is exact (round_money only
-    # writes it with the currency's places).
-    subtotal = pricing.round_money(
-        sum((Decimal(ln["amount"]) for ln in lines[len(rated.lines) :]), rated.total), currency
-    )
+    billing = billing or BillingConfig()
+    try:
+        rate = tax.rate_for(customer, offering, {r.id: r for r in billing.tax_rates})
+    except ValueError as exc:
+        raise InvoiceError(409, f"customer {customer_id!r}: {exc}") from None
+    # Every line is rounded once, the tax once; the sums of rounded amounts are exact
+    # (round_money only writes them with the currency's places).
+    extra = [Decimal(ln["amount"]) for ln in lines[len(rated.lines) :]]
+    taxed = tax.apply([rated.total, *extra], rate, currency)
+    subtotal, total = taxed.subtotal, taxed.total
     wallet, _ = balance(store, customer_id, currency)
     wallet = pricing.round_money(wallet, currency)  # top-ups are whole minor units: exact
-    credits = min(max(wallet, ZERO), subtotal)
+    credits = min(max(wallet, ZERO), total)
     return {
         "id": invoice_id,
         "number": None,  # given at finalization
@@ -244,189 +245,29 @@ def compute(
         "status": "draft",
         "createdAt": format_timestamp(created_ns),
         "finalizedAt": None,
+        **document.parties(billing, customer),
+        "issueDate": None,  # given at finalization, with dueDate (paymentTermsDays later)
+        "dueDate": None,
         "lines": lines,
         "subtotal": _money(subtotal),
-        "total": _money(subtotal),
+        "taxes": taxed.taxes_json(),
+        "tax": _money(taxed.tax),
+        "total": _money(total),
         # For a draft, what the wallet would cover now; fixed at finalization.
         "creditsApplied": _money(credits),
-        "amountDue": _money(EXACT.subtract(subtotal, credits)),
+        "amountDue": _money(EXACT.subtract(total, credits)),
         "walletBalance": _money(EXACT.subtract(wallet, credits)),
     }
 
 
-# --- rendering (pure functions of the document) ---------------------------------------------
+# --- rendering (billing/document.py: pure functions of the document) ----------------------
 
 
-def render_json(doc: Mapping[str, Any]) -> bytes:
-    return orjson.dumps(doc, option=orjson.OPT_INDENT_2) + b"\n"
-
-
-CSV_COLUMNS = (
-    "invoice_id",
-    "status",
-    "customer_id",
-    "customer_name",
-    "currency",
-    "from",
-    "to",
-    "dimension_id",
-    "name",
-    "unit",
-    "quantity",
-    "model",
-    "unit_price",
-    "amount",
-    "usage_query",
-    "invoice_number",
-    "line_type",
-)
-
-
-def _cell(text: str) -> str:
-    # Spreadsheets run cells that start with these as formulas (CSV injection).
-    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
-
-
-def render_csv(doc: Mapping[str, Any]) -> bytes:
-    """One row per line (after a header row), RFC 4180 (CRLF, quoted where needed)."""
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\r\n")
-    w.writerow(CSV_COLUMNS)
-    for ln in doc["lines"]:
-        w.writerow(
-            [
-                doc["id"],
-                doc["status"],
-                _cell(doc["customerId"]),
-                _cell(doc["customerName"]),
-                doc["currency"],
-                doc["from"],
-                doc["to"],
-                _cell(ln.get("dimensionId", "")),
-                _cell(_line_name(ln)),
-                _cell(ln.get("unit", "")),
-                ln["quantity"],
-                ln.get("model", ""),
-                ln.get("unitPrice", ""),
-                ln["amount"],
-                ln["usage"]["query"] if "usage" in ln else "",
-                doc.get("number") or "",
-                ln.get("type", "usage"),
-            ]
-        )
-    return buf.getvalue().encode()
-
-
-def _line_name(ln: Mapping[str, Any]) -> str:
-    name = ln.get("name", ln.get("description", ""))
-    return name if isinstance(name, str) else ""
-
-
-_STYLE = """
-body{font-family:system-ui,sans-serif;color:#111;margin:2rem auto;max-width:60rem}
-table{border-collapse:collapse;width:100%;margin:1rem 0}
-th,td{text-align:left;padding:.35rem .5rem;border-bottom:1px solid #ddd;vertical-align:top}
-td.n,th.n{text-align:right;font-variant-numeric:tabular-nums}
-tr.tier td{color:#555;font-size:.9em;border-bottom:none}
-tfoot td{font-weight:600}
-.draft,.void{color:#b00;font-weight:700}
-code{font-size:.8em;word-break:break-all}
-@media print{body{margin:0}a{color:inherit;text-decoration:none}}
-"""
-
-
-def render_html(doc: Mapping[str, Any]) -> bytes:
-    """A printable page: the customer by name, every line with its pricing, the totals."""
-
-    def e(v: object) -> str:
-        return escape("" if v is None else str(v), quote=True)
-
-    cur = e(doc["currency"])
-    title = e(doc.get("number") or doc["id"])
-    out = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>Invoice {title} — {e(doc['customerName'])}</title>",
-        f"<style>{_STYLE}</style></head><body><main>",
-        f"<h1>Invoice {title}</h1>",
-    ]
-    if doc["status"] == "draft":
-        out.append('<p class="draft">DRAFT — amounts change until the invoice is finalized</p>')
-    elif doc["status"] == "void":
-        out.append(
-            f'<p class="void">VOID since {e(doc.get("voidedAt"))} — nothing is due; '
-            f"{e(doc.get('creditsReturned'))} {cur} of prepaid credits were given back</p>"
-        )
-    out.append('<table class="meta"><tbody>')
-    if doc.get("number"):
-        out.append(f"<tr><th>Invoice id</th><td>{e(doc['id'])}</td></tr>")
-    out += [
-        f"<tr><th>Customer</th><td>{e(doc['customerName'])} ({e(doc['customerId'])})</td></tr>",
-        f"<tr><th>Offering</th><td>{e(doc['offeringName'])} ({e(doc['offeringId'])})</td></tr>",
-        f"<tr><th>Period</th><td>{e(doc['from'])} – {e(doc['to'])}"
-        + (f" (usage to {e(doc['asOf'])})" if doc["asOf"] != doc["to"] else "")
-        + "</td></tr>",
-        f"<tr><th>Status</th><td>{e(doc['status'])}</td></tr>",
-        f"<tr><th>Issued</th><td>{e(doc['finalizedAt'] or doc['createdAt'])}</td></tr>",
-        "</tbody></table>",
-        '<table class="lines"><thead><tr><th>Item</th><th class="n">Quantity</th>'
-        f'<th>Unit</th><th>Pricing</th><th class="n">Amount ({cur})</th></tr></thead><tbody>',
-    ]
-    for ln in doc["lines"]:
-        if ln.get("type") == "item":
-            out.append(
-                f"<tr><td>{e(ln['description'])}</td>"
-                f'<td class="n">{e(ln["quantity"])}</td><td></td>'
-                f'<td>{e(ln["unitPrice"])} {cur} each</td><td class="n">{e(ln["amount"])}</td></tr>'
-            )
-            continue
-        if "unitPrice" in ln:
-            pricing_text = f"{e(ln['unitPrice'])} {cur} per {e(ln['unit'])}"
-        elif "package" in ln:
-            p = ln["package"]
-            pricing_text = (
-                f"{e(p['packages'])} × package of {e(p['size'])} at {e(p['price'])} {cur}"
-                + (f" ({e(p['freeUnits'])} free)" if p["freeUnits"] != "0" else "")
-            )
-        else:
-            pricing_text = e(ln["model"])
-        out.append(
-            f"<tr><td>{e(ln['name'])} <small>({e(ln['dimensionId'])})</small></td>"
-            f'<td class="n">{e(ln["quantity"])}</td><td>{e(ln["unit"])}</td>'
-            f'<td>{pricing_text}</td><td class="n">{e(ln["amount"])}</td></tr>'
-        )
-        for t in ln.get("tiers", []):
-            bound = f"up to {e(t['upTo'])}" if t["upTo"] is not None else "above"
-            fee = f" + {e(t['flatFee'])}" if t["flatFee"] != "0" else ""
-            out.append(
-                f'<tr class="tier"><td></td><td class="n">{e(t["units"])}</td><td></td>'
-                f"<td>tier {e(t['tier'])} ({bound}): {e(t['units'])} × {e(t['unitPrice'])}"
-                f'{fee}</td><td class="n">{e(t["amount"])}</td></tr>'
-            )
-        out.append(
-            f'<tr class="tier"><td colspan="5">{e(ln["usage"]["rule"])}: '
-            f"<code>{e(ln['usage']['query'])}</code></td></tr>"
-        )
-    out += [
-        "</tbody><tfoot>",
-        f'<tr><td colspan="4">Subtotal</td><td class="n">{e(doc["subtotal"])}</td></tr>',
-        f'<tr><td colspan="4">Total</td><td class="n">{e(doc["total"])}</td></tr>',
-        f'<tr><td colspan="4">Prepaid credits applied</td>'
-        f'<td class="n">−{e(doc["creditsApplied"])}</td></tr>',
-        f'<tr><td colspan="4">Amount due ({cur})</td><td class="n">{e(doc["amountDue"])}</td></tr>',
-        "</tfoot></table>",
-        f"<p>Prepaid credit balance after this invoice: {e(doc['walletBalance'])} {cur}</p>",
-        "</main></body></html>",
-        "",
-    ]
-    return "\n".join(out).encode()
-
-
-RENDERERS: Mapping[str, Callable[[Mapping[str, Any]], bytes]] = {
-    "json": render_json,
-    "csv": render_csv,
-    "html": render_html,
-}
+def renditions(doc: Mapping[str, Any]) -> dict[str, bytes]:
+    """The bytes a finalized (or voided) invoice is stored as and served verbatim from. Its
+    PDF is made from the stored HTML when asked for (``render``): deterministic bytes, and
+    half a second of WeasyPrint kept out of the transaction that holds the number sequence."""
+    return {f: document.RENDERERS[f](doc) for f in ("json", "csv", "html")}
 
 
 # --- the service ----------------------------------------------------------------------------
@@ -446,6 +287,7 @@ class Invoices:
     new_id: Callable[[], str] = new_invoice_id
     on_events: Callable[[], None] | None = None
     reopen: Reopen | None = None
+    billing: BillingConfig = field(default_factory=BillingConfig)
 
     def create(
         self,
@@ -468,8 +310,9 @@ class Invoices:
         now = self.clock.now_ns()
         invoice_id = invoice_id or self.new_id()
         doc = compute(
-            self.store, catalog, self.tz, invoice_id, customer, from_ns, to_ns, now, now, items
-        )
+            self.store, catalog, self.tz, invoice_id, customer, from_ns, to_ns, now, now, items,
+            self.billing,
+        )  # fmt: skip
         row = InvoiceRow(invoice_id, customer, "draft", now, None, doc, {}, None, from_ns, to_ns)
         self.store.invoice_create(row)
         return row
@@ -486,11 +329,17 @@ class Invoices:
 
     def render(self, invoice_id: str, format: str) -> bytes:
         if format not in FORMATS:
-            raise InvoiceError(400, f"format must be json, csv or html, got {format!r}")
+            raise InvoiceError(400, f"format must be json, csv, html or pdf, got {format!r}")
         row = self.get(invoice_id)
-        if row.status != "draft":
-            return row.renditions[format]
-        return RENDERERS[format](row.document)
+        try:
+            if row.status == "draft":
+                return document.RENDERERS[format](row.document)
+            if format in row.renditions:
+                return row.renditions[format]
+            # The PDF of the stored page (for invoices stored before documents too).
+            return document.html_to_pdf(row.renditions["html"])
+        except document.PdfUnavailable as exc:
+            raise InvoiceError(501, str(exc)) from None
 
     def for_customer(
         self, customer_ref: str, after: tuple[int, str] | None, limit: int
@@ -562,8 +411,9 @@ class Invoices:
             now = self.clock.now_ns()
             invoice_id = self.new_id()
             doc = compute(
-                self.store, catalog, self.tz, invoice_id, customer, from_ns, to_ns, now, now
-            )
+                self.store, catalog, self.tz, invoice_id, customer, from_ns, to_ns, now, now,
+                billing=self.billing,
+            )  # fmt: skip
             row = InvoiceRow(
                 invoice_id, customer, "draft", now, None, doc, {}, None, from_ns, to_ns,
                 origin="cycle",
@@ -607,16 +457,14 @@ class Invoices:
                 )
             doc.update(status="void", voidedAt=format_timestamp(now))
             doc["creditsReturned"] = _money(credits)
-            renditions = {f: render(doc) for f, render in RENDERERS.items()}
+            stored = renditions(doc)
             events = self.route("invoice.voided", f"invoice/{invoice_id}/voided", doc, now)
-            voided = _with(row, status="void", document=doc, renditions=renditions)
+            voided = _with(row, status="void", document=doc, renditions=stored)
             states = None
             if self.reopen is not None:
                 states = self.reopen(_with(voided, voided_ns=now), self.catalog())
             try:
-                done = self.store.invoice_void(
-                    invoice_id, doc, renditions, now, ledger, events, states
-                )
+                done = self.store.invoice_void(invoice_id, doc, stored, now, ledger, events, states)
             except ConflictError:
                 continue  # the wallet moved: give back on top of the new balance
             if done:
@@ -694,6 +542,7 @@ class Invoices:
         doc.update(
             status="finalized",
             finalizedAt=format_timestamp(now),
+            **(document.issue_dates(doc, now) if "paymentTermsDays" in doc else {}),
             creditsApplied=_money(credits),
             amountDue=_money(EXACT.subtract(total, credits)),
             walletBalance=_money(EXACT.subtract(wallet, credits)),
@@ -701,9 +550,8 @@ class Invoices:
 
         def finish(number: str) -> FinalInvoice:
             final = {**doc, "number": number}
-            renditions = {f: render(final) for f, render in RENDERERS.items()}
             events = self.route("invoice.finalized", f"invoice/{row.id}/finalized", final, now)
-            return FinalInvoice(final, renditions, events)
+            return FinalInvoice(final, renditions(final), events)
 
         try:
             done = self.store.invoice_finalize(
@@ -733,6 +581,7 @@ class Invoices:
             row.created_ns,
             now,
             items_of(d),
+            self.billing,
         )
 
 
