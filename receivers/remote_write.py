@@ -480,14 +480,14 @@ class RemoteWriteReceiver:
 
 
 def invalid_samples(errors: Sequence[RecordError]) -> tuple[str, dict[str, Any]]:
-    """The 400 answer: its message, and how many samples were refused with the first
-    ``MAX_ERRORS`` of them, each with its ordinal in the request, field, error and reason."""
+    """The 400 answer (the ``Error`` shape): its message, how many samples were refused, and
+    the first ``MAX_ERRORS`` of them as "sample <ordinal>: <field>: <error> (<reason>)"."""
     refused = sorted(errors, key=lambda e: e.index)
     rejected = len({e.index for e in refused})
     return f"{rejected} invalid samples (the valid ones were stored)", {
         "rejected": rejected,
         "errors": [
-            {"index": e.index, "field": e.field, "error": e.error, "reason": e.reason.value}
+            f"sample {e.index}: {e.field}: {e.error} ({e.reason.value})"
             for e in refused[:MAX_ERRORS]
         ],
     }

@@ -3,18 +3,37 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from decimal import Decimal
 
 import pytest
 
+from meter_gateway.clock import FixedClock
+from meter_gateway.config import IngestConfig, Rule
+from meter_gateway.decimals import DecimalError, parse_value
+from meter_gateway.model import (
+    Batch,
+    CommitResult,
+    Observation,
+    ObservationKind,
+    Reason,
+    Source,
+    UsageRecord,
+    dedup_key,
+)
 from meter_gateway.pipeline.cumulative import (
+    InexactStep,
+    SeriesMappings,
     StreamsBusy,
     StreamState,
     StreamTable,
+    TimeWindow,
+    Totals,
     convert,
     decode_state,
     encode_state,
 )
+from meter_gateway.pipeline.mapping import Mapper
 
 # --- conversion rules (pure) -----------------------------------------------------------------
 
@@ -116,3 +135,158 @@ def test_holds_exclude_each_other_and_time_out() -> None:
     t.start()
     t.join()
     assert got.is_set()
+
+
+# --- running totals: time window, exact steps, versions, known series ------------------------
+
+NOW = 1_800_000_000 * 1_000_000_000
+
+
+class RecordingSink:
+    """The validator's part: every amount becomes a record of customer c1 / dimension d."""
+
+    def __init__(self, catalog: object) -> None:
+        self.catalog = catalog
+        self.seen: list[Observation] = []
+
+    def observations(self, observations: Sequence[Observation], source: Source) -> Batch:
+        self.seen.extend(observations)
+        batch = Batch(source)
+        for obs in observations:
+            batch.records.append(
+                UsageRecord(obs.timestamp_ns, "c1", "d", obs.value, None, {}, source, b"k")
+            )
+        return batch
+
+
+class Committed:
+    def __init__(self, table_store: DictState) -> None:
+        self.store = table_store
+        self.batches: list[Batch] = []
+
+    def submit_sync(self, batch: Batch, timeout: float | None = None) -> CommitResult:
+        current = self.store.rows
+        if any(current.get(k) != v for k, v in batch.state_expect.items()):
+            return CommitResult(0, 0, 0, conflict=True)
+        for k, v in batch.state.items():
+            if v is None:
+                current.pop(k, None)
+            else:
+                current[k] = v
+        self.batches.append(batch)
+        return CommitResult(len(batch.records), 0, len(batch.errors))
+
+
+def _totals(
+    store: DictState, sink: RecordingSink, clock: FixedClock, mappings: bool = False
+) -> tuple[Totals, Committed]:
+    committer = Committed(store)
+    known = None
+    if mappings:
+        rule = Rule.model_validate(
+            {"match": {"source": "remote_write"}, "dimension": "d", "customer_attribute": "t"}
+        )
+        known = SeriesMappings(
+            Source.REMOTE_WRITE, Mapper([rule]), lambda: sink.catalog, clock, IngestConfig()
+        )
+    totals = Totals(
+        StreamTable(store, "rw/"),
+        sink,
+        committer,
+        window=TimeWindow(clock, IngestConfig()),
+        mappings=known,
+    )
+    return totals, committer
+
+
+def _total(value: str, t: int) -> Observation:
+    return Observation(
+        Source.REMOTE_WRITE, "x_total", {"t": "a"}, Decimal(value), ObservationKind.CUMULATIVE, t
+    )
+
+
+def _send(totals: Totals, *points: tuple[str, int]) -> Batch:
+    batch = Batch(Source.REMOTE_WRITE)
+    batch.cumulative = [(i, _total(v, t)) for i, (v, t) in enumerate(points)]
+    totals.commit(batch)
+    return batch
+
+
+@pytest.mark.parametrize(
+    ("offset_s", "reason", "wording"),
+    [
+        (3600, Reason.IN_FUTURE, "timestamp is more than 0:05:00 in the future"),
+        (-36 * 86400, Reason.TOO_LATE, "timestamp is older than the late-arrival limit (35 days"),
+    ],
+)
+def test_a_total_out_of_the_time_window_is_refused_before_it_converts(
+    offset_s: int, reason: Reason, wording: str
+) -> None:
+    store, clock = DictState({}), FixedClock(NOW)
+    totals, _ = _totals(store, RecordingSink(object()), clock)
+    bad = _send(totals, ("1000", NOW + offset_s * 1_000_000_000))
+    assert [(e.reason, e.field) for e in bad.errors] == [(reason, "timestamp")]
+    assert bad.errors[0].error.startswith(wording)
+    assert store.rows == {}  # it did not become the series' state
+    # the valid totals after it count as they should: baseline 10, then 4
+    ok = _send(totals, ("10", NOW - 2_000_000_000), ("14", NOW - 1_000_000_000))
+    assert ok.errors == []
+    assert [r.value for r in ok.records] == [Decimal(4)]
+
+
+def test_a_step_the_exact_context_would_round_is_refused_not_stored() -> None:
+    # parse_value refuses such a total on the way in (more than 18 places), so no receiver
+    # can send one; Totals still refuses to round if one ever gets here.
+    with pytest.raises(DecimalError):
+        parse_value("1e-200")
+    with pytest.raises(InexactStep):
+        convert(S(0, 1, "1E-200"), 0, 2, Decimal(5), None, True)
+    store, clock = DictState({}), FixedClock(NOW)
+    totals, _ = _totals(store, RecordingSink(object()), clock)
+    _send(totals, ("1E-200", NOW - 3_000_000_000))  # the baseline
+    before = dict(store.rows)
+    batch = _send(totals, ("5", NOW - 2_000_000_000))
+    assert [(e.reason, e.field) for e in batch.errors] == [(Reason.INVALID_VALUE, "value")]
+    assert "needs more than 120 digits" in batch.errors[0].error
+    assert batch.records == []
+    assert store.rows == before  # the state did not move to an altered value
+
+
+def test_a_known_series_converts_against_its_version_without_reading_the_store() -> None:
+    store, clock = DictState({}), FixedClock(NOW)
+    totals, committer = _totals(store, RecordingSink(object()), clock)
+    _send(totals, ("10", NOW - 3_000_000_000))
+    reads = store.reads
+    batch = _send(totals, ("15", NOW - 2_000_000_000))
+    assert store.reads == reads
+    (key,) = batch.state_expect
+    assert batch.state_expect[key] == b"0 %d 10" % (NOW - 3_000_000_000)
+    # another replica moves the series: the commit conflicts, and the total converts again
+    # against what that replica committed
+    store.rows[key] = encode_state(S(0, NOW - 1_500_000_000, "20"))
+    again = _send(totals, ("26", NOW - 1_000_000_000))
+    assert [r.value for r in again.records] == [Decimal(6)]
+    assert store.rows[key] == encode_state(S(0, NOW - 1_000_000_000, "26"))
+    assert len(committer.batches) == 3
+
+
+def test_known_series_skip_the_validator_until_the_catalog_changes() -> None:
+    store, clock = DictState({}), FixedClock(NOW)
+    sink = RecordingSink(object())
+    totals, _ = _totals(store, sink, clock, mappings=True)
+    _send(totals, ("10", NOW - 4_000_000_000))
+    _send(totals, ("15", NOW - 3_000_000_000))  # validated: its mapping is learned
+    assert len(sink.seen) == 1
+    fast = _send(totals, ("17", NOW - 2_000_000_000))
+    assert len(sink.seen) == 1  # made directly
+    (r,) = fast.records
+    assert (r.customer_id, r.dimension_id, r.value) == ("c1", "d", Decimal(2))
+    assert r.dedup_key == dedup_key("remote_write", r.record_id or _nk(fast, r))
+    sink.catalog = object()  # a catalog change (an alias added, a customer replaced)
+    _send(totals, ("20", NOW - 1_000_000_000))
+    assert len(sink.seen) == 2  # validated again under the new snapshot
+
+
+def _nk(batch: Batch, r: UsageRecord) -> str:
+    (key,) = batch.state
+    return f"{key.removeprefix('rw/')}:{r.timestamp_ns}"

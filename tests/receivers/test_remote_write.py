@@ -251,6 +251,82 @@ def test_many_series_in_one_request(gw: GatewayProcess) -> None:
         assert total(c, cust) == Decimal(3000)
 
 
+def test_errors_are_json_with_the_refused_samples(gw: GatewayProcess) -> None:
+    cust = _customer(gw, "rw-json")
+    t = now_ms() - 60_000
+    good = {"__name__": "app_bytes_processed_total", "tenant": cust}
+    body = write_request([(good, [(1.0, t), (float("inf"), t + 1000), (3.0, t + 2000)])])
+    r = post(gw, snappy(body))
+    assert r.status_code == 400
+    assert r.headers["content-type"] == "application/json"
+    doc = r.json()
+    assert doc["error"] == "1 invalid samples (the valid ones were stored)"
+    assert doc["rejected"] == 1
+    (line,) = doc["errors"]
+    assert line.startswith("sample 1: value: ")
+    assert line.endswith("(invalid_value)")
+    with gw.client() as c:
+        assert total(c, cust) == Decimal(2)
+    for bad, status in [
+        (b"not snappy at all \xff\xfe", 400),
+        (b"\x00" * 1_000_001, 413),
+    ]:
+        r = post(gw, bad)
+        assert (r.status_code, r.headers["content-type"]) == (status, "application/json")
+        assert r.json()["error"]
+    r = post(gw, snappy(write_request([])), **{"Content-Type": "application/json"})
+    assert r.status_code == 415
+    assert "unsupported Content-Type" in r.json()["error"]
+
+
+@pytest.mark.parametrize(
+    ("offset_ms", "reason"), [(3_600_000, "in_future"), (-36 * 86_400_000, "too_late")]
+)
+def test_a_counter_sample_out_of_the_time_window_is_refused_and_does_not_become_the_baseline(
+    gw: GatewayProcess, offset_ms: int, reason: str
+) -> None:
+    cust = _customer(gw, f"rw-window-{reason}")
+    t = now_ms()
+    s = {"__name__": "app_bytes_processed_total", "tenant": cust}
+    r = post(gw, snappy(write_request([(s, [(1000.0, t + offset_ms)])])))
+    assert r.status_code == 400, r.text
+    (line,) = r.json()["errors"]
+    assert line.startswith("sample 0: timestamp: ")
+    assert line.endswith(f"({reason})")
+    # Later samples count: the refused one did not become the series' state.
+    r = post(gw, snappy(write_request([(s, [(10.0, t - 2000), (14.5, t - 1000)])])))
+    assert r.status_code == 204, r.text
+    with gw.client() as c:
+        assert total(c, cust) == Decimal("4.5")
+        rejected = c.get("/v1/rejected", params={"reason": reason}).json()["data"]
+    assert any(cust in (x["record"] or "") for x in rejected)
+
+
+def test_a_known_series_follows_a_catalog_change(gw: GatewayProcess) -> None:
+    """A series whose mapping is cached (its customer through an alias) maps again once the
+    alias moves to another customer: the cache holds per catalog snapshot."""
+    first, second = "rw-alias-a", "rw-alias-b"
+    with gw.client() as c:
+        body = {"id": first, "name": "A", "offering": "pay-as-you-go", "aliases": ["rw-shared"]}
+        assert c.post("/v1/customers", json=body).status_code == 201
+    _customer(gw, second)
+    t = now_ms() - 60_000
+    s = {"__name__": "app_bytes_processed_total", "tenant": "rw-shared", "pod": "p"}
+    # baseline, then a step the validator maps (and the receiver learns), then a known one
+    for k, v in enumerate((100.0, 105.0, 106.0)):
+        assert post(gw, snappy(write_request([(s, [(v, t + k * 1000)])]))).status_code == 204
+    with gw.client() as c:
+        assert total(c, first) == Decimal(6)
+        no_alias = {"name": "A", "offering": "pay-as-you-go", "aliases": []}
+        assert c.put(f"/v1/customers/{first}", json=no_alias).status_code == 200
+        moved = {"name": "B", "offering": "pay-as-you-go", "aliases": ["rw-shared"]}
+        assert c.put(f"/v1/customers/{second}", json=moved).status_code == 200
+    assert post(gw, snappy(write_request([(s, [(108.0, t + 3000)])]))).status_code == 204
+    with gw.client() as c:
+        assert total(c, first) == Decimal(6)
+        assert total(c, second) == Decimal(2)
+
+
 # --- a real Prometheus remote-writing to the gateway -------------------------------------------
 
 
