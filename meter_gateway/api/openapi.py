@@ -135,13 +135,13 @@ OPERATIONS: list[Operation] = [
               (400, 404), params.USAGE_PARAMS,
               description="404 for an unknown customerId or dimensionId."),
     Operation("post", "/api/v1/write", "remoteWrite", "Prometheus remote write 1.0", "ingest",
-              "ingest", {204: ("Every sample committed", None)},
-              text_errors=(400, 413, 415, 429, 503),
+              "ingest", {204: ("Every sample committed", None)}, (400, 413, 415, 429, 503),
               body={"application/x-protobuf": {"schema": _BINARY}},
               description="A snappy-compressed protobuf WriteRequest. 400 lists invalid "
               "samples (the valid ones were stored); 415 for remote write 2.0; 429 (to Vector) "
-              "or 503 when the queue is full. Errors other than 401/403 are text/plain, as "
-              "senders expect."),
+              "or 503 when the queue is full. Errors are JSON like every other (senders only "
+              "log the body); a 400 counts the refused samples (rejected) and lists the first "
+              "100 (errors)."),
     Operation("get", "/api/v1/write", "checkRemoteWrite", "Healthcheck for remote-write senders",
               "ingest", None, {200: ("Reachable", None)}),
     Operation("head", "/api/v1/write", "checkRemoteWriteHead",
