@@ -95,7 +95,7 @@ class DictState:
         self.rows = rows
         self.reads = 0
 
-    def state_get(self, keys: list[str]) -> dict[str, bytes]:
+    def state_get(self, keys: Sequence[str]) -> dict[str, bytes]:
         self.reads += 1
         return {k: self.rows[k] for k in keys if k in self.rows}
 

@@ -8,6 +8,7 @@ import struct
 import time
 from collections.abc import Iterator
 from decimal import Decimal
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -348,9 +349,7 @@ def test_real_prometheus_remote_write_gives_the_exact_increase(tmp_path: Path) -
             sel = 'app_bytes_processed_total{tenant="acme"}'
             for amount, running in ((100, "105"), (0.5, "105.5"), (20, "125.5")):
                 app.inc("acme", amount)  # each step scraped before the next is made
-                prom.wait_for(
-                    lambda r=running: prom.query(f"{sel} == {r}"), what=f"{running} scraped"
-                )
+                prom.wait_for(partial(prom.query, f"{sel} == {running}"), what=f"{running} scraped")
             app.set("acme", 3e9)
             (series,) = prom.query(f"{sel}[10m]")
             first = Decimal(series["values"][0][1])  # the baseline the gateway also saw first
