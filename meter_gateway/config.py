@@ -356,22 +356,73 @@ class Charge(_Model):
     package_size: Dec | None = None
     package_price: Dec | None = None
     free_units: Dec = Decimal(0)
+    # The first ``included`` units of each rated period (a cycle) are free: priced on
+    # max(0, quantity - included) (SPEC 11).
+    included: Dec | None = Field(default=None, ge=0)
+    # Custom units: the quantity becomes credits of the offering's ``credit`` unit at this rate
+    # (credits per unit), priced with the other charges' credits on the credit line.
+    credits_per_unit: Dec | None = Field(default=None, ge=0)
 
     @model_validator(mode="after")
     def _model_fields(self) -> Charge:
-        if self.model in ("graduated", "volume"):
-            if not self.tiers:
-                raise ValueError(f"model {self.model} needs tiers")
-            bounds = [t.up_to for t in self.tiers]
-            if any(b is None for b in bounds[:-1]) or bounds[-1] is not None:
-                raise ValueError("only the last tier is unbounded (up_to: null), and it must be")
-            finite = [b for b in bounds if b is not None]
-            if finite != sorted(set(finite)):
-                raise ValueError("tier up_to bounds must increase")
-        if self.model == "package" and (
-            self.package_size is None or self.package_size <= 0 or self.package_price is None
+        _check_model(self)
+        if self.credits_per_unit is not None and (
+            self.model != "per_unit" or self.unit_price is not None
         ):
-            raise ValueError("model package needs package_size > 0 and package_price")
+            raise ValueError(
+                "a charge in credits (credits_per_unit) is priced by the offering's credit "
+                "unit: leave model and unit_price out"
+            )
+        return self
+
+
+def _check_model(self: Charge | CreditUnit) -> None:
+    """The fields a pricing model (SPEC 3) needs."""
+    if self.model in ("graduated", "volume"):
+        if not self.tiers:
+            raise ValueError(f"model {self.model} needs tiers")
+        bounds = [t.up_to for t in self.tiers]
+        if any(b is None for b in bounds[:-1]) or bounds[-1] is not None:
+            raise ValueError("only the last tier is unbounded (up_to: null), and it must be")
+        finite = [b for b in bounds if b is not None]
+        if finite != sorted(set(finite)):
+            raise ValueError("tier up_to bounds must increase")
+    if self.model == "package" and (
+        self.package_size is None or self.package_size <= 0 or self.package_price is None
+    ):
+        raise ValueError("model package needs package_size > 0 and package_price")
+
+
+class Fee(_Model):
+    """A recurring fee (SPEC 11): ``amount`` per ``interval``, billed at the start of each
+    cycle (``advance``) or at its end (``arrears``); see meter_gateway.billing.fees."""
+
+    amount: Dec = Field(ge=0)
+    interval: Literal["month", "year"] = "month"
+    timing: Literal["advance", "arrears"] = "arrears"
+    description: str | None = Field(default=None, max_length=200)
+
+
+class CreditUnit(_Model):
+    """An offering's custom unit (Snowflake-like credits): charges with ``credits_per_unit``
+    convert their quantities into it, and the sum is priced by this model (SPEC 3) on one
+    line; ``included`` credits of each period are free."""
+
+    unit: str = Field(default="credit", min_length=1, max_length=64)
+    name: str = Field(default="Credits", min_length=1, max_length=200)
+    model: Literal["per_unit", "graduated", "volume", "package"] = "per_unit"
+    unit_price: Dec | None = None
+    tiers: tuple[Tier, ...] = ()
+    package_size: Dec | None = None
+    package_price: Dec | None = None
+    free_units: Dec = Decimal(0)
+    included: Dec | None = Field(default=None, ge=0)
+
+    @model_validator(mode="after")
+    def _model_fields(self) -> CreditUnit:
+        _check_model(self)
+        if self.model == "per_unit" and self.unit_price is None:
+            raise ValueError("model per_unit needs unit_price (the price of one credit)")
         return self
 
 
@@ -380,6 +431,8 @@ class Offering(_Model):
     name: str
     currency: str = "USD"
     charges: tuple[Charge, ...] = ()
+    fee: Fee | None = None
+    credit: CreditUnit | None = None
     tax_rate: Slug | None = None  # an id of billing.tax_rates; a customer's own rate wins
 
     @field_validator("currency")
@@ -397,6 +450,12 @@ class Offering(_Model):
         dup = {d for d in seen if seen.count(d) > 1}
         if dup:
             raise ValueError(f"more than one charge for dimension(s) {sorted(dup)}")
+        in_credits = [c.dimension for c in self.charges if c.credits_per_unit is not None]
+        if in_credits and self.credit is None:
+            raise ValueError(
+                f"charges of {in_credits} convert into credits (credits_per_unit): the "
+                "offering needs a credit unit (credit: {unit, model, ...})"
+            )
         return self
 
 

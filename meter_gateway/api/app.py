@@ -21,7 +21,7 @@ from meter_gateway.api.idempotency import Idempotency
 from meter_gateway.api.openapi import openapi_document
 from meter_gateway.api.schemas import CancellationRequest, decode_object, parse_body
 from meter_gateway.api.services import ApiServices
-from meter_gateway.billing import rating
+from meter_gateway.billing import plans, rating
 from meter_gateway.billing.invoices import InvoiceError
 from meter_gateway.billing.wallet import WalletError
 from meter_gateway.catalog import MODELS, CatalogError
@@ -217,11 +217,15 @@ def create_app(gw: ApiServices) -> Starlette:
                         "dimensionId": ln.dimension.id,
                         "unit": ln.dimension.unit,
                         "quantity": fmt(ln.quantity),
+                        **plans.usage_fields(ln),
+                        **({} if ln.credits is None else {"credits": fmt(ln.credits)}),
                         "amount": None if ln.amount is None else str(ln.amount),
                         **({"warnings": list(ln.warnings)} if ln.warnings else {}),
                     }
                     for ln in s.lines
                 ],
+                **({} if s.credit is None else {"credit": plans.credit_line(s.credit)}),
+                **({"fees": [plans.fee_line(f) for f in s.fees]} if s.fees else {}),
                 "total": None if s.total is None else str(s.total),
             }
         )

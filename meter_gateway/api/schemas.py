@@ -324,7 +324,14 @@ class SummaryLine(_Response):
     dimensionId: str
     unit: str
     quantity: DecimalText
-    amount: DecimalText | None = Field(description="null: the offering does not charge it.")
+    included: DecimalText | None = None
+    billedQuantity: DecimalText | None = None
+    credits: DecimalText | None = Field(
+        default=None, description="A charge in credits: what it adds to the credit line."
+    )
+    amount: DecimalText | None = Field(
+        description="null: the offering does not charge it, or charges it in credits."
+    )
     warnings: list[str] | None = None
 
 
@@ -358,6 +365,10 @@ class UsageSummary(_Response):
     asOf: Timestamp
     currency: str | None
     dimensions: list[SummaryLine]
+    credit: CreditLine | None = Field(default=None, description="The offering's credit line.")
+    fees: list[FeeLine] | None = Field(
+        default=None, description="Recurring fees this period's invoice carries (SPEC 11)."
+    )
     total: DecimalText | None
 
 
@@ -402,6 +413,12 @@ class InvoiceLine(_Response):
         description="What one billed unit is: the unit, named by its increment (hour for "
         "minutes counted by 60) or e.g. '60 minutes'. Absent on invoices stored before it.",
     )
+    included: DecimalText | None = Field(
+        default=None, description="The charge's free units of the period (SPEC 11)."
+    )
+    billedQuantity: DecimalText | None = Field(
+        default=None, description="With included: max(0, quantity - included), what is priced."
+    )
     model: Literal["per_unit", "graduated", "volume", "package"]
     unitPrice: DecimalText | None = None
     package: PackageBreakdown | None = None
@@ -410,6 +427,63 @@ class InvoiceLine(_Response):
     amount: DecimalText
     usage: LineUsage
     warnings: list[str] | None = None
+
+
+class CreditConversion(_Response):
+    """One charge's usage turned into credits: billedQuantity (or quantity) x creditsPerUnit."""
+
+    dimensionId: str
+    name: str
+    quantity: DecimalText
+    unit: str
+    included: DecimalText | None = None
+    billedQuantity: DecimalText | None = None
+    creditsPerUnit: DecimalText
+    credits: DecimalText
+    warnings: list[str] | None = None
+
+
+class CreditLine(_Response):
+    """The offering's custom unit (SPEC 11): the credits every conversion made, priced on one
+    line (quantity: the credits; included credits are free)."""
+
+    type: Literal["usage"]
+    name: str
+    quantity: DecimalText
+    unit: str
+    included: DecimalText | None = None
+    billedQuantity: DecimalText | None = None
+    model: Literal["per_unit", "graduated", "volume", "package"]
+    unitPrice: DecimalText | None = None
+    package: PackageBreakdown | None = None
+    tiers: list[TierBreakdown] | None = None
+    exactAmount: DecimalText
+    amount: DecimalText
+    conversions: list[CreditConversion]
+
+
+class FeeCycle(_Response):
+    interval: Literal["month", "year"]
+    timing: Literal["advance", "arrears"]
+    cycleFrom: Timestamp
+    cycleTo: Timestamp
+    from_: Timestamp = Field(alias="from", description="The part of the cycle subscribed.")
+    to: Timestamp
+    days: int = Field(description="Whole days subscribed in the cycle (a day begun counts).")
+    cycleDays: int
+
+
+class FeeLine(_Response):
+    """A recurring fee of one cycle (SPEC 11): quantity is the share of the cycle billed (1,
+    or days / cycleDays when prorated)."""
+
+    type: Literal["fee"]
+    description: str
+    quantity: DecimalText
+    unitPrice: DecimalText
+    exactAmount: DecimalText
+    amount: DecimalText
+    fee: FeeCycle
 
 
 class ItemLine(_Response):
@@ -476,7 +550,7 @@ class Invoice(_Response):
     paymentTermsDays: int | None = Field(default=None, description="billing.due_days (net terms).")
     issueDate: date | None = Field(default=None, description="Null for drafts.")
     dueDate: date | None = Field(default=None, description="issueDate + paymentTermsDays.")
-    lines: list[InvoiceLine | ItemLine]
+    lines: list[InvoiceLine | CreditLine | FeeLine | ItemLine]
     subtotal: DecimalText
     taxes: list[InvoiceTax] | None = None
     tax: DecimalText | None = Field(

@@ -24,7 +24,7 @@ from urllib.parse import urlencode
 from zoneinfo import ZoneInfo
 
 from meter_gateway import pricing
-from meter_gateway.billing import document, rating, tax
+from meter_gateway.billing import document, plans, rating, tax
 from meter_gateway.billing.document import FORMATS, render_json
 from meter_gateway.billing.events import EventRoute
 from meter_gateway.billing.wallet import balance
@@ -131,6 +131,7 @@ def _line(
 ) -> dict[str, Any]:
     """A rated line (of a charge: priced) as the invoice shows it."""
     dim, quantity, pc, priced = rated.dimension, rated.quantity, rated.charge, rated.priced
+    billed = quantity if rated.billed is None else rated.billed  # after included units
     assert pc is not None
     assert priced is not None
     amount, usage = rated.revenue, rated.usage
@@ -141,6 +142,7 @@ def _line(
         "name": dim.name,
         "quantity": fmt(quantity),
         "unit": dim.unit,
+        **plans.usage_fields(rated),
         "billedUnit": document.billed_unit(dim.unit, dim.usage_increment),
         "model": pc.model,
     }
@@ -149,7 +151,7 @@ def _line(
     elif pc.model == "package":
         assert pc.package_size is not None
         assert pc.package_price is not None
-        billable = max(EXACT.subtract(quantity, pc.free_units), ZERO)
+        billable = max(EXACT.subtract(billed, pc.free_units), ZERO)
         packages, rest = divmod(billable, pc.package_size)
         line["package"] = {
             "size": fmt(pc.package_size),
@@ -213,8 +215,10 @@ def compute(
         if charge.dimension not in catalog.dimensions:
             raise InvoiceError(409, f"dimension {charge.dimension!r} is not in the catalog")
     rated = rating.rate(store, catalog, customer_id, from_ns, to_ns, end, tz, charged_only=True)
-    lines = [_line(ln, customer_id, from_ns, end, tz) for ln in rated.lines]
-    # Recurring fees (lines of type fee) come from the rating path beside the usage lines.
+    # Charges in credits are lines of the credit line's conversions, not lines of their own.
+    lines = [_line(ln, customer_id, from_ns, end, tz) for ln in rated.lines if ln.credits is None]
+    lines += plans.plan_lines(rated)  # the credit line and recurring fees (type fee)
+    rated_lines = len(lines)  # their amounts are in rated.total
     lines += [_item_line(item, currency) for item in items]
     assert rated.total is not None  # the customer has an offering
     billing = billing or BillingConfig()
@@ -224,7 +228,7 @@ def compute(
         raise InvoiceError(409, f"customer {customer_id!r}: {exc}") from None
     # Every line is rounded once, the tax once; the sums of rounded amounts are exact
     # (round_money only writes them with the currency's places).
-    extra = [Decimal(ln["amount"]) for ln in lines[len(rated.lines) :]]
+    extra = [Decimal(ln["amount"]) for ln in lines[rated_lines:]]
     taxed = tax.apply([rated.total, *extra], rate, currency)
     subtotal, total = taxed.subtotal, taxed.total
     wallet, _ = balance(store, customer_id, currency)

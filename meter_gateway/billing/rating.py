@@ -9,6 +9,11 @@ Usage is measured up to ``asOf = min(now, to)`` and never extrapolated: a time-w
 is integrated to ``asOf`` and divided by the whole period (``aggregation.engine.aggregate``).
 A quantity that comes out below zero (a ``weighted_sum`` level driven under zero) is billed as
 0 and its line says why in ``warnings``; the raw aggregate stays in ``usage``.
+
+Plans (SPEC 11): a charge's ``included`` units are free (priced on max(0, quantity -
+included)); a charge with ``credits_per_unit`` turns its quantity into the offering's credits,
+and all of them are priced on the one credit line; an offering's recurring fee gives the fee
+lines of the cycles this period carries (``billing.fees``). The total holds all of them.
 """
 
 from __future__ import annotations
@@ -20,13 +25,16 @@ from zoneinfo import ZoneInfo
 
 from meter_gateway import pricing
 from meter_gateway.aggregation.engine import aggregate, billable_quantity
+from meter_gateway.billing.fees import FeeCycle, billed_cycles
 from meter_gateway.catalog import Catalog
-from meter_gateway.config import Charge, Dimension, Offering
+from meter_gateway.config import Charge, CreditUnit, Dimension, Fee, Offering
 from meter_gateway.decimals import EXACT, ZERO, fmt
 from meter_gateway.store.base import UsageReader
 from meter_gateway.usage import current_period
 
 __all__ = [
+    "CreditLine",
+    "FeeLine",
     "Line",
     "Quantity",
     "Rating",
@@ -84,21 +92,48 @@ class Line:
 
     dimension: Dimension
     usage: Decimal | None
-    quantity: Decimal  # billed: never negative
+    quantity: Decimal  # the billable quantity, never negative (included units not taken off)
     charge: pricing.Charge | None
     priced: pricing.PricedAmount | None  # the exact amount and its tier breakdown
     amount: Decimal | None  # rounded to the currency's minor unit, once
     cost: Decimal  # quantity × unit_cost, rounded like amounts (exact without a currency)
     warnings: tuple[str, ...]
+    included: Decimal | None = None  # the charge's free units of the period
+    billed: Decimal | None = None  # max(0, quantity − included): what is priced (or converted)
+    credits_per_unit: Decimal | None = None  # a charge in credits: priced on the credit line
+    credits: Decimal | None = None  # billed × credits_per_unit
 
     @property
     def revenue(self) -> Decimal:
-        """What the line bills (0 when it is not billed)."""
+        """What the line bills (0 when it is not billed, or billed in credits)."""
         return self.amount if self.amount is not None else ZERO
 
     @property
     def margin(self) -> Decimal:
         return EXACT.subtract(self.revenue, self.cost)
+
+
+@dataclass(frozen=True, slots=True)
+class CreditLine:
+    """The offering's custom unit: the credits the charges converted (``conversions``, their
+    lines), less the included credits, priced on one line."""
+
+    unit: CreditUnit
+    conversions: tuple[Line, ...]
+    credits: Decimal  # Σ of the conversions' credits
+    billed: Decimal  # max(0, credits − included)
+    charge: pricing.Charge
+    priced: pricing.PricedAmount
+    amount: Decimal
+
+
+@dataclass(frozen=True, slots=True)
+class FeeLine:
+    """A recurring fee of one cycle (``billing.fees``), rounded like every line."""
+
+    fee: Fee
+    cycle: FeeCycle
+    amount: Decimal
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +144,8 @@ class Rating:
     as_of_ns: int
     offering: Offering | None
     lines: tuple[Line, ...]
+    fees: tuple[FeeLine, ...] = ()
+    credit: CreditLine | None = None
 
     @property
     def currency(self) -> str | None:
@@ -117,14 +154,18 @@ class Rating:
 
     @property
     def total(self) -> Decimal | None:
-        """The sum of the rounded line amounts (SPEC §3); None without an offering."""
+        """The sum of the rounded line amounts (SPEC §3): usage, credits and fees; None
+        without an offering."""
         if self.currency is None:
             return None
-        return self._money(sum((ln.revenue for ln in self.lines), ZERO))
+        return self.revenue
 
     @property
     def revenue(self) -> Decimal:
-        return self._money(sum((ln.revenue for ln in self.lines), ZERO))
+        amounts = [ln.revenue for ln in self.lines] + [f.amount for f in self.fees]
+        if self.credit is not None:
+            amounts.append(self.credit.amount)
+        return self._money(sum(amounts, ZERO))
 
     @property
     def cost(self) -> Decimal:
@@ -139,12 +180,12 @@ class Rating:
         return amount if self.currency is None else pricing.round_money(amount, self.currency)
 
 
-def pricing_charge(charge: Charge, dim: Dimension) -> pricing.Charge:
+def pricing_charge(charge: Charge | CreditUnit, dim: Dimension | None = None) -> pricing.Charge:
     """The pricing model of a configured charge (a per-unit charge defaults to the dimension's
-    price)."""
+    price) or credit unit."""
     unit_price = charge.unit_price
     if charge.model == "per_unit" and unit_price is None:
-        unit_price = dim.price if dim.price is not None else ZERO
+        unit_price = dim.price if dim is not None and dim.price is not None else ZERO
     return pricing.Charge(
         model=charge.model,
         unit_price=unit_price,
@@ -168,14 +209,51 @@ def _line(
 ) -> Line:
     q = quantity(store, customer, dim, from_ns, to_ns, as_of_ns, tz)
     pc = priced = amount = None
+    included = rate = credits = None
+    billed = q.billable
+    if charge is not None:
+        included, rate = charge.included, charge.credits_per_unit
+        if included is not None:
+            billed = max(EXACT.subtract(q.billable, included), ZERO)
     if charge is not None and currency is not None:
-        pc = pricing_charge(charge, dim)
-        priced = pricing.price(pc, q.billable)
-        amount = pricing.round_money(priced.amount, currency)
+        if rate is not None:
+            credits = EXACT.multiply(billed, rate)
+        else:
+            pc = pricing_charge(charge, dim)
+            priced = pricing.price(pc, billed)
+            amount = pricing.round_money(priced.amount, currency)
     cost = EXACT.multiply(q.billable, dim.unit_cost or ZERO)
     if currency is not None:
         cost = pricing.round_money(cost, currency)
-    return Line(dim, q.usage, q.billable, pc, priced, amount, cost, q.warnings)
+    return Line(
+        dim, q.usage, q.billable, pc, priced, amount, cost, q.warnings,
+        included, billed, rate, credits,
+    )  # fmt: skip
+
+
+def _credit_line(unit: CreditUnit, lines: Sequence[Line], currency: str) -> CreditLine:
+    conversions = tuple(ln for ln in lines if ln.credits is not None)
+    credits = sum((ln.credits for ln in conversions if ln.credits is not None), ZERO)
+    billed = credits
+    if unit.included is not None:
+        billed = max(EXACT.subtract(credits, unit.included), ZERO)
+    pc = pricing_charge(unit)
+    priced = pricing.price(pc, billed)
+    amount = pricing.round_money(priced.amount, currency)
+    return CreditLine(unit, conversions, credits, billed, pc, priced, amount)
+
+
+def _fee_lines(
+    customer_id: str, catalog: Catalog, offering: Offering, from_ns: int, to_ns: int, tz: ZoneInfo
+) -> tuple[FeeLine, ...]:
+    fee = offering.fee
+    if fee is None:
+        return ()
+    customer = catalog.customers[customer_id]
+    return tuple(
+        FeeLine(fee, c, pricing.round_money(c.exact, offering.currency))
+        for c in billed_cycles(customer, fee, tz, from_ns, to_ns)
+    )
 
 
 def rate(
@@ -218,7 +296,13 @@ def rate(
         )
         for d in dim_ids
     )
-    return Rating(customer_id, from_ns, to_ns, as_of_ns, offering, lines)
+    if offering is None:
+        return Rating(customer_id, from_ns, to_ns, as_of_ns, None, lines)
+    credit = None
+    if offering.credit is not None:
+        credit = _credit_line(offering.credit, lines, offering.currency)
+    fees = _fee_lines(customer_id, catalog, offering, from_ns, to_ns, tz)
+    return Rating(customer_id, from_ns, to_ns, as_of_ns, offering, lines, fees, credit)
 
 
 def current(store: UsageReader, catalog: Catalog, now_ns: int, tz: ZoneInfo) -> Sequence[Rating]:
