@@ -309,7 +309,9 @@ def _tier_rows(ln: Mapping[str, Any], f: _Fmt, unit: str) -> list[tuple[str, str
         elif previous is not None:
             bound = f"over {f.quantity(previous, unit)}"
         else:
-            bound = "no upper bound"
+            bound = "the top tier"  # a volume charge lists only the tier it used
+        if ln.get("model") == "volume":
+            bound += ", priced on every unit"
         price = f"{f.price(t.get('unitPrice'))} per {unit}" if unit else f.price(t.get("unitPrice"))
         if _dec(t.get("flatFee")):
             price += f" + {f.price(t.get('flatFee'))} flat"
@@ -528,6 +530,8 @@ def render_html(doc: Mapping[str, Any]) -> bytes:
             mark = f"<sup>{len(notes)}</sup>"
         tiers = _tier_rows(ln, f, unit)
         qty = f.quantity(ln.get("quantity"), unit) if "quantity" in ln else ""
+        if _dec(ln.get("included")):  # free units of the cycle (SPEC 11)
+            qty += f" ({f.number(ln['included'])} included)"
         row_class = "" if tiers else ' class="last"'
         out.append(
             f"<tr{row_class}><td>{e(_line_name(ln))}{mark}</td>"

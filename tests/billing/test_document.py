@@ -172,6 +172,22 @@ def test_a_draft_is_titled_draft_and_money_is_to_the_minor_unit() -> None:
     assert "quantity = r: GET /v1/usage?x=1" in page  # the footnote
 
 
+def test_included_units_volume_tiers_and_fees_read_plainly() -> None:
+    volume = {
+        "type": "usage", "name": "Calls", "quantity": "101", "unit": "call", "model": "volume",
+        "included": "10", "exactAmount": "2.0505", "amount": "2.05",
+        "tiers": [{"tier": 2, "upTo": None, "units": "101", "unitPrice": "0.0005",
+                   "flatFee": "2", "amount": "2.0505"}],
+    }  # fmt: skip
+    fee = {"type": "fee", "description": "Pro plan, Oct 2026", "quantity": "1",
+           "unitPrice": "20", "exactAmount": "20", "amount": "20.00"}  # fmt: skip
+    page = text_of(document.render_html(doc_of(lines=[volume, fee])))
+    assert "Calls 101 calls (10 included) volume tiers US$2.05" in page
+    assert "Tier 2, the top tier, priced on every unit 101 calls" in page
+    assert "US$0.0005 per call + US$2.00 flat US$2.0505" in page
+    assert "Pro plan, Oct 2026 1 US$20.00 each US$20.00" in page
+
+
 def test_every_value_is_escaped_and_csv_formulas_defused() -> None:
     evil = "<img src=x onerror=alert(1)>"
     doc = doc_of(
