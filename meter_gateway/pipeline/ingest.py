@@ -3,8 +3,11 @@
 Requests hand their validated ``Batch`` to ``Ingestor.submit`` and await the result. A single
 writer thread takes everything pending (up to ``max_commit_records``), commits it through the
 store in one transaction and resolves every waiter; a 2xx is only ever sent after that commit.
-Pending records are bounded: past ``max_queue_records`` submit raises ``Overloaded`` at once
-(the API answers 429 with Retry-After) instead of letting memory grow.
+What waits is bounded three ways, each raising ``Overloaded`` at once (the API answers 429 with
+Retry-After) instead of letting a queue grow: bytes in flight (``admission.Budget``: a batch
+brings the reservation its request took, or takes ``RECORD_BYTES`` a record here), records
+pending (``max_queue_records``) and how long the oldest pending batch has waited
+(``max_queue_delay_s``: past it the store is not keeping up and senders are asked to retry).
 
 Stores that split a commit into ``prepare`` (Python: dedup decisions, rows, rollups) and
 ``apply`` (the transaction and its fsync, which hold no GIL) are driven as a two-stage
@@ -35,6 +38,7 @@ from typing import Any, Protocol
 
 from meter_gateway.clock import Clock
 from meter_gateway.model import Batch, CommitResult, Reason, RecordError, Source, UsageRecord
+from meter_gateway.pipeline.admission import RECORD_BYTES, Budget, Overloaded, Reservation
 from meter_gateway.store.base import GroupVoided, IngestStore, Unstorable, unstorable_reason
 from meter_gateway.telemetry import Telemetry
 
@@ -44,14 +48,6 @@ log = logging.getLogger(__name__)
 # full disk).
 PROBE_KEY = "meter-gateway/commit-probe"
 MAX_RAW = 8192  # of a rejected record's text, as validation clips it
-
-
-class Overloaded(Exception):
-    """The commit queue is full; retry after ``retry_after`` seconds."""
-
-    def __init__(self, retry_after: float) -> None:
-        super().__init__(f"ingest queue is full; retry after {retry_after:g}s")
-        self.retry_after = retry_after
 
 
 class CommitFailed(Exception):
@@ -68,11 +64,16 @@ class PipelinedStore(Protocol):
     def apply(self, prepared: Any) -> list[CommitResult]: ...
 
 
+__all__ = ["CommitFailed", "Ingestor", "Overloaded", "ShuttingDown"]
+
+
 @dataclass(slots=True)
 class _Pending:
     batch: Batch
     done: Callable[[CommitResult | BaseException], None]
     size: int
+    reservation: Reservation | None = None  # given back once the batch is settled
+    since: float = 0.0  # monotonic seconds when it was queued
 
 
 class Ingestor:
@@ -86,6 +87,10 @@ class Ingestor:
         retry_after_s: float,
         on_commit: Callable[[list[Batch], list[CommitResult]], None] | None = None,
         probe_interval_s: float = 1.0,
+        *,
+        budget: Budget | None = None,
+        max_queue_delay_s: float | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self._store = store
         self._on_commit = on_commit  # after every successful commit, before answering
@@ -94,6 +99,9 @@ class Ingestor:
         self._max_queue = max_queue_records
         self._max_commit = max_commit_records
         self._retry_after = retry_after_s
+        self._budget = budget
+        self._max_delay = max_queue_delay_s
+        self._monotonic = monotonic
         self._pending: deque[_Pending] = deque()
         self._queued = 0
         self._cond = threading.Condition()
@@ -134,18 +142,28 @@ class Ingestor:
     def last_failure(self) -> str | None:
         return self._failure
 
-    async def submit(self, batch: Batch) -> CommitResult:
-        """Commit a batch durably; raises Overloaded, CommitFailed or ShuttingDown."""
+    @property
+    def budget(self) -> Budget | None:
+        return self._budget
+
+    async def submit(self, batch: Batch, reservation: Reservation | None = None) -> CommitResult:
+        """Commit a batch durably; raises Overloaded, CommitFailed or ShuttingDown.
+
+        ``reservation`` (what the batch's request took of the budget) is handed over: it is
+        released once the batch is settled, or at once if the batch is refused.
+        """
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[CommitResult] = loop.create_future()
 
         def done(result: CommitResult | BaseException) -> None:
             loop.call_soon_threadsafe(_settle, fut, result)
 
-        self.enqueue(batch, done)
+        self.enqueue(batch, done, reservation)
         return await fut
 
-    def submit_sync(self, batch: Batch, timeout: float | None = None) -> CommitResult:
+    def submit_sync(
+        self, batch: Batch, timeout: float | None = None, reservation: Reservation | None = None
+    ) -> CommitResult:
         """The same for callers on plain threads (gRPC, schedulers)."""
         event = threading.Event()
         box: list[CommitResult | BaseException] = []
@@ -154,7 +172,7 @@ class Ingestor:
             box.append(result)
             event.set()
 
-        self.enqueue(batch, done)
+        self.enqueue(batch, done, reservation)
         if not event.wait(timeout):
             raise CommitFailed("commit did not finish in time")
         result = box[0]
@@ -162,21 +180,50 @@ class Ingestor:
             raise result
         return result
 
-    def enqueue(self, batch: Batch, done: Callable[[CommitResult | BaseException], None]) -> None:
-        if batch.cumulative:  # a programming error: they would be lost silently
-            raise ValueError("running totals must be converted (pipeline.cumulative) first")
-        size = len(batch.records) + len(batch.errors)
-        with self._cond:
-            if self._closing:
-                raise ShuttingDown("the gateway is shutting down")
-            # One batch larger than the whole queue still goes in when the queue is empty.
-            if self._queued and self._queued + size > self._max_queue:
-                self._telemetry.overloaded.labels(batch.source.value).inc()
-                raise Overloaded(self._retry_after)
-            self._pending.append(_Pending(batch, done, size))
-            self._queued += size
-            self._telemetry.queue_records.set(self._queued)
-            self._cond.notify()
+    def enqueue(
+        self,
+        batch: Batch,
+        done: Callable[[CommitResult | BaseException], None],
+        reservation: Reservation | None = None,
+    ) -> None:
+        """Queue ``batch``; ``done`` is called with its result. Takes ``reservation`` over
+        (released at settle, or now if this raises); without one, the batch reserves
+        ``RECORD_BYTES`` a record of the budget here."""
+        try:
+            if batch.cumulative:  # a programming error: they would be lost silently
+                raise ValueError("running totals must be converted (pipeline.cumulative) first")
+            size = len(batch.records) + len(batch.errors)
+            if reservation is None and self._budget is not None:
+                try:
+                    reservation = self._budget.reserve(size * RECORD_BYTES)
+                except Overloaded:
+                    self._telemetry.overloaded.labels(batch.source.value).inc()
+                    raise
+            now = self._monotonic()
+            with self._cond:
+                if self._closing:
+                    raise ShuttingDown("the gateway is shutting down")
+                # One batch larger than the whole queue still goes in when the queue is empty.
+                if self._queued and self._queued + size > self._max_queue:
+                    self._telemetry.overloaded.labels(batch.source.value).inc()
+                    raise Overloaded(self._retry_after)
+                # The oldest batch has waited too long for a commit to take it: the store
+                # does not keep up, and queueing more would only make every sender wait.
+                if (
+                    self._max_delay is not None
+                    and self._pending
+                    and now - self._pending[0].since > self._max_delay
+                ):
+                    self._telemetry.overloaded.labels(batch.source.value).inc()
+                    raise Overloaded(self._retry_after, "ingest commits are behind")
+                self._pending.append(_Pending(batch, done, size, reservation, now))
+                self._queued += size
+                self._telemetry.queue_records.set(self._queued)
+                self._cond.notify()
+        except BaseException:
+            if reservation is not None:
+                reservation.release()
+            raise
 
     def close(self, timeout: float = 30.0) -> None:
         """Stop taking batches, commit everything pending, stop the writer."""
@@ -342,9 +389,9 @@ class Ingestor:
         if not isinstance(exc, Unstorable):  # the store's own failure: not ready
             self._failure = str(exc) or type(exc).__name__
         failure = CommitFailed(f"the store could not commit: {exc}")
+        self._release(group)  # before answering: an answered sender may send again at once
         for p in group:
             p.done(failure)
-        self._release(group)
 
     def _settled(self, group: list[_Pending], results: list[CommitResult], elapsed: float) -> None:
         if self._failure is not None:
@@ -358,6 +405,7 @@ class Ingestor:
         t = self._telemetry
         t.commit_seconds.observe(elapsed)
         t.commit_records.observe(sum(p.size for p in group))
+        self._release(group)  # before answering: an answered sender may send again at once
         for p, r in zip(group, results, strict=True):
             src = p.batch.source.value
             t.accepted.labels(src).inc(r.accepted)
@@ -365,12 +413,14 @@ class Ingestor:
             for e in p.batch.errors:
                 t.rejected.labels(src, e.reason.value).inc()
             p.done(r)
-        self._release(group)
 
     def _release(self, group: list[_Pending]) -> None:
         with self._cond:
             self._queued -= sum(p.size for p in group)
             self._telemetry.queue_records.set(self._queued)
+        for p in group:
+            if p.reservation is not None:
+                p.reservation.release()
 
 
 def _settle(fut: asyncio.Future[CommitResult], result: CommitResult | BaseException) -> None:
