@@ -515,7 +515,8 @@ def render_html(doc: Mapping[str, Any]) -> bytes:
         "</div>",
         "<div><h2>Plan</h2>",
         f"<p>{e(doc.get('offeringName'))}</p>",
-        f"<p>Customer {e(doc.get('customerId'))} · {e(doc.get('currency'))}</p></div>",
+        f"<p>{e(customer_name)} ({e(doc.get('customerId'))}) · {e(doc.get('currency'))}</p>",
+        "</div>",
         "</section>",
         '<table class="lines"><thead><tr><th>Description</th><th class="n">Quantity</th>'
         '<th class="n">Unit price</th><th class="n">Amount</th></tr></thead><tbody>',

@@ -47,20 +47,21 @@ CONFIG: dict[str, Any] = {
     "dimensions": [
         {"id": "compute", "name": "Compute Time", "unit": "minute",
          "aggregation_interval": "hour", "usage_increment": 60, "rounding": "ceil"},
-        {"id": "data", "name": "Data Processed", "unit": "gigabyte", "price": "0.08"},
+        {"id": "data-processed", "name": "Data Processed", "unit": "gigabyte", "price": "0.08"},
     ],
     "offerings": [
-        {"id": "plan", "name": "Pay-as-you-go", "currency": "USD", "tax_rate": "vat",
+        {"id": "pay-as-you-go", "name": "Pay-as-you-go", "currency": "USD", "tax_rate": "vat",
          "charges": [
              {"dimension": "compute", "model": "graduated", "tiers": [
                  {"up_to": 10, "unit_price": "0.096"},
                  {"up_to": None, "unit_price": "0.08", "flat_fee": "2.4"}]},
-             {"dimension": "data", "model": "per_unit"}]},
+             {"dimension": "data-processed", "model": "per_unit"}]},
         {"id": "gross", "name": "Gross", "currency": "EUR", "tax_rate": "vat-incl",
-         "charges": [{"dimension": "data", "model": "per_unit", "unit_price": "1.19"}]},
+         "charges": [{"dimension": "data-processed", "model": "per_unit",
+                      "unit_price": "1.19"}]},
     ],
     "customers": [
-        {"id": "dumm-ai", "name": "Dumm AI Corp", "offering": "plan",
+        {"id": "dumm-ai", "name": "Dumm AI Corp", "offering": "pay-as-you-go",
          "billing_details": {"legal_name": "Dumm AI Corporation",
                              "address": ["500 Market St", "San Francisco, CA 94105"],
                              "email": "ap@dumm.example", "tax_id": "US-99-1234567"}},
@@ -199,7 +200,7 @@ def test_every_value_is_escaped_and_csv_formulas_defused() -> None:
     )  # fmt: skip
     html = document.render_html(doc).decode()
     assert "<img" not in html
-    assert html.count("&lt;img src=x onerror=alert(1)&gt;") == 4  # title, issuer ×2, item
+    assert html.count("&lt;img src=x onerror=alert(1)&gt;") == 5  # title, issuer ×2, customer, item
     header, row = list(csv.reader(io.StringIO(document.render_csv(doc).decode())))
     assert row[header.index("bill_to")] == "'=HYPERLINK(1)"
     assert row[header.index("issuer")] == evil  # plain text: CSV needs no escaping of <
@@ -247,12 +248,14 @@ def seed_october(client: httpx.Client) -> None:
         client,
         *[("dumm-ai", "compute", f"2026-10-{d:02d}T10:05:00Z", "61") for d in range(1, 11)],
         *[("dumm-ai", "compute", f"2026-10-{d:02d}T10:05:00Z", "5") for d in range(11, 31)],
-        ("dumm-ai", "data", "2026-10-15T00:00:00Z", "12.5"),
+        ("dumm-ai", "data-processed", "2026-10-15T00:00:00Z", "12.5"),
     )
 
 
 def finalized_october(client: httpx.Client) -> dict[str, Any]:
-    """Dumm AI Corp's October, finalized on 1 Nov 2026 with 5.00 of prepaid credits."""
+    """Dumm AI Corp's October, finalized on 1 Nov 2026 with 5.00 of prepaid credits: the
+    getting-started customer and offering (examples/getting-started.yaml), with a tiered
+    compute charge beside its data line so the page shows a tier breakdown."""
     seed_october(client)
     r = client.post("/v1/customers/dumm-ai/wallet/top-ups", json={"amount": "5", "id": "t1"})
     assert r.status_code == 201, r.text
@@ -313,7 +316,7 @@ def test_the_pdf_is_served_and_stays_the_same(
     assert r.headers["content-disposition"] == f'inline; filename="{inv["id"]}.pdf"'
     assert r.content.startswith(b"%PDF-")
     # later usage and a new issuer change nothing on a finalized invoice
-    usage(client, ("dumm-ai", "data", "2026-10-16T00:00:00Z", "1000"))
+    usage(client, ("dumm-ai", "data-processed", "2026-10-16T00:00:00Z", "1000"))
     again = client.get(f"/v1/invoices/{inv['id']}", params={"format": "pdf"})
     assert again.content == r.content
     draft = client.post("/v1/customers/dumm-ai/invoices", json=OCTOBER).json()
@@ -327,7 +330,7 @@ def test_inclusive_tax_locale_and_details_set_through_the_catalog_api(
     gateway: tuple[Gateway, httpx.Client],
 ) -> None:
     _, client = gateway
-    usage(client, ("gmbh", "data", "2026-10-02T00:00:00Z", "1000"))
+    usage(client, ("gmbh", "data-processed", "2026-10-02T00:00:00Z", "1000"))
     inv = client.post("/v1/customers/gmbh/invoices", json=OCTOBER).json()
     # the customer's own rate (19%, exclusive) wins over the offering's inclusive 20%
     assert (inv["subtotal"], inv["tax"], inv["total"]) == ("1190.00", "226.10", "1416.10")
@@ -339,7 +342,7 @@ def test_inclusive_tax_locale_and_details_set_through_the_catalog_api(
     details = {"legal_name": "Plain Limited", "address": ["2 Short Rd"], "locale": "fr_FR"}
     r = client.put("/v1/customers/plain", json={**customer, "billing_details": details})
     assert r.status_code == 200, r.text
-    usage(client, ("plain", "data", "2026-10-02T00:00:00Z", "10"))
+    usage(client, ("plain", "data-processed", "2026-10-02T00:00:00Z", "10"))
     inv = client.post("/v1/customers/plain/invoices", json=OCTOBER).json()
     assert inv["billTo"] == {
         "name": "Plain Limited", "address": ["2 Short Rd"], "email": None, "taxId": None,
