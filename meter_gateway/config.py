@@ -310,6 +310,12 @@ class Dimension(_Model):
     price: Dec | None = None
     unit_cost: Dec | None = None
     unique_key: str | None = None
+    # unique_count only (SPEC 11, seats): ``prorated`` counts each value for the share of the
+    # period it was present (from its first record to its ``remove`` record, metadata key
+    # ``operation``); otherwise ``unique_count_mode`` says which values count: ``any`` seen in
+    # the period (SPEC 2's count), or present at its ``end`` (added and not removed).
+    prorated: bool = False
+    unique_count_mode: Literal["any", "end"] = "any"
     description: str = ""
 
     @model_validator(mode="before")
@@ -335,6 +341,12 @@ class Dimension(_Model):
             raise ValueError("usage_increment must be > 0")
         if self.aggregation == "unique_count" and not self.unique_key:
             raise ValueError("aggregation unique_count needs unique_key (a metadata key)")
+        if self.aggregation != "unique_count" and (
+            self.prorated or self.unique_count_mode != "any"
+        ):
+            raise ValueError("prorated and unique_count_mode apply to unique_count dimensions only")
+        if self.prorated and self.unique_count_mode != "any":
+            raise ValueError("prorated counts time present: leave unique_count_mode out")
         for name in ("price", "unit_cost"):
             v = getattr(self, name)
             if v is not None and v < 0:

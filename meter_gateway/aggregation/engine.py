@@ -3,7 +3,9 @@
 A window ``[s, e)`` is answered from the UTC-hour rollup buckets that lie wholly inside it, plus
 raw records for any bucket a window boundary cuts (unaligned ``from``/``to``, or time zones whose
 offset is not a whole hour). ``time_weighted_avg`` reads raw levels (its buckets depend on the
-level carried in); every other method is answered from rollups.
+level carried in), and so do seats (``unique_count`` that is ``prorated`` or counts values
+present at the ``end``: a value's presence runs from its first record to its ``remove``
+record, across windows); every other method is answered from rollups.
 """
 
 from __future__ import annotations
@@ -15,11 +17,16 @@ from zoneinfo import ZoneInfo
 from meter_gateway.aggregation.windows import BUCKET_NS, ceil_bucket, floor_bucket, split
 from meter_gateway.config import Dimension
 from meter_gateway.decimals import EXACT, ZERO
-from meter_gateway.store.base import RawPoint, RollupRow, UsageReader
+from meter_gateway.store.base import RawPoint, RollupRow, UsageReader, unique_of
 
 RESULT_PLACES = Decimal("1e-18")
 _ROUNDING = {"ceil": ROUND_CEILING, "floor": ROUND_FLOOR, "round": ROUND_HALF_UP}
 _EPOCH_BUCKET = -(2**62)
+#: Seats (SPEC 11): the metadata key whose value ``remove`` ends a value's presence (any other
+#: value, or none, is an ``add``).
+OPERATION_KEY = "operation"
+REMOVE = "remove"
+_PAGE = 10_000
 
 
 def divide(a: Decimal, b: Decimal | int) -> Decimal:
@@ -67,6 +74,8 @@ def _aggregate(
     method = dim.aggregation
     if method == "time_weighted_avg":
         return _time_weighted(store, customer, dim.id, windows, lengths)
+    if method == "unique_count" and (dim.prorated or dim.unique_count_mode == "end"):
+        return _seats(store, customer, dim, windows, lengths)
     lo, hi = windows[0][0], windows[-1][1]
     bounds = {s for s, _ in windows} | {hi}
     split_buckets = sorted({floor_bucket(b) for b in bounds if b % BUCKET_NS})
@@ -223,6 +232,51 @@ def _unique(
                 values.add(raw[pi].unique)  # type: ignore[arg-type]
             pi += 1
         out.append(Decimal(len(values)))
+    return out
+
+
+def presence(
+    store: UsageReader, customer: str, dim: Dimension, to_ns: int
+) -> dict[str, list[tuple[int, int | None]]]:
+    """Each distinct value's presence before ``to_ns``: ``[start, end)`` intervals, from a
+    record that finds it absent to its next ``remove`` record (end None: still present)."""
+    out: dict[str, list[tuple[int, int | None]]] = {}
+    after: tuple[int, int] | None = None
+    while True:
+        page = store.records(customer, dim.id, 0, to_ns, after, _PAGE)
+        for r in page:
+            value = unique_of(r.metadata, dim.unique_key)
+            if value is None:
+                continue
+            spans = out.setdefault(value, [])
+            present = bool(spans) and spans[-1][1] is None
+            removing = (r.metadata or {}).get(OPERATION_KEY) == REMOVE
+            if removing and present:
+                spans[-1] = (spans[-1][0], r.timestamp_ns)
+            elif not removing and not present:
+                spans.append((r.timestamp_ns, None))
+        if len(page) < _PAGE:
+            return out
+        after = (page[-1].timestamp_ns, page[-1].seq)
+
+
+def _seats(
+    store: UsageReader,
+    customer: str,
+    dim: Dimension,
+    windows: Sequence[tuple[int, int]],
+    lengths: Sequence[int],
+) -> list[Decimal | None]:
+    # prorated: Σ over values of the time present in the window ÷ the window's whole length;
+    # end: the values present at the window's (measured) end.
+    spans = [sp for v in presence(store, customer, dim, windows[-1][1]).values() for sp in v]
+    out: list[Decimal | None] = []
+    for (s, e), length in zip(windows, lengths, strict=True):
+        if dim.prorated:
+            held = sum(max(0, min(e, hi if hi is not None else e) - max(s, lo)) for lo, hi in spans)
+            out.append(divide(Decimal(held), length))
+        else:
+            out.append(Decimal(sum(1 for lo, hi in spans if lo < e and (hi is None or hi >= e))))
     return out
 
 
