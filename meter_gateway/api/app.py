@@ -230,6 +230,9 @@ def create_app(gw: ApiServices) -> Starlette:
             }
         )
 
+    # Creating POSTs honour Idempotency-Key (SPEC 11): the first answer again for a retry.
+    once = Idempotency(gw.store, gw.clock).wrap
+
     def catalog_routes(kind: str) -> list[Route]:
         async def list_(request: Request) -> Response:
             items = getattr(gw.catalog.current, kind)
@@ -265,7 +268,7 @@ def create_app(gw: ApiServices) -> Starlette:
 
         return [
             Route(f"/v1/{kind}", guarded("read", list_), methods=["GET"]),
-            Route(f"/v1/{kind}", guarded("admin", create), methods=["POST"]),
+            Route(f"/v1/{kind}", guarded("admin", once(create)), methods=["POST"]),
             Route(f"/v1/{kind}/{{id}}", guarded("read", get), methods=["GET"]),
             Route(f"/v1/{kind}/{{id}}", guarded("admin", replace), methods=["PUT"]),
             Route(f"/v1/{kind}/{{id}}", guarded("admin", delete), methods=["DELETE"]),
@@ -372,7 +375,7 @@ def create_app(gw: ApiServices) -> Starlette:
         Route("/v1/rejected", guarded("read", rejected, REJECTED_PARAMS), methods=["GET"]),
         Route(
             "/v1/usage/cancellations",
-            guarded("admin", Idempotency(gw.store, gw.clock).wrap(cancel_usage)),
+            guarded("admin", once(cancel_usage)),
             methods=["POST"],
         ),
         Route(

@@ -71,7 +71,8 @@ def _catalog_operations() -> list[Operation]:
             Operation("post", path, f"create{name}", f"Create a {one}", "catalog", "admin",
                       {201: (f"The {one} as stored", model)}, (400, 409, 413, 422), body=model,
                       description=f"409 if a {one} with this id exists; 422 naming every "
-                      "unknown or invalid field, and every reference to an unknown entry."),
+                      "unknown or invalid field, and every reference to an unknown entry.",
+                      idempotent=True),
             Operation("get", item, f"get{name}", f"Get a {one}", "catalog", "read",
                       {200: (f"The {one}", model)}, (400, 404), path_id=f"The {one}'s id."),
             Operation("put", item, f"put{name}", f"Create or replace a {one}", "catalog", "admin",

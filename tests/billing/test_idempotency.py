@@ -182,3 +182,18 @@ def test_answers_are_kept_a_day(gateway: tuple[Gateway, httpx.Client], clock: Fi
     assert late.status_code == 200
     assert late.json()["id"] == first.json()["id"]
     assert client.get("/v1/customers/acme/wallet").json()["balances"][0]["balance"] == "1.00"
+
+
+def test_catalog_entries_created_with_a_key_answer_the_first_answer_again(
+    gateway: tuple[Gateway, httpx.Client],
+) -> None:
+    _, client = gateway
+    body = {"id": "new-co", "name": "New Co", "offering": "plan"}
+    first = client.post("/v1/customers", json=body, headers=key("c-1"))
+    again = client.post("/v1/customers", json=body, headers=key("c-1"))
+    assert (first.status_code, again.status_code, again.content) == (201, 201, first.content)
+    # without the key the same body is a second creation of an existing id
+    assert client.post("/v1/customers", json=body).status_code == 409
+    other = client.post("/v1/customers", json={**body, "name": "Other"}, headers=key("c-1"))
+    assert other.status_code == 409
+    assert client.get("/v1/customers/new-co").json()["name"] == "New Co"
