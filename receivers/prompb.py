@@ -10,6 +10,7 @@ protobuf runtime's C implementation.
 from __future__ import annotations
 
 import struct
+from collections.abc import Container
 from typing import Any
 
 from google.protobuf import (  # type: ignore[import-untyped]
@@ -142,13 +143,21 @@ def _varint(raw: bytes, pos: int) -> tuple[int, int]:
 Scanned = list[tuple[bytes, list[tuple[float, int]]]]
 
 
-def scan(raw: bytes) -> Scanned | None:
+def scan(raw: bytes, known: Container[bytes] = ()) -> Scanned | None:
     """Each series of a serialized ``WriteRequest`` as (label bytes, [(value, timestamp ms)]),
-    or None when the request is not in the usual layout (parse it as messages then)."""
+    or None when the request is not in the usual layout (parse it as messages then).
+
+    ``known``: label bytes seen before. A series of one sample (value, then timestamp) is
+    read from its end: the bytes before that sample are its labels if they are ``known``,
+    which were a sequence of labels only when they were learned (a sample's tag cannot start
+    a label, so no other split of the series can give known bytes); else it is walked from
+    its start.
+    """
     out: Scanned = []
     end_all = len(raw)
     times: dict[bytes, int] = {}  # a request's samples share few timestamps
     unpack = _DOUBLE.unpack_from
+    rfind = raw.rfind
     pos = 0
     try:
         while pos < end_all:
@@ -158,6 +167,29 @@ def scan(raw: bytes) -> Scanned | None:
             end = pos + length
             if end > end_all:
                 return None
+            # One sample at the end: tag, length, value (9 bytes), timestamp tag, varint (the
+            # varint's bytes but its last have the high bit set, so its tag is the last 0x10).
+            tag = rfind(b"\x10", end - 11, end - 1)
+            s = tag - 11
+            if (
+                s > pos
+                and raw[s] == _SAMPLE
+                and raw[s + 1] == end - s - 2
+                and raw[s + 2] == _VALUE
+                and raw[pos:s] in known
+            ):
+                key = raw[tag + 1 : end]
+                got = times.get(key)
+                if got is None:
+                    got, after = _varint(raw, tag + 1)
+                    if after != end:
+                        return None
+                    if got >= 1 << 63:
+                        got -= _INT64
+                    times[key] = got
+                out.append((raw[pos:s], [(unpack(raw, s + 3)[0], got)]))
+                pos = end
+                continue
             p = pos
             while p < end and raw[p] == _LABEL:
                 n = raw[p + 1]

@@ -51,6 +51,7 @@ from meter_gateway.pipeline.cumulative import (
     StreamsBusy,
     StreamTable,
     TimeWindow,
+    Total,
     Totals,
     series_id,
 )
@@ -150,6 +151,7 @@ class _Series(NamedTuple):
     wanted: bool  # some rule could match its name
     problem: tuple[Reason, str, str] | None  # why its samples are refused
     n_labels: int
+    template: Observation  # its name and labels, for its totals (pipeline.cumulative.Total)
 
 
 def describe(pairs: Sequence[tuple[str, str]], wanted: _Wanted) -> _Series:
@@ -180,12 +182,9 @@ def describe(pairs: Sequence[tuple[str, str]], wanted: _Wanted) -> _Series:
             family = name[: -len(suffix)]
             break
     wants = problem is None and wanted(name)
-    sid = (
-        series_id(Observation(SOURCE, name, labels, ZERO, ObservationKind.LEVEL, 0))
-        if wants
-        else ""
-    )
-    return _Series(name, family, labels, sid, wants, problem, len(pairs))
+    template = Observation(SOURCE, name, labels, ZERO, ObservationKind.CUMULATIVE, 0)
+    sid = series_id(template) if wants else ""
+    return _Series(name, family, labels, sid, wants, problem, len(pairs), template)
 
 
 class SeriesCache:
@@ -194,10 +193,10 @@ class SeriesCache:
     def __init__(self, wanted: _Wanted, max_series: int = 250_000) -> None:
         self._wanted = wanted
         self._max = max_series
-        self._known: dict[bytes, _Series] = {}
+        self.known: dict[bytes, _Series] = {}
 
     def get(self, labels: bytes) -> _Series:
-        series = self._known.get(labels)
+        series = self.known.get(labels)
         if series is None:
             ts = prompb.TimeSeries()
             try:
@@ -205,9 +204,9 @@ class SeriesCache:
             except ProtoDecodeError as exc:
                 raise DecodeError(400, f"body is not a remote write WriteRequest: {exc}") from None
             series = describe([(lb.name, lb.value) for lb in ts.labels], self._wanted)
-            if len(self._known) >= self._max:
-                self._known.clear()
-            self._known[labels] = series
+            if len(self.known) >= self._max:
+                self.known.clear()
+            self.known[labels] = series
         return series
 
 
@@ -216,8 +215,8 @@ class Decoded:
     while decoding. Indices are sample ordinals within the request."""
 
     def __init__(self) -> None:
-        self.cumulative: list[tuple[int, Observation]] = []
-        self.cumulative_sids: list[str] = []
+        self.totals: list[Total] = []  # counters' samples, for pipeline.cumulative.Totals
+        self.total_sids: list[str] = []
         self.levels: list[Observation] = []
         self.level_index: list[int] = []
         self.level_sids: list[str] = []
@@ -252,7 +251,7 @@ def observations(
     """Samples → observations (and records of levels of known series, with ``mappings``)."""
     out = Decoded()
     index = 0
-    cumulative, cumulative_sids = out.cumulative, out.cumulative_sids
+    totals, total_sids = out.totals, out.total_sids
     record = mappings.record if mappings is not None and snap is not None else None
     for s, samples, histograms in series:
         n = len(samples)
@@ -272,7 +271,7 @@ def observations(
         if not s.wanted:
             out.skip(SKIP_UNMAPPED, n)
             continue
-        family, labels, sid = s.family, s.labels, s.sid
+        family, labels, sid, template = s.family, s.labels, s.sid, s.template
         if counters or gauges:
             is_counter = name in counters or family in counters
             if not is_counter and name not in gauges and family not in gauges:
@@ -315,10 +314,8 @@ def observations(
                     )
                     continue
             if is_counter:
-                cumulative.append(
-                    (k, Observation(SOURCE, name, labels, value, ObservationKind.CUMULATIVE, t_ns))
-                )
-                cumulative_sids.append(sid)
+                totals.append((k, t_ns, value, template))
+                total_sids.append(sid)
                 continue
             nk = f"{sid}:{t_ns}"
             if record is not None:
@@ -388,7 +385,7 @@ class RemoteWriteReceiver:
         raw = decompress(body, self._limits.max_decompressed_bytes)
         mappings = self.mappings
         snap = mappings.snapshot() if mappings is not None else None
-        scanned = prompb.scan(raw)
+        scanned = prompb.scan(raw, self.series.known)
         if scanned is not None:
             n = sum(len(samples) for _, samples in scanned)
             self._check_size(n)
@@ -420,7 +417,6 @@ class RemoteWriteReceiver:
         else:
             batch = Batch(SOURCE, decoded.records)
         batch.errors.extend(decoded.errors)
-        batch.cumulative = decoded.cumulative
         return batch, decoded
 
     def _check_size(self, samples: int) -> None:
@@ -431,11 +427,10 @@ class RemoteWriteReceiver:
                 f"{self._limits.max_batch_records} per request",
             )
 
-    def commit(self, batch: Batch, sids: list[str] | None = None) -> CommitResult:
-        """Convert running totals and commit (blocking; on a worker thread); ``sids``: the
-        series ids of ``batch.cumulative``."""
-        if batch.cumulative:
-            return self.totals.commit(batch, sids=sids)
+    def commit(self, batch: Batch, decoded: Decoded) -> CommitResult:
+        """Convert the request's running totals and commit (blocking; on a worker thread)."""
+        if decoded.totals:
+            return self.totals.commit(batch, sids=decoded.total_sids, totals=decoded.totals)
         return self._committer.submit_sync(batch)
 
     async def handle(self, request: Request) -> Response:
@@ -457,7 +452,7 @@ class RemoteWriteReceiver:
         for reason, n in decoded.skipped.items():
             t.remote_write_skipped.labels(reason).inc(n)
         try:
-            await run_in_threadpool(self.commit, batch, decoded.cumulative_sids)
+            await run_in_threadpool(self.commit, batch, decoded)
         except Overloaded:
             # Only senders known to retry a 429 get one; Prometheus drops the data on a 429
             # unless retry_on_http_429 is set, but retries every 5xx.

@@ -441,6 +441,11 @@ class SeriesMappings:
             )
 
 
+# A running total to convert: (ordinal in its request, time, value, its series: an observation
+# of the series' name and attributes, whose own value and time are not read).
+Total = tuple[int, int, Decimal, Observation]
+
+
 class Totals:
     """Commits batches that carry running totals (``Batch.cumulative``) from senders without
     start times: Vector absolute counters, Prometheus remote write.
@@ -471,15 +476,22 @@ class Totals:
         self._window = window
         self.mappings = mappings
 
-    def convert(self, batch: Batch, sids: Sequence[str] | None = None) -> dict[str, StreamState]:
-        """Move ``batch.cumulative`` into records and errors (the caller holds the series;
-        ``sids`` are their ids as ``holding`` yielded them); returns the series whose state
-        moves with the batch, also set in ``batch.state``."""
+    def convert(
+        self,
+        batch: Batch,
+        sids: Sequence[str] | None = None,
+        totals: Sequence[Total] | None = None,
+    ) -> dict[str, StreamState]:
+        """Move ``batch.cumulative`` (or ``totals``) into records and errors (the caller holds
+        the series; ``sids`` are their ids as ``holding`` yielded them); returns the series
+        whose state moves with the batch, also set in ``batch.state``."""
+        if totals is None:
+            totals = [(i, o.timestamp_ns, o.value, o) for i, o in batch.cumulative]
         if sids is None:
-            sids = [series_id(obs) for _, obs in batch.cumulative]
-        pairs = list(zip(batch.cumulative, sids, strict=True))
+            sids = [series_id(series) for _, _, _, series in totals]
+        pairs = list(zip(totals, sids, strict=True))
         if len(set(sids)) < len(sids):  # several totals of one series: in time order
-            pairs.sort(key=lambda p: p[0][1].timestamp_ns)
+            pairs.sort(key=lambda p: p[0][1])
         states = self.table.load(set(sids))
         changed: dict[str, StreamState] = {}
         amounts: list[Observation] = []
@@ -490,51 +502,62 @@ class Totals:
         window = self._window
         oldest, newest = window.bounds() if window is not None else (0, 0)
         mappings = self.mappings
-        snap = mappings.snapshot() if mappings is not None else None
+        snap = mappings.snapshot() if mappings is not None else (None, 0, 0)
+        record = mappings.record if mappings is not None else None
         records = batch.records
-        for (index, obs), sid in pairs:
-            t = obs.timestamp_ns
+        for (index, t, value, obs), sid in pairs:
             if window is not None and not oldest <= t <= newest:
                 refused = window.refusal(t, oldest, newest)
                 if refused is not None:
-                    errors.append(
-                        RecordError(index, "timestamp", refused[1], refused[0], _raw(obs))
-                    )
+                    why, reason = refused[1], refused[0]
+                    errors.append(RecordError(index, "timestamp", why, reason, _raw(obs, value, t)))
                     continue
-            try:
-                step = convert(changed.get(sid) or states.get(sid), 0, t, obs.value, None, True)
-            except InexactStep as exc:
-                errors.append(
-                    RecordError(index, "value", str(exc), Reason.INVALID_VALUE, _raw(obs))
+            state = changed.get(sid) or states.get(sid)
+            delta: Decimal | None = None
+            if state is not None and t > state.time and value > state.value and not state.start:
+                # convert()'s plain step, inline: the common case
+                try:
+                    delta = _STEPS.subtract(value, state.value)
+                except decimal.Inexact:
+                    delta = None
+            if delta is not None:
+                changed[sid] = StreamState(0, t, value)
+            else:
+                try:
+                    step = convert(state, 0, t, value, None, True)
+                except InexactStep as exc:
+                    why = str(exc)
+                    raw = _raw(obs, value, t)
+                    errors.append(RecordError(index, "value", why, Reason.INVALID_VALUE, raw))
+                    continue
+                if step.state is not None:
+                    changed[sid] = step.state
+                if step.kind != "delta":
+                    continue
+                delta = step.delta
+            nk = f"{sid}:{t}"
+            if record is not None:
+                rec = record(snap, sid, delta, t, nk)
+                if rec is not None:
+                    records.append(rec)
+                    continue
+            amounts.append(
+                Observation(
+                    obs.source,
+                    obs.name,
+                    obs.attributes,
+                    delta,
+                    amount,
+                    t,
+                    nk,
+                    obs.resource_attributes,
                 )
-                continue
-            if step.state is not None:
-                changed[sid] = step.state
-            if step.kind == "delta":
-                nk = f"{sid}:{t}"
-                if snap is not None:
-                    assert mappings is not None
-                    rec = mappings.record(snap, sid, step.delta, t, nk)
-                    if rec is not None:
-                        records.append(rec)
-                        continue
-                amounts.append(
-                    Observation(
-                        obs.source,
-                        obs.name,
-                        obs.attributes,
-                        step.delta,
-                        amount,
-                        t,
-                        nk,
-                        obs.resource_attributes,
-                    )
-                )
-                amount_sids.append(sid)
-                ordinals.append(index)
+            )
+            amount_sids.append(sid)
+            ordinals.append(index)
         if amounts:
             checked = self._sink.observations(amounts, batch.source)
-            if mappings is not None and snap is not None:
+            if mappings is not None:
                 mappings.learn(snap, amount_sids, amounts, checked)
             records.extend(checked.records)
             errors.extend(
@@ -563,19 +586,21 @@ class Totals:
         batch: Batch,
         check: Callable[[Batch], None] | None = None,
         sids: list[str] | None = None,
+        totals: Sequence[Total] | None = None,
     ) -> CommitResult:
         """Convert and commit in one go (blocks until durable; run it on a worker thread).
 
         ``check`` sees each converted batch before it is submitted and may raise to commit
         nothing (an atomic request with invalid records). A conflict (another replica moved a
         series first) converts again from fresh state. ``sids``: the series ids of
-        ``batch.cumulative``, when the caller knows them.
+        ``batch.cumulative``, when the caller knows them; ``totals``: the totals to convert
+        in place of ``batch.cumulative`` (``sids`` then required).
         """
         with self.holding(batch, sids) as held:
             cumulative, records = list(batch.cumulative), list(batch.records)
             errors, state, expect = list(batch.errors), dict(batch.state), dict(batch.state_expect)
             for _ in range(STATE_CONFLICT_RETRIES):
-                changed = self.convert(batch, held)
+                changed = self.convert(batch, held, totals)
                 if check is not None:
                     check(batch)
                 result = self._committer.submit_sync(batch, self._timeout)
@@ -590,16 +615,16 @@ class Totals:
         raise StreamsBusy("cumulative series kept moving on other replicas; retry")
 
 
-def _raw(obs: Observation) -> str:
+def _raw(series: Observation, value: Decimal, t: int) -> str:
     """A refused total as the rejected-records store keeps it."""
     return clip_json(
         {
-            "source": obs.source.value,
-            "name": obs.name,
-            "attributes": obs.attributes,
-            "value": str(obs.value),
-            "kind": obs.kind.value,
-            "timeUnixNano": obs.timestamp_ns,
+            "source": series.source.value,
+            "name": series.name,
+            "attributes": series.attributes,
+            "value": str(value),
+            "kind": ObservationKind.CUMULATIVE.value,
+            "timeUnixNano": t,
         },
         8192,
     )
