@@ -321,7 +321,12 @@ def start_py_spy(pid: int, prefix: str, kind: str) -> subprocess.Popen[bytes] | 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--protocol", choices=["grpc", "http", "both"], default="both")
-    p.add_argument("--temporality", choices=["delta", "cumulative"], default="delta")
+    p.add_argument(
+        "--temporality",
+        choices=["delta", "cumulative", "both"],
+        default="delta",
+        help="both: delta then cumulative in one run, and their ratio",
+    )
     p.add_argument("--points", type=int, default=2000, help="data points per export")
     p.add_argument("--exports", type=int, default=25, help="exports per client thread")
     p.add_argument("--threads", type=int, default=8, help="client threads in all")
@@ -339,17 +344,23 @@ def main() -> int:
     if args.quick:
         args.points, args.exports, args.threads = 500, 5, 4
     protocols = ["grpc", "http"] if args.protocol == "both" else [args.protocol]
+    temporalities = ["delta", "cumulative"] if args.temporality == "both" else [args.temporality]
     total = args.points * args.exports * args.threads
     print(
         f"{total:,} {args.temporality} points per protocol: {args.threads} threads in "
         f"{args.procs} processes, {args.exports} exports of {args.points} points each"
     )
     ok = True
-    for protocol in protocols:
+    rates: dict[tuple[str, str], tuple[float, float]] = {}  # (protocol, temporality) → rates
+    for protocol, temporality in [(p, t) for p in protocols for t in temporalities]:
+        args.temporality = temporality
         with tempfile.TemporaryDirectory(prefix="bench-otlp-") as tmp:
             r = phase(args, protocol, Path(tmp))
+        per_cpu = r["accepted"] / max(r["server_cpu_s"], 1e-9)
+        rates[(protocol, temporality)] = (r["rate"], per_cpu)
         print(
-            f"{protocol:5s} {r['rate']:>10,.0f} durable points/s  "
+            f"{protocol:5s} {temporality:10s} {r['rate']:>10,.0f} durable points/s, "
+            f"{per_cpu:,.0f} per server CPU second  "
             f"({r['accepted']:,} in {r['wall_s']:.2f}s; export latency p50 {r['p50_ms']:.0f} ms, "
             f"p99 {r['p99_ms']:.0f} ms; {r['retries']} retries)"
         )
@@ -362,6 +373,13 @@ def main() -> int:
         for line in r["errors"] + r["problems"]:
             print(f"      PROBLEM: {line}")
             ok = False
+    for protocol in protocols:
+        if (protocol, "delta") in rates and (protocol, "cumulative") in rates:
+            (dw, dc), (cw, cc) = rates[(protocol, "delta")], rates[(protocol, "cumulative")]
+            print(
+                f"{protocol}: cumulative / delta = {cw / dw:.2f} durable points/s, "
+                f"{cc / dc:.2f} per server CPU second (issue 17 asks >= 0.8)"
+            )
     return 0 if ok else 1
 
 

@@ -328,6 +328,55 @@ def test_a_known_series_follows_a_catalog_change(gw: GatewayProcess) -> None:
         assert total(c, second) == Decimal(2)
 
 
+# --- reading the wire without messages (prompb.scan) ------------------------------------------
+
+
+def _as_messages(raw: bytes) -> list[tuple[bytes, list[tuple[float, int]]]]:
+    req = prompb.WriteRequest.FromString(raw)
+    out = []
+    for ts in req.timeseries:
+        labels = b"".join(prompb.TimeSeries(labels=[lb]).SerializeToString() for lb in ts.labels)
+        out.append((labels, [(s.value, s.timestamp) for s in ts.samples]))
+    return out
+
+
+_SCAN_CASES = [
+    [({"__name__": "a_total", "t": "x"}, [(1.5, 1_700_000_000_000)])],
+    [({"__name__": "a_total", "t": "x"}, [(0.0, 1_700_000_000_000)])],  # value 0: not on the wire
+    [({"__name__": "a_total"}, [(2.0, 0)])],  # timestamp 0: not on the wire
+    [({"__name__": "a_total"}, [(2.0, -5)])],  # a negative timestamp: ten varint bytes
+    [({"__name__": "a_total"}, [(2.0, 2**63 - 1)])],
+    [({"__name__": "a", "v": "\x10\x12" * 40}, [(3.0, 17), (4.0, 18)])],  # tag bytes in labels
+    [({"__name__": "b", "k": "é" * 100}, [(5.0, 1_700_000_000_001)])],
+    [({"__name__": "c", "t": str(i)}, [(float(i), 1_700_000_000_000 + i)]) for i in range(300)],
+    [({"__name__": "d"}, [])],
+]
+
+
+@pytest.mark.parametrize("series", _SCAN_CASES)
+def test_scan_reads_what_the_messages_hold_with_and_without_known_labels(
+    series: list[Series],
+) -> None:
+    raw = write_request(series)
+    want = _as_messages(raw)
+    assert prompb.scan(raw) == want
+    # known labels: a one-sample series is read from its end
+    assert prompb.scan(raw, {labels for labels, _ in want}) == want
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        write_request([({"__name__": "a"}, [(1.0, 5)])], [("a", 1)]),  # metadata
+        b"\x0a\x05\x0a\x03\x0a\x01",  # truncated
+        b"\x1a\x00",  # another field first
+        b"\x0a\x02\x2a\x00",  # a field of TimeSeries it does not read
+    ],
+)
+def test_scan_leaves_anything_unusual_to_the_messages(raw: bytes) -> None:
+    assert prompb.scan(raw) is None
+
+
 # --- a real Prometheus remote-writing to the gateway -------------------------------------------
 
 
