@@ -33,6 +33,8 @@ from tests.helpers import ts
 
 GOLDEN = Path(__file__).parent.parent / "testdata" / "invoices"
 OCTOBER = {"from": "2026-10-01T00:00:00Z", "to": "2026-11-01T00:00:00Z"}
+#: WeasyPrint's first page in a process takes seconds (more on a loaded CI machine).
+PDF_TIMEOUT = 120
 
 CONFIG: dict[str, Any] = {
     "auth": BASE_CONFIG["auth"],
@@ -310,17 +312,17 @@ def test_the_pdf_is_served_and_stays_the_same(
 ) -> None:
     _, client = gateway
     inv = finalized_october(client)
-    r = client.get(f"/v1/invoices/{inv['id']}", params={"format": "pdf"})
+    r = client.get(f"/v1/invoices/{inv['id']}", params={"format": "pdf"}, timeout=PDF_TIMEOUT)
     assert r.status_code == 200, r.text
     assert r.headers["content-type"] == "application/pdf"
     assert r.headers["content-disposition"] == f'inline; filename="{inv["id"]}.pdf"'
     assert r.content.startswith(b"%PDF-")
     # later usage and a new issuer change nothing on a finalized invoice
     usage(client, ("dumm-ai", "data-processed", "2026-10-16T00:00:00Z", "1000"))
-    again = client.get(f"/v1/invoices/{inv['id']}", params={"format": "pdf"})
+    again = client.get(f"/v1/invoices/{inv['id']}", params={"format": "pdf"}, timeout=PDF_TIMEOUT)
     assert again.content == r.content
     draft = client.post("/v1/customers/dumm-ai/invoices", json=OCTOBER).json()
-    r = client.get(f"/v1/invoices/{draft['id']}", params={"format": "pdf"})
+    r = client.get(f"/v1/invoices/{draft['id']}", params={"format": "pdf"}, timeout=PDF_TIMEOUT)
     assert (r.status_code, r.content[:5]) == (200, b"%PDF-")
     r = client.get(f"/v1/invoices/{inv['id']}", params={"format": "docx"})
     assert (r.status_code, r.json()["parameter"]) == (400, "format")
@@ -392,7 +394,7 @@ def test_invoices_stored_before_documents_keep_their_bytes(
     )  # fmt: skip
     for f, body in stored.items():
         assert client.get(f"/v1/invoices/{doc['id']}", params={"format": f}).content == body
-    pdf = client.get(f"/v1/invoices/{doc['id']}", params={"format": "pdf"})
+    pdf = client.get(f"/v1/invoices/{doc['id']}", params={"format": "pdf"}, timeout=PDF_TIMEOUT)
     assert pdf.content == document.html_to_pdf(stored["html"])
     # voiding renders the void document; an old document lacks the new fields and still reads
     void = client.post(f"/v1/invoices/{doc['id']}/void")

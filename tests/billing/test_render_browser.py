@@ -21,7 +21,7 @@ import pytest
 
 from meter_gateway.clock import FixedClock
 from tests.billing.appserver import serve
-from tests.billing.test_document import CONFIG, finalized_october
+from tests.billing.test_document import CONFIG, PDF_TIMEOUT, finalized_october
 from tests.helpers import ts
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -141,7 +141,7 @@ def test_chromium_shows_the_html_invoice(invoice: tuple[httpx.Client, str]) -> N
 
 def test_the_pdf_reads_the_same(invoice: tuple[httpx.Client, str]) -> None:
     client, invoice_id = invoice
-    r = client.get(f"/v1/invoices/{invoice_id}", params={"format": "pdf"})
+    r = client.get(f"/v1/invoices/{invoice_id}", params={"format": "pdf"}, timeout=PDF_TIMEOUT)
     assert r.headers["content-type"] == "application/pdf"
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
