@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
 
 from meter_gateway.clock import FixedClock
-from meter_gateway.config import IngestConfig, Rule
+from meter_gateway.config import Config, IngestConfig, Rule
 from meter_gateway.decimals import DecimalError, parse_value
 from meter_gateway.model import (
     Batch,
@@ -33,7 +35,10 @@ from meter_gateway.pipeline.cumulative import (
     decode_state,
     encode_state,
 )
+from meter_gateway.pipeline.decode import Item
 from meter_gateway.pipeline.mapping import Mapper
+from meter_gateway.service import Gateway
+from tests.gatewayproc import BASE_CONFIG
 
 # --- conversion rules (pure) -----------------------------------------------------------------
 
@@ -290,3 +295,43 @@ def test_known_series_skip_the_validator_until_the_catalog_changes() -> None:
 def _nk(batch: Batch, r: UsageRecord) -> str:
     (key,) = batch.state
     return f"{key.removeprefix('rw/')}:{r.timestamp_ns}"
+
+
+def test_the_gateway_checks_vector_absolute_counters_against_the_window(tmp_path: Path) -> None:
+    """The service hands Vector's Totals the time window: an absolute counter from the future
+    is refused (in_future) and does not become its series' state."""
+    config = dict(BASE_CONFIG)
+    config["store"] = {"url": f"sqlite:///{tmp_path}/db.sqlite"}
+    config["rules"] = [
+        {
+            "match": {"source": "vector", "metric": "app_total"},
+            "dimension": "data-processed",
+            "customer_attribute": "tenant",
+        }
+    ]
+    clock = FixedClock(NOW)
+    gw = Gateway(Config.model_validate(config), clock=clock)
+    try:
+
+        def post(*totals: tuple[float, int]) -> Batch:
+            items: list[Item] = [
+                {
+                    "name": "app_total",
+                    "kind": "absolute",
+                    "counter": {"value": v},
+                    "tags": {"tenant": "acme"},
+                    "timestamp": datetime.fromtimestamp(t / 1e9, UTC).isoformat(),
+                }
+                for v, t in totals
+            ]
+            batch = gw.validator.batch(items, Source.REST)
+            gw.totals.commit(batch)
+            return batch
+
+        future = post((1000.0, NOW + 3600 * 1_000_000_000))
+        assert [(e.reason, e.field) for e in future.errors] == [(Reason.IN_FUTURE, "timestamp")]
+        later = post((10.0, NOW - 2_000_000_000), (14.0, NOW - 1_000_000_000))
+        assert later.errors == []
+        assert [r.value for r in later.records] == [Decimal(4)]
+    finally:
+        gw.close()
