@@ -763,16 +763,53 @@ class FileExporterConfig(_Model):
     events: tuple[EventType, ...] = ()  # empty: every event
 
 
+class StripeExporterConfig(_Model):
+    """Finalized invoices become Stripe invoices of the customer's ``stripe_account_id`` (a
+    Stripe customer, ``cus_...``), voids void them (see exporters.stripe); outbox name
+    ``stripe``. ``finalize: false`` leaves them drafts to review in Stripe. Retried as webhooks
+    are (``backoff_initial`` to ``backoff_max``, ``max_attempts``)."""
+
+    api_key_env: str = Field(min_length=1)
+    api_base: str | None = Field(default=None, pattern=r"^https?://")  # tests: localstripe
+    events: tuple[Literal["invoice.finalized", "invoice.voided"], ...] = (
+        "invoice.finalized",
+        "invoice.voided",
+    )
+    finalize: bool = True
+    collection_method: Literal["charge_automatically", "send_invoice"] = "charge_automatically"
+    days_until_due: int | None = Field(default=None, ge=0)
+    timeout: Duration = timedelta(seconds=30)
+    max_attempts: int | None = Field(default=None, ge=1)
+    backoff_initial: Duration = timedelta(seconds=1)
+    backoff_max: Duration = timedelta(minutes=5)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> StripeExporterConfig:
+        if self.backoff_initial <= timedelta() or self.backoff_max < self.backoff_initial:
+            raise ValueError("need 0 < backoff_initial <= backoff_max")
+        if (self.collection_method == "send_invoice") != (self.days_until_due is not None):
+            raise ValueError("days_until_due is set exactly when collection_method is send_invoice")
+        return self
+
+    def resolve_api_key(self, environ: Mapping[str, str]) -> str:
+        value = environ.get(self.api_key_env)
+        if not value:
+            raise ValueError(f"environment variable {self.api_key_env} (api_key_env) is not set")
+        return value
+
+
 class ExportersConfig(_Model):
     """Where meter events and finalized invoices are forwarded; names are unique across kinds
     (they key the durable outbox)."""
 
     webhooks: tuple[WebhookExporterConfig, ...] = ()
     files: tuple[FileExporterConfig, ...] = ()
+    stripe: StripeExporterConfig | None = None
 
     @model_validator(mode="after")
     def _unique_names(self) -> ExportersConfig:
         names = [e.name for e in self.webhooks] + [e.name for e in self.files]
+        names += ["stripe"] if self.stripe is not None else []
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"exporter names must be unique, repeated: {dup}")
@@ -1047,6 +1084,10 @@ def _secret_env_errors(raw: Mapping[str, Any], environ: Mapping[str, str]) -> li
             name = item.get(field)
             if isinstance(name, str) and not environ.get(name):
                 errors.append(f"{prefix}.{i}.{field}: environment variable {name} is not set")
+    stripe = exporters.get("stripe") if isinstance(exporters, Mapping) else None
+    name = stripe.get("api_key_env") if isinstance(stripe, Mapping) else None
+    if isinstance(name, str) and name and not environ.get(name):
+        errors.append(f"exporters.stripe.api_key_env: environment variable {name} is not set")
     return errors
 
 

@@ -13,6 +13,8 @@ from zoneinfo import ZoneInfo
 
 from exporters.files import FileSink
 from exporters.outbox import DeliveryJob, Router
+from exporters.stripe import NAME as STRIPE_EXPORTER
+from exporters.stripe import StripeSink
 from exporters.webhook import WebhookSink
 from meter_gateway import meters
 from meter_gateway.billing import cycles, rating
@@ -20,7 +22,7 @@ from meter_gateway.billing.events import subscription
 from meter_gateway.billing.invoices import Invoices
 from meter_gateway.catalog import CatalogService
 from meter_gateway.clock import TEST_CLOCK_OFFSET_FILE_ENV, Clock, OffsetFileClock, SystemClock
-from meter_gateway.config import Config
+from meter_gateway.config import Config, StripeExporterConfig
 from meter_gateway.decimals import ZERO, fmt
 from meter_gateway.keys import KeyRing
 from meter_gateway.pipeline.cumulative import StreamTable, TimeWindow, Totals
@@ -160,6 +162,8 @@ class Gateway:
             e.name: subscription(e.events) for e in exp.webhooks
         }
         subs.update({e.name: subscription(e.events) for e in exp.files})
+        if exp.stripe is not None:
+            subs[STRIPE_EXPORTER] = subscription(exp.stripe.events)
         self.router = Router(subs)
         self.delivery_jobs: list[DeliveryJob] = []
         for w in exp.webhooks:
@@ -187,6 +191,8 @@ class Gateway:
                     on_delivery=self.telemetry.exporter_delivery,
                 )
             )
+        if exp.stripe is not None:
+            self.delivery_jobs.append(self._stripe_job(exp.stripe, environ))
         for job in self.delivery_jobs:
             self.scheduler.add(job)
         self.meter_job = meters.MeterJob(
@@ -219,6 +225,35 @@ class Gateway:
         )
         self.scheduler.add(self.cycle_job)
         self.telemetry.add_collector(BillingCollector(self._billing_gauges))
+
+    def _stripe_job(self, s: StripeExporterConfig, environ: Mapping[str, str]) -> DeliveryJob:
+        """Finalized and void invoices to Stripe, for customers with a ``stripe_account_id``."""
+
+        def stripe_customer(customer_id: str) -> str | None:
+            customer = self.catalog.current.customers.get(customer_id)
+            return None if customer is None else customer.stripe_account_id
+
+        sink = StripeSink(
+            s.resolve_api_key(environ),
+            self.store,
+            stripe_customer,
+            self.clock,
+            api_base=s.api_base,
+            timeout_s=s.timeout.total_seconds(),
+            finalize=s.finalize,
+            collection_method=s.collection_method,
+            days_until_due=s.days_until_due,
+        )
+        return DeliveryJob(
+            self.store,
+            sink,
+            self.clock,
+            s.backoff_initial.total_seconds(),
+            s.backoff_max.total_seconds(),
+            s.max_attempts,
+            self.telemetry.exporter_delivery,
+            on_skip=lambda name: self.telemetry.exporter_deliveries.labels(name, "skipped").inc(),
+        )
 
     def _wake_exporters(self) -> None:
         for job in self.delivery_jobs:
