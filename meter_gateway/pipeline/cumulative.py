@@ -208,7 +208,10 @@ class StreamTable:
     per series.
 
     Holds are taken all at once or not at all, so requests cannot deadlock. The cache only ever
-    moves after a successful commit (``committed``). State keys are ``prefix + series id``.
+    holds committed state: rows read from the store (``load``) and what a successful commit
+    wrote (``committed``), each with its bytes, the version a later commit expects to find
+    (``expect``); ``forget`` drops series another replica moved. State keys are
+    ``prefix + series id``.
     """
 
     def __init__(
