@@ -190,6 +190,12 @@ class IngestConfig(_Model):
     max_batch_records: int = Field(default=100_000, gt=0)
     # Records waiting for commit, across all requests; past it ingest answers 429.
     max_queue_records: int = Field(default=500_000, gt=0)
+    # Memory for ingest in flight (bodies read, decoded, validated; batches queued and being
+    # committed), estimated per request before its body is read; past it ingest answers 429.
+    max_inflight_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
+    # How long the oldest batch may wait for a commit to take it before new ones get 429
+    # (the store is not keeping up); 0s turns the bound off.
+    max_queue_delay: Duration = timedelta(seconds=2)
     # Records one group commit takes at most.
     max_commit_records: int = Field(default=50_000, gt=0)
     retry_after: Duration = timedelta(seconds=1)
@@ -261,6 +267,9 @@ class TaxRate(_Model):
 
 class BillingConfig(_Model):
     timezone: str = "UTC"
+    # How often the meter_gateway_period_* gauges are recomputed (in the background, by
+    # rating every customer with usage); scrapes read the last result.
+    period_gauges_interval: Duration = Field(default=timedelta(seconds=15), gt=timedelta(0))
     issuer: Issuer | None = None
     # Net payment terms: an invoice is due this many days after its issue date.
     due_days: int = Field(default=30, ge=0, le=365)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from zoneinfo import ZoneInfo
 
 from exporters.files import FileSink
@@ -25,6 +26,8 @@ from meter_gateway.clock import TEST_CLOCK_OFFSET_FILE_ENV, Clock, OffsetFileClo
 from meter_gateway.config import Config, StripeExporterConfig
 from meter_gateway.decimals import ZERO, fmt
 from meter_gateway.keys import KeyRing
+from meter_gateway.model import Batch, CommitResult
+from meter_gateway.pipeline.admission import Budget
 from meter_gateway.pipeline.cumulative import StreamTable, TimeWindow, Totals
 from meter_gateway.pipeline.ingest import Ingestor
 from meter_gateway.pipeline.mapping import Mapper
@@ -73,6 +76,19 @@ class Gateway:
         self.validator = Validator(
             lambda: self.catalog.current, self.clock, ingest, self.mapper, self.catalog.fresh
         )
+        # Large REST bodies are decoded and validated here, off the event loop; two threads
+        # (the GIL allows no more CPU) keep the loop's share of it.
+        self.decode_pool = ThreadPoolExecutor(2, thread_name_prefix="meter-gateway-decode")
+        max_delay = ingest.max_queue_delay.total_seconds()
+        # After commits (_on_commit): wake the meter job when they touch a metered (customer,
+        # dimension), and the period gauges' refresh. The gauges are rated in the background
+        # (start) and read by scrapes: rating 1,000 customers takes longer than a scrape may.
+        self._meter_waker = meters.CommitWaker(
+            lambda: self.catalog.current, lambda: self.scheduler.wake(meters.JOB_NAME)
+        )
+        self.period_gauges = PeriodUsageCollector(
+            self._period_gauges, config.billing.period_gauges_interval.total_seconds()
+        )
         self.ingestor = Ingestor(
             self.store,
             self.clock,
@@ -80,10 +96,13 @@ class Gateway:
             ingest.max_queue_records,
             ingest.max_commit_records,
             ingest.retry_after.total_seconds(),
-            # wakes the meter job after commits that touch a metered (customer, dimension)
-            on_commit=meters.CommitWaker(
-                lambda: self.catalog.current, lambda: self.scheduler.wake(meters.JOB_NAME)
+            on_commit=self._on_commit,
+            budget=Budget(
+                ingest.max_inflight_bytes,
+                ingest.retry_after.total_seconds(),
+                self.telemetry.inflight_bytes.set,
             ),
+            max_queue_delay_s=max_delay or None,
         )
         # Running totals from senders without start times (Vector absolute counters).
         self.totals = Totals(
@@ -115,7 +134,7 @@ class Gateway:
             catalog=lambda: self.catalog.current,
             clock=self.clock,
         )
-        self.telemetry.add_collector(PeriodUsageCollector(self._period_gauges))
+        self.telemetry.add_collector(self.period_gauges)
         # Scheduled work (Prometheus queries, meters, exporter outboxes) registers its jobs
         # here; each runs under a store lease, so on one replica at a time.
         self.scheduler = Scheduler(
@@ -150,6 +169,12 @@ class Gateway:
         """What /readyz answers: not while draining, nor while commits fail (full disk,
         database down); ready again once a commit succeeds."""
         return not self._draining and self.ingestor.healthy
+
+    def _on_commit(self, batches: list[Batch], results: list[CommitResult]) -> None:
+        """After every commit: the meter job and the period gauges may have work."""
+        self._meter_waker(batches, results)
+        if any(r.accepted for r in results):
+            self.period_gauges.wake()
 
     def _aggregation(self, dimension: str) -> str | None:
         dim = self.catalog.current.dimensions.get(dimension)
@@ -288,6 +313,7 @@ class Gateway:
     def start(self) -> None:
         """Start background work (the server calls this once it is listening)."""
         self.scheduler.start()
+        self.period_gauges.start()
 
     def _period_gauges(self) -> Iterable[PeriodUsage]:
         """The current billing period of every customer with usage, as the rating path has it
@@ -307,10 +333,12 @@ class Gateway:
 
     def close(self) -> None:
         self._draining = True
+        self.period_gauges.close()
         self.scheduler.close()
         for job in self.delivery_jobs:
             job.close()
         self.ingestor.close()
+        self.decode_pool.shutdown()
         self.store.close()
 
 

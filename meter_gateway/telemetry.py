@@ -6,6 +6,7 @@ Every name starts with ``meter_gateway_``; units are suffixes; ``receiver`` labe
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -16,6 +17,8 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from meter_gateway import __version__
+
+log = logging.getLogger(__name__)
 
 _LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 _SIZES = (1, 10, 100, 1_000, 5_000, 10_000, 50_000, 100_000)
@@ -59,8 +62,15 @@ class Telemetry:
         )
         self.overloaded = Counter(
             "meter_gateway_overloaded_total",
-            "Batches turned away because the commit queue was full.",
+            "Requests and batches turned away with 429 / RESOURCE_EXHAUSTED: the ingest memory "
+            "budget was spent, the commit queue was full, or commits were behind.",
             ["receiver"],
+            registry=r,
+        )
+        self.inflight_bytes = Gauge(
+            "meter_gateway_inflight_bytes",
+            "Estimated memory held by ingest in flight (bodies being read, decoded and "
+            "validated; batches queued and being committed), against ingest.max_inflight_bytes.",
             registry=r,
         )
         self.commit_failures = Counter(
@@ -224,17 +234,82 @@ _PERIOD_FAMILIES = (
 class PeriodUsageCollector(Collector):
     """Per customer and dimension usage, quantity, revenue and cost of the current period.
 
-    Computed at scrape time from the store's rollups, at most every ``ttl_s`` seconds. Every
-    replica reports the same totals (they come from the shared store), so dashboards aggregate
-    these with ``max by (customer, dimension)``, never ``sum``.
+    Rating every customer takes seconds (tens of seconds with 1,000 customers on a busy
+    PostgreSQL), far past a scrape timeout, so a scrape only reads what ``refresh`` computed
+    last. A background thread (``start``) refreshes every ``interval_s``, and sooner after a
+    commit on this replica (``wake``), but never sooner than ``max(min_gap_s, 3 × the last
+    refresh's duration)`` after the previous one ended, so it takes at most a quarter of one
+    thread (of the GIL, under load). It runs under no lease: every replica exposes the gauges.
+    All rows of one refresh are one rating at one instant;
+    ``meter_gateway_period_computed_timestamp_seconds`` says which. Every replica reports the
+    same totals (they come from the shared store), so dashboards aggregate these with
+    ``max by (customer, dimension)``, never ``sum``.
     """
 
-    def __init__(self, compute: Callable[[], Iterable[PeriodUsage]], ttl_s: float = 2.0) -> None:
+    def __init__(
+        self,
+        compute: Callable[[], Iterable[PeriodUsage]],
+        interval_s: float = 15.0,
+        min_gap_s: float = 1.0,
+    ) -> None:
         self._compute = compute
-        self._ttl = ttl_s
-        self._lock = threading.Lock()
-        self._cached: list[PeriodUsage] = []
-        self._at = float("-inf")
+        self._interval = interval_s
+        self._min_gap = min(min_gap_s, interval_s)
+        self._lock = threading.Lock()  # one refresh at a time
+        # rows, when they were computed (Unix seconds), how long that took: swapped as one
+        self._last: tuple[list[PeriodUsage], float, float] | None = None
+        self._cv = threading.Condition()
+        self._dirty = False  # a commit since the last refresh began
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    def refresh(self) -> None:
+        """Rate every customer now and keep the rows for scrapes."""
+        with self._lock:
+            with self._cv:
+                self._dirty = False
+            started, t0 = time.time(), time.perf_counter()
+            rows = list(self._compute())
+            self._last = (rows, started, time.perf_counter() - t0)
+
+    def wake(self) -> None:
+        """Usage changed: refresh as soon as the gap allows."""
+        with self._cv:
+            self._dirty = True
+            self._cv.notify()
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self._loop, name="meter-gateway-period-gauges", daemon=True
+            )
+            self._thread.start()
+
+    def close(self) -> None:
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def _loop(self) -> None:
+        while True:
+            try:
+                self.refresh()
+            except Exception:  # the store may be down: keep the last values, try again
+                log.warning("the period gauges could not be refreshed", exc_info=True)
+            took = 0.0 if self._last is None else self._last[2]
+            gap = min(self._interval, max(self._min_gap, 3 * took))
+            deadline = time.monotonic() + self._interval
+            with self._cv:
+                if self._cv.wait_for(lambda: self._stopping, gap):
+                    return
+                self._cv.wait_for(
+                    lambda: self._stopping or self._dirty, max(0.0, deadline - time.monotonic())
+                )
+                if self._stopping:
+                    return
 
     @staticmethod
     def _families() -> list[tuple[GaugeMetricFamily, str, bool]]:
@@ -253,16 +328,26 @@ class PeriodUsageCollector(Collector):
             for name, doc, attr, money in _PERIOD_FAMILIES
         ]
 
+    @staticmethod
+    def _refresh_families() -> tuple[GaugeMetricFamily, GaugeMetricFamily]:
+        return (
+            GaugeMetricFamily(
+                "meter_gateway_period_computed_timestamp_seconds",
+                "When the meter_gateway_period_* gauges were computed (Unix seconds).",
+            ),
+            GaugeMetricFamily(
+                "meter_gateway_period_refresh_duration_seconds",
+                "How long the last computation of the meter_gateway_period_* gauges took.",
+            ),
+        )
+
     def describe(self) -> Iterable[GaugeMetricFamily]:
         # Names only: registering must not run the (store-reading) computation.
-        return [f for f, _, _ in self._families()]
+        return [f for f, _, _ in self._families()] + list(self._refresh_families())
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
-        with self._lock:
-            if time.monotonic() - self._at > self._ttl:
-                self._cached = list(self._compute())
-                self._at = time.monotonic()
-            rows = self._cached
+        last = self._last
+        rows = [] if last is None else last[0]
         families = self._families()
         for row in rows:
             for family, attr, money in families:
@@ -272,7 +357,11 @@ class PeriodUsageCollector(Collector):
                         continue
                     labels.append(row.currency)
                 family.add_metric(labels, float(getattr(row, attr)))
-        return [f for f, _, _ in families]
+        computed, duration = self._refresh_families()
+        if last is not None:
+            computed.add_metric([], last[1])
+            duration.add_metric([], last[2])
+        return [f for f, _, _ in families] + [computed, duration]
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,11 +3,18 @@
 Takes one record, a JSON array or NDJSON, compressed or not, as sent by REST clients, Vector's
 ``http`` sink and Logstash's ``http`` output. Answers 2xx only after the commit, with counts and
 per-record errors; the bad records are kept in the rejected-records store.
+
+Admission comes first: before the body is read, the request reserves what it will hold of the
+ingest memory budget (``pipeline.admission``) and is answered 429 at once when it is spent.
+Decoding and validating a large body is CPU work of tens of milliseconds: it runs on the
+bounded ``decode_pool`` threads, so the event loop keeps answering (``/healthz`` under load).
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
+from concurrent.futures import Executor
 from typing import Protocol
 
 from starlette.concurrency import run_in_threadpool
@@ -17,6 +24,7 @@ from starlette.responses import Response
 from meter_gateway.config import Config
 from meter_gateway.http import error_response, json_response
 from meter_gateway.model import Batch, CommitResult, Source
+from meter_gateway.pipeline.admission import EXPANSION, Budget, Reservation, TooLarge
 from meter_gateway.pipeline.cumulative import StreamsBusy, Totals
 from meter_gateway.pipeline.decode import DecodeError, decompress, parse_items
 from meter_gateway.pipeline.ingest import CommitFailed, Ingestor, Overloaded, ShuttingDown
@@ -24,6 +32,9 @@ from meter_gateway.pipeline.validate import Validator
 from meter_gateway.telemetry import Telemetry
 
 MAX_ERRORS_IN_RESPONSE = 1000
+#: Bodies up to this size are decoded and validated on the event loop (well under a
+#: millisecond); larger ones on ``decode_pool``, where the thread hop is worth it.
+INLINE_MAX_BYTES = 8 * 1024
 
 
 class IngestServices(Protocol):
@@ -44,55 +55,138 @@ class IngestServices(Protocol):
     @property
     def totals(self) -> Totals: ...
 
+    @property
+    def decode_pool(self) -> Executor:
+        """A few threads for decoding and validating large bodies off the event loop."""
+        ...
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The raw body, refusing more than ``limit`` bytes (413) before reading it all."""
+
+def content_length(request: Request) -> int | None:
+    """The declared body size; DecodeError (400) when it is not a number."""
     length = request.headers.get("content-length")
-    if length is not None:
-        if not length.isdigit():
-            raise DecodeError(400, "Content-Length is not a number")
-        if int(length) > limit:
-            raise DecodeError(413, f"body of {length} bytes exceeds the limit of {limit} bytes")
+    if length is None:
+        return None
+    if not length.isdigit():
+        raise DecodeError(400, "Content-Length is not a number")
+    return int(length)
+
+
+async def read_body(request: Request, limit: int, reservation: Reservation | None = None) -> bytes:
+    """The raw body, refusing more than ``limit`` bytes (413) before reading it all.
+
+    With a ``reservation``, a body longer than it covers (no Content-Length: chunked) grows it
+    as it arrives, ``EXPANSION`` bytes a byte; past the budget that raises ``Overloaded``.
+    """
+    length = content_length(request)
+    if length is not None and length > limit:
+        raise DecodeError(413, f"body of {length} bytes exceeds the limit of {limit} bytes")
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
             raise DecodeError(413, f"body exceeds the limit of {limit} bytes")
+        if reservation is not None and size * EXPANSION > reservation.nbytes:
+            reservation.resize(size * EXPANSION)
         chunks.append(chunk)
     return b"".join(chunks)
 
 
+def admit(budget: Budget | None, request: Request) -> Reservation | None:
+    """Reserve the request's share of the memory budget before its body is read: ``EXPANSION``
+    × Content-Length (a compressed body grows it once decompressed). Raises ``Overloaded``
+    (429) when the budget is spent, ``TooLarge`` when the body alone exceeds it."""
+    if budget is None:
+        return None
+    length = content_length(request)
+    if length is None:
+        return budget.reserve(0)  # grown as the body arrives
+    return budget.reserve(length * EXPANSION, wire_bytes=length)
+
+
 async def ingest(request: Request, gw: IngestServices) -> Response:
     started = time.perf_counter()
-    limits = gw.config.ingest
     source = Source.REST
     t = gw.telemetry
     try:
-        body = await read_body(request, limits.max_body_bytes)
-        body = decompress(
-            body, request.headers.get("content-encoding"), limits.max_decompressed_bytes
-        )
-        items = parse_items(body, request.headers.get("content-type"), limits.max_batch_records)
+        reservation = admit(gw.ingestor.budget, request)
     except DecodeError as exc:
         t.requests.labels(source.value, str(exc.status)).inc()
         return error_response(exc.status, exc.message)
+    except TooLarge as exc:
+        t.requests.labels(source.value, "413").inc()
+        return error_response(413, str(exc))
+    except Overloaded as exc:
+        t.overloaded.labels(source.value).inc()
+        return _unavailable(gw, source, exc)
+    handed = False  # to the ingestor, with the batch: it releases the reservation then
+    try:
+        handed, response = await _ingest(request, gw, reservation, started)
+        return response
+    finally:
+        if reservation is not None and not handed:
+            reservation.release()
+
+
+async def _ingest(
+    request: Request, gw: IngestServices, reservation: Reservation | None, started: float
+) -> tuple[bool, Response]:
+    """The answer, and whether the reservation went to the ingestor with the batch."""
+    limits = gw.config.ingest
+    source = Source.REST
+    t = gw.telemetry
+    encoding = request.headers.get("content-encoding")
+    ctype = request.headers.get("content-type")
+    try:
+        body = await read_body(request, limits.max_body_bytes, reservation)
+        if len(body) <= INLINE_MAX_BYTES and not encoding:
+            batch, single = _decode(gw, body, encoding, ctype, reservation)
+        else:
+            loop = asyncio.get_running_loop()
+            batch, single = await loop.run_in_executor(
+                gw.decode_pool, _decode, gw, body, encoding, ctype, reservation
+            )
+        del body  # held by the batch's records from here on, not as text
+    except DecodeError as exc:
+        t.requests.labels(source.value, str(exc.status)).inc()
+        return False, error_response(exc.status, exc.message)
     except ClientDisconnect:
         t.requests.labels(source.value, "499").inc()
-        return error_response(400, "client disconnected before the body was complete")
-    t.received.labels(source.value).inc(len(items))
-    batch = gw.validator.batch(items, source)
+        return False, error_response(400, "client disconnected before the body was complete")
+    except Overloaded as exc:  # a chunked or compressed body outgrew what was left
+        t.overloaded.labels(source.value).inc()
+        return False, _unavailable(gw, source, exc)
     atomic = request.query_params.get("atomic", "").lower() in ("1", "true", "yes")
     if batch.cumulative:
         # Running totals (Vector absolute counters) need their series' committed state:
         # convert, check and commit under a hold on those series, on a worker thread.
-        return await run_in_threadpool(_ingest_totals, gw, batch, items.single, atomic, started)
+        answer = await run_in_threadpool(_ingest_totals, gw, batch, single, atomic, started)
+        return False, answer
     if atomic and batch.errors:
-        return _atomic_refusal(gw, batch)
+        return False, _atomic_refusal(gw, batch)
     try:
-        result = await gw.ingestor.submit(batch)
+        # From here the ingestor owns the reservation, refused or not.
+        result = await gw.ingestor.submit(batch, reservation)
     except (Overloaded, CommitFailed, ShuttingDown) as exc:
-        return _unavailable(gw, batch, exc)
-    return _answer(gw, batch, result, items.single, started)
+        return True, _unavailable(gw, source, exc)
+    return True, _answer(gw, batch, result, single, started)
+
+
+def _decode(
+    gw: IngestServices,
+    body: bytes,
+    encoding: str | None,
+    ctype: str | None,
+    reservation: Reservation | None,
+) -> tuple[Batch, bool]:
+    """Body → validated batch (CPU work: on the loop for small bodies, else on a worker)."""
+    limits = gw.config.ingest
+    if encoding:
+        body = decompress(body, encoding, limits.max_decompressed_bytes)
+        if reservation is not None and len(body) * EXPANSION > reservation.nbytes:
+            reservation.resize(len(body) * EXPANSION)
+    items = parse_items(body, ctype, limits.max_batch_records)
+    gw.telemetry.received.labels(Source.REST.value).inc(len(items))
+    return gw.validator.batch(items, Source.REST), items.single
 
 
 def _ingest_totals(
@@ -107,7 +201,7 @@ def _ingest_totals(
     except _AtomicRefused:
         return _atomic_refusal(gw, batch)
     except (Overloaded, CommitFailed, ShuttingDown, StreamsBusy) as exc:
-        return _unavailable(gw, batch, exc)
+        return _unavailable(gw, batch.source, exc)
     return _answer(gw, batch, result, single, started)
 
 
@@ -129,12 +223,12 @@ def _atomic_refusal(gw: IngestServices, batch: Batch) -> Response:
     )
 
 
-def _unavailable(gw: IngestServices, batch: Batch, exc: Exception) -> Response:
+def _unavailable(gw: IngestServices, source: Source, exc: Exception) -> Response:
     retry = {"Retry-After": str(max(1, round(gw.config.ingest.retry_after.total_seconds())))}
     if isinstance(exc, Overloaded):
-        gw.telemetry.requests.labels(batch.source.value, "429").inc()
-        return error_response(429, "ingest queue is full; retry later", retry)
-    gw.telemetry.requests.labels(batch.source.value, "503").inc()
+        gw.telemetry.requests.labels(source.value, "429").inc()
+        return error_response(429, f"{exc}; nothing was stored", retry)
+    gw.telemetry.requests.labels(source.value, "503").inc()
     return error_response(503, str(exc), retry)
 
 
