@@ -5,6 +5,15 @@ ids it names) and from the ``/v1`` catalog API. Readers take an immutable ``Cata
 writers validate the whole would-be catalog, persist the change, then swap the snapshot.
 Replicas sharing a store see each other's changes through the store's catalog version (see
 ``CatalogService``).
+
+Changes cannot rewrite the past (SPEC 11). A dimension or offering change that alters how
+usage is rated (``RATING_FIELDS``) while a finalized invoice of a customer it bills exists
+answers 409, unless the body carries ``effective_from`` (RFC 3339) at or after the end of the
+last finalized period: the new definition then rates the periods that start from then on, and
+the one it replaced is kept in ``superseded`` (newest first) for the periods before. Without
+finalized invoices a change applies at once (drafts are recomputed). ``Catalog.at(t)`` is the
+catalog a period starting at ``t`` is rated with. Finalized invoices never change either way:
+they are stored bytes.
 """
 
 from __future__ import annotations
@@ -13,7 +22,8 @@ import logging
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
@@ -36,6 +46,41 @@ MODELS: dict[str, type[BaseModel]] = {
 }
 
 
+#: The fields whose change alters how usage already invoiced would rate.
+RATING_FIELDS: Mapping[str, tuple[str, ...]] = {
+    "dimensions": (
+        "aggregation", "aggregation_interval", "usage_increment", "rounding", "price",
+        "unique_key", "prorated", "unique_count_mode",
+    ),
+    "offerings": ("currency", "charges", "fee", "credit"),
+}  # fmt: skip
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _ns(dt: datetime) -> int:
+    return (dt - _EPOCH) // timedelta(microseconds=1) * 1000
+
+
+def _iso(ns: int) -> str:
+    return (_EPOCH + timedelta(microseconds=ns // 1000)).isoformat().replace("+00:00", "Z")
+
+
+Versioned = Dimension | Offering
+V = TypeVar("V", Dimension, Offering)
+
+
+def version_at(item: V, t_ns: int) -> V:
+    """The definition of ``item`` in effect at ``t_ns``: itself, or the newest superseded one
+    whose ``effective_from`` is not after ``t_ns`` (the oldest, before every one)."""
+    if not item.superseded:
+        return item
+    versions: list[V] = [item, *item.superseded]
+    for v in versions:
+        if v.effective_from is None or _ns(v.effective_from) <= t_ns:
+            return v
+    return versions[-1]
+
+
 class CatalogError(ValueError):
     """A catalog change that would leave the catalog inconsistent; ``errors`` says where."""
 
@@ -56,6 +101,20 @@ class Catalog:
 
     def customer_id(self, name: str) -> str | None:
         return self.names.get(name)
+
+    def at(self, t_ns: int) -> Catalog:
+        """The catalog a period starting at ``t_ns`` is rated with (module docstring)."""
+        if not any(d.superseded for d in self.dimensions.values()) and not any(
+            o.superseded for o in self.offerings.values()
+        ):
+            return self
+        return Catalog(
+            dimensions={k: version_at(d, t_ns) for k, d in self.dimensions.items()},
+            offerings={k: version_at(o, t_ns) for k, o in self.offerings.items()},
+            customers=self.customers,
+            meters=self.meters,
+            names=self.names,
+        )
 
     def check(self) -> list[str]:
         errors = []
@@ -95,6 +154,27 @@ def build(entries: Mapping[str, Mapping[str, BaseModel]]) -> Catalog:
     )
 
 
+def _keep_history(kind: str, body: dict[str, Any], old: Mapping[str, Any]) -> dict[str, Any]:
+    """A config file entry written over a stored one keeps the stored definitions it
+    superseded when it rates as the stored one does; one that rates differently wins (the file
+    is the source of truth) and is logged: finalized invoices keep their stored bytes."""
+    if not old.get("superseded") and not old.get("effective_from"):
+        return body
+    if all(body.get(f) == old.get(f) for f in RATING_FIELDS[kind]):
+        return {
+            **body,
+            "superseded": old.get("superseded", []),
+            "effective_from": body.get("effective_from") or old.get("effective_from"),
+        }
+    log.warning(
+        "the config file redefines %s %r, which has catalog versions (effective_from); it "
+        "now rates every period, those already invoiced included (their invoices do not change)",
+        kind[:-1],
+        body.get("id"),
+    )
+    return body
+
+
 class CatalogService:
     """Owns the current snapshot and every change to it.
 
@@ -121,9 +201,14 @@ class CatalogService:
         self._check_every_ns = int(check_every_s * NS)
         self._lock = threading.Lock()  # one change at a time
         self._refresh_lock = threading.Lock()  # version checks and snapshot swaps
+        stored = store.catalog_load()
         for kind in MODELS:
             for item in getattr(config, kind):
-                store.catalog_put(kind, item.id, item.model_dump(mode="json"))
+                body = item.model_dump(mode="json")
+                old = stored.get(kind, {}).get(item.id)
+                if kind in RATING_FIELDS and old is not None:
+                    body = _keep_history(kind, body, old)
+                store.catalog_put(kind, item.id, body)
         # The version is read before the load: the snapshot is at least that new.
         self._version = store.catalog_version()
         self._snapshot = self._load()
@@ -188,22 +273,85 @@ class CatalogService:
                 ]
             ) from None
 
-    def put(self, kind: str, item: BaseModel, create_only: bool = False) -> None:
+    def put(self, kind: str, item: BaseModel, create_only: bool = False) -> BaseModel:
+        """Create or replace an entry; the entry as stored (a dimension or offering with the
+        definitions it superseded, see the module docstring)."""
         item_id = str(getattr(item, "id"))  # noqa: B009 - every catalog model has an id
-        body = item.model_dump(mode="json")
+        stored = [item]
 
         def change(snap: Catalog) -> Catalog:
             current: dict[str, BaseModel] = dict(getattr(snap, kind))
             if create_only and item_id in current:
                 raise CatalogError([f"{kind}.{item_id}: already exists"], status=409)
-            current[item_id] = item
+            old = current.get(item_id)
+            # what GET answered may come back as it was; anything else is not the client's
+            sent = item.superseded if isinstance(item, Dimension | Offering) else ()
+            if sent and (old is None or sent != getattr(old, "superseded", ())):
+                raise CatalogError(
+                    ["superseded: kept by the gateway (the definitions a change replaced); "
+                     "leave it out and set effective_from"]
+                )  # fmt: skip
+            if kind in RATING_FIELDS and old is not None:
+                stored[0] = self._versioned(kind, snap, old, item)  # type: ignore[arg-type]
+            current[item_id] = stored[0]
             new = build({**self._entries(snap), kind: current})
             errors = new.check()
             if errors:
                 raise CatalogError(errors)
             return new
 
-        self._change(change, lambda v: self._store.catalog_put(kind, item_id, body, v))
+        self._change(
+            change,
+            lambda v: self._store.catalog_put(kind, item_id, stored[0].model_dump(mode="json"), v),
+        )
+        return stored[0]
+
+    def _versioned(self, kind: str, snap: Catalog, old: Versioned, new: Versioned) -> Versioned:
+        """What replacing ``old`` by ``new`` stores (module docstring); 409 when it would rate
+        finalized periods again differently."""
+        where = f"{kind}.{new.id}"
+        changed = [f for f in RATING_FIELDS[kind] if getattr(old, f) != getattr(new, f)]
+        if not changed:  # a rename, a description: the history stays as it is
+            keep: dict[str, Any] = {"superseded": old.superseded}
+            if new.effective_from is None:
+                keep["effective_from"] = old.effective_from
+            return new.model_copy(update=keep)
+        if isinstance(new, Dimension):
+            billed = {o.id for o in snap.offerings.values() for v in (o, *o.superseded)
+                      for c in v.charges if c.dimension == new.id}  # fmt: skip
+        else:
+            billed = {new.id}
+        customers = sorted(c.id for c in snap.customers.values() if c.offering in billed)
+        through = self._store.finalized_through(customers)
+        fields = ", ".join(changed)
+        if new.effective_from is None:
+            if through is None:
+                return new.model_copy(
+                    update={"superseded": old.superseded, "effective_from": old.effective_from}
+                )
+            raise CatalogError(
+                [f"{where}: changing {fields} would change how periods already invoiced rate "
+                 f"(finalized invoices up to {_iso(through)}); send effective_from (RFC 3339) "
+                 f"at or after {_iso(through)}, e.g. the start of the next billing cycle: it "
+                 "applies to periods that start from then on. Finalized invoices never change"],
+                status=409,
+            )  # fmt: skip
+        at = _ns(new.effective_from)
+        if through is not None and at < through:
+            raise CatalogError(
+                [f"{where}.effective_from: {_iso(at)} is before the end of the last finalized "
+                 f"period ({_iso(through)}); it must be at or after it"],
+                status=409,
+            )  # fmt: skip
+        if old.effective_from is not None and at <= _ns(old.effective_from):
+            raise CatalogError(
+                [f"{where}.effective_from: {_iso(at)} must be after the current definition's "
+                 f"({_iso(_ns(old.effective_from))})"],
+                status=409,
+            )  # fmt: skip
+        return new.model_copy(
+            update={"superseded": (old.model_copy(update={"superseded": ()}), *old.superseded)}
+        )
 
     def delete(self, kind: str, item_id: str) -> bool:
         def change(snap: Catalog) -> Catalog | None:

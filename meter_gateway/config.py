@@ -326,6 +326,10 @@ class Dimension(_Model):
     prorated: bool = False
     unique_count_mode: Literal["any", "end"] = "any"
     description: str = ""
+    # Catalog versions (meter_gateway.catalog): from when this definition rates usage, and the
+    # definitions it replaced, newest first (kept by the gateway, never sent in a body).
+    effective_from: AwareDatetime | None = None
+    superseded: tuple[Dimension, ...] = ()
 
     @model_validator(mode="before")
     @classmethod
@@ -454,6 +458,9 @@ class Offering(_Model):
     charges: tuple[Charge, ...] = ()
     fee: Fee | None = None
     credit: CreditUnit | None = None
+    # Catalog versions, as for dimensions.
+    effective_from: AwareDatetime | None = None
+    superseded: tuple[Offering, ...] = ()
     tax_rate: Slug | None = None  # an id of billing.tax_rates; a customer's own rate wins
 
     @field_validator("currency")

@@ -13,7 +13,8 @@ from zoneinfo import ZoneInfo
 
 from meter_gateway.aggregation.engine import aggregate
 from meter_gateway.aggregation.windows import Window, next_start, split, truncate
-from meter_gateway.catalog import Catalog
+from meter_gateway.catalog import Catalog, version_at
+from meter_gateway.config import Dimension
 from meter_gateway.store.base import UsageReader
 
 # A forecast to a window's end exists for these: the last level holds until it changes.
@@ -60,13 +61,34 @@ def windows(
         dim = catalog.dimensions.get(d)
         if dim is None:
             continue
-        values = aggregate(store, c, dim, spans, as_of)
+        values = _by_version(store, c, dim, spans, as_of)
         projected: list[Decimal | None] = [None] * len(spans)
         ahead = [i for i, (_, e) in enumerate(spans) if e > as_of]
         if ahead and dim.aggregation in _LEVELS:
             # the windows from the one holding as_of on are contiguous: one query for them
-            forecast = aggregate(store, c, dim, spans[ahead[0] :])
+            forecast = _by_version(store, c, dim, spans[ahead[0] :], None)
             projected[ahead[0] :] = forecast
         for (s, e), v, p in zip(spans, values, projected, strict=True):
             out.append(WindowValue(s, e, c, d, v, p))
+    return out
+
+
+def _by_version(
+    store: UsageReader,
+    customer: str,
+    dim: Dimension,
+    spans: list[tuple[int, int]],
+    as_of: int | None,
+) -> list[Decimal | None]:
+    """Each window aggregated by the dimension's definition in effect at its start (a catalog
+    change with ``effective_from`` rates only the windows from then on, as billing.rating)."""
+    out: list[Decimal | None] = []
+    i = 0
+    while i < len(spans):
+        version = version_at(dim, spans[i][0])
+        j = i + 1
+        while j < len(spans) and version_at(dim, spans[j][0]) is version:
+            j += 1
+        out += aggregate(store, customer, version, spans[i:j], as_of)
+        i = j
     return out

@@ -248,8 +248,8 @@ def create_app(gw: ApiServices) -> Starlette:
 
         async def create(request: Request) -> Response:
             item = gw.catalog.parse(kind, decode_object(await request.body()))
-            await run_in_threadpool(gw.catalog.put, kind, item, True)
-            return json_response(item.model_dump(mode="json"), 201)
+            stored = await run_in_threadpool(gw.catalog.put, kind, item, True)
+            return json_response(stored.model_dump(mode="json"), 201)
 
         async def replace(request: Request) -> Response:
             body = decode_object(await request.body())
@@ -257,8 +257,8 @@ def create_app(gw: ApiServices) -> Starlette:
             item = gw.catalog.parse(kind, body)
             if getattr(item, "id") != request.path_params["id"]:  # noqa: B009
                 raise ApiError(400, "the body's id differs from the path's id")
-            await run_in_threadpool(gw.catalog.put, kind, item)
-            return json_response(item.model_dump(mode="json"))
+            stored = await run_in_threadpool(gw.catalog.put, kind, item)
+            return json_response(stored.model_dump(mode="json"))
 
         async def delete(request: Request) -> Response:
             found = await run_in_threadpool(gw.catalog.delete, kind, request.path_params["id"])

@@ -272,8 +272,11 @@ def rate(
     Lines: one per charge of the customer's offering, in the offering's order (a charge
     appears even with no usage), then — unless ``charged_only`` (invoices) — every other
     dimension the customer has usage of, metered but not billed, by id. A charge whose
-    dimension is not in the catalog raises ``KeyError``.
+    dimension is not in the catalog raises ``KeyError``. Dimensions and offerings are those
+    in effect at ``from_ns`` (``Catalog.at``: a change with ``effective_from`` never rates a
+    period that started before it).
     """
+    catalog = catalog.at(from_ns)  # the definitions that rate a period starting then
     customer = catalog.customers[customer_id]
     offering = catalog.offerings.get(customer.offering) if customer.offering else None
     charges = {c.dimension: c for c in offering.charges} if offering is not None else {}

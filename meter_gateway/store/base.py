@@ -412,6 +412,11 @@ class CatalogStore(Protocol):
         not starve each other)."""
         ...
 
+    def finalized_through(self, customers: Sequence[str]) -> int | None:
+        """The latest end of a finalized (not void) invoice's period of these customers (None:
+        none): what a catalog change must not rate again differently (SPEC 11)."""
+        ...
+
     def catalog_version(self) -> int:
         """A counter that moves by one with every committed catalog change, whoever made it
         (other replicas included): a reader that read it before ``catalog_load`` knows its

@@ -91,6 +91,20 @@ class SqlBilling:
         assert row is not None  # the migration inserts the one row
         return int(row[0])
 
+    def finalized_through(self, customers: Sequence[str]) -> int | None:
+        latest: int | None = None
+        with self._dialect.reading() as tx:
+            for i in range(0, len(customers), 500):
+                chunk = list(customers[i : i + 500])
+                row = tx.one(
+                    "SELECT max(to_ns) FROM invoices WHERE status = 'finalized' "
+                    f"AND customer IN ({', '.join('?' * len(chunk))})",
+                    chunk,
+                )
+                if row is not None and row[0] is not None:
+                    latest = max(int(row[0]), latest or int(row[0]))
+        return latest
+
     @contextmanager
     def catalog_lock(self) -> Iterator[None]:
         with self._dialect.exclusive(CATALOG_LOCK):

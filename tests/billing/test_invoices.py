@@ -207,7 +207,11 @@ def test_finalized_invoice_stays_byte_identical_after_more_usage_and_price_chang
     assert before["json"].content == final.content
     usage(client, ("acme", "data", "2026-05-03T00:00:00Z", "1000"))  # inside the period
     dim = next(d for d in CONFIG["dimensions"] if d["id"] == "data")
+    # a price change that would rate the finalized May again is refused (SPEC 11) ...
     r = client.put("/v1/dimensions/data", json={**dim, "price": "9"})
+    assert r.status_code == 409, r.text
+    # ... unless it applies from the end of the last finalized period on
+    r = client.put("/v1/dimensions/data", json={**dim, "price": "9", "effective_from": MAY["to"]})
     assert r.status_code == 200, r.text
     for f in FORMATS:
         after = client.get(f"/v1/invoices/{inv['id']}", params={"format": f})
