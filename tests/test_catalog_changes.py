@@ -18,7 +18,7 @@ from zoneinfo import ZoneInfo
 import httpx
 import pytest
 
-from meter_gateway.billing import rating
+from meter_gateway.billing import invoices, rating
 from meter_gateway.catalog import CatalogError, CatalogService
 from meter_gateway.clock import FixedClock
 from meter_gateway.config import Charge, Config, Customer, Dimension, Offering
@@ -113,6 +113,9 @@ def test_offering_prices_are_guarded_too_and_unbilled_changes_are_not(store: Sto
         svc.put("offerings", dearer)
     svc.put("offerings", dearer.model_copy(update={"effective_from": iso("2026-11-01T00:00:00")}))
     assert (total(svc, store, OCT), total(svc, store, NOV)) == (Decimal("9.64"), Decimal("19.28"))
+    for period, price in ((OCT, "1"), (NOV, "2")):  # an invoice's lines say the same
+        doc = invoices.compute(store, svc.current, UTC_ZONE, "i", "c1", *period, NOV[0], period[1])
+        assert (doc["lines"][0]["unitPrice"], doc["offeringId"]) == (price, "o")
     # a dimension no offering bills, and a name: no finalized period rates differently
     svc.put("dimensions", Dimension(id="free", name="Metered", aggregation="max"))
     svc.put("offerings", svc.current.offerings["o"].model_copy(update={"name": "Renamed"}))

@@ -203,6 +203,7 @@ def compute(
     """The invoice document of a draft as of ``as_of_ns`` (usage up to then): a usage line per
     charge of the offering, then the manual ``items``; the issuer, bill-to, locale, terms and
     tax of ``billing`` (the ``billing`` config section)."""
+    catalog = catalog.at(from_ns)  # the offering as it rates this period (Catalog.at)
     customer = catalog.customers.get(customer_id)
     if customer is None:
         raise InvoiceError(409, f"customer {customer_id!r} is no longer in the catalog")
