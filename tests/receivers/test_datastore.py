@@ -197,7 +197,6 @@ def test_rows_without_an_id_count_once_even_when_a_page_is_all_one_time(
         gw.stop()
 
 
-@pytest.mark.skipif(pgdb.store_kind() != "postgres", reason="replicas share a PostgreSQL store")
 def test_two_replicas_count_each_row_once(source: str, tmp_path: Path) -> None:
     store = pgdb.create_database()
     (tmp_path / "a").mkdir()
