@@ -158,6 +158,11 @@ class Case:
     currency: str
     now: int
     recs: tuple[Rec, ...]
+    gone: frozenset[int] = frozenset()  # records cancelled after the commit (SPEC 11)
+
+    @property
+    def kept(self) -> tuple[Rec, ...]:
+        return tuple(r for i, r in enumerate(self.recs) if i not in self.gone)
 
 
 @st.composite
@@ -192,7 +197,8 @@ def cases(draw: st.DrawFn) -> Case:
         for t in times
     )
     currency = draw(st.sampled_from(["USD", "JPY", "BHD"]))
-    return Case(dim, draw(charges("d")), currency, now, recs)
+    gone = frozenset(draw(st.sets(st.integers(0, len(recs) - 1)))) if recs else frozenset()
+    return Case(dim, draw(charges("d")), currency, now, recs, gone)
 
 
 # --- the views -----------------------------------------------------------------------------
@@ -257,16 +263,21 @@ def test_every_view_shows_the_one_rating(store: Store, case: Case) -> None:
     dim = catalog.dimensions[dim_id]
     if case.recs:
         records = [
-            UsageRecord(r.t, customer, dim_id, r.value, None, None, Source.REST, None, r.unique)
-            for r in case.recs
-        ]
+            UsageRecord(r.t, customer, dim_id, r.value, f"{customer}-{i}", {"k": r.unique},
+                        Source.REST, None, r.unique)
+            for i, r in enumerate(case.recs)
+        ]  # fmt: skip
         store.commit([Batch(Source.REST, records)], case.now)
+        # cancelled records leave every view exactly as if they had never been sent
+        gone = [f"{customer}-{i}" for i in sorted(case.gone)]
+        results = store.cancel_records(gone, None, case.now, {dim_id: "k"})
+        assert {r.status for r in results} <= {"cancelled"}
     from_ns, to_ns = MAY
     as_of = rating.as_of(case.now, from_ns, to_ns)
     assert as_of == case.now
 
     rated = rating.rate(store, catalog, customer, from_ns, to_ns, as_of, UTC_ZONE)
-    expected = oracle_quantity(case.recs, dim, MAY, as_of)
+    expected = oracle_quantity(case.kept, dim, MAY, as_of)
     readings = {r.meter.id: r.value for r in meters.readings(store, catalog, UTC_ZONE, case.now)}
     if not rated.lines:  # not charged, and no usage before asOf: nothing to show but zeros
         assert case.charge is None
