@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
+from meter_gateway.pipeline.timestamps import parse_timestamp
 from tests.gatewayproc import BASE_CONFIG, GatewayProcess, free_port
 from tests.helpers import eventually, total
 from tests.promapp import PromApp
@@ -165,7 +166,9 @@ def _step_function(prom: PrometheusServer, selector: str, at: float) -> list[tup
     return out
 
 
-def _integral(steps: list[tuple[int, Fraction]], start_ms: int, end_ms: int) -> Fraction:
+def _integral(
+    steps: list[tuple[int, Fraction]], start_ms: Fraction | int, end_ms: Fraction | int
+) -> Fraction:
     """∫ level dt in seconds over [start, end) (level 0 before the first step)."""
     total = Fraction(0)
     for i, (t, level) in enumerate(steps):
@@ -197,8 +200,6 @@ def test_gauges_give_the_exact_time_weighted_level_and_running_time(
         hour_ms = int(at // 3600 * 3600 * 1000)
         storage = _step_function(prom, 'app_storage_bytes{tenant="acme"}', at)
         assert [lv for _, lv in storage] == [5_000_000_000, 8_000_000_000]
-        # The current hour's time-weighted average level, in GB (the level holds to its end).
-        expected = _integral(storage, hour_ms, hour_ms + 3_600_000) / 3600 / 10**9
         with gw.client() as c:
             r = c.get(
                 "/v1/usage",
@@ -211,9 +212,15 @@ def test_gauges_give_the_exact_time_weighted_level_and_running_time(
                 },
             )
             assert r.status_code == 200, r.text
-            (window,) = r.json()["data"]
-            got = Fraction(Decimal(window["value"]))
-            assert abs(got - expected) < Fraction(1, 10**15), (got, expected)
+            body = r.json()
+            (window,) = body["data"]
+            # The current hour's time-weighted average level in GB, measured up to asOf over the
+            # whole hour (SPEC 9); the forecast, the level held to the hour's end, apart.
+            as_of_ms = Fraction(parse_timestamp(body["asOf"]), 1_000_000)
+            for field, end_ms in (("value", as_of_ms), ("projected", hour_ms + 3_600_000)):
+                expected = _integral(storage, hour_ms, end_ms) / 3600 / 10**9
+                got = Fraction(Decimal(window[field]))
+                assert abs(got - expected) < Fraction(1, 10**15), (field, got, expected)
             # Running time: seconds between the first sample at 1 and the first at 0, exactly.
             pods = _step_function(prom, 'app_pod_running{namespace="acme"}', at)
             assert [lv for _, lv in pods] == [1, 0]
