@@ -22,6 +22,7 @@ class Source(StrEnum):
     OTLP = "otlp"
     REMOTE_WRITE = "remote_write"
     PROMETHEUS = "prometheus"
+    DATASTORE = "datastore"
 
 
 class Reason(StrEnum):

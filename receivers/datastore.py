@@ -335,7 +335,7 @@ class DatastoreJob:
         rows, new = advance(self.cfg, page, after)
         if not rows or new is None:
             return False
-        batch = self._sink.batch(to_records(self.cfg, rows), Source.REST)
+        batch = self._sink.batch(to_records(self.cfg, rows), Source.DATASTORE)
         batch.state[self._key] = new.encode()
         batch.state_expect[self._key] = raw
         try:
