@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from zoneinfo import ZoneInfo
 
 from exporters.files import FileSink
@@ -27,7 +26,7 @@ from meter_gateway.config import Config, StripeExporterConfig
 from meter_gateway.decimals import ZERO, fmt
 from meter_gateway.keys import KeyRing
 from meter_gateway.model import Batch, CommitResult
-from meter_gateway.pipeline.admission import Budget
+from meter_gateway.pipeline.admission import Budget, Workers
 from meter_gateway.pipeline.cumulative import StreamTable, TimeWindow, Totals
 from meter_gateway.pipeline.ingest import Ingestor
 from meter_gateway.pipeline.mapping import Mapper
@@ -76,10 +75,11 @@ class Gateway:
         self.validator = Validator(
             lambda: self.catalog.current, self.clock, ingest, self.mapper, self.catalog.fresh
         )
+        max_delay = ingest.max_queue_delay.total_seconds() or None
         # Large REST bodies are decoded and validated here, off the event loop; two threads
-        # (the GIL allows no more CPU) keep the loop's share of it.
-        self.decode_pool = ThreadPoolExecutor(2, thread_name_prefix="meter-gateway-decode")
-        max_delay = ingest.max_queue_delay.total_seconds()
+        # (the GIL allows no more CPU) keep the loop's share of it. New ones are refused while
+        # that work is more than max_queue_delay behind.
+        self.decode_pool = Workers(2, max_delay, ingest.retry_after.total_seconds())
         # After commits (_on_commit): wake the meter job when they touch a metered (customer,
         # dimension), and the period gauges' refresh. The gauges are rated in the background
         # (start) and read by scrapes: rating 1,000 customers takes longer than a scrape may.
@@ -102,7 +102,7 @@ class Gateway:
                 ingest.retry_after.total_seconds(),
                 self.telemetry.inflight_bytes.set,
             ),
-            max_queue_delay_s=max_delay or None,
+            max_queue_delay_s=max_delay,
         )
         # Running totals from senders without start times (Vector absolute counters).
         self.totals = Totals(

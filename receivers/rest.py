@@ -12,9 +12,7 @@ bounded ``decode_pool`` threads, so the event loop keeps answering (``/healthz``
 
 from __future__ import annotations
 
-import asyncio
 import time
-from concurrent.futures import Executor
 from typing import Protocol
 
 from starlette.concurrency import run_in_threadpool
@@ -24,7 +22,8 @@ from starlette.responses import Response
 from meter_gateway.config import Config
 from meter_gateway.http import error_response, json_response
 from meter_gateway.model import Batch, CommitResult, Source
-from meter_gateway.pipeline.admission import EXPANSION, Budget, Reservation, TooLarge
+from meter_gateway.pipeline import outcomes
+from meter_gateway.pipeline.admission import EXPANSION, Budget, Reservation, TooLarge, Workers
 from meter_gateway.pipeline.cumulative import StreamsBusy, Totals
 from meter_gateway.pipeline.decode import DecodeError, decompress, parse_items
 from meter_gateway.pipeline.ingest import CommitFailed, Ingestor, Overloaded, ShuttingDown
@@ -56,7 +55,7 @@ class IngestServices(Protocol):
     def totals(self) -> Totals: ...
 
     @property
-    def decode_pool(self) -> Executor:
+    def decode_pool(self) -> Workers:
         """A few threads for decoding and validating large bodies off the event loop."""
         ...
 
@@ -95,9 +94,9 @@ def admit(budget: Budget | None, request: Request) -> Reservation | None:
     """Reserve the request's share of the memory budget before its body is read: ``EXPANSION``
     × Content-Length (a compressed body grows it once decompressed). Raises ``Overloaded``
     (429) when the budget is spent, ``TooLarge`` when the body alone exceeds it."""
+    length = content_length(request)
     if budget is None:
         return None
-    length = content_length(request)
     if length is None:
         return budget.reserve(0)  # grown as the body arrives
     return budget.reserve(length * EXPANSION, wire_bytes=length)
@@ -108,13 +107,14 @@ async def ingest(request: Request, gw: IngestServices) -> Response:
     source = Source.REST
     t = gw.telemetry
     try:
+        if (content_length(request) or INLINE_MAX_BYTES + 1) > INLINE_MAX_BYTES:
+            gw.decode_pool.admit()  # a large body would wait seconds for a decode thread
         reservation = admit(gw.ingestor.budget, request)
     except DecodeError as exc:
         t.requests.labels(source.value, str(exc.status)).inc()
         return error_response(exc.status, exc.message)
     except TooLarge as exc:
-        t.requests.labels(source.value, "413").inc()
-        return error_response(413, str(exc))
+        return _unavailable(gw, source, exc)
     except Overloaded as exc:
         t.overloaded.labels(source.value).inc()
         return _unavailable(gw, source, exc)
@@ -141,9 +141,8 @@ async def _ingest(
         if len(body) <= INLINE_MAX_BYTES and not encoding:
             batch, single = _decode(gw, body, encoding, ctype, reservation)
         else:
-            loop = asyncio.get_running_loop()
-            batch, single = await loop.run_in_executor(
-                gw.decode_pool, _decode, gw, body, encoding, ctype, reservation
+            batch, single = await gw.decode_pool.run(
+                _decode, gw, body, encoding, ctype, reservation
             )
         del body  # held by the batch's records from here on, not as text
     except DecodeError as exc:
@@ -224,12 +223,10 @@ def _atomic_refusal(gw: IngestServices, batch: Batch) -> Response:
 
 
 def _unavailable(gw: IngestServices, source: Source, exc: Exception) -> Response:
-    retry = {"Retry-After": str(max(1, round(gw.config.ingest.retry_after.total_seconds())))}
-    if isinstance(exc, Overloaded):
-        gw.telemetry.requests.labels(source.value, "429").inc()
-        return error_response(429, f"{exc}; nothing was stored", retry)
-    gw.telemetry.requests.labels(source.value, "503").inc()
-    return error_response(503, str(exc), retry)
+    """The answer to a refused batch (``pipeline.outcomes``: 429, 503 or 413)."""
+    a = outcomes.answer(exc, gw.config.ingest.retry_after.total_seconds())
+    gw.telemetry.requests.labels(source.value, a.code).inc()
+    return error_response(a.http, a.message, a.headers())
 
 
 def _answer(

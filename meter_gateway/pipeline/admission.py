@@ -5,13 +5,21 @@ it, its batch while queued and committed) before reading the body; the reservati
 back once the request is answered. When the budget is spent, ``reserve`` raises ``Overloaded``
 at once (HTTP 429 with Retry-After, gRPC RESOURCE_EXHAUSTED with RetryInfo) instead of letting
 a queue grow. What a request costs is an estimate (``EXPANSION`` × body bytes, measured);
-the estimate is the only place these numbers live.
+the estimate is the only place these numbers live. ``Workers`` runs the CPU work of large
+bodies off the event loop and refuses new requests while that work is seconds behind.
 """
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import threading
+import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 #: Peak bytes held per byte of JSON/NDJSON body while it is decoded and validated: the body,
 #: the parsed items (about 4x the JSON) and the batch of records (about 3.3x), measured with
@@ -107,3 +115,55 @@ class Reservation:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+class Workers:
+    """A few threads for CPU work that must not run on the event loop (decoding and validating
+    large bodies), with admission by waiting time: while the oldest task has waited longer than
+    ``max_wait_s`` for a thread, ``admit`` raises ``Overloaded``, so a request is refused before
+    its body is read rather than queued behind seconds of other requests' decoding. The
+    memory budget bounds what waits in bytes; this bounds it in time."""
+
+    def __init__(
+        self,
+        threads: int,
+        max_wait_s: float | None,
+        retry_after_s: float,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="meter-gateway-decode")
+        self._max_wait = max_wait_s
+        self._retry_after = retry_after_s
+        self._monotonic = monotonic
+        self._lock = threading.Lock()
+        self._waiting: dict[int, float] = {}  # task number → when it was queued, oldest first
+        self._numbers = itertools.count()
+
+    def admit(self) -> None:
+        """Raise ``Overloaded`` while the oldest waiting task has waited past the bound."""
+        if self._max_wait is None:
+            return
+        with self._lock:
+            oldest = next(iter(self._waiting.values()), None)
+        if oldest is not None and self._monotonic() - oldest > self._max_wait:
+            raise Overloaded(self._retry_after, "ingest decoding is behind")
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` on a worker thread."""
+        n = next(self._numbers)
+        with self._lock:
+            self._waiting[n] = self._monotonic()
+
+        def task() -> T:
+            with self._lock:
+                self._waiting.pop(n, None)
+            return fn(*args)
+
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._pool, task)
+        finally:
+            with self._lock:
+                self._waiting.pop(n, None)  # cancelled before it started
+
+    def shutdown(self) -> None:
+        self._pool.shutdown()

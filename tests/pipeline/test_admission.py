@@ -14,7 +14,7 @@ import pytest
 
 from meter_gateway.clock import FixedClock
 from meter_gateway.model import Batch, CommitResult, Source
-from meter_gateway.pipeline.admission import RECORD_BYTES, Budget, Overloaded, TooLarge
+from meter_gateway.pipeline.admission import RECORD_BYTES, Budget, Overloaded, TooLarge, Workers
 from meter_gateway.pipeline.ingest import Ingestor
 from meter_gateway.store import Store
 from meter_gateway.telemetry import Telemetry
@@ -234,3 +234,33 @@ def test_batches_wait_no_longer_than_the_queue_delay(store: GatedStore) -> None:
     asyncio.run(scenario())
     ing.close()
     assert not any(i.startswith("d") for i in stored_ids(store))
+
+
+# --- the decode workers ------------------------------------------------------------------------
+
+
+def test_decode_workers_refuse_new_work_while_the_oldest_task_waits_too_long() -> None:
+    clock = Clock()
+    workers = Workers(1, 2.0, 1.0, monotonic=clock)
+    gate, started = threading.Event(), threading.Event()
+
+    def hold() -> str:
+        started.set()
+        assert gate.wait(30)
+        return "held"
+
+    async def scenario() -> None:
+        busy = asyncio.ensure_future(workers.run(hold))
+        await asyncio.get_running_loop().run_in_executor(None, started.wait, 30)
+        waiting = asyncio.ensure_future(workers.run(str.upper, "queued"))  # no thread for it
+        await asyncio.sleep(0)
+        workers.admit()  # it has only just begun waiting
+        clock.t += 2.5
+        with pytest.raises(Overloaded, match="decoding is behind"):
+            workers.admit()
+        gate.set()
+        assert (await busy, await waiting) == ("held", "QUEUED")
+        workers.admit()  # nothing waits any more
+
+    asyncio.run(scenario())
+    workers.shutdown()
