@@ -122,6 +122,8 @@ class Batch:
     # Running totals still to be turned into amounts against their series' committed state
     # (request index, observation); ``pipeline.cumulative.Totals`` does it before the commit.
     cumulative: list[tuple[int, Observation]] = field(default_factory=list)
+    # All or nothing (REST ``?atomic=true``): a record the store cannot keep stores none of it.
+    atomic: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -162,11 +162,14 @@ async def _ingest(
         return False, answer
     if atomic and batch.errors:
         return False, _atomic_refusal(gw, batch)
+    batch.atomic = atomic
     try:
         # From here the ingestor owns the reservation, refused or not.
         result = await gw.ingestor.submit(batch, reservation)
     except (Overloaded, CommitFailed, ShuttingDown) as exc:
         return True, _unavailable(gw, source, exc)
+    if atomic and batch.errors:  # a record the store could not keep: nothing was stored
+        return True, _atomic_refusal(gw, batch)
     return True, _answer(gw, batch, result, single, started)
 
 

@@ -376,7 +376,9 @@ class Ingestor:
             field, error = reason
             log.warning("record %d of a %s batch cannot be stored: %s", i, batch.source, error)
             batch.errors.append(RecordError(i, field, error, Reason.UNSTORABLE, _describe(r)))
-        batch.records = kept
+        # An atomic batch stores nothing once one of its records cannot be kept; the receiver
+        # answers it as refused (the errors say which record).
+        batch.records = [] if batch.atomic else kept
         batch.errors.sort(key=lambda e: e.index)
         return True
 

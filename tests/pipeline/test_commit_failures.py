@@ -119,6 +119,23 @@ def test_an_unstorable_record_is_rejected_alone_and_the_next_request_commits(
     assert r.accepted == 1
 
 
+def test_an_atomic_batch_with_an_unstorable_record_stores_nothing(store: Store) -> None:
+    ing = ingestor(store)
+    try:
+        batch = Batch(Source.REST, [good("a"), deep("bad"), good("b", "2")], atomic=True)
+        r = ing.submit_sync(batch, 30)
+        assert r.accepted == 0
+        (err,) = batch.errors
+        assert (err.index, err.reason) == (1, Reason.UNSTORABLE)
+        # the good ones were not stored, so they count when sent again
+        r = ing.submit_sync(Batch(Source.REST, [good("a"), good("b", "2")]), 30)
+        assert r.accepted == 2
+    finally:
+        ing.close()
+    ids = sorted(x.record_id or "" for x in store.records(None, None, *DAY, None, 100))
+    assert ids == ["a", "b"]
+
+
 def test_a_group_of_many_requests_splits_by_request(store: Store) -> None:
     held = Held(store)
     ing = ingestor(held)
