@@ -56,7 +56,11 @@ class Telemetry:
         )
         self.requests = Counter(
             "meter_gateway_requests_total",
-            "Ingest requests by outcome.",
+            "Ingest requests by outcome. code: the HTTP status answered, on every transport; "
+            "an OTLP/gRPC call counts under the HTTP status of its gRPC code (OK 200, "
+            "INVALID_ARGUMENT 400, UNAUTHENTICATED 401, PERMISSION_DENIED 403, "
+            "RESOURCE_EXHAUSTED 429, INTERNAL 500, UNAVAILABLE 503); 499: the client went away "
+            "before its body was complete (meter_gateway.pipeline.outcomes).",
             ["receiver", "code"],
             registry=r,
         )

@@ -5,7 +5,9 @@ scope ``ingest``), decoded here (so a malformed message is ``INVALID_ARGUMENT`` 
 not an opaque deserializer failure) and handed to ``OtlpMetrics``; the answer is sent only once
 the points are committed. A full ingest queue answers ``RESOURCE_EXHAUSTED`` with ``RetryInfo``
 (in ``grpc-status-details-bin`` and in ``google.rpc.retryinfo-bin``, which the Python exporter
-reads), a store that cannot commit ``UNAVAILABLE``; both are retried by OTLP exporters.
+reads), a store that cannot commit ``UNAVAILABLE``; both are retried by OTLP exporters. The
+mapping, and the ``code`` label (the HTTP status each gRPC code stands for), are
+``pipeline.outcomes``'s, shared with the HTTP receivers.
 """
 
 from __future__ import annotations
@@ -26,8 +28,7 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
 
 from meter_gateway.keys import AuthError
 from meter_gateway.model import Source
-from meter_gateway.pipeline.cumulative import StreamsBusy
-from meter_gateway.pipeline.ingest import CommitFailed, Overloaded, ShuttingDown
+from meter_gateway.pipeline import outcomes
 from meter_gateway.telemetry import Telemetry
 from receivers.otlp import OtlpError, OtlpMetrics, decode_protobuf
 
@@ -126,15 +127,10 @@ class OtlpGrpcServer:
             outcome = self._metrics.export(decode_protobuf(body))
         except OtlpError as exc:
             self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, exc.message)
-        except Overloaded as exc:
-            self._abort(
-                context,
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                str(exc),
-                retry_after_s=max(exc.retry_after, self._settings.retry_after_s),
-            )
-        except (CommitFailed, ShuttingDown, StreamsBusy) as exc:
-            self._abort(context, grpc.StatusCode.UNAVAILABLE, str(exc))
+        except outcomes.REFUSALS as exc:
+            a = outcomes.answer(exc, self._settings.retry_after_s)
+            retry = a.retry_after_s if a.retry_info else None
+            self._abort(context, grpc.StatusCode[a.grpc], a.message, retry_after_s=retry)
         except Exception:
             log.exception("OTLP/gRPC export failed")
             self._abort(context, grpc.StatusCode.INTERNAL, "internal error; see the gateway log")
@@ -143,14 +139,14 @@ class OtlpGrpcServer:
             response.partial_success.rejected_data_points = outcome.rejected
             response.partial_success.error_message = outcome.error_message
         t = self._telemetry
-        t.requests.labels(OTLP, "ok").inc()
+        t.requests.labels(OTLP, outcomes.grpc_code_label("OK")).inc()
         t.batch_seconds.labels(OTLP).observe(time.perf_counter() - started)
         return bytes(response.SerializeToString())
 
     def _abort(
         self, context: Any, code: Any, message: str, retry_after_s: float | None = None
     ) -> NoReturn:
-        self._telemetry.requests.labels(OTLP, code.name.lower()).inc()
+        self._telemetry.requests.labels(OTLP, outcomes.grpc_code_label(code.name)).inc()
         if retry_after_s is not None:
             retry = error_details_pb2.RetryInfo(
                 retry_delay=duration_pb2.Duration(

@@ -3,7 +3,8 @@
 Answers in the request's content type: an ``ExportMetricsServiceResponse`` (with
 ``partial_success`` when points were rejected) on success, a ``google.rpc.Status`` otherwise.
 413 for bodies over the limit, 415 for other content types, 429 with ``Retry-After`` when the
-ingest queue is full and 503 when the store cannot commit (both retried by OTLP exporters).
+ingest queue is full and 503 when the store cannot commit (both retried by OTLP exporters;
+the one mapping, and the ``code`` label's vocabulary, are ``pipeline.outcomes``'s).
 Decoding and the export run on a worker thread: the answer waits for the commit.
 """
 
@@ -28,9 +29,8 @@ from starlette.routing import Route
 
 from meter_gateway.keys import AuthError
 from meter_gateway.model import Source
-from meter_gateway.pipeline.cumulative import StreamsBusy
+from meter_gateway.pipeline import outcomes
 from meter_gateway.pipeline.decode import DecodeError, decompress
-from meter_gateway.pipeline.ingest import CommitFailed, Overloaded, ShuttingDown
 from meter_gateway.telemetry import Telemetry
 from receivers.otlp import (
     ExportOutcome,
@@ -49,9 +49,6 @@ JSON = "application/json"
 _PROTOBUF_TYPES = (PROTOBUF, "application/protobuf")
 OTLP = Source.OTLP.value
 
-# google.rpc.Code of each HTTP status this receiver answers with.
-_RPC_CODE = {400: 3, 401: 16, 403: 7, 404: 5, 413: 3, 415: 3, 429: 8, 500: 13, 503: 14}
-
 
 class Authorizer(Protocol):
     def check(self, authorization: str | None, scope: str) -> str | None: ...
@@ -67,8 +64,6 @@ class HttpSettings:
 def create_app(
     metrics: OtlpMetrics, keys: Authorizer, telemetry: Telemetry, settings: HttpSettings
 ) -> Starlette:
-    retry = {"Retry-After": str(max(1, round(settings.retry_after_s)))}
-
     def finish(status: int, body: Response) -> Response:
         telemetry.requests.labels(OTLP, str(status)).inc()
         return body
@@ -108,14 +103,15 @@ def create_app(
             )
         except DecodeError as exc:
             return error(exc.status, exc.message, as_json)
-        except ClientDisconnect:
-            return error(400, "client disconnected before the body was complete", as_json)
+        except ClientDisconnect:  # counted as 499, like the other receivers (nobody reads it)
+            telemetry.requests.labels(OTLP, "499").inc()
+            message = "client disconnected before the body was complete"
+            return status_response(400, message, as_json)
         except OtlpError as exc:
             return error(exc.status, exc.message, as_json)
-        except Overloaded as exc:
-            return error(429, str(exc), as_json, retry)
-        except (CommitFailed, ShuttingDown, StreamsBusy) as exc:
-            return error(503, str(exc), as_json, retry)
+        except outcomes.REFUSALS as exc:
+            a = outcomes.answer(exc, settings.retry_after_s)
+            return error(a.http, a.message, as_json, a.headers())
         except Exception:
             log.exception("OTLP/HTTP export failed")
             return error(500, "internal error; see the gateway log", as_json)
@@ -141,7 +137,7 @@ def message_response(
 def status_response(
     status: int, message: str, as_json: bool, headers: dict[str, str] | None = None
 ) -> Response:
-    code = _RPC_CODE.get(status, 2)
+    code = outcomes.HTTP_RPC_CODE.get(status, outcomes.RPC_CODE["UNKNOWN"])
     if as_json:
         body = orjson.dumps({"code": code, "message": message})
         return Response(body, status, headers, media_type=JSON)

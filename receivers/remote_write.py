@@ -44,11 +44,11 @@ from meter_gateway.model import (
     Source,
     UsageRecord,
 )
+from meter_gateway.pipeline import outcomes
 from meter_gateway.pipeline.cumulative import (
     Committer,
     ObservationSink,
     SeriesMappings,
-    StreamsBusy,
     StreamTable,
     TimeWindow,
     Total,
@@ -56,7 +56,6 @@ from meter_gateway.pipeline.cumulative import (
     series_id,
 )
 from meter_gateway.pipeline.decode import DecodeError
-from meter_gateway.pipeline.ingest import CommitFailed, Overloaded, ShuttingDown
 from meter_gateway.pipeline.mapping import Mapper
 from receivers import prompb
 from receivers.rest import read_body
@@ -365,7 +364,7 @@ class RemoteWriteReceiver:
         self._committer = committer
         self._limits = limits
         self._telemetry = telemetry
-        self._retry_after = str(max(1, round(retry_after_s)))
+        self._retry_after_s = retry_after_s
         self.series = SeriesCache(self._wanted, max_cached_series)
         self.mappings = (
             SeriesMappings(SOURCE, Mapper(rules), catalog, clock, limits, max_cached_series)
@@ -453,18 +452,13 @@ class RemoteWriteReceiver:
             t.remote_write_skipped.labels(reason).inc(n)
         try:
             await run_in_threadpool(self.commit, batch, decoded)
-        except Overloaded:
+        except outcomes.REFUSALS as exc:
             # Only senders known to retry a 429 get one; Prometheus drops the data on a 429
             # unless retry_on_http_429 is set, but retries every 5xx.
-            ua = request.headers.get("user-agent", "")
-            code = 429 if ua.startswith("Vector/") else 503
-            t.requests.labels(SOURCE.value, str(code)).inc()
-            return error_response(
-                code, "ingest queue is full; retry later", {"Retry-After": self._retry_after}
-            )
-        except (CommitFailed, ShuttingDown, StreamsBusy) as exc:
-            t.requests.labels(SOURCE.value, "503").inc()
-            return error_response(503, str(exc), {"Retry-After": self._retry_after})
+            vector = request.headers.get("user-agent", "").startswith("Vector/")
+            a = outcomes.answer(exc, self._retry_after_s, no_429=not vector)
+            t.requests.labels(SOURCE.value, a.code).inc()
+            return error_response(a.http, a.message, a.headers())
         t.batch_seconds.labels(SOURCE.value).observe(time.perf_counter() - started)
         if batch.errors:
             t.requests.labels(SOURCE.value, "400").inc()
