@@ -225,7 +225,7 @@ class PostgresStore(SqlBilling):
     ) -> None:
         self.url = url
         self.dedup_window_s = dedup_window_s
-        migrate(url)
+        migrate(url, connect_timeout_s)
         self._pool = ConnectionPool(
             url,
             min_size=pool_min,
@@ -619,10 +619,12 @@ class PostgresStore(SqlBilling):
         return {"records": int(n[0]) if n else 0, "dedup_keys": int(k[0]) if k else 0}
 
 
-def migrate(url: str) -> int:
+def migrate(url: str, connect_timeout_s: float = 30.0) -> int:
     """Bring the schema up to date; replicas starting together migrate one after the other
-    (a session advisory lock), and each migration commits with its version. The version."""
-    with psycopg.connect(url, autocommit=True) as conn:
+    (a session advisory lock), and each migration commits with its version. The version.
+    A host that drops packets fails after ``connect_timeout_s`` instead of the OS's minutes."""
+    timeout = max(1, round(connect_timeout_s))
+    with psycopg.connect(url, autocommit=True, connect_timeout=timeout) as conn:
         conn.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK,))
         try:
             conn.execute(
