@@ -571,8 +571,17 @@ class Customer(_Model):
     @field_validator("aliases")
     @classmethod
     def _not_its_own_id(cls, v: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
-        if info.data.get("id") in v and _is_new(info):
+        if not _is_new(info):
+            return v
+        if info.data.get("id") in v:
             raise ValueError(f"alias {info.data['id']!r} is the customer's own id")
+        for alias in v:
+            # An alias is matched against what senders put in ids and attributes, which
+            # validation refuses with control characters: such an alias could never match.
+            if not alias or len(alias) > 512 or any(ord(c) < 32 or ord(c) == 127 for c in alias):
+                raise ValueError(
+                    f"alias {alias[:80]!r}: expected 1 to 512 characters without control characters"
+                )
         return v
 
 
