@@ -50,6 +50,16 @@ from meter_gateway.store.base import (
 from meter_gateway.store.billing import SqlBilling
 from meter_gateway.store.dedup_index import DedupIndex
 from meter_gateway.store.dialect import Row
+from meter_gateway.store.sqlite_layout import (
+    APPLY,
+    APPLY_TRIGGER,
+    APPLY_VIEW,
+    ApplyParams,
+    record_rows,
+    records_json,
+    rollups_json,
+    state_rows,
+)
 from meter_gateway.timebuckets import BUCKET_NS
 
 NS = 1_000_000_000
@@ -163,43 +173,12 @@ _RECORD_ID = attrgetter("record_id")
 _METADATA = attrgetter("metadata")
 _SOURCE = attrgetter("source")
 
-# A group's writes as one statement: an INSERT into this (TEMP, per connection) view runs the
-# trigger, which inserts the group's records, dedup keys, rollups and receiver state from JSON
-# arrays. In autocommit mode that statement is its own transaction, fsync included, so applying a
-# group releases and retakes the GIL once, not once per statement: with receiver threads busy,
-# every retake waits up to the interpreter's switch interval (5 ms) for its turn.
-# ``->>`` gives SQL values: integers stay integers, strings text, and an object its JSON text
-# (stored as a blob, as orjson.dumps would have written it).
-_APPLY_VIEW = (
-    "CREATE TEMP VIEW apply_group (records, first_seq, received_ns, full, source, seen_s, "
-    "dedup_keys, rollups, state, gone) AS SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, "
-    "NULL, NULL, NULL"
-)
-# Record rows are [ts, customer, dimension, value, meta_id], then [record_id, metadata] when the
-# group has any (``full``), then the source when the group has several; seqs are consecutive.
-# The rows come wrapped in one more array ([[row, ...]]): a record's metadata is then nested
-# store.base.PAGE_NESTING levels down, so orjson refuses what no page could list.
-# Each ``->>`` parses its row again (SQLite 3.40 has no JSON cache): the fewer, the faster.
-_APPLY_TRIGGER = """
-CREATE TEMP TRIGGER apply_group_insert INSTEAD OF INSERT ON apply_group BEGIN
-    INSERT INTO records (seq, ts, customer, dimension, value, meta_id, record_id, metadata,
-        source, received_ns)
-    SELECT NEW.first_seq + key, value->>0, value->>1, value->>2, value->>3, value->>4,
-        CASE WHEN NEW.full THEN value->>5 END,
-        CASE WHEN NEW.full THEN CAST(value->>6 AS BLOB) END,
-        coalesce(NEW.source, value->>(CASE WHEN NEW.full THEN 7 ELSE 5 END)),
-        NEW.received_ns
-    FROM json_each(NEW.records, '$[0]');
-    INSERT INTO dedup_log (seen_s, keys) SELECT NEW.seen_s, NEW.dedup_keys
-        WHERE NEW.dedup_keys IS NOT NULL;
-    INSERT OR REPLACE INTO rollups SELECT value->>0, value->>1, value->>2, value->>3, value->>4,
-        value->>5, value->>6, value->>7, value->>8, value->>9, value->>10
-        FROM json_each(NEW.rollups);
-    INSERT OR REPLACE INTO receiver_state SELECT value->>0, CAST(value->>1 AS BLOB)
-        FROM json_each(NEW.state);
-    DELETE FROM receiver_state WHERE key IN (SELECT value FROM json_each(NEW.gone));
-END"""
-_APPLY = "INSERT INTO apply_group VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+# A group's writes as one statement: an INSERT into a TEMP view (per connection) whose trigger
+# inserts the group's records, dedup keys, rollups and receiver state from JSON arrays
+# (store.sqlite_layout: the rows' layouts by name, and the SQL generated from them). In
+# autocommit mode that statement is its own transaction, fsync included, so applying a group
+# releases and retakes the GIL once, not once per statement: with receiver threads busy, every
+# retake waits up to the interpreter's switch interval (5 ms) for its turn.
 # A record's metadata: its own, or its series' shared one.
 _META = "coalesce(r.metadata, (SELECT body FROM metadata WHERE id = r.meta_id))"
 
@@ -252,7 +231,7 @@ class _Prepared:
     next_seq: int = 0
     next_rejected: int = 0
     next_meta: int = 0
-    records_json: bytes | None = None  # rows as _APPLY_TRIGGER reads them
+    records_json: bytes | None = None  # rows as sqlite_layout.APPLY_TRIGGER reads them
     first_seq: int = 0
     full: bool = False  # rows carry record id and metadata
     source: str | None = None  # every row's, when they share one (else each row says)
@@ -266,7 +245,7 @@ class _Prepared:
     meta_ids: dict[bytes, int] = field(default_factory=dict)
     meta_objs: dict[int, tuple[SeriesMetadata, int]] = field(default_factory=dict)
     results: list[CommitResult] = field(default_factory=list)
-    params: tuple[Any, ...] = ()  # of _APPLY
+    params: ApplyParams | None = None  # of APPLY; set by _prepare
     state_binary: list[tuple[str, bytes]] = field(default_factory=list)  # not JSON text
     # Set once ``apply`` is done with the group (committed or not), or when a failure voids
     # it: what a cancellation waits for before it writes (``_quiet``).
@@ -278,7 +257,7 @@ class _Prepared:
 
 def _row_layout(records: Sequence[UsageRecord]) -> tuple[bool, str | None]:
     """Whether a group's rows need record ids and metadata of their own, and the one source
-    they share (None: each row says); see _APPLY_TRIGGER."""
+    they share (None: each row says); see sqlite_layout.RECORD."""
     full = list(map(_RECORD_ID, records)).count(None) != len(records)
     if not full:
         metas = list(map(_METADATA, records))
@@ -295,27 +274,6 @@ def _refuse_nul(records: Sequence[UsageRecord]) -> None:
         reason = unstorable_reason(r)
         if reason is not None and "U+0000" in reason[1]:
             raise Unstorable(reason[1])
-
-
-def _rollups_json(merged: dict[RollupKey, RollupRow]) -> bytes:
-    return orjson.dumps(
-        [
-            (
-                c,
-                d,
-                row.bucket_ns,
-                row.count,
-                str(row.sum),
-                str(row.min),
-                str(row.max),
-                row.last_ts,
-                row.last_seq,
-                str(row.last_value),
-                str(row.wsum),
-            )
-            for (c, d, _), row in merged.items()
-        ]
-    )
 
 
 class StoreLockedError(RuntimeError):
@@ -350,8 +308,8 @@ class SQLiteStore(SqlBilling):
             raise StoreLockedError(f"{path} is in use by another meter-gateway process") from None
         self._conn = self._connect()
         self._migrate()
-        self._conn.execute(_APPLY_VIEW)
-        self._conn.execute(_APPLY_TRIGGER)
+        self._conn.execute(APPLY_VIEW)
+        self._conn.execute(APPLY_TRIGGER)
         self._readers: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
         self._local = threading.local()
@@ -523,23 +481,9 @@ class SQLiteStore(SqlBilling):
         p.full, p.source = _row_layout(records)
         meta_ids = self._metadata_ids(p, records)
         values = [r.value for r in records]
-        rows: list[tuple[Any, ...]] = [
-            (r.timestamp_ns, r.customer_id, r.dimension_id, v, mid)
-            for r, v, mid in zip(records, map(str, values), meta_ids, strict=True)
-        ]
-        if p.full:
-            rows = [
-                (
-                    *row,
-                    r.record_id,
-                    None if type(r.metadata) is SeriesMetadata else r.metadata or None,
-                )
-                for row, r in zip(rows, records, strict=True)
-            ]
-        if p.source is None:
-            rows = [(*row, r.source) for row, r in zip(rows, records, strict=True)]
+        rows = record_rows(records, map(str, values), meta_ids, p.full, p.source is not None)
         if rows:
-            p.records_json = orjson.dumps((rows,), default=str)
+            p.records_json = records_json(rows)
             # SQLite would cut text at a NUL; a backslash (memchr) is rare in rows, so the
             # search for the escape runs only where JSON escaped something
             if b"\\" in p.records_json and b"\\u0000" in p.records_json:
@@ -586,20 +530,20 @@ class SQLiteStore(SqlBilling):
             ]
         p.results = results
         state = p.state
-        text = [(k, v.decode()) for k, v in state.items() if v is not None and v.isascii()]
+        text = state_rows(state)
         p.state_binary = [(k, v) for k, v in state.items() if v is not None and not v.isascii()]
         gone = [k for k, v in state.items() if v is None]
-        p.params = (
-            p.records_json,
-            p.first_seq,
-            p.now_ns,
-            p.full,
-            p.source,
-            p.now_s,
-            b"".join(p.fresh) if p.fresh else None,
-            _rollups_json(p.merged) if p.merged else None,
-            orjson.dumps(text) if text else None,
-            orjson.dumps(gone) if gone else None,
+        p.params = ApplyParams(
+            records=p.records_json,
+            first_seq=p.first_seq,
+            received_ns=p.now_ns,
+            full=p.full,
+            source=p.source,
+            seen_s=p.now_s,
+            dedup_keys=b"".join(p.fresh) if p.fresh else None,
+            rollups=rollups_json(p.merged) if p.merged else None,
+            state=orjson.dumps(text) if text else None,
+            gone=orjson.dumps(gone) if gone else None,
         )
         # Last: a prepare that failed before this point left no trace.
         self._next_number += 1
@@ -635,6 +579,8 @@ class SQLiteStore(SqlBilling):
     def _apply(self, p: _Prepared) -> list[CommitResult]:
         if p.epoch != self._epoch or p.number != self._next_apply:
             raise GroupVoided("an earlier group failed to commit; this one was void")
+        params = p.params
+        assert params is not None  # set by _prepare
         conn = self._conn
         if self._reread_schema:
             # After a failure: a statement that fails to compile (the schema changed under
@@ -644,12 +590,12 @@ class SQLiteStore(SqlBilling):
                 self._reread_schema = False
         try:
             if not (p.meta_new or p.distinct or p.rejected or p.state_binary):
-                conn.execute(_APPLY, p.params)  # the usual group: one statement, one transaction
+                conn.execute(APPLY, params)  # the usual group: one statement, one transaction
             else:
                 with self._write_txn(conn):
                     if p.meta_new:
                         conn.executemany("INSERT INTO metadata VALUES (?, ?, ?)", p.meta_new)
-                    conn.execute(_APPLY, p.params)
+                    conn.execute(APPLY, params)
                     if p.distinct:
                         conn.executemany(
                             "INSERT OR IGNORE INTO rollup_distinct VALUES (?,?,?,?)", p.distinct
