@@ -41,6 +41,7 @@ from meter_gateway.telemetry import (
     PeriodUsageCollector,
     Telemetry,
 )
+from meter_gateway.usage import current_period
 from receivers import datastore, prometheus_query
 from receivers.otlp import OtlpMetrics
 from receivers.remote_write import RemoteWriteReceiver
@@ -317,8 +318,21 @@ class Gateway:
 
     def _period_gauges(self) -> Iterable[PeriodUsage]:
         """The current billing period of every customer with usage, as the rating path has it
-        (the same lines usage-summary, invoices and margin show)."""
-        for r in rating.current(self.store, self.catalog.current, self.clock.now_ns(), self.tz):
+        (the same lines usage-summary, invoices and margin show), and of every customer whose
+        offering has a recurring fee, usage or not. The fee and credit lines are rows of their
+        own (``fee/<offering>``, ``credits/<unit>``: money only), so a customer's revenue rows
+        add up to the rating's total."""
+        catalog, now = self.catalog.current, self.clock.now_ns()
+        ratings = list(rating.current(self.store, catalog, now, self.tz))
+        rated = {r.customer for r in ratings}
+        start, end = current_period(now, self.tz)
+        period = catalog.at(start)
+        for c in sorted(set(period.customers) - rated):
+            offering = period.offerings.get(period.customers[c].offering or "")
+            if offering is not None and offering.fee is not None:
+                at = rating.as_of(now, start, end)
+                ratings.append(rating.rate(self.store, catalog, c, start, end, at, self.tz))
+        for r in ratings:
             for line in r.lines:
                 yield PeriodUsage(
                     r.customer,
@@ -329,6 +343,23 @@ class Gateway:
                     fmt(line.revenue),
                     fmt(line.cost),
                     fmt(line.margin),
+                )
+            if r.offering is not None and r.fees:
+                fee = fmt(sum((f.amount for f in r.fees), ZERO))
+                yield PeriodUsage(
+                    r.customer, f"fee/{r.offering.id}", r.currency, None, None, fee, "0", fee
+                )
+            if r.credit is not None:
+                amount = fmt(r.credit.amount)
+                yield PeriodUsage(
+                    r.customer,
+                    f"credits/{r.credit.unit.unit}",
+                    r.currency,
+                    None,
+                    None,
+                    amount,
+                    "0",
+                    amount,
                 )
 
     def close(self) -> None:

@@ -189,13 +189,19 @@ class Telemetry:
 @dataclass(frozen=True, slots=True)
 class PeriodUsage:
     """One customer's and dimension's current billing period so far (exact decimal text), as
-    ``billing.rating`` has it. A customer without an offering has no currency: no money series."""
+    ``billing.rating`` has it. A customer without an offering has no currency: no money series.
+
+    The rating's lines that are not a dimension's have a pseudo-dimension, which cannot be a
+    dimension id (``/`` is not allowed in one): ``fee/<offering>`` (the recurring fee cycles the
+    period carries) and ``credits/<unit>`` (the credit line pricing the converted usage). They
+    have money only (``usage`` and ``quantity`` None: no usage series), so the revenue of a
+    customer's rows adds up to the rating's total."""
 
     customer: str
     dimension: str
     currency: str | None
-    usage: str
-    quantity: str
+    usage: str | None
+    quantity: str | None
     revenue: str  # the priced line amount; "0" when the offering does not charge the dimension
     cost: str  # billable quantity × the dimension's unit_cost
     margin: str = "0"  # revenue − cost
@@ -216,7 +222,9 @@ _PERIOD_FAMILIES = (
     ),
     (
         "meter_gateway_period_revenue",
-        "Amount billed in the current billing period so far (currency minor-unit rounded).",
+        "Amount billed in the current billing period so far (currency minor-unit rounded); "
+        "dimension fee/<offering>: the recurring fee, credits/<unit>: the credit line. Summed "
+        "per customer: the rating's total (manual invoice items are not included).",
         "revenue",
         True,
     ),
@@ -360,7 +368,9 @@ class PeriodUsageCollector(Collector):
                     if row.currency is None:
                         continue
                     labels.append(row.currency)
-                family.add_metric(labels, float(getattr(row, attr)))
+                value = getattr(row, attr)
+                if value is not None:
+                    family.add_metric(labels, float(value))
         computed, duration = self._refresh_families()
         if last is not None:
             computed.add_metric([], last[1])

@@ -208,11 +208,15 @@ class _Fmt:
     def period(self) -> str:
         """``1–31 Oct 2026`` for [2026-10-01, 2026-11-01): the end is exclusive, so the last
         day shown is the day before it; a period not on midnights shows its times."""
+        return self.span(self.doc.get("from"), self.doc.get("to"))
+
+    def span(self, start_ts: object, end_ts: object) -> str:
+        """A ``[start, end)`` of timestamps as ``period`` reads the document's."""
         try:
-            start = _local(parse_timestamp(self.doc["from"]), self.doc)
-            end = _local(parse_timestamp(self.doc["to"]), self.doc)
-        except (KeyError, TypeError, ValueError):
-            return f"{self.doc.get('from')} – {self.doc.get('to')}"
+            start = _local(parse_timestamp(str(start_ts)), self.doc)
+            end = _local(parse_timestamp(str(end_ts)), self.doc)
+        except (TypeError, ValueError):
+            return f"{start_ts} – {end_ts}"
         if _midnight(start) and _midnight(end):
             last = (end - timedelta(days=1)).date()
             if last == start.date():
@@ -324,6 +328,38 @@ def _tier_rows(ln: Mapping[str, Any], f: _Fmt, unit: str) -> list[tuple[str, str
             )
         )
         previous = up_to
+    return rows
+
+
+def _plan_rows(ln: Mapping[str, Any], f: _Fmt) -> list[tuple[str, str, str, str]]:
+    """(label, units, price, amount) under a fee line (the cycle it bills, the days of it when
+    prorated) or a credit line (each charge's usage converted into its credits)."""
+    rows = []
+    fee = ln.get("fee")
+    if ln.get("type") == "fee" and isinstance(fee, Mapping):
+        days = ""
+        if fee.get("days") != fee.get("cycleDays"):
+            days = f"{f.number(fee.get('days'))} of {f.quantity(fee.get('cycleDays'), 'day')}"
+        timing = "in advance" if fee.get("timing") == "advance" else "in arrears"
+        label = f"{str(fee.get('interval') or '').capitalize()}ly fee {timing}".strip()
+        rows.append((f"{label}, {f.span(fee.get('from'), fee.get('to'))}", days, "", ""))
+    credit_unit = str(ln.get("unit") or "")
+    for c in ln.get("conversions") or ():
+        if not isinstance(c, Mapping):
+            continue
+        unit = str(c.get("unit") or "")
+        qty = f.quantity(c.get("billedQuantity", c.get("quantity")), unit)
+        if _dec(c.get("included")):
+            qty += f" (after {f.number(c['included'])} included)"
+        per = f" per {unit}" if unit else ""
+        rows.append(
+            (
+                str(c.get("name") or c.get("dimensionId") or ""),
+                qty,
+                f"× {f.quantity(c.get('creditsPerUnit'), credit_unit)}{per}",
+                f.quantity(c.get("credits"), credit_unit),
+            )
+        )
     return rows
 
 
@@ -529,8 +565,11 @@ def render_html(doc: Mapping[str, Any]) -> bytes:
         if usage is not None and usage.get("query"):
             notes.append(usage)
             mark = f"<sup>{len(notes)}</sup>"
-        tiers = _tier_rows(ln, f, unit)
+        tiers = _tier_rows(ln, f, unit) + _plan_rows(ln, f)
         qty = f.quantity(ln.get("quantity"), unit) if "quantity" in ln else ""
+        fee = ln.get("fee")
+        if ln.get("type") == "fee" and isinstance(fee, Mapping) and _dec(ln.get("quantity")) != 1:
+            qty = f"{f.number(fee.get('days'))}/{f.number(fee.get('cycleDays'))}"  # prorated
         if _dec(ln.get("included")):  # free units of the cycle (SPEC 11)
             qty += f" ({f.number(ln['included'])} included)"
         row_class = "" if tiers else ' class="last"'

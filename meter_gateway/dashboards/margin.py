@@ -1,7 +1,10 @@
 """Profit margin: revenue, cost and margin (absolute and %) per customer and dimension, the
 lowest-margin customers, and margin over time, in one currency at a time.
 
-Revenue is the priced line amount of the current billing period so far, cost is billable
+Revenue is the priced line amount of the current billing period so far — usage lines, and
+the recurring fee and the credit line as the pseudo-dimensions ``fee/<offering>`` and
+``credits/<unit>``, so a customer's revenue is the rating's total (what the draft invoice
+shows before manual items, which are revenue only once invoiced) — cost is billable
 quantity × the dimension's ``unit_cost`` and margin their difference, all computed by the
 gateway. Every replica reports the same totals, so each series
 is de-duplicated with ``max by (customer, dimension, currency)`` before it is summed.
@@ -31,6 +34,12 @@ UID = "meter-gateway-margin"
 SEL = 'currency="$currency", customer=~"$customer", dimension=~"$dimension"'
 MARGIN_PCT_TH = thresholds(RED, (0, ORANGE), (0.3, GREEN))
 MARGIN_TH = thresholds(RED, (0, GREEN))
+REVENUE_NOTE = (
+    "Revenue holds every rated line: usage, the recurring fee (dimension fee/<offering>) and "
+    "the credit line (credits/<unit>; the dimensions it converts show their cost only), so a "
+    "customer's revenue is the draft invoice's total without its manual items (not revenue "
+    "until invoiced)."
+)
 
 
 def money(family: str, by: str = "") -> str:
@@ -56,7 +65,7 @@ def build() -> JSON:
     lay = Layout()
     lay.row("Current billing period ($currency)")
     for title, desc, expr, unit, th in (
-        ("Revenue", "Billed so far this period.", money("revenue"), "short", None),
+        ("Revenue", f"Billed so far this period. {REVENUE_NOTE}", money("revenue"), "short", None),
         ("Cost", "Billable quantity × unit cost so far.", money("cost"), "short", None),
         ("Margin", "Revenue − cost.", margin(), "short", MARGIN_TH),
         ("Margin %", "(Revenue − cost) ÷ revenue.", margin_ratio(), "percentunit", MARGIN_PCT_TH),
@@ -77,7 +86,7 @@ def build() -> JSON:
         lay.add(
             table(
                 f"Revenue, cost and margin by {name}",
-                f"Current billing period so far, per {name}, in $currency.",
+                f"Current billing period so far, per {name}, in $currency. {REVENUE_NOTE}",
                 [
                     target(money("revenue", by), ref="A", instant=True, table=True),
                     target(money("cost", by), ref="B", instant=True, table=True),
@@ -132,7 +141,8 @@ def build() -> JSON:
     lay.add(
         timeseries(
             "Revenue and cost, period to date",
-            "All selected customers and dimensions; both restart at zero each period.",
+            "All selected customers and dimensions; both restart at zero each period. "
+            + REVENUE_NOTE,
             [
                 target(money("revenue"), "revenue", ref="A"),
                 target(money("cost"), "cost", ref="B"),

@@ -191,6 +191,17 @@ def test_included_units_volume_tiers_and_fees_read_plainly() -> None:
     assert "Pro plan, Oct 2026 1 US$20.00 each US$20.00" in page
 
 
+def test_a_prorated_fee_shows_its_days_and_cycle() -> None:
+    fee = {"type": "fee", "description": "Pro plan", "quantity": "0.677419354838709677",
+           "unitPrice": "31", "exactAmount": "21", "amount": "21.00",
+           "fee": {"interval": "month", "timing": "advance", "cycleFrom": "2026-10-01T00:00:00Z",
+                   "cycleTo": "2026-11-01T00:00:00Z", "from": "2026-10-11T00:00:00Z",
+                   "to": "2026-11-01T00:00:00Z", "days": 21, "cycleDays": 31}}  # fmt: skip
+    page = text_of(document.render_html(doc_of(lines=[fee])))
+    assert "Pro plan 21/31 US$31.00 each US$21.00" in page
+    assert "Monthly fee in advance, 11 – 31 Oct 2026 21 of 31 days" in page
+
+
 def test_every_value_is_escaped_and_csv_formulas_defused() -> None:
     evil = "<img src=x onerror=alert(1)>"
     doc = doc_of(
@@ -402,3 +413,66 @@ def test_invoices_stored_before_documents_keep_their_bytes(
     page = text_of(client.get(f"/v1/invoices/{doc['id']}", params={"format": "html"}).content)
     assert "VOID since" in page
     assert "Amount due (void)" in page
+
+
+# --- every line type on one draft (issue 16 item 8) -----------------------------------------
+
+PLAN_CONFIG: dict[str, Any] = {
+    "auth": BASE_CONFIG["auth"],
+    "dimensions": [
+        {"id": "data-processed", "name": "Data Processed", "unit": "gigabyte", "price": "0.08"},
+        {"id": "queries", "name": "Queries", "unit": "query"},
+    ],
+    "offerings": [
+        {"id": "suite", "name": "Suite", "currency": "USD",
+         "fee": {"amount": "20", "timing": "arrears", "description": "Suite platform fee"},
+         "credit": {"unit": "credit", "name": "Suite credits", "unit_price": "0.5"},
+         "charges": [
+             {"dimension": "data-processed", "model": "per_unit"},
+             {"dimension": "queries", "model": "per_unit", "credits_per_unit": "2"}]},
+    ],
+    "customers": [{"id": "suite-co", "name": "Suite Co", "offering": "suite",
+                   "start": "2026-10-01T00:00:00Z"}],
+}  # fmt: skip
+
+
+def test_a_draft_shows_usage_credit_fee_and_item_lines_in_html_and_csv(tmp_path: Path) -> None:
+    """A usage line, the credit line (a usage line of the offering's unit, with the charges it
+    converts), the fee (with its cycle) and a manual item: each in the HTML page and the CSV
+    with its type and amount, and the total their sum."""
+    with serve(tmp_path, PLAN_CONFIG, FixedClock(ts("2026-11-01T02:00:00"))) as (_, client):
+        usage(
+            client,
+            ("suite-co", "data-processed", "2026-10-15T00:00:00Z", "12.5"),
+            ("suite-co", "queries", "2026-10-15T00:00:00Z", "3"),
+        )
+        body = {**OCTOBER, "items": [{"description": "Onboarding", "quantity": 2,
+                                      "unitPrice": "150"}]}  # fmt: skip
+        r = client.post("/v1/customers/suite-co/invoices", json=body)
+        assert r.status_code == 201, r.text
+        doc = r.json()
+        # 12.5 × 0.08; 3 queries × 2 credits × 0.5; the October fee; 2 × 150
+        amounts = [(ln["type"], ln.get("name", ln.get("description")), ln["amount"])
+                   for ln in doc["lines"]]  # fmt: skip
+        assert amounts == [
+            ("usage", "Data Processed", "1.00"), ("usage", "Suite credits", "3.00"),
+            ("fee", "Suite platform fee", "20.00"), ("item", "Onboarding", "300.00"),
+        ]  # fmt: skip
+        assert doc["total"] == "324.00"
+        html = client.get(f"/v1/invoices/{doc['id']}", params={"format": "html"}).content
+        page = text_of(html)
+        assert "Data Processed 1 12.5 gigabytes US$0.08 per gigabyte US$1.00" in page  # 1: note
+        assert "Suite credits 6 credits US$0.50 per credit US$3.00" in page
+        assert "Queries 3 queries × 2 credits per query 6 credits" in page  # the conversion
+        assert "Suite platform fee 1 US$20.00 each US$20.00" in page
+        assert "Monthly fee in arrears, 1 – 31 Oct 2026" in page  # the cycle it bills
+        assert "Onboarding 2 US$150.00 each US$300.00" in page
+        assert "US$324.00" in page
+        csv_body = client.get(f"/v1/invoices/{doc['id']}", params={"format": "csv"}).content
+        header, *rows = list(csv.reader(io.StringIO(csv_body.decode())))
+        typed = [
+            (row[header.index("line_type")], row[header.index("name")], row[header.index("amount")])
+            for row in rows
+        ]
+        assert typed == amounts
+        assert {row[header.index("invoice_total")] for row in rows} == {"324.00"}

@@ -63,6 +63,22 @@ def gateway_config(prom_url: str, workdir: Path) -> dict[str, Any]:
         {"id": "prom-samples", "name": "Samples", "unit": "sample", "aggregation": "sum"},
         {"id": "prom-refused", "name": "Refused", "unit": "sample", "aggregation": "sum"},
     ]
+    # A plan with a recurring fee and a credit unit, for a customer the driver leaves alone:
+    # its revenue (usage, credits, fee) is stable, so the gauges must add up to its draft.
+    cfg["offerings"] += [
+        {
+            "id": "suite",
+            "name": "Suite",
+            "currency": "USD",
+            "fee": {"amount": "20", "timing": "arrears"},
+            "credit": {"unit": "credit", "unit_price": "0.5"},
+            "charges": [
+                {"dimension": "data-processed", "model": "per_unit"},
+                {"dimension": "compute-time", "model": "per_unit", "credits_per_unit": "2"},
+            ],
+        }
+    ]
+    cfg["customers"] += [{"id": "suite-co", "name": "Suite Co", "offering": "suite"}]
     cfg["meters"] = [
         {
             "id": "acme-data",
@@ -199,6 +215,17 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                     json={"id": "grafana-test", "amount": "250", "currency": "USD"},
                 )
                 assert r.status_code in (200, 201), r.text
+            with gw.client(INGEST_KEY) as ingest:
+                now = now_iso()
+                r = ingest.post(
+                    "/v1/usage",
+                    json=[
+                        usage("suite-co", "data-processed", "12.5", now),
+                        usage("suite-co", "compute-time", "90", now),
+                    ],
+                )
+                assert r.status_code == 200, r.text
+                assert r.json()["accepted"] == 2, r.text
             driver.start()
             prom.wait_for_targets()
             yield Stack(gw, prom)
@@ -298,6 +325,33 @@ def test_every_panel_and_variable_query_returns_data(stack: Stack) -> None:
         'dimension="data-processed"})'
     )
     assert float(usage_now["value"][1]) > 0
+
+
+def test_revenue_per_customer_holds_fee_and_credits_as_the_draft_does(stack: Stack) -> None:
+    """What the margin dashboard's per-customer revenue adds up is the draft invoice's total:
+    usage (12.5 GB × 0.08), credits (2 started hours × 2 credits × 0.5) and the month's fee."""
+    query = (
+        "sum by (customer) (max by (customer, dimension, currency) (meter_gateway_period_revenue{"
+        'customer="suite-co", currency="USD"}))'
+    )
+
+    def summed() -> list[dict[str, Any]]:
+        result = stack.prom.query(query)
+        return result if result and float(result[0]["value"][1]) > 0 else []
+
+    [revenue] = stack.prom.wait_for(summed, WAIT_S, "suite-co's revenue")
+    with stack.gateway.client() as admin:
+        r = admin.post("/v1/customers/suite-co/invoices", json={})
+        assert r.status_code == 201, r.text
+        draft = r.json()
+    assert draft["total"] == "23.00"
+    assert float(revenue["value"][1]) == float(draft["total"])
+    by_dim = {
+        s["metric"]["dimension"]: float(s["value"][1])
+        for s in stack.prom.query('meter_gateway_period_revenue{customer="suite-co"}')
+    }
+    assert by_dim == {"data-processed": 1.0, "compute-time": 0.0, "credits/credit": 2.0,
+                      "fee/suite": 20.0}  # fmt: skip
 
 
 def exposed_names(metrics_text: str) -> set[str]:
