@@ -22,6 +22,7 @@ from meter_gateway.aggregation.engine import aggregate
 from meter_gateway.config import Aggregation, Dimension
 from meter_gateway.model import Batch, Source, UsageRecord, dedup_key
 from meter_gateway.store import Store
+from meter_gateway.store import open_store as open_any_store
 from meter_gateway.store.base import InvoiceRow
 from tests.gatewayproc import READ_KEY, GatewayProcess
 from tests.helpers import next_id, now_iso, open_store, ts
@@ -62,8 +63,15 @@ RECORDS = [
 ]
 
 
-def store_with(tmp_path: Path, name: str, records: list[UsageRecord]) -> Store:
-    s = open_store(tmp_path / name)
+def store_with(
+    tmp_path: Path, name: str, records: list[UsageRecord], sqlite: bool = False
+) -> Store:
+    """A store holding ``records`` (per METER_TEST_STORE, or SQLite when ``sqlite``)."""
+    if sqlite:
+        (tmp_path / name).mkdir(parents=True, exist_ok=True)
+        s = open_any_store(f"sqlite:///{tmp_path / name / 't.db'}", 35 * 86400, ts(NOW))
+    else:
+        s = open_store(tmp_path / name)
     # one record per commit, as separate requests would: rollups are merged, not built once
     for r in records:
         s.commit([Batch(Source.REST, [r])], ts(NOW))
@@ -206,10 +214,10 @@ def test_sqlite_cancellation_waits_for_groups_in_flight_and_keeps_its_cache(
 ) -> None:
     from meter_gateway.store.sqlite import SQLiteStore
 
-    s = store_with(tmp_path, "s", RECORDS)
+    # The SQLite pipeline (prepare/apply) and its rollup cache: SQLite in both suite runs.
+    s = store_with(tmp_path, "s", RECORDS, sqlite=True)
     stores.append(s)
-    if not isinstance(s, SQLiteStore):
-        pytest.skip("the SQLite pipeline (prepare/apply) and its rollup cache")
+    assert isinstance(s, SQLiteStore)
     late = usage("2026-05-01T10:45:00", "7", "late", "u9")
     prepared = s.prepare([Batch(Source.REST, [late])], ts(NOW))  # merged with "b" in it
     results: list[Any] = []
@@ -221,7 +229,7 @@ def test_sqlite_cancellation_waits_for_groups_in_flight_and_keeps_its_cache(
     after = usage("2026-05-01T10:50:00", "1", "after", "u9")
     s.commit([Batch(Source.REST, [after])], ts(NOW))  # merged from the rebuilt row
     never = store_with(
-        tmp_path, "never", [r for r in RECORDS if r.record_id != "b"] + [late, after]
+        tmp_path, "never", [r for r in RECORDS if r.record_id != "b"] + [late, after], sqlite=True
     )
     stores.append(never)
     assert _same_rollups(s, never)
