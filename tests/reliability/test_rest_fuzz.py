@@ -289,7 +289,12 @@ def test_hostile_records_store_exactly_the_valid_ones(
     tally.add("rest", r.status_code)
     assert r.status_code < 500, f"{r.status_code}: {r.text[:500]}"
 
-    if b["framing"] != "ndjson" and any(i.malformed for i in items):
+    malformed = [i for i in items if i.malformed]
+    # An element nested past what a JSON parser follows is rejected alone (the rest of the
+    # array is stored, SPEC §4) without its syntax being read further: when every malformed
+    # item is that deep, the gateway may answer either way.
+    deep_only = bool(malformed) and all(_nesting(i.text) > DEEP_ENOUGH for i in malformed)
+    if b["framing"] != "ndjson" and malformed and not (deep_only and r.status_code == 200):
         # the body as a whole is not JSON: refused whole, nothing stored
         assert 400 <= r.status_code < 500, r.text[:500]
         json_error(r)
@@ -325,11 +330,18 @@ def test_hostile_records_store_exactly_the_valid_ones(
             if i in rejected:
                 continue
             exp = item.judged.expected
-            if exp is not None and exp.id is not None:
-                if exp.id in seen_ids:
+            # A record's id, or a Vector event's sample identity (series, time and value: the
+            # same event sent twice is one sample, README "Vector metric events").
+            key = exp.id if exp is not None and exp.id is not None else None
+            if key is None and exp is not None and item.text.startswith('{"name"'):
+                event = json.loads(item.text)
+                if event.get("timestamp") is not None:  # events stamped at receipt: no identity
+                    key = "vector:" + item.text
+            if key is not None:
+                if key in seen_ids:
                     n_dups += 1
                     continue
-                seen_ids.add(exp.id)
+                seen_ids.add(key)
             accepted_items.append(i)
         # every item is counted once, but for running totals whose first point is a baseline
         counted = out["accepted"] + out["duplicates"] + out["rejected"]
@@ -455,6 +467,32 @@ def test_damaged_bodies_are_refused_not_crashes(
     assert len({row["id"] for row in rows}) == len(rows), "doubled"
     gateway_alive(fuzz_gateway)
     probe(fuzz_gateway, admin, probe_customer)
+
+
+#: Nesting past which the standard library's parser gives up (its recursion limit, ~1000).
+DEEP_ENOUGH = 900
+
+
+def _nesting(text: str) -> int:
+    """How deep ``text`` nests objects and arrays, outside strings."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for c in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif c == "\\":
+                escaped = True
+            elif c == '"':
+                in_string = False
+        elif c == '"':
+            in_string = True
+        elif c in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif c in "]}":
+            depth -= 1
+    return deepest
 
 
 DEPTHS = [1, 10, 64, 200, 252, 253, 254, 255, 256, 500, 1000, 1023, 1024, 1100]
