@@ -63,6 +63,7 @@ from meter_gateway.pipeline.cumulative import (
     convert,
 )
 from meter_gateway.pipeline.mapping import Mapped, Unmapped
+from meter_gateway.pipeline.validate import time_window_error
 from meter_gateway.telemetry import Telemetry
 from receivers.otlp_codec import is_series_key, read_number_point
 
@@ -337,14 +338,9 @@ class _Export:
         point an old repeat, one from long ago their baseline."""
         if self.oldest <= t <= self.newest:
             return False
-        limits = self._limits
-        if t < self.oldest:
-            reason = Reason.TOO_LATE
-            why = f"timestamp is older than the late-arrival limit ({limits.late_arrival_limit})"
-        else:
-            reason = Reason.IN_FUTURE
-            why = f"timestamp is more than {limits.future_tolerance} in the future"
-        self.reject(ordinal, reason, "timeUnixNano", why, name, t)
+        refusal = time_window_error(t, self.oldest, self.newest, self._limits)
+        assert refusal is not None
+        self.reject(ordinal, refusal[0], "timeUnixNano", refusal[1], name, t)
         return True
 
     def skip(self, reason: str, n: int = 1) -> None:

@@ -57,6 +57,7 @@ from meter_gateway.model import (
 )
 from meter_gateway.pipeline.decode import clip_json
 from meter_gateway.pipeline.mapping import Mapped, Mapper
+from meter_gateway.pipeline.validate import time_window_error
 
 # Why a point added nothing; label values of the receivers' skipped-points counters.
 SKIP_REPEATED = "repeated"  # a cumulative point already counted (a retried request)
@@ -120,8 +121,7 @@ class TimeWindow:
 
     def __init__(self, clock: Clock, limits: IngestConfig) -> None:
         self._clock = clock
-        self._late = limits.late_arrival_limit
-        self._future = limits.future_tolerance
+        self._limits = limits
         self._late_ns = int(limits.late_arrival_limit.total_seconds()) * 1_000_000_000
         self._future_ns = int(limits.future_tolerance.total_seconds()) * 1_000_000_000
 
@@ -132,13 +132,7 @@ class TimeWindow:
 
     def refusal(self, t: int, oldest: int, newest: int) -> tuple[Reason, str] | None:
         """Why a total at ``t`` is refused within ``bounds()``, or None."""
-        if t < oldest:
-            return Reason.TOO_LATE, (
-                f"timestamp is older than the late-arrival limit ({self._late})"
-            )
-        if t > newest:
-            return Reason.IN_FUTURE, f"timestamp is more than {self._future} in the future"
-        return None
+        return time_window_error(t, oldest, newest, self._limits)
 
 
 class StreamState(NamedTuple):

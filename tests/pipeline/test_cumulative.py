@@ -220,8 +220,8 @@ def _send(totals: Totals, *points: tuple[str, int]) -> Batch:
 @pytest.mark.parametrize(
     ("offset_s", "reason", "wording"),
     [
-        (3600, Reason.IN_FUTURE, "timestamp is more than 0:05:00 in the future"),
-        (-36 * 86400, Reason.TOO_LATE, "timestamp is older than the late-arrival limit (35 days"),
+        (3600, Reason.IN_FUTURE, "is more than 5m in the future"),
+        (-36 * 86400, Reason.TOO_LATE, "is older than the late-arrival limit (35d)"),
     ],
 )
 def test_a_total_out_of_the_time_window_is_refused_before_it_converts(
@@ -231,7 +231,7 @@ def test_a_total_out_of_the_time_window_is_refused_before_it_converts(
     totals, _ = _totals(store, RecordingSink(object()), clock)
     bad = _send(totals, ("1000", NOW + offset_s * 1_000_000_000))
     assert [(e.reason, e.field) for e in bad.errors] == [(reason, "timestamp")]
-    assert bad.errors[0].error.startswith(wording)
+    assert wording in bad.errors[0].error  # the validator's wording (validate.time_window_error)
     assert store.rows == {}  # it did not become the series' state
     # the valid totals after it count as they should: baseline 10, then 4
     ok = _send(totals, ("10", NOW - 2_000_000_000), ("14", NOW - 1_000_000_000))
