@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import time
-
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
+
+from tests.helpers import eventually
 
 COMPUTED = "meter_gateway_period_computed_timestamp_seconds"
 
@@ -14,11 +14,12 @@ def metrics_computed_since(client: httpx.Client, since_s: float, timeout_s: floa
     """/metrics once its ``meter_gateway_period_*`` gauges were computed at or after ``since_s``
     (Unix seconds): a background refresh rates every customer, soon after this replica commits
     and every ``billing.period_gauges_interval``."""
-    deadline = time.monotonic() + timeout_s
-    while True:
+
+    def refreshed() -> str | None:
         text = client.get("/metrics").text
         for fam in text_string_to_metric_families(text):
             if fam.name == COMPUTED and any(s.value >= since_s for s in fam.samples):
                 return text
-        assert time.monotonic() < deadline, "the period gauges were not refreshed in time"
-        time.sleep(0.1)  # polling: the refresh runs on its own schedule
+        return None
+
+    return eventually(refreshed, "the period gauges to be refreshed", timeout_s)

@@ -9,7 +9,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ import yaml
 
 from meter_gateway.cli import main
 from tests.gatewayproc import free_port
+from tests.helpers import eventually
 
 ROOT = Path(__file__).parent.parent
 
@@ -87,15 +87,13 @@ def _running(
         )
     url = f"http://{listen}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
+
+        def ready() -> bool:
             if proc.poll() is not None:
                 raise AssertionError(f"gateway exited {proc.returncode}: {log.read_text()}")
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            assert time.monotonic() < deadline, "gateway did not become ready"
-            time.sleep(0.05)
+            return httpx.get(f"{url}/readyz", timeout=1).status_code == 200
+
+        eventually(ready, "the gateway to become ready", 60)
         yield proc
     finally:
         if proc.poll() is None:

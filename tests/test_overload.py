@@ -32,6 +32,7 @@ from meter_gateway.service import Gateway
 from meter_gateway.store import Store, open_store
 from meter_gateway.telemetry import PeriodUsage, PeriodUsageCollector
 from tests.gatewayproc import ADMIN_KEY, BASE_CONFIG, free_port
+from tests.helpers import eventually
 from tests.pgdb import store_url
 
 RECORDS_PER_BODY = 20
@@ -117,10 +118,7 @@ def stored_ids(store: GatedStore) -> set[str]:
 
 
 def wait_for(what: str, predicate: Any, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
+    eventually(predicate, what, timeout)
 
 
 @dataclass
