@@ -33,7 +33,8 @@ from typing import IO, Any
 import httpx
 import orjson
 
-from meter_gateway.config import ConfigError, load_config
+from meter_gateway.billing.command import base_url
+from meter_gateway.config import ConfigError
 
 KEY_ENV = "METER_GATEWAY_API_KEY"
 CHECKPOINT_SUFFIX = ".import-checkpoint"
@@ -481,18 +482,6 @@ def add_subcommand(sub: Any) -> None:
     )
 
 
-def _base_url(url: str | None, config: str | None) -> str:
-    if url:
-        return url.rstrip("/")
-    if config:
-        listen = load_config(config).server.http.listen
-        host, _, port = listen.rpartition(":")
-        if host in ("0.0.0.0", "::", "[::]"):
-            host = "127.0.0.1"
-        return f"http://{host}:{port}"
-    return "http://127.0.0.1:8080"
-
-
 def run(args: argparse.Namespace) -> int:
     path = Path(args.file)
     if not path.is_file():
@@ -502,7 +491,7 @@ def run(args: argparse.Namespace) -> int:
         print("meter-gateway import: --batch must be at least 1", file=sys.stderr)
         return 2
     try:
-        base = _base_url(args.url, args.config)
+        base = base_url(args.url, args.config)
     except ConfigError as exc:
         for line in exc.errors:
             print(f"{args.config}: {line}", file=sys.stderr)

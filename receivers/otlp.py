@@ -56,6 +56,7 @@ from meter_gateway.pipeline.cumulative import (
     Committer,
     InexactStep,
     ObservationSink,
+    SeriesMapping,
     StateReader,
     StreamsBusy,
     StreamState,
@@ -290,17 +291,6 @@ class _PointSeries(NamedTuple):
     attrs: dict[str, str]
 
 
-class _Mapped(NamedTuple):
-    """How every point of one series maps, learned from validating one of them."""
-
-    catalog: object  # the catalog snapshot it was validated against
-    customer: str
-    dimension: str
-    scale: Decimal | None  # None: 1
-    metadata: dict[str, Any]
-    unique: str | None
-
-
 class _Export:
     """What one request turns into: records, observations still to validate, errors."""
 
@@ -406,7 +396,7 @@ class OtlpMetrics:
         # per metric (its base series id): a point's bytes from its attributes on → its series
         self._tails: dict[str, dict[bytes, _PointSeries]] = {}
         self._tails_size = 0  # entries of all of them (at most max_cached_series)
-        self._mapped: dict[str, _Mapped] = {}
+        self._mapped: dict[str, SeriesMapping] = {}
         self._halves: dict[str, tuple[bool, bool]] = {}
         # Walking an export is pure Python: with every gRPC and HTTP worker walking at once,
         # they take turns at the GIL with the commit pipeline (one turn in several for it), and
@@ -551,7 +541,7 @@ class OtlpMetrics:
             if not isinstance(rule, Mapped):
                 continue
             scale = self._rules.rules[rule.rule_index].scale
-            mapped[key] = _Mapped(
+            mapped[key] = SeriesMapping(
                 ex.catalog,
                 record.customer_id,
                 record.dimension_id,

@@ -43,11 +43,13 @@ def add_subcommand(sub: Any) -> None:
     listing.add_argument("customer")
 
 
-def _base_url(args: argparse.Namespace) -> str:
-    if args.url:
-        return str(args.url).rstrip("/")
-    if args.config:
-        listen = load_config(args.config).server.http.listen
+def base_url(url: str | None, config: str | None) -> str:
+    """The gateway a CLI client talks to: ``--url``, else ``--config``'s HTTP listener
+    (a wildcard host as loopback), else the default."""
+    if url:
+        return str(url).rstrip("/")
+    if config:
+        listen = load_config(config).server.http.listen
         host, _, port = listen.rpartition(":")
         if host in ("0.0.0.0", "::", "[::]"):
             host = "127.0.0.1"
@@ -57,7 +59,7 @@ def _base_url(args: argparse.Namespace) -> str:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        base = _base_url(args)
+        base = base_url(args.url, args.config)
     except ConfigError as exc:
         for line in exc.errors:
             print(f"{args.config}: {line}", file=sys.stderr)

@@ -326,8 +326,9 @@ def series_id(obs: Observation) -> str:
     return hashlib.blake2b(orjson.dumps(identity), digest_size=16).hexdigest()
 
 
-class _Mapping(NamedTuple):
-    """How every amount of one series maps, learned from validating one of them."""
+class SeriesMapping(NamedTuple):
+    """How every amount of one series maps, learned from validating one of them (remote
+    write's series here, OTLP's in ``receivers.otlp``)."""
 
     catalog: object  # the catalog snapshot it was validated against
     customer: str
@@ -365,7 +366,7 @@ class SeriesMappings:
         # validator would have refused a moment later.
         self._late_ns = (int(limits.late_arrival_limit.total_seconds()) - 60) * 1_000_000_000
         self._future_ns = int(limits.future_tolerance.total_seconds()) * 1_000_000_000
-        self._known: dict[str, _Mapping] = {}
+        self._known: dict[str, SeriesMapping] = {}
         # the validator's dedup digest, model.dedup_key(source, key), hashed on from a copy
         self._key_hash = hashlib.blake2b(source.value.encode() + b"\x00", digest_size=16)
 
@@ -428,7 +429,7 @@ class SeriesMappings:
             if not isinstance(rule, Mapped):
                 continue
             scale = self._mapper.rules[rule.rule_index].scale
-            known[sid] = _Mapping(
+            known[sid] = SeriesMapping(
                 catalog,
                 record.customer_id,
                 record.dimension_id,
