@@ -146,31 +146,7 @@ def _line(
         "billedUnit": document.billed_unit(dim.unit, dim.usage_increment),
         "model": pc.model,
     }
-    if pc.model == "per_unit":
-        line["unitPrice"] = fmt(pc.unit_price or ZERO)
-    elif pc.model == "package":
-        assert pc.package_size is not None
-        assert pc.package_price is not None
-        billable = max(EXACT.subtract(billed, pc.free_units), ZERO)
-        packages, rest = divmod(billable, pc.package_size)
-        line["package"] = {
-            "size": fmt(pc.package_size),
-            "price": fmt(pc.package_price),
-            "freeUnits": fmt(pc.free_units),
-            "packages": fmt(packages + (1 if rest else 0)),
-        }
-    else:
-        line["tiers"] = [
-            {
-                "tier": t.index + 1,
-                "upTo": None if t.up_to is None else fmt(t.up_to),
-                "units": fmt(t.units),
-                "unitPrice": fmt(t.unit_price),
-                "flatFee": fmt(t.flat_fee),
-                "amount": fmt(t.amount),
-            }
-            for t in priced.breakdown
-        ]
+    line.update(plans.price_fields(pc, billed, priced))
     line["exactAmount"] = fmt(priced.amount)
     line["amount"] = _money(amount)
     line["usage"] = {

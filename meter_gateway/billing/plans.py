@@ -8,14 +8,50 @@ cycle and, when prorated, the days. Decimals are exact strings; amounts are roun
 
 from __future__ import annotations
 
+from decimal import Decimal
 from typing import Any
 
+from meter_gateway import pricing
 from meter_gateway.aggregation.engine import divide
 from meter_gateway.billing.rating import CreditLine, FeeLine, Line, Rating
-from meter_gateway.decimals import ZERO, fmt
+from meter_gateway.decimals import EXACT, ZERO, fmt
 from meter_gateway.pipeline.timestamps import format_timestamp
 
 __all__ = ["credit_line", "fee_line", "plan_lines", "usage_fields"]
+
+
+def price_fields(
+    charge: pricing.Charge, billed: Decimal, priced: pricing.PricedAmount
+) -> dict[str, Any]:
+    """How a line's price reads on an invoice: its unit price, its packages, or its tiers."""
+    if charge.model == "per_unit":
+        return {"unitPrice": fmt(charge.unit_price or ZERO)}
+    if charge.model == "package":
+        assert charge.package_size is not None
+        assert charge.package_price is not None
+        billable = max(EXACT.subtract(billed, charge.free_units), ZERO)
+        packages, rest = divmod(billable, charge.package_size)
+        return {
+            "package": {
+                "size": fmt(charge.package_size),
+                "price": fmt(charge.package_price),
+                "freeUnits": fmt(charge.free_units),
+                "packages": fmt(packages + (1 if rest else 0)),
+            }
+        }
+    return {
+        "tiers": [
+            {
+                "tier": t.index + 1,
+                "upTo": None if t.up_to is None else fmt(t.up_to),
+                "units": fmt(t.units),
+                "unitPrice": fmt(t.unit_price),
+                "flatFee": fmt(t.flat_fee),
+                "amount": fmt(t.amount),
+            }
+            for t in priced.breakdown
+        ]
+    }
 
 
 def usage_fields(ln: Line) -> dict[str, Any]:
@@ -38,30 +74,7 @@ def credit_line(c: CreditLine) -> dict[str, Any]:
     if c.unit.included is not None:
         line["included"] = fmt(c.unit.included)
         line["billedQuantity"] = fmt(c.billed)
-    if c.charge.model == "per_unit":
-        line["unitPrice"] = fmt(c.charge.unit_price or ZERO)
-    elif c.charge.model == "package":
-        assert c.charge.package_size is not None
-        assert c.charge.package_price is not None
-        packages, rest = divmod(max(c.billed - c.charge.free_units, ZERO), c.charge.package_size)
-        line["package"] = {
-            "size": fmt(c.charge.package_size),
-            "price": fmt(c.charge.package_price),
-            "freeUnits": fmt(c.charge.free_units),
-            "packages": fmt(packages + (1 if rest else 0)),
-        }
-    else:
-        line["tiers"] = [
-            {
-                "tier": t.index + 1,
-                "upTo": None if t.up_to is None else fmt(t.up_to),
-                "units": fmt(t.units),
-                "unitPrice": fmt(t.unit_price),
-                "flatFee": fmt(t.flat_fee),
-                "amount": fmt(t.amount),
-            }
-            for t in c.priced.breakdown
-        ]
+    line.update(price_fields(c.charge, c.billed, c.priced))
     line["exactAmount"] = fmt(c.priced.amount)
     line["amount"] = str(c.amount)
     line["conversions"] = [
