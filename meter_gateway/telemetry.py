@@ -249,10 +249,10 @@ class PeriodUsageCollector(Collector):
     Rating every customer takes seconds (tens of seconds with 1,000 customers on a busy
     PostgreSQL), far past a scrape timeout, so a scrape only reads what ``refresh`` computed
     last. A background thread (``start``) refreshes every ``interval_s``, and sooner after a
-    commit on this replica (``wake``), but never sooner than ``max(min_gap_s, 3 × the last
-    refresh's duration)`` after the previous one ended, so it takes at most a quarter of one
-    thread (of the GIL, under load). It runs under no lease: every replica exposes the gauges.
-    All rows of one refresh are one rating at one instant;
+    commit on this replica (``wake``), but never sooner than ``max(min_gap_s, 9 × the last
+    refresh's duration)`` after the previous one ended, so it takes at most a tenth of one
+    thread (of the GIL, which ingest needs under load). It runs under no lease: every replica
+    exposes the gauges. All rows of one refresh are one rating at one instant;
     ``meter_gateway_period_computed_timestamp_seconds`` says which. Every replica reports the
     same totals (they come from the shared store), so dashboards aggregate these with
     ``max by (customer, dimension)``, never ``sum``.
@@ -312,7 +312,7 @@ class PeriodUsageCollector(Collector):
             except Exception:  # the store may be down: keep the last values, try again
                 log.warning("the period gauges could not be refreshed", exc_info=True)
             took = 0.0 if self._last is None else self._last[2]
-            gap = min(self._interval, max(self._min_gap, 3 * took))
+            gap = min(self._interval, max(self._min_gap, 9 * took))
             deadline = time.monotonic() + self._interval
             with self._cv:
                 if self._cv.wait_for(lambda: self._stopping, gap):

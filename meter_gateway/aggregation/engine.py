@@ -79,6 +79,9 @@ def _aggregate(
     lo, hi = windows[0][0], windows[-1][1]
     bounds = {s for s, _ in windows} | {hi}
     split_buckets = sorted({floor_bucket(b) for b in bounds if b % BUCKET_NS})
+    whole = _whole_tail(store, customer, dim.id, bounds, hi)
+    if whole is not None:
+        split_buckets.remove(whole)
     if method == "unique_count":
         return _unique(store, customer, dim, windows, split_buckets)
     rows = [
@@ -129,6 +132,22 @@ def _aggregate(
     return out
 
 
+def _whole_tail(
+    store: UsageReader, customer: str, dimension: str, bounds: set[int], hi: int
+) -> int | None:
+    """The bucket that ``hi`` (the end of the last window, often ``as_of`` = now) splits, if
+    no other bound splits it and every record in it lies before ``hi``: its rollup row then
+    holds exactly the part before ``hi`` (a rollup's ``last_ts`` is its latest record's), so
+    it is read whole instead of as raw records (the current hour, at every rating)."""
+    if not hi % BUCKET_NS:
+        return None
+    b = floor_bucket(hi)
+    if any(b < x < hi for x in bounds):
+        return None
+    rows = store.rollups(customer, dimension, b, b + BUCKET_NS)
+    return b if not rows or rows[0].last_ts < hi else None
+
+
 def _raw_in(
     store: UsageReader,
     customer: str,
@@ -159,8 +178,9 @@ def _weighted(
     level = ZERO
     for r in store.rollups(customer, dimension, _EPOCH_BUCKET, floor_bucket(lo)):
         level = EXACT.add(level, r.sum)
-    for p in store.raw(customer, dimension, floor_bucket(lo), lo):
-        level = EXACT.add(level, p.value)
+    if lo % BUCKET_NS:
+        for p in store.raw(customer, dimension, floor_bucket(lo), lo):
+            level = EXACT.add(level, p.value)
     out: list[Decimal | None] = []
     ri = pi = 0
     for (s, e), length in zip(windows, lengths, strict=True):

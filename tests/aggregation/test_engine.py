@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 from meter_gateway.aggregation.engine import aggregate, billable_quantity
 from meter_gateway.aggregation.windows import split
 from meter_gateway.config import Dimension
+from meter_gateway.model import UsageRecord
 from meter_gateway.store.sqlite import SQLiteStore
 from tests.helpers import commit, open_store, rec, ts
 
@@ -192,3 +194,86 @@ def test_rollups_survive_reopen_and_merge_with_new_records(tmp_path: Path) -> No
         s, "c1", dim("sum"), [(ts("2026-05-01T10:00:00"), ts("2026-05-01T11:00:00"))]
     ) == [Decimal("3.75")]
     s.close()
+
+
+class _CountingReads:
+    """The store, counting raw-record reads."""
+
+    def __init__(self, store: SQLiteStore) -> None:
+        self.store = store
+        self.raw_reads = 0
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.store, name)
+
+    def raw(self, *args: object, **kw: object) -> object:
+        self.raw_reads += 1
+        return self.store.raw(*args, **kw)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("method", ["sum", "count", "max", "min", "avg", "last", "weighted_sum"])
+def test_the_bucket_as_of_splits_is_read_whole_while_nothing_in_it_is_later(
+    store: SQLiteStore, method: str
+) -> None:
+    """``as_of`` = now splits the current hour: while every record of that hour is before it
+    the hour's rollup row is the exact answer, and no raw record is read; one record after it
+    (a sender's clock ahead) and the same window reads the hour's records again."""
+    commit(
+        store,
+        rec("2026-05-01T09:30:00", "5"),
+        rec("2026-05-01T10:20:00", "3"),
+        rec("2026-05-01T10:05:00", "-2"),
+        rec("2026-05-01T10:40:00", "7"),
+    )
+    d = dim(method)
+    window = [(ts("2026-05-01T00:00:00"), ts("2026-05-02T00:00:00"))]
+    as_of = ts("2026-05-01T10:45:00")
+    reads = _CountingReads(store)
+    whole = aggregate(reads, "c1", d, window, as_of)  # type: ignore[arg-type]
+    assert reads.raw_reads == 0
+    # what the raw records say: the same window with the as_of bucket split by a window start
+    split_at = ts("2026-05-01T10:01:00")
+    parts = [(window[0][0], split_at), (split_at, window[0][1])]
+    expected = {
+        "sum": Decimal(13),
+        "count": Decimal(4),
+        "max": Decimal(7),
+        "min": Decimal(-2),
+        "avg": Decimal("3.25"),
+        "last": Decimal(7),
+    }
+    if method == "weighted_sum":
+        # level 5 from 09:30, 3 from 10:05, 6 from 10:20, 13 from 10:40, over a 24 h window
+        integral = 5 * 35 + 3 * 15 + 6 * 20 + 13 * 5
+        expected[method] = Decimal(integral) / Decimal(24 * 60)
+        assert whole[0] is not None
+        assert abs(whole[0] - expected[method]) < Decimal("1e-15")
+    else:
+        assert whole == [expected[method]]
+    assert len(aggregate(store, "c1", d, parts, as_of)) == 2
+
+    commit(store, rec("2026-05-01T10:50:00", "100"))  # after as_of, in the same hour
+    reads = _CountingReads(store)
+    assert aggregate(reads, "c1", d, window, as_of) == whole
+    assert reads.raw_reads == 1
+
+
+def test_unique_count_reads_the_as_of_bucket_whole_while_nothing_in_it_is_later(
+    store: SQLiteStore,
+) -> None:
+    d = dim("unique_count", unique_key="user")
+
+    def seen(when: str, user: str) -> UsageRecord:
+        return dataclasses.replace(rec(when, "1", unique=user), metadata={"user": user})
+
+    commit(store, seen("2026-05-01T10:10:00", "a"), seen("2026-05-01T10:20:00", "b"))
+    commit(store, seen("2026-05-01T10:30:00", "a"))
+    window = [(ts("2026-05-01T00:00:00"), ts("2026-05-02T00:00:00"))]
+    as_of = ts("2026-05-01T10:45:00")
+    reads = _CountingReads(store)
+    assert aggregate(reads, "c1", d, window, as_of) == [Decimal(2)]  # type: ignore[arg-type]
+    assert reads.raw_reads == 0
+    commit(store, seen("2026-05-01T10:50:00", "c"))
+    reads = _CountingReads(store)
+    assert aggregate(reads, "c1", d, window, as_of) == [Decimal(2)]  # type: ignore[arg-type]
+    assert reads.raw_reads == 1
