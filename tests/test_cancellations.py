@@ -328,3 +328,71 @@ def test_cancellation_of_invoiced_usage_and_bad_bodies(
     with gateway.client(READ_KEY) as reader:
         assert reader.post("/v1/usage/cancellations", json={"ids": [rid]}).status_code == 403
         assert reader.get("/v1/usage/cancellations").status_code == 200
+
+
+def test_sqlite_finds_ids_both_indexed_and_not_yet_indexed(
+    tmp_path: Path, stores: list[Store], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite indexes record ids behind the commits, in batches (``record_ids``): an id is
+    found whether its record is indexed yet or not, once per record even when the same id was
+    sent again after the dedup window, and a reopened store goes on from where indexing was."""
+    from meter_gateway.store import sqlite
+
+    monkeypatch.setattr(sqlite, "_IDS_BATCH", 4)
+    monkeypatch.setattr(sqlite, "_IDS_CHUNK", 3)
+    s = store_with(tmp_path, "s", RECORDS, sqlite=True)
+    stores.append(s)
+    assert isinstance(s, sqlite.SQLiteStore)
+    with s._dialect.reading() as tx:
+        indexed = {str(r[0]) for r in tx.all("SELECT record_id FROM record_ids")}
+        upto = tx.one("SELECT seq FROM record_ids_upto")
+    assert indexed == {"a", "b", "c"}  # at the 4th commit, one chunk of 3; d, e, f are not yet
+    assert upto == (3,)
+    # an id seen again after the window is a second record with the same id (two seqs)
+    s.commit([Batch(Source.REST, [usage("2026-05-01T12:00:00", "1", "a")])], ts("2026-06-10"))
+    results = s.cancel_records(["a", "e", "zz", "c"], None, ts(NOW), {})
+    assert [(r.id, r.status) for r in results] == [
+        ("a", "cancelled"),
+        ("e", "cancelled"),
+        ("zz", "not_found"),
+        ("c", "cancelled"),
+    ]
+    gone = s.cancellations(None, 100)
+    assert sorted(g.record_id for g in gone) == ["a", "a", "c", "e"]
+    left = {r.record_id for r in s.records("c1", "d1", 0, ts("2026-07-01T00:00:00"), None, 100)}
+    assert left == {"b", "d", "f"}
+    s.close()
+    stores.remove(s)
+    s = open_any_store(f"sqlite:///{tmp_path / 's' / 't.db'}", 35 * 86400, ts(NOW))
+    stores.append(s)
+    assert [r.status for r in s.cancel_records(["d", "a"], None, ts(NOW), {})] == [
+        "cancelled",
+        "already_cancelled",
+    ]
+
+
+def test_sqlite_version_7_database_gets_its_ids_indexed(tmp_path: Path) -> None:
+    """Migration 8 moves the ids of an existing database into ``record_ids``."""
+    import sqlite3
+
+    from meter_gateway.store import sqlite
+
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    for script in sqlite.MIGRATIONS[:7]:
+        for statement in script.split(";"):
+            if statement.strip():
+                conn.execute(statement)
+    conn.execute("PRAGMA user_version=7")
+    conn.executemany(
+        "INSERT INTO records (seq, ts, customer, dimension, value, record_id, metadata, source, "
+        "received_ns) VALUES (?, ?, 'c1', 'd1', '1', ?, NULL, 'rest', 0)",
+        [(1, ts("2026-05-01T10:00:00"), "x"), (2, ts("2026-05-01T10:01:00"), None)],
+    )
+    conn.close()
+    s = open_any_store(f"sqlite:///{path}", 35 * 86400, ts(NOW))
+    try:
+        assert [r.status for r in s.cancel_records(["x"], None, ts(NOW), {})] == ["cancelled"]
+        assert [r.record_id for r in s.records("c1", "d1", *DAY, None, 10)] == [None]
+    finally:
+        s.close()

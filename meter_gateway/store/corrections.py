@@ -37,7 +37,7 @@ _COPY = (
     "INSERT INTO cancelled_records (record_seq, record_id, ts, customer, dimension, value, "
     "metadata, source, received_ns, cancelled_ns, reason) "
     "SELECT seq, record_id, ts, customer, dimension, value, {meta}, source, received_ns, ?, ? "
-    "FROM records r WHERE record_id = ?"
+    "FROM records r WHERE {match}"
 )
 _UPSERT_ROLLUP = (
     "INSERT INTO rollups (customer, dimension, bucket, count, sum, min, max, last_ts, last_seq, "
@@ -68,15 +68,16 @@ def cancel(
     records in one order."""
     done: dict[str, CancelResult] = {}
     touched: set[RollupKey] = set()
-    copy = _COPY.format(meta=metadata_sql)
+    match = dialect.record_id_match
+    copy = _COPY.format(meta=metadata_sql, match=match)
     why = None if reason is None else dialect.text(reason)
     for rid in sorted(set(ids)):
         if "\x00" in rid:  # no stored id holds NUL (and PostgreSQL text cannot bind it)
             done[rid] = CancelResult(rid, "not_found")
             continue
+        by_id = (rid,) * match.count("?")
         rows = tx.all(
-            f"SELECT ts, customer, dimension FROM records WHERE record_id = ?{dialect.for_update}",
-            (rid,),
+            f"SELECT ts, customer, dimension FROM records WHERE {match}{dialect.for_update}", by_id
         )
         if not rows:
             gone = tx.one("SELECT 1 FROM cancelled_records WHERE record_id = ? LIMIT 1", (rid,))
@@ -86,8 +87,8 @@ def cancel(
         if invoice is not None:
             done[rid] = CancelResult(rid, "invoiced", invoice)
             continue
-        tx.run(copy, (now_ns, why, rid))
-        tx.run("DELETE FROM records WHERE record_id = ?", (rid,))
+        tx.run(copy, (now_ns, why, *by_id))
+        tx.run(f"DELETE FROM records WHERE {match}", by_id)
         touched.update((str(c), str(d), floor_bucket(int(t))) for t, c, d in rows)
         done[rid] = CancelResult(rid, "cancelled")
     for key in sorted(touched):

@@ -57,6 +57,10 @@ class Dialect(Protocol):
     #: database has one writer, which already serializes the transaction).
     for_update: str
     for_share: str
+    #: The condition on ``records`` selecting the rows of one record id: ``?`` placeholders,
+    #: each bound to the id (SQLite finds ids through ``record_ids`` plus the records not
+    #: indexed there yet; PostgreSQL through an index on ``records``).
+    record_id_match: str
 
     def reading(self) -> AbstractContextManager[Tx]:
         """A connection for reads; each statement sees committed data."""

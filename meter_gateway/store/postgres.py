@@ -686,6 +686,7 @@ class PostgresDialect:
     single_owner = False
     for_update = " FOR UPDATE"
     for_share = " FOR SHARE"
+    record_id_match = "record_id = ?"
 
     def __init__(self, pool: ConnectionPool[Any]) -> None:
         self._pool = pool
