@@ -413,11 +413,18 @@ class SQLiteStore(SqlBilling):
         conn.execute("COMMIT")
 
     def _load_dedup(self, now_s: int) -> None:
-        cutoff = now_s - self.dedup.window_s
-        cur = self._conn.execute(
-            "SELECT keys, seen_s FROM dedup_log WHERE seen_s >= ? ORDER BY seq", (cutoff,)
-        )
-        self.dedup.load((bytes(k), int(s)) for k, s in cur)
+        # A connection of its own with a small page cache: the keys are read once, and through
+        # the writer's connection their pages would stay in its cache (up to 128 MB) for nothing.
+        conn = sqlite3.connect(self.path, isolation_level=None, timeout=30.0)
+        try:
+            conn.execute("PRAGMA cache_size=-2048")
+            cur = conn.execute(
+                "SELECT keys, seen_s FROM dedup_log WHERE seen_s >= ? ORDER BY seq",
+                (now_s - self.dedup.window_s,),
+            )
+            self.dedup.load((k, int(s)) for k, s in cur)
+        finally:
+            conn.close()
 
     def close(self) -> None:
         with self._readers_lock:
