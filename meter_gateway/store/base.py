@@ -231,6 +231,11 @@ def rollup_partials(
     out: dict[RollupKey, list[Any]] = {}
     with localcontext(EXACT):  # for sum() and mul below
         for key, idx in members.items():
+            if len(idx) == 1:  # the usual key when customers x dimensions outnumber a group
+                i = idx[0]
+                v, t = values[i], times[i]
+                out[key] = [1, v, v, v, t, seqs[i], v, v * (key[2] + BUCKET_NS - t)]
+                continue
             vs = [values[i] for i in idx]
             at = [times[i] for i in idx]
             latest = max(at)

@@ -187,6 +187,8 @@ MIGRATIONS: tuple[str, ...] = (
 # sorted batch of at most _IDS_CHUNK: the records an id lookup scans by seq stay few.
 _IDS_BATCH = 50_000
 _IDS_CHUNK = 200_000
+# Rollup rows a prepare reads per query (3 parameters each, under SQLite's 32,766).
+_ROLLUP_READ_BATCH = 500
 
 _RECORD_ID = attrgetter("record_id")
 _METADATA = attrgetter("metadata")
@@ -713,42 +715,63 @@ class SQLiteStore(SqlBilling):
             self._compacted_s = self._last_purge_s
 
     def _merge_rollups(self, acc: dict[RollupKey, list[Any]]) -> dict[RollupKey, RollupRow]:
-        def current(key: RollupKey) -> RollupRow | None:
-            for g in reversed(self._inflight):
-                row = g.merged.get(key)
+        # Where each key's row is now: the latest group in flight that has it, the cache of
+        # committed rows, else the database (read in batches: at every new hour, every series'
+        # key is new, and one query each cost more than the rest of prepare).
+        newest_first = [g.merged for g in reversed(self._inflight)]
+        cache_get = self._cache.get
+        olds: dict[RollupKey, RollupRow | None] = {}
+        missing: list[RollupKey] = []
+        for key in acc:
+            for merged in newest_first:
+                row = merged.get(key)
                 if row is not None:
-                    return row
-            return self._cache.get(key)
-
-        olds = {k: current(k) for k in acc}
-        missing = [k for k, v in olds.items() if v is None]
-        conn = self._prep
-        for c, d, bucket in missing:
-            row = conn.execute(
-                "SELECT count, sum, min, max, last_ts, last_seq, last_value, wsum FROM rollups "
-                "WHERE customer=? AND dimension=? AND bucket=?",
-                (c, d, bucket),
-            ).fetchone()
-            if row is not None:
-                olds[(c, d, bucket)] = _rollup(bucket, row)
+                    break
+            else:
+                row = cache_get(key)
+                if row is None:
+                    missing.append(key)
+            olds[key] = row
+        for i in range(0, len(missing), _ROLLUP_READ_BATCH):
+            chunk = missing[i : i + _ROLLUP_READ_BATCH]
+            marks = ",".join("(?,?,?)" for _ in chunk)
+            for r in self._prep.execute(
+                "SELECT customer, dimension, bucket, count, sum, min, max, last_ts, last_seq, "
+                f"last_value, wsum FROM (VALUES {marks}) k CROSS JOIN rollups "
+                "ON customer = k.column1 AND dimension = k.column2 AND bucket = k.column3",
+                [x for key in chunk for x in key],
+            ):
+                olds[(r[0], r[1], r[2])] = _rollup(r[2], r[3:])
         out: dict[RollupKey, RollupRow] = {}
+        add = EXACT.add
         for key, (n, s, mn, mx, lts, lseq, lv, w) in acc.items():
             old = olds[key]
-            if old is not None:
-                later = (lts, lseq) > (old.last_ts, old.last_seq)
+            if old is None:
+                out[key] = RollupRow(key[2], n, s, mn, mx, lts, lseq, lv, w)
+            elif (lts, lseq) > (old.last_ts, old.last_seq):
                 out[key] = RollupRow(
                     key[2],
                     old.count + n,
-                    EXACT.add(old.sum, s),
-                    min(old.min, mn),
-                    max(old.max, mx),
-                    lts if later else old.last_ts,
-                    lseq if later else old.last_seq,
-                    lv if later else old.last_value,
-                    EXACT.add(old.wsum, w),
+                    add(old.sum, s),
+                    mn if mn < old.min else old.min,
+                    mx if mx > old.max else old.max,
+                    lts,
+                    lseq,
+                    lv,
+                    add(old.wsum, w),
                 )
             else:
-                out[key] = RollupRow(key[2], n, s, mn, mx, lts, lseq, lv, w)
+                out[key] = RollupRow(
+                    key[2],
+                    old.count + n,
+                    add(old.sum, s),
+                    mn if mn < old.min else old.min,
+                    mx if mx > old.max else old.max,
+                    old.last_ts,
+                    old.last_seq,
+                    old.last_value,
+                    add(old.wsum, w),
+                )
         return out
 
     def _state_conflicts(self, batches: Sequence[Batch]) -> set[int]:
