@@ -6,15 +6,27 @@ offset is not a whole hour). ``time_weighted_avg`` reads raw levels (its buckets
 level carried in), and so do seats (``unique_count`` that is ``prorated`` or counts values
 present at the ``end``: a value's presence runs from its first record to its ``remove``
 record, across windows); every other method is answered from rollups.
+
+A period's billable quantity (``period``: usage-summary, invoices, meters and gauges read it
+through billing.rating) is read once with its usage; for methods whose empty interval bills
+nothing it is computed from the intervals that hold records only (a year has 8,760 hours).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from bisect import bisect_left, bisect_right
+from collections.abc import Callable, Sequence
 from decimal import ROUND_CEILING, ROUND_FLOOR, ROUND_HALF_EVEN, ROUND_HALF_UP, Decimal
+from itertools import chain
 from zoneinfo import ZoneInfo
 
-from meter_gateway.aggregation.windows import BUCKET_NS, ceil_bucket, floor_bucket, split
+from meter_gateway.aggregation.windows import (
+    BUCKET_NS,
+    ceil_bucket,
+    floor_bucket,
+    period_windows,
+    split,
+)
 from meter_gateway.config import Dimension
 from meter_gateway.decimals import EXACT, ZERO
 from meter_gateway.store.base import RawPoint, RollupRow, UsageReader, unique_of
@@ -79,73 +91,55 @@ def _aggregate(
     lo, hi = windows[0][0], windows[-1][1]
     bounds = {s for s, _ in windows} | {hi}
     split_buckets = sorted({floor_bucket(b) for b in bounds if b % BUCKET_NS})
-    whole = _whole_tail(store, customer, dim.id, bounds, hi)
+    if method == "unique_count":
+        whole = _whole_tail(store, customer, dim.id, bounds, hi)
+        if whole is not None:
+            split_buckets.remove(whole)
+        return _unique(store, customer, dim, windows, split_buckets)
+    rows = store.rollups(customer, dim.id, floor_bucket(lo), ceil_bucket(hi))
+    whole = _whole_tail(store, customer, dim.id, bounds, hi, rows)
     if whole is not None:
         split_buckets.remove(whole)
-    if method == "unique_count":
-        return _unique(store, customer, dim, windows, split_buckets)
-    rows = [
-        r
-        for r in store.rollups(customer, dim.id, floor_bucket(lo), ceil_bucket(hi))
-        if r.bucket_ns not in split_buckets
-    ]
+    skip = set(split_buckets)
+    rows = [r for r in rows if r.bucket_ns not in skip]
     raw = _raw_in(store, customer, dim.id, split_buckets, lo, hi, None)
     if method == "weighted_sum":
         return _weighted(store, customer, dim.id, windows, lengths, rows, raw)
     out: list[Decimal | None] = []
     ri = pi = 0
     for _s, e in windows:
-        count, total = 0, ZERO
-        mn: Decimal | None = None
-        mx: Decimal | None = None
-        last: tuple[int, int, Decimal] | None = None
-        while ri < len(rows) and rows[ri].bucket_ns < e:
-            r = rows[ri]
-            ri += 1
-            count += r.count
-            total = EXACT.add(total, r.sum)
-            mn = r.min if mn is None or r.min < mn else mn
-            mx = r.max if mx is None or r.max > mx else mx
-            if last is None or (r.last_ts, r.last_seq) > last[:2]:
-                last = (r.last_ts, r.last_seq, r.last_value)
-        while pi < len(raw) and raw[pi].ts < e:
-            p = raw[pi]
-            pi += 1
-            count += 1
-            total = EXACT.add(total, p.value)
-            mn = p.value if mn is None or p.value < mn else mn
-            mx = p.value if mx is None or p.value > mx else mx
-            if last is None or (p.ts, p.seq) > last[:2]:
-                last = (p.ts, p.seq, p.value)
-        if method == "sum":
-            out.append(total)
-        elif method == "count":
-            out.append(Decimal(count))
-        elif method == "min":
-            out.append(mn)
-        elif method == "max":
-            out.append(mx)
-        elif method == "avg":
-            out.append(divide(total, count) if count else None)
-        else:  # last
-            out.append(last[2] if last is not None else None)
+        rj, pj = ri, pi
+        while rj < len(rows) and rows[rj].bucket_ns < e:
+            rj += 1
+        while pj < len(raw) and raw[pj].ts < e:
+            pj += 1
+        out.append(_value(method, rows[ri:rj], raw[pi:pj]))
+        ri, pi = rj, pj
     return out
 
 
 def _whole_tail(
-    store: UsageReader, customer: str, dimension: str, bounds: set[int], hi: int
+    store: UsageReader,
+    customer: str,
+    dimension: str,
+    bounds: set[int],
+    hi: int,
+    rows: Sequence[RollupRow] | None = None,
 ) -> int | None:
     """The bucket that ``hi`` (the end of the last window, often ``as_of`` = now) splits, if
     no other bound splits it and every record in it lies before ``hi``: its rollup row then
     holds exactly the part before ``hi`` (a rollup's ``last_ts`` is its latest record's), so
-    it is read whole instead of as raw records (the current hour, at every rating)."""
+    it is read whole instead of as raw records (the current hour, at every rating). ``rows``:
+    the rollups read up to ``ceil_bucket(hi)``, when the caller has them (no query then)."""
     if not hi % BUCKET_NS:
         return None
     b = floor_bucket(hi)
     if any(b < x < hi for x in bounds):
         return None
-    rows = store.rollups(customer, dimension, b, b + BUCKET_NS)
-    return b if not rows or rows[0].last_ts < hi else None
+    if rows is None:
+        rows = store.rollups(customer, dimension, b, b + BUCKET_NS)
+    tail = rows[-1] if rows and rows[-1].bucket_ns == b else None
+    return b if tail is None or tail.last_ts < hi else None
 
 
 def _raw_in(
@@ -157,9 +151,16 @@ def _raw_in(
     hi: int,
     unique_key: str | None,
 ) -> list[RawPoint]:
+    # one read per run of adjacent buckets (a half-hour zone cuts every hour)
     out: list[RawPoint] = []
-    for b in buckets:
-        out.extend(store.raw(customer, dimension, max(b, lo), min(b + BUCKET_NS, hi), unique_key))
+    i = 0
+    while i < len(buckets):
+        j = i + 1
+        while j < len(buckets) and buckets[j] == buckets[j - 1] + BUCKET_NS:
+            j += 1
+        s, e = max(buckets[i], lo), min(buckets[j - 1] + BUCKET_NS, hi)
+        out.extend(store.raw(customer, dimension, s, e, unique_key))
+        i = j
     return out
 
 
@@ -234,12 +235,13 @@ def _unique(
 ) -> list[Decimal | None]:
     lo, hi = windows[0][0], windows[-1][1]
     skip = set(split_buckets)
-    pairs = sorted(
-        (b, v)
-        for b, v in store.distinct(customer, dim.id, floor_bucket(lo), ceil_bucket(hi))
-        if b not in skip
-    )
+    found = store.distinct(customer, dim.id, floor_bucket(lo), ceil_bucket(hi))
     raw = _raw_in(store, customer, dim.id, split_buckets, lo, hi, dim.unique_key)
+    if len(windows) == 1:  # the period as one window: no order needed
+        seen = {v for b, v in found if b not in skip}
+        seen.update(p.unique for p in raw if p.unique is not None)
+        return [Decimal(len(seen))]
+    pairs = sorted((b, v) for b, v in found if b not in skip)
     out: list[Decimal | None] = []
     ri = pi = 0
     for _, e in windows:
@@ -319,15 +321,176 @@ def billable_quantity(
     as_of: int | None = None,
 ) -> Decimal:
     """Σ over the aggregation intervals of the period of rounding(aggregate / increment),
-    measured up to ``as_of`` (see ``aggregate``); billing.rating is its one caller."""
+    measured up to ``as_of`` (see ``aggregate``); billing.rating reads it through ``period``."""
     if to_ns <= from_ns:
         return ZERO
     if dim.aggregation_interval == "none":
         windows = [(from_ns, to_ns)]
+    elif _sparse(dim):
+        hi = _until(from_ns, to_ns, as_of)
+        return _intervals(store, customer, dim, from_ns, to_ns, hi, tz)[1]
     else:
         windows = split(from_ns, to_ns, dim.aggregation_interval, tz)
+    return _total(aggregate(store, customer, dim, windows, as_of), dim)
+
+
+def period(
+    store: UsageReader,
+    customer: str,
+    dim: Dimension,
+    from_ns: int,
+    to_ns: int,
+    tz: ZoneInfo,
+    as_of: int | None = None,
+) -> tuple[Decimal | None, Decimal]:
+    """The period ``[from_ns, to_ns)`` measured up to ``as_of``: its aggregate as one window
+    (``aggregate``) and its billable quantity (``billable_quantity``), read once where the
+    method allows.
+
+    Methods whose empty interval bills nothing (an interval without records sums and counts
+    0, and rounding(0) is 0 in every mode; min/max/avg/last have no value there) are answered
+    from the intervals that hold records only, never walking the hours of a year that have
+    none. Carried levels and seats bill empty intervals too: every interval is computed.
+    """
+    if to_ns <= from_ns:
+        return None, ZERO
+    if dim.aggregation_interval != "none" and _sparse(dim):
+        return _intervals(store, customer, dim, from_ns, to_ns, _until(from_ns, to_ns, as_of), tz)
+    [usage] = aggregate(store, customer, dim, [(from_ns, to_ns)], as_of)
+    if dim.aggregation_interval == "none":
+        return usage, _total([usage], dim)
+    return usage, billable_quantity(store, customer, dim, from_ns, to_ns, tz, as_of)
+
+
+def _until(from_ns: int, to_ns: int, as_of: int | None) -> int:
+    """Where a period is measured up to (``from_ns`` when ``as_of`` is before it)."""
+    return to_ns if as_of is None else max(from_ns, min(to_ns, as_of))
+
+
+def _sparse(dim: Dimension) -> bool:
+    method = dim.aggregation
+    if method == "unique_count":
+        return not (dim.prorated or dim.unique_count_mode == "end")
+    return method in ("sum", "count", "min", "max", "avg", "last")
+
+
+def _total(values: Sequence[Decimal | None], dim: Dimension) -> Decimal:
     total = ZERO
-    for v in aggregate(store, customer, dim, windows, as_of):
+    for v in values:
         if v is not None:
             total = EXACT.add(total, round_increments(v, dim))
     return total.normalize(EXACT) if total != 0 else ZERO
+
+
+def _intervals(
+    store: UsageReader,
+    customer: str,
+    dim: Dimension,
+    from_ns: int,
+    to_ns: int,
+    hi: int,
+    tz: ZoneInfo,
+) -> tuple[Decimal | None, Decimal]:
+    """``period`` for a method whose empty intervals bill nothing, measured over
+    ``[from_ns, hi)``: the rollups of the range are read once and each is put in its interval
+    (a bucket an interval boundary cuts is read as raw records, as in ``aggregate``); the
+    period's value is all of them together."""
+    method = dim.aggregation
+    if hi <= from_ns:
+        return (ZERO if method in ("sum", "count", "unique_count") else None), ZERO
+    # The intervals measured: those of the whole period (remembered across customers) that
+    # start before ``hi``, the last one ending there.
+    every = period_windows(from_ns, to_ns, dim.aggregation_interval, tz)
+    starts = [s for s, _ in every[: bisect_left(every, (hi,))]]
+    n = len(starts)
+
+    def cut(b: int) -> bool:  # an interval starts inside bucket b, or hi cuts it
+        k = bisect_right(starts, b)
+        return (k < n and starts[k] < b + BUCKET_NS) or b < hi < b + BUCKET_NS
+
+    def interval_of(ts: int) -> int:
+        return bisect_right(starts, ts) - 1
+
+    if method == "unique_count":
+        return _unique_intervals(store, customer, dim, from_ns, hi, starts, cut, interval_of)
+    rows = store.rollups(customer, dim.id, floor_bucket(from_ns), ceil_bucket(hi))
+    tail = floor_bucket(hi)
+    whole = (
+        hi % BUCKET_NS != 0
+        and not tail < starts[-1] < hi
+        and (not rows or rows[-1].bucket_ns != tail or rows[-1].last_ts < hi)
+    )
+    parts: dict[int, list[RollupRow]] = {}
+    points: dict[int, list[RawPoint]] = {}
+    raw_buckets: list[int] = []
+    k, end = -1, from_ns  # interval k ends at ``end``; no row is before from_ns uncut
+    for r in rows:
+        b = r.bucket_ns
+        if cut(b) and not (whole and b == tail):
+            raw_buckets.append(b)
+            continue
+        if b >= end:
+            k = interval_of(b)
+            end = starts[k + 1] if k + 1 < n else hi
+        parts.setdefault(k, []).append(r)
+    raw = _raw_in(store, customer, dim.id, raw_buckets, from_ns, hi, None)
+    for p in raw:
+        points.setdefault(interval_of(p.ts), []).append(p)
+    usage = _value(method, [r for k in sorted(parts) for r in parts[k]], raw)
+    values = [_value(method, parts.get(k, ()), points.get(k, ())) for k in parts.keys() | points]
+    return usage, _total(values, dim)
+
+
+def _value(method: str, rows: Sequence[RollupRow], raw: Sequence[RawPoint]) -> Decimal | None:
+    """The value of rollup rows and raw records taken together (SPEC §2)."""
+    if method == "count":
+        return Decimal(sum(r.count for r in rows) + len(raw))
+    if method == "sum" or method == "avg":
+        total = ZERO
+        for r in rows:
+            total = EXACT.add(total, r.sum)
+        for p in raw:
+            total = EXACT.add(total, p.value)
+        if method == "sum":
+            return total
+        count = sum(r.count for r in rows) + len(raw)
+        return divide(total, count) if count else None
+    if method == "max":
+        return max(chain((r.max for r in rows), (p.value for p in raw)), default=None)
+    if method == "min":
+        return min(chain((r.min for r in rows), (p.value for p in raw)), default=None)
+    last = max(
+        chain(
+            ((r.last_ts, r.last_seq, r.last_value) for r in rows),
+            ((p.ts, p.seq, p.value) for p in raw),
+        ),
+        default=None,
+        key=lambda t: t[:2],
+    )
+    return None if last is None else last[2]
+
+
+def _unique_intervals(
+    store: UsageReader,
+    customer: str,
+    dim: Dimension,
+    from_ns: int,
+    hi: int,
+    starts: list[int],
+    cut: Callable[[int], bool],
+    interval_of: Callable[[int], int],
+) -> tuple[Decimal | None, Decimal]:
+    pairs = store.distinct(customer, dim.id, floor_bucket(from_ns), ceil_bucket(hi))
+    whole = _whole_tail(store, customer, dim.id, {starts[-1]}, hi)  # the last start < hi
+    values: dict[int, set[str]] = {}
+    raw_buckets: set[int] = set()
+    for b, v in pairs:
+        if cut(b) and b != whole:
+            raw_buckets.add(b)
+        else:
+            values.setdefault(interval_of(b), set()).add(v)
+    for p in _raw_in(store, customer, dim.id, sorted(raw_buckets), from_ns, hi, dim.unique_key):
+        if p.unique is not None:
+            values.setdefault(interval_of(p.ts), set()).add(p.unique)
+    usage = Decimal(len(set().union(*values.values())))
+    return usage, _total([Decimal(len(v)) for v in values.values()], dim)

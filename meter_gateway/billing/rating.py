@@ -24,7 +24,7 @@ from decimal import Decimal
 from zoneinfo import ZoneInfo
 
 from meter_gateway import pricing
-from meter_gateway.aggregation.engine import aggregate, billable_quantity
+from meter_gateway.aggregation.engine import period
 from meter_gateway.billing.fees import FeeCycle, billed_cycles
 from meter_gateway.catalog import Catalog
 from meter_gateway.config import Charge, CreditUnit, Dimension, Fee, Offering
@@ -74,8 +74,7 @@ def quantity(
     """The billable quantity of ``dim`` for ``customer`` in ``[from_ns, to_ns)`` (SPEC §2, §9)."""
     if to_ns <= from_ns:
         return Quantity(None, ZERO, ZERO)
-    usage = aggregate(store, customer, dim, [(from_ns, to_ns)], as_of_ns)[0]
-    raw = billable_quantity(store, customer, dim, from_ns, to_ns, tz, as_of_ns)
+    usage, raw = period(store, customer, dim, from_ns, to_ns, tz, as_of_ns)
     if raw >= 0:
         return Quantity(usage, raw, raw)
     warning = (

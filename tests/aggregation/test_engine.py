@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import random
 from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
@@ -10,14 +11,15 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from meter_gateway.aggregation.engine import aggregate, billable_quantity
+from meter_gateway.aggregation.engine import aggregate, billable_quantity, period, round_increments
 from meter_gateway.aggregation.windows import split
 from meter_gateway.config import Dimension
-from meter_gateway.model import UsageRecord
+from meter_gateway.model import Source, UsageRecord, dedup_key
 from meter_gateway.store.sqlite import SQLiteStore
 from tests.helpers import commit, open_store, rec, ts
 
 UTC = ZoneInfo("UTC")
+NS = 1_000_000_000
 
 
 @pytest.fixture
@@ -197,11 +199,12 @@ def test_rollups_survive_reopen_and_merge_with_new_records(tmp_path: Path) -> No
 
 
 class _CountingReads:
-    """The store, counting raw-record reads."""
+    """The store, counting raw-record and rollup reads."""
 
     def __init__(self, store: SQLiteStore) -> None:
         self.store = store
         self.raw_reads = 0
+        self.rollup_reads = 0
 
     def __getattr__(self, name: str) -> object:
         return getattr(self.store, name)
@@ -209,6 +212,10 @@ class _CountingReads:
     def raw(self, *args: object, **kw: object) -> object:
         self.raw_reads += 1
         return self.store.raw(*args, **kw)  # type: ignore[arg-type]
+
+    def rollups(self, *args: object, **kw: object) -> object:
+        self.rollup_reads += 1
+        return self.store.rollups(*args, **kw)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("method", ["sum", "count", "max", "min", "avg", "last", "weighted_sum"])
@@ -277,3 +284,110 @@ def test_unique_count_reads_the_as_of_bucket_whole_while_nothing_in_it_is_later(
     reads = _CountingReads(store)
     assert aggregate(reads, "c1", d, window, as_of) == [Decimal(2)]  # type: ignore[arg-type]
     assert reads.raw_reads == 1
+
+
+# --- a period's billable quantity from the intervals that hold records (engine.period) --------
+
+_ZONES = ["UTC", "Europe/Berlin", "Asia/Kolkata", "Australia/Lord_Howe"]
+_SPARSE = ["sum", "count", "max", "min", "avg", "last", "unique_count"]
+
+
+def _dense(
+    store: SQLiteStore, d: Dimension, frm: int, to: int, tz: ZoneInfo, as_of: int | None
+) -> tuple[Decimal | None, Decimal]:
+    """The reference: every interval of the period aggregated, rounded and added up."""
+    [usage] = aggregate(store, "c1", d, [(frm, to)], as_of)
+    windows = split(frm, to, d.aggregation_interval, tz)  # type: ignore[arg-type]
+    total = Decimal(0)
+    for v in aggregate(store, "c1", d, windows, as_of):
+        if v is not None:
+            total += round_increments(v, d)
+    return usage, total
+
+
+@pytest.mark.parametrize("zone", _ZONES)
+def test_period_from_the_intervals_with_records_equals_every_interval(
+    store: SQLiteStore, zone: str
+) -> None:
+    """Around DST changes (Berlin's spring forward, Lord Howe's half-hour fall back on
+    2026-04-05) and in a half-hour zone: the intervals that hold records give the quantity and
+    the usage of every interval taken in turn, for every method whose empty interval bills
+    nothing, at unaligned ``from``/``to`` and ``as_of`` inside and outside the period."""
+    rng = random.Random(zone)
+    t0 = ts("2026-03-25T00:00:00")
+    records = []
+    for i in range(300):
+        # dense on some days, none for days at a time
+        day = rng.choice([0, 1, 2, 4, 9, 10, 11, 12, 20])
+        when = t0 + day * 86400 * NS + rng.randrange(86400) * NS + rng.randrange(1000) * 10**6
+        user = f"u{rng.randrange(6)}"
+        r = UsageRecord(
+            when, "c1", "d1", Decimal(rng.randrange(-500, 5000)) / 100, f"r{i}", None,
+            Source.REST, dedup_key("id", f"r{i}"), user,
+        )  # fmt: skip
+        records.append(dataclasses.replace(r, metadata={"user": user}))
+    records.sort(key=lambda r: rng.random())
+    for k in range(0, len(records), 50):
+        commit(store, *records[k : k + 50])
+    tz = ZoneInfo(zone)
+    span = 24 * 86400 * NS
+    for method in _SPARSE:
+        for interval in ("hour", "day", "month"):
+            for rounding, increment in (("ceil", "60"), ("round", "0.7"), ("none", "1")):
+                d = dim(
+                    method,
+                    aggregation_interval=interval,
+                    rounding=rounding,
+                    usage_increment=increment,
+                    **({"unique_key": "user"} if method == "unique_count" else {}),
+                )
+                for _ in range(2):
+                    frm = t0 - 86400 * NS + rng.randrange(span)
+                    to = frm + rng.randrange(1, span)
+                    as_of = rng.choice([None, to, frm - 1, rng.randrange(frm, to + 3600 * NS)])
+                    got = period(store, "c1", d, frm, to, tz, as_of)
+                    want = _dense(store, d, frm, to, tz, as_of)
+                    assert got == want, (method, interval, rounding, frm, to, as_of)
+                    assert billable_quantity(store, "c1", d, frm, to, tz, as_of) == want[1]
+
+
+def test_a_year_of_hours_reads_its_rollups_once(store: SQLiteStore) -> None:
+    """Three records in a year of hourly intervals: one rollup read, no raw read (the period's
+    edges cut no bucket that holds records), and each record's hour rounded on its own."""
+    commit(
+        store,
+        rec("2026-01-10T10:10:00", "61"),
+        rec("2026-01-10T10:50:00", "1"),
+        rec("2026-04-02T23:59:59", "0.5"),
+    )
+    d = dim("sum", aggregation_interval="hour", usage_increment=60, rounding="ceil")
+    reads = _CountingReads(store)
+    frm, to = ts("2025-12-31T12:34:56"), ts("2026-12-31T12:34:56")
+    got = period(reads, "c1", d, frm, to, UTC, ts("2026-06-01T00:00:30"))  # type: ignore[arg-type]
+    assert got == (Decimal("62.5"), Decimal(3))
+    assert (reads.rollup_reads, reads.raw_reads) == (1, 0)
+
+
+def test_records_in_the_buckets_the_edges_cut_are_read_raw(store: SQLiteStore) -> None:
+    commit(
+        store,
+        rec("2026-05-01T10:10:00", "30"),  # before from
+        rec("2026-05-01T10:40:00", "30"),
+        rec("2026-05-01T12:10:00", "30"),
+        rec("2026-05-01T12:50:00", "30"),  # after as_of
+    )
+    d = dim("sum", aggregation_interval="hour", usage_increment=60, rounding="ceil")
+    reads = _CountingReads(store)
+    frm, to, as_of = ts("2026-05-01T10:30:00"), ts("2026-05-02T00:00:00"), ts("2026-05-01T12:30:00")
+    got = period(reads, "c1", d, frm, to, UTC, as_of)  # type: ignore[arg-type]
+    assert got == (Decimal(60), Decimal(2))
+    assert reads.raw_reads == 2  # the bucket from cuts and the one as_of cuts (a later record)
+
+
+def test_a_period_measured_before_it_starts_has_nothing(store: SQLiteStore) -> None:
+    commit(store, rec("2026-05-01T10:10:00", "30"))
+    frm, to = ts("2026-05-01T00:00:00"), ts("2026-05-02T00:00:00")
+    for method, nothing in (("sum", Decimal(0)), ("max", None), ("unique_count", Decimal(0))):
+        d = dim(method, aggregation_interval="hour", unique_key="user")
+        assert period(store, "c1", d, frm, to, UTC, frm) == (nothing, Decimal(0))
+        assert period(store, "c1", d, frm, frm, UTC) == (None, Decimal(0))
