@@ -259,7 +259,7 @@ class _Prepared:
     fresh: list[bytes] = field(default_factory=list)
     fresh_set: set[bytes] = field(default_factory=set)
     merged: dict[RollupKey, RollupRow] = field(default_factory=dict)
-    distinct: list[tuple[str, str, int, str]] = field(default_factory=list)
+    distinct: set[tuple[str, str, int, str]] = field(default_factory=set)
     rejected: list[tuple[Any, ...]] = field(default_factory=list)
     state: dict[str, bytes | None] = field(default_factory=dict)
     meta_new: list[tuple[int, bytes, bytes]] = field(default_factory=list)
@@ -519,7 +519,7 @@ class SQLiteStore(SqlBilling):
             if b"\\" in p.records_json and b"\\u0000" in p.records_json:
                 _refuse_nul(records)
         acc = rollup_partials(records, values, range(p.first_seq, p.next_seq))
-        p.distinct.extend(
+        p.distinct.update(
             (r.customer_id, r.dimension_id, r.timestamp_ns - r.timestamp_ns % BUCKET_NS, u)
             for r in records
             if (u := r.unique_value) is not None
@@ -572,6 +572,7 @@ class SQLiteStore(SqlBilling):
             seen_s=p.now_s,
             dedup_keys=b"".join(p.fresh) if p.fresh else None,
             rollups=rollups_json(p.merged) if p.merged else None,
+            distinct_values=orjson.dumps(sorted(p.distinct)) if p.distinct else None,
             state=orjson.dumps(text) if text else None,
             gone=orjson.dumps(gone) if gone else None,
         )
@@ -619,17 +620,13 @@ class SQLiteStore(SqlBilling):
                 conn.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
                 self._reread_schema = False
         try:
-            if not (p.meta_new or p.distinct or p.rejected or p.state_binary):
+            if not (p.meta_new or p.rejected or p.state_binary):
                 conn.execute(APPLY, params)  # the usual group: one statement, one transaction
             else:
                 with self._write_txn(conn):
                     if p.meta_new:
                         conn.executemany("INSERT INTO metadata VALUES (?, ?, ?)", p.meta_new)
                     conn.execute(APPLY, params)
-                    if p.distinct:
-                        conn.executemany(
-                            "INSERT OR IGNORE INTO rollup_distinct VALUES (?,?,?,?)", p.distinct
-                        )
                     if p.rejected:
                         conn.executemany("INSERT INTO rejected VALUES (?,?,?,?,?,?,?)", p.rejected)
                     if p.state_binary:

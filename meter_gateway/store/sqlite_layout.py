@@ -37,6 +37,9 @@ ROLLUP = (
     "last_value",
     "wsum",
 )
+# Distinct-value rows (unique_count), one per (customer, dimension, bucket, value) of a group:
+# the columns of ``rollup_distinct``.
+DISTINCT = ("customer", "dimension", "bucket", "value")
 # Receiver state rows whose value is ASCII (JSON text); other values are bound as blobs.
 STATE = ("key", "value")
 
@@ -56,6 +59,7 @@ class ApplyParams(NamedTuple):
     seen_s: int  # of the dedup keys
     dedup_keys: bytes | None  # one blob of a dedup_log row
     rollups: bytes | None  # rollup rows (ROLLUP)
+    distinct_values: bytes | None  # distinct-value rows (DISTINCT)
     state: bytes | None  # receiver state rows (STATE)
     gone: bytes | None  # receiver state keys to delete
 
@@ -94,6 +98,9 @@ CREATE TEMP TRIGGER apply_group_insert INSTEAD OF INSERT ON apply_group BEGIN
     INSERT OR REPLACE INTO rollups ({", ".join(ROLLUP)})
         SELECT {", ".join(_at(ROLLUP, n) for n in ROLLUP)}
         FROM json_each(NEW.rollups);
+    INSERT OR IGNORE INTO rollup_distinct ({", ".join(DISTINCT)})
+        SELECT {", ".join(_at(DISTINCT, n) for n in DISTINCT)}
+        FROM json_each(NEW.distinct_values);
     INSERT OR REPLACE INTO receiver_state ({", ".join(STATE)})
         SELECT {_at(STATE, "key")}, {_at(STATE, "value", cast=True)}
         FROM json_each(NEW.state);

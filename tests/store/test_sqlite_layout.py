@@ -23,6 +23,7 @@ from meter_gateway.store.sqlite_layout import (
     APPLY,
     APPLY_TRIGGER,
     APPLY_VIEW,
+    DISTINCT,
     RECORD,
     RECORD_OWN,
     RECORD_SOURCE,
@@ -147,6 +148,13 @@ def test_rollup_rows_land_in_the_columns_they_are_named_for(db: sqlite3.Connecti
     assert read(db, "rollups", ROLLUP) == [expected]
 
 
+def test_distinct_rows_land_in_the_columns_they_are_named_for(db: sqlite3.Connection) -> None:
+    row = ("sentinel-customer", "sentinel-dimension", 3_600, "sentinel-value")
+    apply(db, distinct_values=orjson.dumps([row, row]))  # a value seen again is kept once
+    apply(db, distinct_values=orjson.dumps([row]))
+    assert read(db, "rollup_distinct", DISTINCT) == [dict(zip(DISTINCT, row, strict=True))]
+
+
 def test_state_rows_land_in_the_columns_they_are_named_for(db: sqlite3.Connection) -> None:
     apply(db, state=orjson.dumps(state_rows({"old": b"1"})))
     state: dict[str, bytes | None] = {
@@ -169,4 +177,5 @@ def test_layout_names_are_columns_of_their_tables(db: sqlite3.Connection) -> Non
     assert set(RECORD) | set(RECORD_OWN) | {RECORD_SOURCE} <= set(columns("records"))
     assert list(ROLLUP) == columns("rollups")
     assert list(STATE) == columns("receiver_state")
+    assert list(DISTINCT) == columns("rollup_distinct")
     assert [r[1] for r in db.execute("PRAGMA table_info(apply_group)")] == list(ApplyParams._fields)
