@@ -17,11 +17,13 @@ from __future__ import annotations
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Sequence
 from decimal import ROUND_CEILING, ROUND_FLOOR, ROUND_HALF_EVEN, ROUND_HALF_UP, Decimal
+from functools import lru_cache
 from itertools import chain
 from zoneinfo import ZoneInfo
 
 from meter_gateway.aggregation.windows import (
     BUCKET_NS,
+    Window,
     ceil_bucket,
     floor_bucket,
     period_windows,
@@ -34,6 +36,7 @@ from meter_gateway.store.base import RawPoint, RollupRow, UsageReader, unique_of
 RESULT_PLACES = Decimal("1e-18")
 _ROUNDING = {"ceil": ROUND_CEILING, "floor": ROUND_FLOOR, "round": ROUND_HALF_UP}
 _EPOCH_BUCKET = -(2**62)
+_ONE = Decimal(1)
 #: Seats (SPEC 11): the metadata key whose value ``remove`` ends a value's presence (any other
 #: value, or none, is an ``add``).
 OPERATION_KEY = "operation"
@@ -304,11 +307,13 @@ def _seats(
 
 def round_increments(value: Decimal, dim: Dimension) -> Decimal:
     """rounding(value / usage_increment): one aggregation interval's billable quantity."""
-    q = divide(value, dim.usage_increment)
     mode = _ROUNDING.get(dim.rounding)
     if mode is None:
-        return q
-    return q.quantize(Decimal(1), rounding=mode, context=EXACT)
+        return divide(value, dim.usage_increment)
+    # divide's quotient (18 places at most, half-even), without its normalize, then rounded
+    q = EXACT.divide(value, dim.usage_increment)
+    q = q.quantize(RESULT_PLACES, rounding=ROUND_HALF_EVEN, context=EXACT)
+    return q.quantize(_ONE, rounding=mode, context=EXACT)
 
 
 def billable_quantity(
@@ -400,24 +405,24 @@ def _intervals(
         return (ZERO if method in ("sum", "count", "unique_count") else None), ZERO
     # The intervals measured: those of the whole period (remembered across customers) that
     # start before ``hi``, the last one ending there.
-    every = period_windows(from_ns, to_ns, dim.aggregation_interval, tz)
-    starts = [s for s, _ in every[: bisect_left(every, (hi,))]]
-    n = len(starts)
+    starts = _starts(from_ns, to_ns, dim.aggregation_interval, tz)
+    n = bisect_left(starts, hi)  # starts[:n]: the intervals measured
 
     def cut(b: int) -> bool:  # an interval starts inside bucket b, or hi cuts it
-        k = bisect_right(starts, b)
+        k = bisect_right(starts, b, 0, n)
         return (k < n and starts[k] < b + BUCKET_NS) or b < hi < b + BUCKET_NS
 
     def interval_of(ts: int) -> int:
-        return bisect_right(starts, ts) - 1
+        return bisect_right(starts, ts, 0, n) - 1
 
     if method == "unique_count":
-        return _unique_intervals(store, customer, dim, from_ns, hi, starts, cut, interval_of)
+        last = starts[n - 1]
+        return _unique_intervals(store, customer, dim, from_ns, hi, last, cut, interval_of)
     rows = store.rollups(customer, dim.id, floor_bucket(from_ns), ceil_bucket(hi))
     tail = floor_bucket(hi)
     whole = (
         hi % BUCKET_NS != 0
-        and not tail < starts[-1] < hi
+        and not tail < starts[n - 1] < hi
         and (not rows or rows[-1].bucket_ns != tail or rows[-1].last_ts < hi)
     )
     parts: dict[int, list[RollupRow]] = {}
@@ -439,6 +444,12 @@ def _intervals(
     usage = _value(method, [r for k in sorted(parts) for r in parts[k]], raw)
     values = [_value(method, parts.get(k, ()), points.get(k, ())) for k in parts.keys() | points]
     return usage, _total(values, dim)
+
+
+@lru_cache(maxsize=16)
+def _starts(from_ns: int, to_ns: int, interval: Window, tz: ZoneInfo) -> tuple[int, ...]:
+    """The starts of a period's intervals, remembered with its windows."""
+    return tuple(s for s, _ in period_windows(from_ns, to_ns, interval, tz))
 
 
 def _value(method: str, rows: Sequence[RollupRow], raw: Sequence[RawPoint]) -> Decimal | None:
@@ -476,12 +487,12 @@ def _unique_intervals(
     dim: Dimension,
     from_ns: int,
     hi: int,
-    starts: list[int],
+    last_start: int,
     cut: Callable[[int], bool],
     interval_of: Callable[[int], int],
 ) -> tuple[Decimal | None, Decimal]:
     pairs = store.distinct(customer, dim.id, floor_bucket(from_ns), ceil_bucket(hi))
-    whole = _whole_tail(store, customer, dim.id, {starts[-1]}, hi)  # the last start < hi
+    whole = _whole_tail(store, customer, dim.id, {last_start}, hi)
     values: dict[int, set[str]] = {}
     raw_buckets: set[int] = set()
     for b, v in pairs:

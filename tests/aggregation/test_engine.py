@@ -391,3 +391,27 @@ def test_a_period_measured_before_it_starts_has_nothing(store: SQLiteStore) -> N
         d = dim(method, aggregation_interval="hour", unique_key="user")
         assert period(store, "c1", d, frm, to, UTC, frm) == (nothing, Decimal(0))
         assert period(store, "c1", d, frm, frm, UTC) == (None, Decimal(0))
+
+
+@pytest.mark.parametrize(
+    ("value", "increment", "rounding", "expected"),
+    [
+        ("6.000000000000000001", "3", "ceil", "2"),  # the quotient to 18 places first: 2.0…0
+        ("6.000000000000000002", "3", "ceil", "3"),  # 2.000000000000000001 (18 places) up
+        ("1", "3", "ceil", "1"),
+        ("-1", "3", "floor", "-1"),
+        ("1.5", "1", "round", "2"),
+        ("-1.5", "1", "round", "-2"),  # half away from zero
+        ("2.5", "1", "round", "3"),
+        ("0", "60", "ceil", "0"),
+        ("1", "3", "none", "0.333333333333333333"),
+    ],
+)
+def test_round_increments_rounds_the_quotient_divide_gives(
+    value: str, increment: str, rounding: str, expected: str
+) -> None:
+    d = dim("sum", usage_increment=increment, rounding=rounding)
+    q = round_increments(Decimal(value), d)
+    assert q == Decimal(expected)
+    if rounding != "none":
+        assert q.as_tuple().exponent == 0
