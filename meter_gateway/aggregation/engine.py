@@ -17,16 +17,14 @@ from __future__ import annotations
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Sequence
 from decimal import ROUND_CEILING, ROUND_FLOOR, ROUND_HALF_EVEN, ROUND_HALF_UP, Decimal
-from functools import lru_cache
 from itertools import chain
 from zoneinfo import ZoneInfo
 
 from meter_gateway.aggregation.windows import (
     BUCKET_NS,
-    Window,
     ceil_bucket,
     floor_bucket,
-    period_windows,
+    period_starts,
     split,
 )
 from meter_gateway.config import Dimension
@@ -405,7 +403,9 @@ def _intervals(
         return (ZERO if method in ("sum", "count", "unique_count") else None), ZERO
     # The intervals measured: those of the whole period (remembered across customers) that
     # start before ``hi``, the last one ending there.
-    starts = _starts(from_ns, to_ns, dim.aggregation_interval, tz)
+    interval = dim.aggregation_interval
+    assert interval != "none"  # a period that is one window is aggregated as one
+    starts = period_starts(from_ns, to_ns, interval, tz)
     n = bisect_left(starts, hi)  # starts[:n]: the intervals measured
 
     def cut(b: int) -> bool:  # an interval starts inside bucket b, or hi cuts it
@@ -444,12 +444,6 @@ def _intervals(
     usage = _value(method, [r for k in sorted(parts) for r in parts[k]], raw)
     values = [_value(method, parts.get(k, ()), points.get(k, ())) for k in parts.keys() | points]
     return usage, _total(values, dim)
-
-
-@lru_cache(maxsize=16)
-def _starts(from_ns: int, to_ns: int, interval: Window, tz: ZoneInfo) -> tuple[int, ...]:
-    """The starts of a period's intervals, remembered with its windows."""
-    return tuple(s for s, _ in period_windows(from_ns, to_ns, interval, tz))
 
 
 def _value(method: str, rows: Sequence[RollupRow], raw: Sequence[RawPoint]) -> Decimal | None:

@@ -21,6 +21,7 @@ __all__ = [
     "ceil_bucket",
     "floor_bucket",
     "next_start",
+    "period_starts",
     "period_windows",
     "split",
     "truncate",
@@ -78,12 +79,44 @@ def split(from_ns: int, to_ns: int, window: Window, tz: ZoneInfo) -> list[tuple[
     return list(period_windows(from_ns, to_ns, window, tz))
 
 
-@lru_cache(maxsize=16)
+# A period of up to this many windows (two years of hours) is remembered: its windows are the
+# same for every customer and dimension rated over it, and 8,760 hours take milliseconds to
+# walk. Longer ranges (a request may span centuries) are walked each time, never kept.
+REMEMBERED_WINDOWS = 20_000
+# roughly the shortest window of each kind (a DST day has 23 hours), for counting windows
+_SHORTEST = {"hour": BUCKET_NS, "day": 23 * BUCKET_NS, "month": 28 * 23 * BUCKET_NS}
+
+
 def period_windows(
     from_ns: int, to_ns: int, window: Window, tz: ZoneInfo
 ) -> tuple[tuple[int, int], ...]:
-    """``split`` as a shared tuple, remembered: a period's intervals are the same for every
-    customer and dimension rated over it (8,760 hours in a year take milliseconds to walk)."""
+    """``split`` as a tuple, remembered for a period of up to REMEMBERED_WINDOWS windows."""
+    if (to_ns - from_ns) // _SHORTEST[window] > REMEMBERED_WINDOWS:
+        return _walk(from_ns, to_ns, window, tz)
+    return _remembered(from_ns, to_ns, window, tz)
+
+
+def period_starts(from_ns: int, to_ns: int, window: Window, tz: ZoneInfo) -> tuple[int, ...]:
+    """The starts of ``period_windows`` (the first one clipped to ``from_ns``), remembered
+    with them."""
+    if (to_ns - from_ns) // _SHORTEST[window] > REMEMBERED_WINDOWS:
+        return tuple(s for s, _ in _walk(from_ns, to_ns, window, tz))
+    return _remembered_starts(from_ns, to_ns, window, tz)
+
+
+@lru_cache(maxsize=16)
+def _remembered(
+    from_ns: int, to_ns: int, window: Window, tz: ZoneInfo
+) -> tuple[tuple[int, int], ...]:
+    return _walk(from_ns, to_ns, window, tz)
+
+
+@lru_cache(maxsize=16)
+def _remembered_starts(from_ns: int, to_ns: int, window: Window, tz: ZoneInfo) -> tuple[int, ...]:
+    return tuple(s for s, _ in _remembered(from_ns, to_ns, window, tz))
+
+
+def _walk(from_ns: int, to_ns: int, window: Window, tz: ZoneInfo) -> tuple[tuple[int, int], ...]:
     if to_ns <= from_ns:
         return ()
     if window == "hour":

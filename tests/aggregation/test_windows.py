@@ -7,7 +7,15 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from meter_gateway.aggregation.windows import Window, next_start, period_windows, split, truncate
+from meter_gateway.aggregation.windows import (
+    REMEMBERED_WINDOWS,
+    Window,
+    next_start,
+    period_starts,
+    period_windows,
+    split,
+    truncate,
+)
 
 NS = 1_000_000_000
 HOUR = 3600 * NS
@@ -48,3 +56,14 @@ def test_a_year_of_hours_is_walked_once_per_period() -> None:
     assert len(first) == 365 * 24 + 1
     assert split(frm, to, "hour", tz) == list(first)
     assert split(frm, frm, "hour", tz) == []
+
+
+def test_a_range_longer_than_two_years_of_hours_is_walked_not_kept() -> None:
+    tz = ZoneInfo("UTC")
+    frm = 1_767_225_600 * NS
+    to = frm + (REMEMBERED_WINDOWS + 10) * HOUR
+    first = period_windows(frm, to, "hour", tz)
+    assert len(first) == REMEMBERED_WINDOWS + 10
+    assert period_windows(frm, to, "hour", tz) is not first
+    assert period_starts(frm, to, "hour", tz) == tuple(s for s, _ in first)
+    assert period_starts(frm, frm + HOUR + 1, "hour", tz) == (frm, frm + HOUR)
