@@ -262,7 +262,9 @@ def phase(args: argparse.Namespace, protocol: str, workdir: Path) -> dict[str, A
         barrier.wait(timeout=600)
         assert gw.proc is not None
         if args.py_spy:
-            spy = start_py_spy(gw.proc.pid, f"{args.py_spy}-{protocol}", args.py_spy_format)
+            spy = start_py_spy(
+                gw.proc.pid, f"{args.py_spy}-{protocol}-{args.temporality}", args.py_spy_format
+            )
         cpu0 = proc_cpu_s(gw.proc.pid)
         results = [out.get(timeout=3600) for _ in children]
         server_cpu = proc_cpu_s(gw.proc.pid) - cpu0
@@ -302,13 +304,15 @@ def phase(args: argparse.Namespace, protocol: str, workdir: Path) -> dict[str, A
 
 def start_py_spy(pid: int, prefix: str, kind: str) -> subprocess.Popen[bytes] | None:
     """``kind`` svg: a flame graph of every thread; gil: collapsed stacks of the samples that hold
-    the GIL (what bounds throughput here); all: collapsed stacks of every busy thread."""
+    the GIL (what bounds throughput here); all: collapsed stacks of every busy thread; idle:
+    of every thread, where the waiting ones wait too."""
     exe = shutil.which("py-spy")
     if exe is None:
         print("py-spy not found; profiling skipped")
         return None
     out = f"{prefix}.svg" if kind == "svg" else f"{prefix}.{kind}.txt"
-    fmt = [] if kind == "svg" else ["--format", "raw", *(["--gil"] if kind == "gil" else [])]
+    extra = {"gil": ["--gil"], "idle": ["--idle"]}.get(kind, [])
+    fmt = [] if kind == "svg" else ["--format", "raw", *extra]
     print(f"py-spy -> {out}")
     return subprocess.Popen(
         [exe, "record", "--pid", str(pid), "--threads", "--rate", "200", "--output", out,
@@ -333,12 +337,15 @@ def main() -> int:
     p.add_argument("--procs", type=int, default=2, help="client processes")
     p.add_argument("--customers", type=int, default=50)
     p.add_argument("--quick", action="store_true", help="a small run")
-    p.add_argument("--py-spy", default=None, help="profile the server into <prefix>-<protocol>.*")
+    p.add_argument(
+        "--py-spy", default=None, help="profile the server into <prefix>-<protocol>-<temporality>.*"
+    )
     p.add_argument(
         "--py-spy-format",
         default="svg",
-        choices=["svg", "gil", "all"],
-        help="svg: flame graph; gil / all: collapsed stacks of GIL holders / busy threads",
+        choices=["svg", "gil", "all", "idle"],
+        help="svg: flame graph; gil / all / idle: collapsed stacks of GIL holders / busy threads "
+        "/ every thread, waiting ones too",
     )
     args = p.parse_args()
     if args.quick:

@@ -7,7 +7,9 @@ records. Every point gets a natural key (stream identity + time), so a retried e
 
 Streams, as WIRE_FORMATS.md "OTLP metrics" defines them: resource, scope, metric name, unit,
 type, temporality, monotonicity and point attributes identify a *series*; its start time tells
-one run of the counter from the next. Per series the state keeps (start, last time, last value).
+one run of the counter from the next. Per series the state keeps (start, last time, last value),
+in one row per metric of a resource and scope (``pipeline.cumulative.StreamGroups``): a request
+commits one state row per metric it carries, not one per point.
 On a series' first point a start before the time is a true start (the whole value is the delta),
 a start equal to the time (or unset) is unknown and only sets the baseline. A later start time is
 a new run (an app restart): its value counts from zero again. A drop in a monotonic sum or a
@@ -26,7 +28,7 @@ import base64
 import hashlib
 import logging
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, NamedTuple, Protocol
@@ -54,14 +56,16 @@ from meter_gateway.model import (
 from meter_gateway.pipeline.cumulative import (
     STATE_CONFLICT_RETRIES,
     Committer,
+    Entry,
     InexactStep,
     ObservationSink,
     SeriesMapping,
     StateReader,
+    StreamGroups,
     StreamsBusy,
-    StreamState,
-    StreamTable,
     convert,
+    entry,
+    entry_state,
 )
 from meter_gateway.pipeline.mapping import Mapped, Unmapped
 from meter_gateway.pipeline.validate import time_window_error
@@ -267,21 +271,22 @@ def attributes(kvs: Any, max_bytes: int) -> dict[str, str] | str:
 # --- the receiver ----------------------------------------------------------------------------
 
 
-class _Cumulative(NamedTuple):
-    """A cumulative point waiting for its series' state."""
+class _About(NamedTuple):
+    """What a cumulative point's slow paths need besides its numbers (one per series)."""
 
-    ordinal: int
-    sid: str
     name: str
     attrs: dict[str, str]
     resource: dict[str, str]
-    start: int
-    time: int
-    value: Decimal
-    sum: Decimal | None
     monotonic: bool
-    histogram: bool
     want_count: bool = True  # histograms: whether the count half is mapped
+
+
+# A cumulative point waiting for its series' state: (ordinal, series id, group (its state's
+# row: the metric's, ``StreamGroups``), start, time, value, sum (histograms), whether a
+# histogram, index of its ``_About`` in ``_Export.about``). Atoms only, on purpose: the garbage
+# collector stops tracking such a tuple at its first pass, while one holding the attributes
+# would be scanned, and promoted, until the request has committed.
+_Cumulative = tuple[int, str, str, int, int, Decimal, Decimal | None, bool, int]
 
 
 class _PointSeries(NamedTuple):
@@ -289,6 +294,7 @@ class _PointSeries(NamedTuple):
 
     sid: str
     attrs: dict[str, str]
+    about: _About  # as a cumulative point needs it
 
 
 class _Export:
@@ -306,6 +312,8 @@ class _Export:
         self.slow_ordinals: list[int] = []
         self.slow_keys: list[str] = []
         self.cumulative: list[_Cumulative] = []
+        self.about: list[_About] = []  # of the cumulative points
+        self.groups: dict[str, set[str]] = {}  # their groups and series (group → series ids)
         self.errors: list[RecordError] = []
         self.skipped: dict[str, int] = {}
         self.points = 0
@@ -376,7 +384,7 @@ class OtlpMetrics:
         self._sink = sink
         self._rules = rules
         self._committer = committer
-        self.streams = StreamTable(state, STATE_PREFIX, max_cached_series)
+        self.streams = StreamGroups(state, STATE_PREFIX, max_cached_series)
         self._catalog = catalog
         self._clock = clock
         self._telemetry = telemetry
@@ -437,21 +445,20 @@ class OtlpMetrics:
             outcome = self._commit(ex, {}, {})
             assert outcome is not None  # no state expectations: no conflict
         else:
-            sids = {c.sid for c in ex.cumulative}
-            with self.streams.hold(sids):
+            members = {gid: sids for gid, sids in ex.groups.items() if sids}
+            with self.streams.hold(set(members)):
                 for _ in range(STATE_CONFLICT_RETRIES):
                     mark = ex.mark()
-                    states = self.streams.load(sids)
+                    view = self.streams.load(members)
                     with self._walkers:
-                        changed = self._convert(ex, states)
-                    writes = self.streams.writes(changed)
-                    done = self._commit(ex, writes, self.streams.expect(changed, states))
+                        changes = view.changes(self._convert(ex, view.states))
+                    done = self._commit(ex, changes.state, changes.expect)
                     if done is not None:
                         outcome = done
-                        self.streams.committed(changed, writes)
+                        self.streams.committed(changes)
                         break
-                    # Another replica moved these series first: reload them, convert again.
-                    self.streams.forget(sids)
+                    # Another replica moved these groups first: reload them, convert again.
+                    self.streams.forget(members)
                     ex.rewind(mark)
                 else:
                     raise StreamsBusy("cumulative series kept moving on other replicas")
@@ -469,18 +476,18 @@ class OtlpMetrics:
         stale = self.streams.stale(before_ns, limit)
         if not stale:
             return 0
-        with self.streams.hold(stale):
-            current = self.streams.load(stale)  # what is committed now, under the holds
-            gone = {sid for sid, st in current.items() if st.time < before_ns}
+        groups = {gid for gid in stale if gid}
+        with self.streams.hold(groups):
+            # what is committed now, under the holds
+            changes, gone = self.streams.expire(stale, before_ns)
             if gone:
-                batch = Batch(OTLP, state=dict.fromkeys((STATE_PREFIX + s for s in gone), None))
+                batch = Batch(OTLP, state=changes.state, state_expect=changes.expect)
                 # Only if no other replica moved them meanwhile (else: not stale after all).
-                batch.state_expect = self.streams.expect(gone, current)
                 if self._committer.submit_sync(batch, self._commit_timeout).conflict:
-                    gone = set()
-                    self.streams.forget(stale)
-            self.streams.forget(gone)
-        return len(gone)
+                    self.streams.forget(groups)
+                    return 0
+                self.streams.committed(changes)
+        return gone
 
     def _expire_quietly(self, before_ns: int) -> None:
         try:
@@ -668,13 +675,14 @@ class OtlpMetrics:
         p: Any,
         tail: bytes | None,
         known: dict[bytes, _PointSeries],
+        about: tuple[str, dict[str, str], bool],
     ) -> _PointSeries | str:
         """A number point's series, or why its attributes are refused.
 
         Remembered in ``known`` (the metric's) by ``tail``, the point's bytes from its
         attributes on (``otlp_codec``), when those bytes can stand for its attributes and
         flags. Callers remember only points whose flags were read and found without
-        NO_RECORDED_VALUE.
+        NO_RECORDED_VALUE. ``about``: the metric's name, the resource and monotonicity.
         """
         found = known.get(tail) if tail is not None else None
         if found is not None:
@@ -683,7 +691,8 @@ class OtlpMetrics:
         if isinstance(attrs, str):
             return attrs
         sid = self._series_id((base, tuple(sorted(attrs.items()))))
-        entry = _PointSeries(sid, attrs)
+        name, resource, monotonic = about
+        entry = _PointSeries(sid, attrs, _About(name, attrs, resource, monotonic))
         if tail is not None and len(tail) <= _MAX_CACHED_KEY and is_series_key(tail):
             if self._tails_size >= self._max_cached:  # all metrics' together: start over
                 known.clear()
@@ -721,6 +730,11 @@ class OtlpMetrics:
                 self._tails, self._tails_size = {}, 0
             known = self._tails[base_id] = {}
         point_series, record = self._point_series, self._record
+        about = (name, resource, monotonic)
+        # the series of the metric's group (``StreamGroups``), when cumulative
+        in_group = (
+            ex.groups.setdefault(base_id, set()) if temporality == CUMULATIVE else set()
+        ).add
         oldest, newest = ex.oldest, ex.newest
         kind = AMOUNT if is_sum else LEVEL
         cumulative = temporality == CUMULATIVE
@@ -770,7 +784,7 @@ class OtlpMetrics:
                         ordinal, Reason.INVALID_TIMESTAMP, "timeUnixNano", "timeUnixNano is 0", name
                     )
                     continue
-                found = point_series(base, base_id, p, tail, known)
+                found = point_series(base, base_id, p, tail, known, about)
                 if isinstance(found, str):
                     ex.reject(ordinal, Reason.TOO_LARGE, "attributes", found, name)
                     continue
@@ -780,20 +794,10 @@ class OtlpMetrics:
                 if not oldest <= t <= newest and ex.out_of_time(ordinal, t, name):
                     continue
                 ex.cumulative.append(
-                    _Cumulative(
-                        ordinal,
-                        sid,
-                        name,
-                        series.attrs,
-                        resource,
-                        start,
-                        t,
-                        value,
-                        None,
-                        monotonic,
-                        False,
-                    )
+                    (ordinal, sid, base_id, start, t, value, None, False, len(ex.about))
                 )
+                ex.about.append(series.about)
+                in_group(sid)
                 continue
             if is_sum:
                 if monotonic and number < 0:
@@ -845,6 +849,7 @@ class OtlpMetrics:
             self._bad_temporality(ex, m, kind, temporality, first)
             return
         base = (res_id, scope_id, name, m.unit, kind, temporality, True)
+        base_id = self._series_id(base)
         count_name, sum_name = f"{name}.count", f"{name}.sum"
         ordinal = first - 1
         for p in data.data_points:
@@ -879,21 +884,10 @@ class OtlpMetrics:
                 if ex.out_of_time(ordinal, t, name):
                     continue
                 ex.cumulative.append(
-                    _Cumulative(
-                        ordinal,
-                        sid,
-                        name,
-                        attrs,
-                        resource,
-                        start,
-                        t,
-                        count,
-                        total,
-                        True,
-                        True,
-                        want_count,
-                    )
+                    (ordinal, sid, base_id, start, t, count, total, True, len(ex.about))
                 )
+                ex.about.append(_About(name, attrs, resource, True, want_count))
+                ex.groups.setdefault(base_id, set()).add(sid)
                 continue
             if want_count:
                 nk = f"{sid}:c:{start}:{t}"
@@ -904,92 +898,79 @@ class OtlpMetrics:
                 nk = f"{sid}:s:{start}:{t}"
                 self._emit(ex, sid + "s", sum_name, attrs, resource, total, AMOUNT, t, nk, ordinal)
 
-    def _convert(self, ex: _Export, states: dict[str, StreamState]) -> dict[str, StreamState]:
-        """Cumulative points → amounts; returns the series whose state moved."""
+    def _convert(self, ex: _Export, states: Mapping[str, Entry]) -> dict[str, Entry]:
+        """Cumulative points → amounts; returns the series whose state moved (new entries)."""
         points = ex.cumulative
-        if len({c.sid for c in points}) < len(points):
-            points = sorted(points, key=lambda c: c.time)  # several points of one series
-        changed: dict[str, StreamState] = {}
-        emit, record = self._emit, self._record
-        for c in points:
-            sid = c.sid
+        if sum(map(len, ex.groups.values())) < len(points):
+            points = sorted(points, key=lambda c: c[4])  # several points of one series, by time
+        changed: dict[str, Entry] = {}
+        emit, record, abouts = self._emit, self._record, ex.about
+        span_of = (-1, -1)
+        span = ""
+        for ordinal, sid, _, start, t, value, total, histogram, k in points:
+            if span_of != (start, t):  # the points of a metric usually share both
+                span_of, span = (start, t), f"{start}:{t}"
             state = changed.get(sid) or states.get(sid)
             if (
                 state is not None
-                and not c.histogram
-                and c.start == state.start
-                and c.time > state.time
-                and c.value > state.value
+                and not histogram
+                and start == state[0]
+                and t > state[1]
+                and value > state[2]
             ):
                 # convert()'s plain step, inline: the common case (two parse_value'd
                 # totals: at most 39 digits, so the subtraction is exact).
-                delta = EXACT.subtract(c.value, state.value)
-                changed[sid] = StreamState(c.start, c.time, c.value)
-                nk = f"{sid}:{c.start}:{c.time}"
-                if not record(ex, sid, delta, c.time, nk):
-                    obs = Observation(OTLP, c.name, c.attrs, delta, AMOUNT, c.time, nk, c.resource)
-                    ex.validate(sid, obs, c.ordinal)
+                delta = EXACT.subtract(value, state[2])
+                nk = f"{sid}:{span}"
+                changed[sid] = (start, t, value, None, f"{nk} {value}")  # entry()
+                if not record(ex, sid, delta, t, nk):
+                    a = abouts[k]
+                    obs = Observation(OTLP, a.name, a.attrs, delta, AMOUNT, t, nk, a.resource)
+                    ex.validate(sid, obs, ordinal)
                 continue
+            a = abouts[k]
             try:
-                step = convert(state, c.start, c.time, c.value, c.sum, c.monotonic)
+                step = convert(
+                    None if state is None else entry_state(state),
+                    start,
+                    t,
+                    value,
+                    total,
+                    a.monotonic,
+                )
             except InexactStep as exc:
-                ex.reject(c.ordinal, Reason.INVALID_VALUE, "value", str(exc), c.name)
+                ex.reject(ordinal, Reason.INVALID_VALUE, "value", str(exc), a.name)
                 continue
             if step.state is not None:
-                changed[sid] = step.state
+                new = step.state
+                changed[sid] = entry(sid, new.start, new.time, new.value, new.sum)
             if step.kind != "delta":
                 if step.kind == "stale":
                     ex.reject(
-                        c.ordinal,
+                        ordinal,
                         Reason.INVALID_TIMESTAMP,
                         "startTimeUnixNano",
-                        f"start time {c.start} is older than the start of the series' current "
+                        f"start time {start} is older than the start of the series' current "
                         "run: a point of an earlier run arrived after a newer one",
-                        c.name,
+                        a.name,
                     )
                 else:
                     ex.skip(step.kind)
                 continue
-            span = f"{c.start}:{c.time}"
-            if not c.histogram:
-                emit(
-                    ex,
-                    sid,
-                    c.name,
-                    c.attrs,
-                    c.resource,
-                    step.delta,
-                    AMOUNT,
-                    c.time,
-                    f"{sid}:{span}",
-                    c.ordinal,
-                )
+            name, attrs, resource = a.name, a.attrs, a.resource
+            if not histogram:
+                nk = f"{sid}:{span}"
+                emit(ex, sid, name, attrs, resource, step.delta, AMOUNT, t, nk, ordinal)
                 continue
-            if c.want_count:
-                emit(
-                    ex,
-                    sid + "c",
-                    f"{c.name}.count",
-                    c.attrs,
-                    c.resource,
-                    step.delta,
-                    AMOUNT,
-                    c.time,
-                    f"{sid}:c:{span}",
-                    c.ordinal,
-                )
+            if a.want_count:
+                nk = f"{sid}:c:{span}"
+                count_name = f"{name}.count"
+                emit(ex, sid + "c", count_name, attrs, resource, step.delta, AMOUNT, t, nk, ordinal)
             if step.delta_sum is not None:
+                nk = f"{sid}:s:{span}"
+                sum_name = f"{name}.sum"
                 emit(
-                    ex,
-                    sid + "s",
-                    f"{c.name}.sum",
-                    c.attrs,
-                    c.resource,
-                    step.delta_sum,
-                    AMOUNT,
-                    c.time,
-                    f"{sid}:s:{span}",
-                    c.ordinal,
+                    ex, sid + "s", sum_name, attrs, resource, step.delta_sum, AMOUNT, t, nk, ordinal
                 )
         return changed
 

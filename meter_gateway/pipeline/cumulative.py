@@ -15,6 +15,9 @@ pass 0: their first point is a baseline and a drop is a reset.
 
 ``StreamTable`` holds every series a request converts from reading its state until the batch
 has committed, so two requests touching one series never compute against the same old state.
+``StreamGroups`` does the same with one state row (and one hold) per group of series (OTLP: a
+metric of one resource and scope), so a commit writes and compares a row per metric, not one
+per point.
 Across replicas the batch carries the state it converted against (``Batch.state_expect``); a
 replica that lost the race gets ``CommitResult.conflict``, with nothing written, and converts
 again against the state the other replica committed.
@@ -35,8 +38,8 @@ import decimal
 import hashlib
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from decimal import Decimal
 from typing import Any, NamedTuple, Protocol
 
@@ -197,6 +200,32 @@ def convert(
     return Step("delta", delta, dsum, new)
 
 
+class _Holds:
+    """Holds on keys (series or groups), taken all at once or not at all, so requests cannot
+    deadlock; ``StreamsBusy`` after ``wait_s``."""
+
+    def __init__(self, wait_s: float) -> None:
+        self._wait_s = wait_s
+        self._cond = threading.Condition()
+        self._held: set[str] = set()
+
+    @contextmanager
+    def hold(self, keys: set[str]) -> Iterator[None]:
+        deadline = time.monotonic() + self._wait_s
+        with self._cond:
+            while not self._held.isdisjoint(keys):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not self._cond.wait(remaining):
+                    raise StreamsBusy("cumulative series are busy with another request")
+            self._held |= keys
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._held -= keys
+                self._cond.notify_all()
+
+
 class StreamTable:
     """Committed state of one receiver's cumulative series: a cache over the store, and a hold
     per series.
@@ -218,26 +247,11 @@ class StreamTable:
         self.prefix = prefix
         self._reader = reader
         self._max_cached = max_cached
-        self._wait_s = wait_s
-        self._cond = threading.Condition()
-        self._held: set[str] = set()
+        self._holds = _Holds(wait_s)
         self._cache: dict[str, tuple[StreamState, bytes]] = {}  # sid → (state, its bytes)
 
-    @contextmanager
-    def hold(self, sids: set[str]) -> Iterator[None]:
-        deadline = time.monotonic() + self._wait_s
-        with self._cond:
-            while not self._held.isdisjoint(sids):
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or not self._cond.wait(remaining):
-                    raise StreamsBusy("cumulative series are busy with another request")
-            self._held |= sids
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._held -= sids
-                self._cond.notify_all()
+    def hold(self, sids: set[str]) -> AbstractContextManager[None]:
+        return self._holds.hold(sids)
 
     def load(self, sids: Iterable[str]) -> dict[str, StreamState]:
         """The committed state of held series (absent: never seen). Series known here are not
@@ -318,6 +332,270 @@ class StreamTable:
             key[len(prefix) :] for key, raw in rows.items() if decode_state(raw).time < before_ns
         )
         return set(old[:limit])
+
+
+# A series' state in a group (``StreamGroups``): start, time, value, sum (None: not a
+# histogram's) and its line of the group's row. A plain tuple of atoms on purpose: the garbage
+# collector stops tracking those, so the cache of every series does not make it scan more.
+Entry = tuple[int, int, Decimal, Decimal | None, str]
+
+
+def entry(sid: str, start: int, t: int, value: Decimal, total: Decimal | None = None) -> Entry:
+    """A series' state as its group keeps it; its line is ``sid:start:time value [sum]``
+    (OTLP builds it from a point's natural key, which begins the same)."""
+    if total is None:
+        return (start, t, value, None, f"{sid}:{start}:{t} {value}")
+    return (start, t, value, total, f"{sid}:{start}:{t} {value} {total}")
+
+
+def _row(entries: dict[str, Entry]) -> bytes:
+    return "\n".join([e[4] for e in entries.values()]).encode()
+
+
+def entry_state(e: Entry) -> StreamState:
+    return StreamState(e[0], e[1], e[2], e[3])
+
+
+def decode_group(raw: bytes) -> dict[str, Entry]:
+    """A group's row: its series' entries."""
+    out: dict[str, Entry] = {}
+    for line in raw.decode().split("\n"):
+        parts = line.split()
+        sid, start, t = parts[0].split(":")
+        total = Decimal(parts[2]) if len(parts) > 2 else None
+        out[sid] = (int(start), int(t), Decimal(parts[1]), total, line)
+    return out
+
+
+class _Group(NamedTuple):
+    """One group's committed row: its bytes (the version a later commit expects; None: no row)
+    and its series' entries."""
+
+    raw: bytes | None
+    entries: dict[str, Entry]
+
+
+_NO_GROUP = _Group(None, {})
+
+
+class GroupChanges(NamedTuple):
+    """What one conversion commits: ``Batch.state`` and ``Batch.state_expect`` entries, and
+    the groups as they will be once committed (``StreamGroups.committed``)."""
+
+    state: dict[str, bytes | None]
+    expect: dict[str, bytes | None]
+    groups: dict[str, _Group]
+
+
+class GroupView:
+    """The committed state of the series one request converts (``StreamGroups.load``):
+    ``states``, series id → entry (absent: never seen)."""
+
+    def __init__(
+        self,
+        prefix: str,
+        groups: dict[str, _Group],
+        members: dict[str, set[str]],
+        legacy: dict[str, tuple[str, Entry, bytes]],
+    ) -> None:
+        self._prefix = prefix
+        self._groups = groups
+        self._members = members
+        self._legacy = legacy  # sid → (group, entry, row) of series still in a row of their own
+        states: Mapping[str, Entry]
+        if len(members) == 1 and not legacy:  # the usual request: series of one group
+            states = groups[next(iter(members))].entries  # (read only: a committed row's)
+        else:
+            merged: dict[str, Entry] = {}
+            for gid in members:
+                merged.update(groups[gid].entries)  # entries of other series too: harmless
+            for sid, (_, e, _) in legacy.items():
+                merged[sid] = e
+            states = merged
+        self.states = states
+
+    def group(self, gid: str) -> _Group:
+        return self._groups[gid]
+
+    def changes(self, changed: dict[str, Entry]) -> GroupChanges:
+        """The rows that commit ``changed`` (series of this view, their new entries): each
+        group holding one is rewritten whole, expecting the bytes it was read or last
+        committed with. A series still in a row of its own (written before groups) moves into
+        its group, and its row is deleted, expecting its bytes, in the same commit."""
+        prefix = self._prefix
+        writes: dict[str, bytes | None] = {}
+        expect: dict[str, bytes | None] = {}
+        after: dict[str, _Group] = {}
+        legacy, members = self._legacy, self._members
+        for gid, sids in members.items():
+            if len(members) == 1:
+                moved = changed  # every series of this view is in it
+            else:
+                moved = {sid: changed[sid] for sid in sids if sid in changed}
+            if legacy:
+                moved = {**moved, **{sid: e for sid, (g, e, _) in legacy.items() if g == gid}}
+            if not moved:
+                continue
+            old = self._groups[gid]
+            entries = {**old.entries, **moved}
+            raw = _row(entries)
+            key = prefix + GROUP_KEY + gid
+            writes[key] = raw
+            expect[key] = old.raw
+            after[gid] = _Group(raw, entries)
+        for sid, (_, _, row) in legacy.items():
+            writes[prefix + sid] = None
+            expect[prefix + sid] = row
+        return GroupChanges(writes, expect, after)
+
+
+# State keys of groups: prefix + GROUP_KEY + group id (series ids are hex: no clash with the
+# rows of single series written before groups, prefix + series id).
+GROUP_KEY = "g/"
+
+
+class StreamGroups:
+    """Committed state of one receiver's cumulative series, one row per *group* of series
+    (an OTLP metric of one resource and scope), and a hold per group.
+
+    A request usually moves every series of the groups it touches (an SDK exports all its
+    series each time), so one row per group is what it writes and compare-and-sets instead of
+    one per series: the store commits a few rows per request, not one per point. The row is
+    its series' lines (``entry``); its bytes are the version a commit expects. A commit that
+    moves some series of a group rewrites the whole row (the other lines as they are). Holds,
+    the cache (committed rows only) and conflicts work as ``StreamTable``'s, per group.
+    Series written in a row of their own (``prefix + series id``, before groups) are read
+    from it and moved into their group by the next commit that touches the group.
+    """
+
+    def __init__(
+        self,
+        reader: StateReader,
+        prefix: str,
+        max_cached: int = 1_000_000,
+        wait_s: float = 30.0,
+    ) -> None:
+        self.prefix = prefix
+        self._reader = reader
+        self._max_cached = max_cached  # series, over all cached groups
+        self._holds = _Holds(wait_s)
+        self._cache: dict[str, _Group] = {}
+        self._cached = 0
+
+    def hold(self, gids: set[str]) -> AbstractContextManager[None]:
+        return self._holds.hold(gids)
+
+    def load(self, members: dict[str, set[str]]) -> GroupView:
+        """The committed state of the series ``members`` (group → series ids) of held groups.
+        Groups known here are not read from the store: their bytes as committed are what the
+        commit expects, so a group another replica moved meanwhile conflicts there."""
+        prefix, cache = self.prefix, self._cache
+        groups: dict[str, _Group] = {}
+        missing: list[str] = []
+        for gid in members:
+            known = cache.get(gid)
+            if known is None:
+                missing.append(gid)
+            else:
+                groups[gid] = known
+        if missing:
+            keys = [prefix + GROUP_KEY + gid for gid in missing]
+            rows = self._reader.state_get(keys)
+            fresh: dict[str, _Group] = {}
+            for gid, key in zip(missing, keys, strict=True):
+                raw = rows.get(key)
+                groups[gid] = fresh[gid] = (
+                    _NO_GROUP if raw is None else _Group(raw, decode_group(raw))
+                )
+            self._remember(fresh)
+        unknown: dict[str, str] = {}
+        for gid, sids in members.items():
+            entries = groups[gid].entries
+            if len(entries) < len(sids) or not entries.keys() >= sids:
+                unknown.update((sid, gid) for sid in sids if sid not in entries)
+        legacy: dict[str, tuple[str, Entry, bytes]] = {}
+        if unknown:
+            rows = self._reader.state_get([prefix + sid for sid in unknown])
+            for key, raw in rows.items():
+                sid = key[len(prefix) :]
+                s = decode_state(raw)
+                legacy[sid] = (unknown[sid], entry(sid, s.start, s.time, s.value, s.sum), raw)
+        return GroupView(prefix, groups, members, legacy)
+
+    def committed(self, changes: GroupChanges) -> None:
+        """The groups' rows after a successful commit of ``changes``."""
+        self._remember(changes.groups)
+
+    def _remember(self, groups: dict[str, _Group]) -> None:
+        cache = self._cache
+        n = sum(len(g.entries) for g in groups.values())
+        if self._cached + n > self._max_cached:
+            cache.clear()
+            self._cached = 0
+        for gid, g in groups.items():
+            old = cache.get(gid)
+            if old is not None:
+                self._cached -= len(old.entries)
+            cache[gid] = g
+        self._cached += n
+
+    def forget(self, gids: Iterable[str]) -> None:
+        for gid in gids:
+            old = self._cache.pop(gid, None)
+            if old is not None:
+                self._cached -= len(old.entries)
+
+    def stale(self, before_ns: int, limit: int = 10_000) -> dict[str, set[str]]:
+        """Up to ``limit`` series whose committed last point is older than ``before_ns``, by
+        group (series in a row of their own: under the group "", see ``expire``)."""
+        prefix, group_prefix = self.prefix, self.prefix + GROUP_KEY
+        out: dict[str, set[str]] = {}
+        n = 0
+        for key, raw in sorted(self._reader.state_scan(prefix).items()):
+            if key.startswith(group_prefix):
+                old = {sid for sid, e in decode_group(raw).items() if e[1] < before_ns}
+                gid = key[len(group_prefix) :]
+            else:
+                old = {key[len(prefix) :]} if decode_state(raw).time < before_ns else set()
+                gid = ""
+            for sid in sorted(old)[: limit - n]:
+                out.setdefault(gid, set()).add(sid)
+                n += 1
+            if n >= limit:
+                break
+        return out
+
+    def expire(self, stale: dict[str, set[str]], before_ns: int) -> tuple[GroupChanges, int]:
+        """The rows that forget the series of ``stale`` (``stale()``; the caller holds its
+        groups) still older than ``before_ns`` as committed now, and how many they are."""
+        view = self.load({gid: set() for gid in stale if gid})
+        prefix = self.prefix
+        writes: dict[str, bytes | None] = {}
+        expect: dict[str, bytes | None] = {}
+        after: dict[str, _Group] = {}
+        n = 0
+        for gid, sids in stale.items():
+            if not gid:
+                continue
+            old = view.group(gid)
+            entries = {
+                sid: e for sid, e in old.entries.items() if not (sid in sids and e[1] < before_ns)
+            }
+            if len(entries) == len(old.entries):
+                continue
+            n += len(old.entries) - len(entries)
+            key = prefix + GROUP_KEY + gid
+            raw = _row(entries) if entries else None
+            writes[key], expect[key] = raw, old.raw
+            after[gid] = _Group(raw, entries)
+        legacy = stale.get("", set())
+        if legacy:
+            rows = self._reader.state_get([prefix + sid for sid in sorted(legacy)])
+            for key, raw in rows.items():
+                if decode_state(raw).time < before_ns:
+                    writes[key], expect[key] = None, raw
+                    n += 1
+        return GroupChanges(writes, expect, after), n
 
 
 def series_id(obs: Observation) -> str:

@@ -24,16 +24,20 @@ from meter_gateway.model import (
     dedup_key,
 )
 from meter_gateway.pipeline.cumulative import (
+    Entry,
     InexactStep,
     SeriesMappings,
+    StreamGroups,
     StreamsBusy,
     StreamState,
     StreamTable,
     TimeWindow,
     Totals,
     convert,
+    decode_group,
     decode_state,
     encode_state,
+    entry,
 )
 from meter_gateway.pipeline.decode import Item
 from meter_gateway.pipeline.mapping import Mapper
@@ -140,6 +144,95 @@ def test_holds_exclude_each_other_and_time_out() -> None:
     t.start()
     t.join()
     assert got.is_set()
+
+
+# --- state kept per group of series ---------------------------------------------------------
+
+
+def E(sid: str, start: int, t: int, value: str, total: str | None = None) -> Entry:
+    return entry(sid, start, t, Decimal(value), None if total is None else Decimal(total))
+
+
+def test_a_group_row_round_trips_every_entry() -> None:
+    entries = {"a": E("a", 1, 2, "3"), "b": E("b", 0, 5, "1E+3", "-0.25")}
+    raw = "\n".join(e[4] for e in entries.values()).encode()
+    assert raw == b"a:1:2 3\nb:0:5 1E+3 -0.25"
+    assert decode_group(raw) == entries
+
+
+def test_groups_commit_one_row_each_expect_its_bytes_and_cache_what_committed() -> None:
+    store = DictState({"otlp/g/m": b"a:1:10 5\nb:1:10 7", "otlp/g/other": b"z:1:1 1"})
+    groups = StreamGroups(store, "otlp/")
+    view = groups.load({"m": {"a", "c"}})
+    assert (view.states["a"], "c" in view.states) == (E("a", 1, 10, "5"), False)
+    changes = view.changes({"a": E("a", 1, 20, "9"), "c": E("c", 1, 20, "1")})
+    # the whole row, b as it was, expecting the bytes read
+    assert changes.state == {"otlp/g/m": b"a:1:20 9\nb:1:10 7\nc:1:20 1"}
+    assert changes.expect == {"otlp/g/m": b"a:1:10 5\nb:1:10 7"}
+    groups.committed(changes)
+    reads = store.reads
+    again = groups.load({"m": {"b", "c"}})
+    assert store.reads == reads  # the row as committed, from the cache
+    assert again.changes({"b": E("b", 1, 30, "8")}).expect == changes.state
+    # a new group: no row expected
+    fresh = groups.load({"n": {"x"}}).changes({"x": E("x", 0, 5, "2")})
+    assert (fresh.state, fresh.expect) == ({"otlp/g/n": b"x:0:5 2"}, {"otlp/g/n": None})
+
+
+def test_a_series_in_a_row_of_its_own_moves_into_its_group_in_the_same_commit() -> None:
+    """State written before groups (one row per series) is continued, never counted again."""
+    legacy = encode_state(S(1, 10, "5"))
+    store = DictState({"otlp/a": legacy, "otlp/g/m": b"b:1:10 7"})
+    groups = StreamGroups(store, "otlp/")
+    view = groups.load({"m": {"a", "b", "c"}})
+    assert view.states["a"] == E("a", 1, 10, "5")
+    changes = view.changes({"b": E("b", 1, 20, "8")})  # a did not move: it moves in anyway
+    assert changes.state == {"otlp/g/m": b"b:1:20 8\na:1:10 5", "otlp/a": None}
+    assert changes.expect == {"otlp/g/m": b"b:1:10 7", "otlp/a": legacy}
+
+
+def test_a_group_another_replica_moved_conflicts_and_is_read_again() -> None:
+    store = DictState({"otlp/g/m": b"a:1:10 5"})
+    groups = StreamGroups(store, "otlp/")
+    changes = groups.load({"m": {"a"}}).changes({"a": E("a", 1, 20, "6")})
+    committer = Committed(store)
+    store.rows["otlp/g/m"] = b"a:1:20 6"  # another replica committed first
+    batch = Batch(Source.OTLP, state=changes.state, state_expect=changes.expect)
+    assert committer.submit_sync(batch).conflict
+    groups.forget({"m"})
+    assert groups.load({"m": {"a"}}).states["a"] == E("a", 1, 20, "6")
+
+
+def test_expiry_drops_stale_series_from_their_group_and_empty_groups_and_old_rows() -> None:
+    store = DictState(
+        {
+            "otlp/g/m": b"a:1:10 5\nb:1:30 7",
+            "otlp/g/n": b"c:1:10 1",
+            "otlp/d": encode_state(S(1, 10, "2")),
+            "otlp/e": encode_state(S(1, 30, "2")),
+        }
+    )
+    groups = StreamGroups(store, "otlp/")
+    stale = groups.stale(20)
+    assert stale == {"m": {"a"}, "n": {"c"}, "": {"d"}}
+    changes, n = groups.expire(stale, 20)
+    assert n == 3
+    assert changes.state == {"otlp/g/m": b"b:1:30 7", "otlp/g/n": None, "otlp/d": None}
+    assert changes.expect == {
+        "otlp/g/m": b"a:1:10 5\nb:1:30 7",
+        "otlp/g/n": b"c:1:10 1",
+        "otlp/d": store.rows["otlp/d"],
+    }
+    assert sum(map(len, groups.stale(20, limit=2).values())) == 2
+
+
+def test_group_holds_exclude_each_other() -> None:
+    groups = StreamGroups(DictState({}), "p/", wait_s=0.05)
+    with groups.hold({"m"}):
+        with pytest.raises(StreamsBusy), groups.hold({"m", "n"}):
+            pass
+        with groups.hold({"n"}):
+            pass
 
 
 # --- running totals: time window, exact steps, versions, known series ------------------------

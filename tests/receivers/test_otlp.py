@@ -27,7 +27,8 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
 from meter_gateway.clock import FixedClock
 from meter_gateway.config import parse_config
 from meter_gateway.decimals import fmt
-from meter_gateway.model import dedup_key
+from meter_gateway.model import Batch, Source, dedup_key
+from meter_gateway.pipeline.cumulative import decode_group, encode_state, entry_state
 from meter_gateway.pipeline.timestamps import format_timestamp
 from meter_gateway.service import Gateway
 from receivers.otlp import (
@@ -286,6 +287,27 @@ def test_state_survives_a_restart(tmp_path: Path) -> None:
         export(g, 12, 2)  # a retry of the last export
         export(g, 20, 3)
         assert committed(g)["totals"] == {"acme/data-processed": "20"}
+
+
+def test_state_kept_one_row_per_series_before_groups_is_continued(tmp_path: Path) -> None:
+    """A gateway upgraded over state written one row per series (``otlp/<series>``) converts
+    against it, and moves it into the metric's row in the commit that next touches it."""
+
+    def export(g: Gateway, value: int, minute: int) -> None:
+        g.otlp.export(
+            request(sum_metric([point(value, T0 + minute * MIN, T0, tenant="acme")], temporality=2))
+        )
+
+    for g in _gateway(tmp_path):
+        export(g, 10, 1)
+        ((key, row),) = g.store.state_scan("otlp/").items()
+        ((sid, e),) = decode_group(row).items()
+        old = {f"otlp/{sid}": encode_state(entry_state(e)), key: None}
+        g.store.commit([Batch(Source.OTLP, state=old)], NOW)
+    for g in _gateway(tmp_path):
+        export(g, 12, 2)
+        assert committed(g)["totals"] == {"acme/data-processed": "12"}
+        assert list(g.store.state_scan("otlp/")) == [key]
 
 
 def test_series_silent_past_the_late_arrival_limit_are_forgotten(gw: Gateway) -> None:
