@@ -3,19 +3,20 @@
 Random 128-bit keys in an on-disk B-tree cost a random page write each; here they live in a few
 sorted runs with a small dict of recent keys in front. Recent keys become a new run when the dict
 fills; a run is merged into the one before it only once it has grown to a quarter of that one's
-size (the logarithmic method), so the writer rarely touches the big run. The store persists the
-keys append-only and rebuilds this index at start-up; it is exact (full 128-bit comparison) and
-only the store's single writer touches it.
+size (the logarithmic method), so the writer rarely touches the big run, and ``compact`` (every
+ten minutes in the store) merges them all into one without the keys past the window. The store
+persists the keys append-only and rebuilds this index at start-up; it is exact (full 128-bit
+comparison) and only the store's single writer touches it.
 
 Memory is the constraint (tens of millions of keys in a gateway with a budget): a key costs 20
 bytes (high and low halves, first-seen second as uint32), and a run is a list of segments of
-about ``SEGMENT_KEYS`` keys split by key range. Merges, expiry and start-up loading go segment
-by segment and release each source segment once it is read past, so no step holds a second copy
-of a big run: only a few segments (``SEGMENT_KEYS``, ``LOAD_CHUNK_KEYS``) beyond the keys.
-"""
+``SEGMENT_KEYS`` to about three times that, split by key range, each in a memory mapping of its
+own. Merges, expiry and start-up loading go a key range at a time and release each source
+segment once read past, so no step holds a second copy of a big run, only a few segments."""
 
 from __future__ import annotations
 
+import mmap
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -25,13 +26,20 @@ import numpy.typing as npt
 
 SEGMENT_KEYS = 1 << 18  # keys in a segment: what a merge or an expiry pass copies at a time
 LOAD_CHUNK_KEYS = 1 << 19  # keys sorted at a time while loading (argsort temporaries: 28 B a key)
-LOAD_FAN_IN = 8  # runs merged at once while loading: each key is copied about log8(chunks) times
+LOAD_FAN_IN = 32  # runs merged at once while loading: 10M keys take one merge, 300M two
+LOAD_SEGMENT_KEYS = 1 << 14  # segments until the last merge: what a merge holds of each source
 MAX_SEEN_S = (1 << 32) - 1  # first-seen seconds are uint32: Unix time until 2106
 
 _KEY = np.dtype([("hi", ">u8"), ("lo", ">u8")])
+# Private (a fork does not share it), anonymous, and faulted in at once (Linux): it is filled next.
+_MAP_FLAGS = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
 _U64Array = npt.NDArray[np.uint64]
 _U32Array = npt.NDArray[np.uint32]
 _Part = tuple[_U64Array, _U64Array, _U32Array]  # hi, lo, seen: sorted by hi
+
+
+def _arrays(part: _Part | _Segment) -> _Part:
+    return (part.hi, part.lo, part.seen) if isinstance(part, _Segment) else part
 
 
 def _split(keys: bytes) -> tuple[_U64Array, _U64Array]:
@@ -54,7 +62,25 @@ class _Segment:
     oldest: int  # the smallest first-seen second: expiry skips a segment with nothing to drop
 
     @staticmethod
-    def of(hi: _U64Array, lo: _U64Array, seen: _U32Array) -> _Segment:
+    def of(parts: Sequence[_Part]) -> _Segment:
+        """The parts' keys (each part sorted and above the one before), copied into a memory
+        mapping of the segment's own.
+
+        Segments live for minutes or hours among short-lived temporaries (blobs, sorts, merged
+        pieces); in the malloc heap they would pin the freed temporaries' memory around them
+        (glibc returns heap memory from its top only), so the RSS after a load or merge would
+        stay well above 20 bytes a key. A mapping goes back to the system with its segment.
+        """
+        n = sum(len(p[0]) for p in parts)
+        buf = mmap.mmap(-1, 20 * n, flags=_MAP_FLAGS)
+        hi = np.frombuffer(buf, np.uint64, n, 0)
+        lo = np.frombuffer(buf, np.uint64, n, 8 * n)
+        seen = np.frombuffer(buf, np.uint32, n, 16 * n)
+        np.concatenate([p[0] for p in parts], out=hi)
+        np.concatenate([p[1] for p in parts], out=lo)
+        np.concatenate([p[2] for p in parts], out=seen)
+        for own in (hi, lo, seen):
+            own.flags.writeable = False
         return _Segment(hi, lo, seen, int(seen.min()))
 
     def __len__(self) -> int:
@@ -111,7 +137,8 @@ class _Run:
 
 
 class _Builder:
-    """Cuts a stream of sorted pieces, each above the one before, into segments."""
+    """Gathers sorted pieces, each above the one before and sharing no high half with it, into
+    segments of ``segment_keys`` to about three times that (the last one may be smaller)."""
 
     def __init__(self, segment_keys: int | None = None) -> None:
         self._keys = SEGMENT_KEYS if segment_keys is None else segment_keys
@@ -119,49 +146,25 @@ class _Builder:
         self._pending: list[_Part] = []
         self._count = 0
 
-    def add(self, part: _Part) -> None:
-        n = len(part[0])
-        if not n:
+    def add(self, part: _Part | _Segment) -> None:
+        if isinstance(part, _Segment) and not self._pending and len(part) >= self._keys // 2:
+            self._segments.append(part)  # a whole source segment: kept, not copied
             return
-        if (
-            not self._pending
-            and self._keys // 2 <= n <= 2 * self._keys
-            and all(a.base is None for a in part)  # not a view that would keep its source
-        ):
-            self._segments.append(_Segment.of(*part))  # no copy: a whole segment or new arrays
-            return
-        self._pending.append(part)
-        self._count += n
-        if self._count >= self._keys:
-            self._cut(final=False)
+        arrays = _arrays(part)
+        if len(arrays[0]):
+            self._pending.append(arrays)
+            self._count += len(arrays[0])
+            if self._count >= self._keys:
+                self._emit()
 
     def finish(self) -> _Run:
-        self._cut(final=True)
+        self._emit()
         return _Run(self._segments)
 
-    def _cut(self, final: bool) -> None:
-        if not self._pending:
-            return
-        if len(self._pending) == 1:
-            hi, lo, seen = self._pending[0]
-        else:
-            hi = np.concatenate([p[0] for p in self._pending])
-            lo = np.concatenate([p[1] for p in self._pending])
-            seen = np.concatenate([p[2] for p in self._pending])
-        self._pending, self._count = [], 0
-        n, start = len(hi), 0
-        while n - start >= self._keys or (final and start < n):
-            end = min(start + self._keys, n)
-            while end < n and hi[end] == hi[end - 1]:
-                end += 1  # equal high halves stay in one segment (the probe walks them)
-            if start == 0 and end == n and hi.base is None:
-                self._segments.append(_Segment.of(hi, lo, seen))
-            else:
-                s = slice(start, end)
-                self._segments.append(_Segment.of(hi[s].copy(), lo[s].copy(), seen[s].copy()))
-            start = end
-        if start < n:
-            self._pending, self._count = [(hi[start:], lo[start:], seen[start:])], n - start
+    def _emit(self) -> None:
+        if self._pending:
+            self._segments.append(_Segment.of(self._pending))
+            self._pending, self._count = [], 0
 
 
 class _Cursor:
@@ -174,20 +177,22 @@ class _Cursor:
         self._at = 0  # into the first segment
         self._cutoff = cutoff
 
-    def take(self, below: np.uint64 | None, into: list[_Part]) -> None:
+    def take(self, below: np.uint64 | None, into: list[_Part | _Segment]) -> None:
         """Append to ``into`` the keys whose high half is below ``below`` (all when None)."""
         segments = self._segments
         while segments:
             seg = segments[0]
             n = len(seg)
             end = n if below is None else int(np.searchsorted(seg.hi, below))
-            if end > self._at:
-                part = (seg.hi, seg.lo, seg.seen)
-                if self._at or end < n:
-                    s = slice(self._at, end)
-                    part = (seg.hi[s], seg.lo[s], seg.seen[s])
-                if self._cutoff is not None and seg.oldest < self._cutoff:
-                    keep = part[2] >= self._cutoff
+            cutoff = self._cutoff
+            expiring = cutoff is not None and seg.oldest < cutoff
+            if end > self._at and not self._at and end == n and not expiring:
+                into.append(seg)
+            elif end > self._at:
+                s = slice(self._at, end)
+                part = (seg.hi[s], seg.lo[s], seg.seen[s])
+                if cutoff is not None and expiring:
+                    keep = part[2] >= cutoff
                     part = (part[0][keep], part[1][keep], part[2][keep])
                 into.append(part)
             if end < n:
@@ -197,7 +202,7 @@ class _Cursor:
             self._at = 0
 
 
-def _merge(runs: list[_Run], cutoff: int | None) -> _Run:
+def _merge(runs: list[_Run], cutoff: int | None, segment_keys: int | None = None) -> _Run:
     """One run of the keys of ``runs`` (those seen at ``cutoff`` or later), which it consumes.
 
     Key ranges are cut at every ``step``-th key of each run, so a range holds at most about one
@@ -208,23 +213,24 @@ def _merge(runs: list[_Run], cutoff: int | None) -> _Run:
     if not samples:
         return _Run([])
     bounds = np.unique(np.concatenate(samples))
+    del samples  # views: they would keep every source segment to the end
     cursors = [_Cursor(r, cutoff) for r in runs]
-    out = _Builder()
+    out = _Builder(segment_keys)
     uppers: list[np.uint64 | None] = [*bounds[1:], None]
     for below in uppers:
-        parts: list[_Part] = []
+        taken: list[_Part | _Segment] = []
         for c in cursors:
-            c.take(below, parts)
-        parts = [p for p in parts if len(p[0])]
+            c.take(below, taken)
+        if len(taken) == 1:
+            out.add(taken[0])
+            continue
+        parts = [p for p in map(_arrays, taken) if len(p[0])]
         if len(parts) == 1:
             out.add(parts[0])
-        elif len(parts) == 2:
-            (bh, bl, bs), (sh, sl, ss) = sorted(parts, key=lambda p: -len(p[0]))
-            at = np.searchsorted(bh, sh)
-            out.add((np.insert(bh, at, sh), np.insert(bl, at, sl), np.insert(bs, at, ss)))
         elif parts:
             hi = np.concatenate([p[0] for p in parts])
-            order = np.argsort(hi, kind="stable")  # timsort: finds the sorted parts, merges them
+            # Timsort finds the sorted parts and merges them: 4x np.insert's speed for two.
+            order = np.argsort(hi, kind="stable")
             lo = np.concatenate([p[1] for p in parts])[order]
             seen = np.concatenate([p[2] for p in parts])[order]
             out.add((hi[order], lo, seen))
@@ -234,16 +240,16 @@ def _merge(runs: list[_Run], cutoff: int | None) -> _Run:
 def _sorted_run(hi: _U64Array, lo: _U64Array, seen: _U32Array, segment_keys: int) -> _Run:
     """A run of the keys, sorted straight into segments of about ``segment_keys``."""
     order = np.argsort(hi)
-    out = _Builder(segment_keys)
+    segments = []
     n, start = len(order), 0
     while start < n:
         end = min(start + segment_keys, n)
         while end < n and hi[order[end]] == hi[order[end - 1]]:
             end += 1  # equal high halves stay in one segment
         o = order[start:end]
-        out.add((hi[o], lo[o], seen[o]))
+        segments.append(_Segment.of([(hi[o], lo[o], seen[o])]))
         start = end
-    return out.finish()
+    return _Run(segments)
 
 
 class DedupIndex:
@@ -304,21 +310,20 @@ class DedupIndex:
         """Bulk-add blobs of concatenated keys, each with its first-seen second (start-up).
 
         Streams: the blobs are copied into chunks of ``LOAD_CHUNK_KEYS``, each sorted on its own
-        into small segments, and every ``LOAD_FAN_IN`` runs of a tier are merged into one of the
-        next; the last merge leaves one run. No step holds all the blobs or a second copy.
+        into small segments (``LOAD_SEGMENT_KEYS``: a merge of many runs releases each a little
+        at a time), and every ``LOAD_FAN_IN`` runs of a tier are merged into one of the next;
+        the last merge leaves one run. No step holds all the blobs or a second copy.
         """
         tiers: list[list[_Run]] = [[]]
 
         def flush(hi: _U64Array, lo: _U64Array, seen: _U32Array) -> None:
-            # Small segments: a merge of many runs releases each source a little at a time.
-            segment_keys = max(1, LOAD_CHUNK_KEYS // LOAD_FAN_IN // 4)
-            tiers[0].append(_sorted_run(hi, lo, seen, segment_keys))
+            tiers[0].append(_sorted_run(hi, lo, seen, LOAD_SEGMENT_KEYS))
             for t, runs in enumerate(tiers):
                 if len(runs) < LOAD_FAN_IN:
                     break
                 if t + 1 == len(tiers):
                     tiers.append([])
-                tiers[t + 1].append(_merge(runs, None))
+                tiers[t + 1].append(_merge(runs, None, LOAD_SEGMENT_KEYS))
                 runs.clear()
 
         hi = lo = np.empty(0, dtype=np.uint64)
@@ -348,31 +353,38 @@ class DedupIndex:
         del hi, lo, seen
         runs = [r for tier in reversed(tiers) for r in tier]
         if runs:
-            self._push(runs[0] if len(runs) == 1 else _merge(runs, None), cutoff=None)
+            self._push(_merge(runs, None), cutoff=None)
 
     def compact(self, now_s: int) -> None:
-        """Fold recent keys into the runs and drop keys older than the window everywhere."""
+        """Merge recent keys and every run into one run, without keys older than the window.
+
+        One pass over every key (about 0.5 s for 10M): the store compacts every ten minutes,
+        when it purges old keys from disk, and keys leave the window all the time.
+        """
         cutoff = now_s - self.window_s
-        runs = []
-        for run in self._runs:
-            if run.oldest() < cutoff:
-                run = _merge([run], cutoff)
-            if len(run):
-                runs.append(run)
-        self._runs = runs
-        self._flush_recent(cutoff)
+        runs = self._runs
+        recent = self._take_recent(cutoff)
+        if recent is not None:
+            runs.append(recent)
+        if len(runs) > 1 or (runs and runs[0].oldest() < cutoff):
+            merged = _merge(runs, cutoff)
+            self._runs = [merged] if len(merged) else []
 
     def _flush_recent(self, cutoff: int) -> None:
+        run = self._take_recent(cutoff)
+        if run is not None:
+            self._push(run, cutoff)
+
+    def _take_recent(self, cutoff: int) -> _Run | None:
         if not self._recent:
-            return
+            return None
         hi, lo = _split(b"".join(self._recent.keys()))
         seen = np.fromiter(self._recent.values(), np.uint32, len(self._recent))
         self._recent = {}
         if int(seen.min()) < cutoff:
             keep = seen >= cutoff
             hi, lo, seen = hi[keep], lo[keep], seen[keep]
-        if len(hi):
-            self._push(_sorted_run(hi, lo, seen, SEGMENT_KEYS), cutoff)
+        return _sorted_run(hi, lo, seen, SEGMENT_KEYS) if len(hi) else None
 
     def _push(self, run: _Run, cutoff: int | None) -> None:
         runs = self._runs

@@ -132,7 +132,7 @@ def test_answers_like_a_dict_of_first_seen_seconds(
     ops: list[tuple[str, list[bytes], int]],
     growth: int,
 ) -> None:
-    small = {"SEGMENT_KEYS": 4, "LOAD_CHUNK_KEYS": 8, "LOAD_FAN_IN": 2}
+    small = {"SEGMENT_KEYS": 4, "LOAD_CHUNK_KEYS": 8, "LOAD_FAN_IN": 2, "LOAD_SEGMENT_KEYS": 2}
     with contextlib.ExitStack() as stack:
         for name, value in small.items():
             stack.enter_context(mock.patch.object(dedup_index, name, value))
