@@ -187,6 +187,11 @@ MIGRATIONS: tuple[str, ...] = (
 # sorted batch of at most _IDS_CHUNK: the records an id lookup scans by seq stay few.
 _IDS_BATCH = 50_000
 _IDS_CHUNK = 200_000
+# Page caches are memory of the process, per connection: the writer's holds the hot edges of
+# the tables and indexes it writes; prepare's and each reader thread's (the API's thread pool
+# has dozens) read through the OS page cache instead of keeping a copy each.
+_WRITER_CACHE_KIB = 64 * 1024
+_READER_CACHE_KIB = 4 * 1024
 # Rollup rows a prepare reads per query (3 parameters each, under SQLite's 32,766).
 _ROLLUP_READ_BATCH = 500
 
@@ -327,7 +332,7 @@ class SQLiteStore(SqlBilling):
         except BlockingIOError:
             self._lock_file.close()
             raise StoreLockedError(f"{path} is in use by another meter-gateway process") from None
-        self._conn = self._connect()
+        self._conn = self._connect(_WRITER_CACHE_KIB)
         self._migrate()
         self._conn.execute(APPLY_VIEW)
         self._conn.execute(APPLY_TRIGGER)
@@ -368,14 +373,14 @@ class SQLiteStore(SqlBilling):
 
     # --- connections and schema --------------------------------------------------------------
 
-    def _connect(self) -> sqlite3.Connection:
+    def _connect(self, cache_kib: int = _READER_CACHE_KIB) -> sqlite3.Connection:
         conn = sqlite3.connect(
             self.path, isolation_level=None, check_same_thread=False, timeout=30.0
         )
         conn.execute("PRAGMA journal_mode=WAL")
         # FULL: the WAL is fsynced at every commit, so a 2xx survives power loss.
         conn.execute("PRAGMA synchronous=FULL")
-        conn.execute("PRAGMA cache_size=-131072")
+        conn.execute(f"PRAGMA cache_size=-{cache_kib}")
         conn.execute("PRAGMA temp_store=MEMORY")
         conn.execute("PRAGMA wal_autocheckpoint=8192")
         return conn
