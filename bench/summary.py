@@ -8,7 +8,8 @@ bench/mix.py's configuration: six dimensions, ``sum``, ``count``, ``max``, ``uni
 ``user_id`` out of ``--users``, ``weighted_sum`` changes and an hourly ``sum`` billed in
 increments of 60 rounded up) and times ``GET /v1/customers/{id}/usage-summary`` for the current
 month and for a year (``from``/``to`` spanning 365 days up to now) over ``--read-customers``
-customers: p50, p99, max.
+customers: p50, p99, max, and the gateway's CPU per request (steadier than latency on a
+shared machine).
 
 The workload: ``--records`` records (default 10,000,000) over 370 days up to the seed time,
 ``--month-share`` of them (default 0.6) in the current month so far (every hour of it is
@@ -51,7 +52,7 @@ import orjson
 if __package__ in (None, ""):  # run as ``python bench/summary.py``
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.ingest import create_schema
+from bench.ingest import create_schema, proc_cpu_s
 from bench.mix import (
     _EXACT,
     COMPUTE,
@@ -392,16 +393,23 @@ def run(args: argparse.Namespace, root: Path) -> int:
         sample = [i * p.customers // k + 1 for i in range(k)]
         sample = [c % p.customers for c in sample]
         read_latency(gw, [0] * 3, {})  # warm-up on one customer (imports, connections)
+        assert gw.proc is not None
+        pid = gw.proc.pid
         for _ in range(args.repeat):
+            cpu0 = proc_cpu_s(pid)
             month = read_latency(gw, sample, {})
+            cpu1 = proc_cpu_s(pid)
             now_ns = time.time_ns()
             year = read_latency(
                 gw, sample, {"from": _iso_ns(now_ns - YEAR_NS), "to": _iso_ns(now_ns)}
             )
+            cpu2 = proc_cpu_s(pid)
             print(
                 f"usage-summary ms over {len(sample)} customers: current month "
-                f"p50 {pct(month, 0.5):.1f} p99 {pct(month, 0.99):.1f} max {max(month):.1f}; "
-                f"a year p50 {pct(year, 0.5):.1f} p99 {pct(year, 0.99):.1f} max {max(year):.1f}"
+                f"p50 {pct(month, 0.5):.1f} p99 {pct(month, 0.99):.1f} max {max(month):.1f} "
+                f"(gateway CPU {1000 * (cpu1 - cpu0) / len(sample):.1f} ms/request); "
+                f"a year p50 {pct(year, 0.5):.1f} p99 {pct(year, 0.99):.1f} max {max(year):.1f} "
+                f"(CPU {1000 * (cpu2 - cpu1) / len(sample):.1f} ms/request)"
             )
     finally:
         code = gw.stop()
