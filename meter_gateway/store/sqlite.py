@@ -322,7 +322,7 @@ class SQLiteStore(SqlBilling):
     usage path is its own; catalog, billing and leases are ``SqlBilling`` over ``SqliteDialect``."""
 
     def __init__(
-        self, path: str, dedup_window_s: int, now_ns: int, rollup_cache_size: int = 200_000
+        self, path: str, dedup_window_s: int, now_ns: int, rollup_cache_size: int = 50_000
     ) -> None:
         self.path = path
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -339,6 +339,8 @@ class SQLiteStore(SqlBilling):
         self._readers: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
         self._local = threading.local()
+        # Rollup rows of recent commits (about 700 bytes each): the keys being written are
+        # the current hours of the series sending; a miss is read in a batch of 500.
         self._cache: dict[RollupKey, RollupRow] = {}
         self._cache_size = rollup_cache_size
         # A cancelled record's seq is never given again (the audit list keeps it).
