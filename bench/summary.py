@@ -18,9 +18,10 @@ is one of the six dimensions at random, with ``user_id`` and ``region`` metadata
 bodies: ``records.meta_id``), timestamps in milliseconds, values with up to 3 places (storage
 changes include negative ones). Records before the year's ``from`` carry the storage level in.
 
-Before timing, the year summary (and the month to the seed time) of ``--verify-customers``
-customers is compared exactly with an independent ``Decimal`` computation over the records the
-generator made for them (regenerated from the seed), so a fast wrong answer fails (exit 1).
+Before timing, the year summary (and the month to the seed time, and 40 days that end inside an
+hour with later records) of ``--verify-customers`` customers is compared exactly with an
+independent ``Decimal`` computation over the records the generator made for them (regenerated
+from the seed), so a fast wrong answer fails (exit 1).
 
 ``--db PATH`` keeps the seeded database (and its parameters beside it, ``PATH.json``) and
 reuses it on the next run with the same parameters: seeding 10M records takes a few minutes.
@@ -314,9 +315,16 @@ def expected(p: Params, c: int, from_ns: int, to_ns: int) -> dict[str, Decimal]:
 
 
 def check(gw: GatewayProcess, p: Params, customers: list[int]) -> tuple[int, list[str]]:
-    """Compare the year (to the seed time) and the month so far of ``customers`` exactly."""
+    """Compare the year (to the seed time), the month so far and 40 days that end inside an
+    hour of ``customers`` exactly."""
     to_ns = p.end_ms * MS
-    periods = [(to_ns - YEAR_NS, to_ns), (p.month_ms * MS, to_ns)]
+    # ... and 40 days ending in the middle of an hour that has records after it (asOf cuts it)
+    mid_ns = to_ns - 60 * HOUR_MS * MS - 1_234_567 * MS  # to the ms, as the query carries it
+    periods = [
+        (to_ns - YEAR_NS, to_ns),
+        (p.month_ms * MS, to_ns),
+        (mid_ns - 40 * 86_400 * NS, mid_ns),
+    ]
     checked, problems = 0, []
     with gw.client(ADMIN_KEY) as http:
         for c in customers:
@@ -383,8 +391,8 @@ def run(args: argparse.Namespace, root: Path) -> int:
         t = time.monotonic()
         checked, problems = check(gw, p, verify)
         print(
-            f"verify: {checked} quantities of {len(verify)} customers (a year and the month so "
-            f"far) in {time.monotonic() - t:.1f}s: "
+            f"verify: {checked} quantities of {len(verify)} customers (a year, the month so far, "
+            f"40 days) in {time.monotonic() - t:.1f}s: "
             + ("all exact" if not problems else f"{len(problems)} PROBLEMS")
         )
         for m in problems[:20]:
