@@ -735,6 +735,7 @@ class OtlpMetrics:
         in_group = (
             ex.groups.setdefault(base_id, set()) if temporality == CUMULATIVE else set()
         ).add
+        waiting, abouts = ex.cumulative.append, ex.about
         oldest, newest = ex.oldest, ex.newest
         kind = AMOUNT if is_sum else LEVEL
         cumulative = temporality == CUMULATIVE
@@ -793,10 +794,8 @@ class OtlpMetrics:
             if cumulative:
                 if not oldest <= t <= newest and ex.out_of_time(ordinal, t, name):
                     continue
-                ex.cumulative.append(
-                    (ordinal, sid, base_id, start, t, value, None, False, len(ex.about))
-                )
-                ex.about.append(series.about)
+                waiting((ordinal, sid, base_id, start, t, value, None, False, len(abouts)))
+                abouts.append(series.about)
                 in_group(sid)
                 continue
             if is_sum:
@@ -901,16 +900,21 @@ class OtlpMetrics:
     def _convert(self, ex: _Export, states: Mapping[str, Entry]) -> dict[str, Entry]:
         """Cumulative points → amounts; returns the series whose state moved (new entries)."""
         points = ex.cumulative
+        changed: dict[str, Entry] = {}
+        state_of: Callable[[str], Entry | None] = states.get
         if sum(map(len, ex.groups.values())) < len(points):
             points = sorted(points, key=lambda c: c[4])  # several points of one series, by time
-        changed: dict[str, Entry] = {}
+
+            def state_of(sid: str) -> Entry | None:
+                return changed.get(sid) or states.get(sid)
+
         emit, record, abouts = self._emit, self._record, ex.about
-        span_of = (-1, -1)
+        span_start = span_time = -1
         span = ""
         for ordinal, sid, _, start, t, value, total, histogram, k in points:
-            if span_of != (start, t):  # the points of a metric usually share both
-                span_of, span = (start, t), f"{start}:{t}"
-            state = changed.get(sid) or states.get(sid)
+            if start != span_start or t != span_time:  # a metric's points usually share both
+                span_start, span_time, span = start, t, f"{start}:{t}"
+            state = state_of(sid)
             if (
                 state is not None
                 and not histogram

@@ -155,20 +155,20 @@ def E(sid: str, start: int, t: int, value: str, total: str | None = None) -> Ent
 
 def test_a_group_row_round_trips_every_entry() -> None:
     entries = {"a": E("a", 1, 2, "3"), "b": E("b", 0, 5, "1E+3", "-0.25")}
-    raw = "\n".join(e[4] for e in entries.values()).encode()
-    assert raw == b"a:1:2 3\nb:0:5 1E+3 -0.25"
+    raw = ";".join(e[4] for e in entries.values()).encode()
+    assert raw == b"a:1:2 3;b:0:5 1E+3 -0.25"
     assert decode_group(raw) == entries
 
 
 def test_groups_commit_one_row_each_expect_its_bytes_and_cache_what_committed() -> None:
-    store = DictState({"otlp/g/m": b"a:1:10 5\nb:1:10 7", "otlp/g/other": b"z:1:1 1"})
+    store = DictState({"otlp/g/m": b"a:1:10 5;b:1:10 7", "otlp/g/other": b"z:1:1 1"})
     groups = StreamGroups(store, "otlp/")
     view = groups.load({"m": {"a", "c"}})
     assert (view.states["a"], "c" in view.states) == (E("a", 1, 10, "5"), False)
     changes = view.changes({"a": E("a", 1, 20, "9"), "c": E("c", 1, 20, "1")})
     # the whole row, b as it was, expecting the bytes read
-    assert changes.state == {"otlp/g/m": b"a:1:20 9\nb:1:10 7\nc:1:20 1"}
-    assert changes.expect == {"otlp/g/m": b"a:1:10 5\nb:1:10 7"}
+    assert changes.state == {"otlp/g/m": b"a:1:20 9;b:1:10 7;c:1:20 1"}
+    assert changes.expect == {"otlp/g/m": b"a:1:10 5;b:1:10 7"}
     groups.committed(changes)
     reads = store.reads
     again = groups.load({"m": {"b", "c"}})
@@ -187,7 +187,7 @@ def test_a_series_in_a_row_of_its_own_moves_into_its_group_in_the_same_commit() 
     view = groups.load({"m": {"a", "b", "c"}})
     assert view.states["a"] == E("a", 1, 10, "5")
     changes = view.changes({"b": E("b", 1, 20, "8")})  # a did not move: it moves in anyway
-    assert changes.state == {"otlp/g/m": b"b:1:20 8\na:1:10 5", "otlp/a": None}
+    assert changes.state == {"otlp/g/m": b"b:1:20 8;a:1:10 5", "otlp/a": None}
     assert changes.expect == {"otlp/g/m": b"b:1:10 7", "otlp/a": legacy}
 
 
@@ -206,7 +206,7 @@ def test_a_group_another_replica_moved_conflicts_and_is_read_again() -> None:
 def test_expiry_drops_stale_series_from_their_group_and_empty_groups_and_old_rows() -> None:
     store = DictState(
         {
-            "otlp/g/m": b"a:1:10 5\nb:1:30 7",
+            "otlp/g/m": b"a:1:10 5;b:1:30 7",
             "otlp/g/n": b"c:1:10 1",
             "otlp/d": encode_state(S(1, 10, "2")),
             "otlp/e": encode_state(S(1, 30, "2")),
@@ -219,7 +219,7 @@ def test_expiry_drops_stale_series_from_their_group_and_empty_groups_and_old_row
     assert n == 3
     assert changes.state == {"otlp/g/m": b"b:1:30 7", "otlp/g/n": None, "otlp/d": None}
     assert changes.expect == {
-        "otlp/g/m": b"a:1:10 5\nb:1:30 7",
+        "otlp/g/m": b"a:1:10 5;b:1:30 7",
         "otlp/g/n": b"c:1:10 1",
         "otlp/d": store.rows["otlp/d"],
     }
