@@ -34,10 +34,12 @@ from psycopg_pool import ConnectionPool
 from meter_gateway.model import Batch, CommitResult, UsageRecord
 from meter_gateway.store import corrections
 from meter_gateway.store.base import (
+    ROLLUP_COLUMNS,
     CancelledRecord,
     CancelResult,
     RawPoint,
     RejectedRow,
+    RollupColumn,
     RollupRow,
     StoredRecord,
     Unstorable,
@@ -524,6 +526,19 @@ class PostgresStore(SqlBilling):
                 (customer, dimension, from_bucket, to_bucket),
             ).fetchall()
         return [RollupRow(*r) for r in rows]
+
+    def rollup_column(
+        self, customer: str, dimension: str, from_bucket: int, to_bucket: int, column: RollupColumn
+    ) -> list[tuple[int, Any]]:
+        if column not in ROLLUP_COLUMNS:
+            raise ValueError(f"not a rollup column: {column!r}")
+        with self._conn() as conn:
+            rows = conn.execute(
+                f"SELECT bucket, {column} FROM rollups WHERE customer = %s AND dimension = %s "
+                "AND bucket >= %s AND bucket < %s ORDER BY bucket",
+                (customer, dimension, from_bucket, to_bucket),
+            ).fetchall()
+        return [(int(b), v) for b, v in rows]
 
     def raw(
         self, customer: str, dimension: str, from_ns: int, to_ns: int, unique_key: str | None = None

@@ -30,11 +30,13 @@ from meter_gateway.decimals import EXACT
 from meter_gateway.model import Batch, CommitResult, SeriesMetadata, UsageRecord
 from meter_gateway.store import corrections
 from meter_gateway.store.base import (
+    ROLLUP_COLUMNS,
     CancelledRecord,
     CancelResult,
     GroupVoided,
     RawPoint,
     RejectedRow,
+    RollupColumn,
     RollupKey,
     RollupRow,
     StoredRecord,
@@ -874,6 +876,20 @@ class SQLiteStore(SqlBilling):
             (customer, dimension, from_bucket, to_bucket),
         )
         return [_rollup(r[0], r[1:]) for r in cur]
+
+    def rollup_column(
+        self, customer: str, dimension: str, from_bucket: int, to_bucket: int, column: RollupColumn
+    ) -> list[tuple[int, Any]]:
+        if column not in ROLLUP_COLUMNS:
+            raise ValueError(f"not a rollup column: {column!r}")
+        cur = self._reader().execute(
+            f"SELECT bucket, {column} FROM rollups WHERE customer=? AND dimension=? "
+            "AND bucket>=? AND bucket<? ORDER BY bucket",
+            (customer, dimension, from_bucket, to_bucket),
+        )
+        if column == "count":
+            return cur.fetchall()
+        return [(b, Decimal(v)) for b, v in cur]
 
     def raw(
         self, customer: str, dimension: str, from_ns: int, to_ns: int, unique_key: str | None = None

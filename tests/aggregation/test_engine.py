@@ -199,7 +199,7 @@ def test_rollups_survive_reopen_and_merge_with_new_records(tmp_path: Path) -> No
 
 
 class _CountingReads:
-    """The store, counting raw-record and rollup reads."""
+    """The store, counting raw-record and rollup reads (whole rows or one column)."""
 
     def __init__(self, store: SQLiteStore) -> None:
         self.store = store
@@ -216,6 +216,10 @@ class _CountingReads:
     def rollups(self, *args: object, **kw: object) -> object:
         self.rollup_reads += 1
         return self.store.rollups(*args, **kw)  # type: ignore[arg-type]
+
+    def rollup_column(self, *args: object, **kw: object) -> object:
+        self.rollup_reads += 1
+        return self.store.rollup_column(*args, **kw)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("method", ["sum", "count", "max", "min", "avg", "last", "weighted_sum"])

@@ -207,3 +207,36 @@ def test_catalog_writes_can_be_compare_and_set_on_the_version(tmp_path: Path) ->
     assert s.catalog_delete("offerings", "o1", expect_version=v + 1)
     assert s.catalog_version() == v + 2
     s.close()
+
+
+def test_one_rollup_column_reads_what_the_whole_rows_hold(tmp_path: Path) -> None:
+    s = open_store(tmp_path)
+    try:
+        s.commit(
+            [
+                Batch(
+                    Source.REST,
+                    [
+                        rec("2026-05-01T10:05:00", "1.25"),
+                        rec("2026-05-01T10:35:00", "-3"),
+                        rec("2026-05-01T12:00:00", "0.000000000000000001"),
+                        rec("2026-05-01T12:00:00", "7", dimension="other"),
+                    ],
+                )
+            ],
+            ts("2026-05-02T00:00:00"),
+        )
+        lo, hi = ts("2026-05-01T00:00:00"), ts("2026-05-02T00:00:00")
+        rows = s.rollups("c1", "d1", lo, hi)
+        assert [r.bucket_ns for r in rows] == [ts("2026-05-01T10:00:00"), ts("2026-05-01T12:00:00")]
+        for column in ("count", "sum", "min", "max"):
+            cells = s.rollup_column("c1", "d1", lo, hi, column)  # type: ignore[arg-type]
+            assert cells == [(r.bucket_ns, getattr(r, column)) for r in rows], column
+            assert all(type(v) is (int if column == "count" else Decimal) for _, v in cells)
+        assert s.rollup_column("c1", "d1", lo, ts("2026-05-01T11:00:00"), "sum") == [
+            (ts("2026-05-01T10:00:00"), Decimal("-1.75"))
+        ]
+        with pytest.raises(ValueError, match="not a rollup column"):
+            s.rollup_column("c1", "d1", lo, hi, "wsum; DROP TABLE records")  # type: ignore[arg-type]
+    finally:
+        s.close()
