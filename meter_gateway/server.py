@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import fcntl
+import gc
 import logging
 import os
 import signal
@@ -199,6 +200,7 @@ def serve(config: Config) -> int:
             except OSError as exc:  # taken between the check above and now
                 raise StartupError(str(exc)) from None
             log.info("OTLP/gRPC listening on %s", otlp_grpc.listen)
+        _tune_gc()
         gw.start()
         loop_factory = servers[0][0].config.get_loop_factory()
         with asyncio.Runner(loop_factory=loop_factory) as runner:
@@ -212,6 +214,21 @@ def serve(config: Config) -> int:
             sock.close()
         _remove_lock_file(config.store.url)
     return 0
+
+
+# Ingest allocates and frees a few objects per record by reference counting; what the cyclic
+# collector finds is rare. With the default first threshold (700 allocations) it ran hundreds of
+# times a second and every tenth pass walked the records in flight again: 7-15 % of the
+# gateway's CPU per record in bench.mix (44-50 -> 41 us/record).
+GC_THRESHOLDS = (50_000, 20, 50)
+
+
+def _tune_gc() -> None:
+    """Collect cycles less often, and never walk what start-up built (modules, catalog,
+    config): ``gc.freeze`` moves it out of the collector's generations."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 def _address(sock: socket.socket) -> str:

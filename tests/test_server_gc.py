@@ -1,0 +1,30 @@
+"""The serving process collects cycles rarely and never walks what start-up built."""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Iterator
+
+import pytest
+
+from meter_gateway import server
+
+
+@pytest.fixture
+def restored_gc() -> Iterator[None]:
+    thresholds = gc.get_threshold()
+    yield
+    gc.unfreeze()
+    gc.set_threshold(*thresholds)
+
+
+def test_tune_gc_freezes_start_up_objects_and_raises_the_thresholds(restored_gc: None) -> None:
+    built_at_start_up = [object() for _ in range(10)]  # noqa: F841 - alive while frozen
+    server._tune_gc()
+    assert gc.get_threshold() == server.GC_THRESHOLDS
+    assert gc.get_freeze_count() > 0
+    # cycles made while serving are still collected
+    cycle: list[object] = []
+    cycle.append(cycle)
+    del cycle
+    assert gc.collect() >= 1
