@@ -418,21 +418,31 @@ def _storable(metadata: dict[str, Any]) -> tuple[dict[str, Any], int]:
     try:
         text = orjson.dumps(metadata, default=str)
     except orjson.JSONEncodeError as exc:
-        if "surrogates" in str(exc):
-            raise _Reject(
-                Reason.MALFORMED,
-                "metadata",
-                "metadata holds text that is not valid Unicode (a lone UTF-16 surrogate "
-                "escape such as \\ud800): expected text",
-            ) from None
+        _refuse_surrogates(exc)
         _check_metadata(metadata)  # too deep for orjson, or a number it cannot write
         portable = _big_ints_as_text(metadata)
-        return portable, len(orjson.dumps(portable, default=str))
+        try:
+            # the first error may have hidden a lone surrogate further on
+            return portable, len(orjson.dumps(portable, default=str))
+        except orjson.JSONEncodeError as again:
+            _refuse_surrogates(again)
+            raise
     # Nesting needs as many brackets as levels, and orjson writes NUL as \u0000: most
     # metadata is cleared by two counts and a search of what was written anyway.
     if b"\\u0000" in text or text.count(b"{") + text.count(b"[") > MAX_METADATA_DEPTH:
         _check_metadata(metadata)
     return metadata, len(text)
+
+
+def _refuse_surrogates(exc: orjson.JSONEncodeError) -> None:
+    """Reject the record if orjson refused its metadata for a lone surrogate."""
+    if "surrogates" in str(exc):
+        raise _Reject(
+            Reason.MALFORMED,
+            "metadata",
+            "metadata holds text that is not valid Unicode (a lone UTF-16 surrogate "
+            "escape such as \\ud800): expected text",
+        ) from None
 
 
 def _check_metadata(metadata: dict[str, Any]) -> None:

@@ -233,6 +233,28 @@ def test_nul_in_metadata_is_rejected(meta: dict[str, Any]) -> None:
     assert "U+0000" in error
 
 
+@pytest.mark.parametrize(
+    "meta",
+    [
+        {"0": 123456789012345678901234567890, "": "\ud800"},  # found by the fuzz suite
+        {"a": "\ud800", "b": 2**70},
+        {"n": [2**64, {"s": "x\udfff"}]},
+    ],
+    ids=["big-int-first", "surrogate-first", "nested"],
+)
+def test_a_lone_surrogate_beside_an_integer_past_64_bits_is_rejected_alone(
+    meta: dict[str, Any],
+) -> None:
+    """orjson stops at the first value it cannot write: a number past 64 bits (kept as text)
+    must not hide a lone surrogate after it."""
+    batch = run([rec(metadata={"big": 2**70}), rec(metadata=meta)])
+    assert batch.records[0].metadata == {"big": str(2**70)}
+    field, error, reason = only_error(batch)
+    assert field == "metadata"
+    assert reason is Reason.MALFORMED
+    assert "surrogate" in error
+
+
 def test_metadata_holding_a_literal_backslash_u0000_is_kept() -> None:
     batch = run([rec(metadata={"k": "\\u0000"})])
     assert batch.records[0].metadata == {"k": "\\u0000"}
