@@ -754,7 +754,9 @@ class SQLiteStore(SqlBilling):
             old = olds[key]
             if old is None:
                 out[key] = RollupRow(key[2], n, s, mn, mx, lts, lseq, lv, w)
-            elif (lts, lseq) > (old.last_ts, old.last_seq):
+            else:
+                if (lts, lseq) <= (old.last_ts, old.last_seq):
+                    lts, lseq, lv = old.last_ts, old.last_seq, old.last_value
                 out[key] = RollupRow(
                     key[2],
                     old.count + n,
@@ -764,18 +766,6 @@ class SQLiteStore(SqlBilling):
                     lts,
                     lseq,
                     lv,
-                    add(old.wsum, w),
-                )
-            else:
-                out[key] = RollupRow(
-                    key[2],
-                    old.count + n,
-                    add(old.sum, s),
-                    mn if mn < old.min else old.min,
-                    mx if mx > old.max else old.max,
-                    old.last_ts,
-                    old.last_seq,
-                    old.last_value,
                     add(old.wsum, w),
                 )
         return out
