@@ -12,6 +12,7 @@ of each series is its baseline).
 
     python -m bench.remote_write                 # 8 threads × 25 requests × 2000 samples
     python -m bench.remote_write --quick
+    python -m bench.remote_write --py-spy /tmp/rw.txt   # py-spy record the gateway (raw stacks)
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ from __future__ import annotations
 import argparse
 import http.client
 import os
+import shutil
+import signal
+import subprocess
 import sys
 import tempfile
 import threading
@@ -107,6 +111,18 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def start_py_spy(pid: int, out: str) -> subprocess.Popen[bytes] | None:
+    """py-spy record ``pid`` (every thread, idle ones left out) to ``out``: collapsed stacks
+    for ``.txt``, else a flame graph."""
+    exe = shutil.which("py-spy")
+    if exe is None:
+        print("py-spy not found (pip install py-spy); profiling skipped")
+        return None
+    fmt = "raw" if out.endswith(".txt") else "flamegraph"
+    cmd = [exe, "record", "-p", str(pid), "-r", "200", "--nonblocking", "-f", fmt, "-o", out]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--series", type=int, default=2000, help="series (= samples) per request")
@@ -114,6 +130,9 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=8)
     p.add_argument("--customers", type=int, default=50)
     p.add_argument("--quick", action="store_true")
+    p.add_argument(
+        "--py-spy", metavar="FILE", help="py-spy record the gateway while it is sent to (.txt: raw)"
+    )
     args = p.parse_args()
     if args.quick:
         args.series, args.requests, args.threads = 500, 10, 4
@@ -162,6 +181,9 @@ def main() -> int:
         gw = GatewayProcess(workdir / "gw", cfg).start()
         try:
             assert gw.proc is not None
+            spy = start_py_spy(gw.proc.pid, args.py_spy) if args.py_spy else None
+            if spy is not None:
+                time.sleep(0.5)
             cpu0 = cpu_s(gw.proc.pid)
             r = send_all(
                 f"{gw.url}/api/v1/write",
@@ -175,6 +197,10 @@ def main() -> int:
             )
             r["server_cpu_s"] = cpu_s(gw.proc.pid) - cpu0
             results["gateway"] = r
+            if spy is not None:
+                spy.send_signal(signal.SIGINT)
+                spy.wait(60)
+                print(f"py-spy profile of the gateway: {args.py_spy}")
             # Every series: baseline at 0, then (requests - 1) steps of 3.
             per_series = (args.requests - 1) * STEP
             with gw.client() as c:
@@ -203,6 +229,9 @@ def main() -> int:
         name: r["requests_ok"] * args.series / max(r["server_cpu_s"], 1e-9)
         for name, r in results.items()
     }
+    for name, r in results.items():
+        us = 1e6 * r["server_cpu_s"] / max(r["requests_ok"] * args.series, 1)
+        print(f"server CPU per sample: {name} {us:.2f} us")
     print(
         f"per server CPU second: gateway {per_cpu['gateway']:,.0f}, prometheus "
         f"{per_cpu['prometheus']:,.0f} samples; gateway / prometheus = "
