@@ -4,7 +4,8 @@ A snappy-block-compressed protobuf ``WriteRequest`` → observations → the map
 (``rules[]`` with ``match.source: remote_write``) → usage. Counters (metadata type COUNTER, or
 a ``_total``/``_count``/``_sum``/``_bucket`` name) are running totals: per series they become
 increases against committed state (``pipeline.cumulative.Totals``; a series' first total is a
-baseline, a drop is a reset, (series, time) is the natural key). Gauges are levels, keyed by
+baseline, a drop is a reset, (series, time) is the natural key), their state kept one row per
+group of series first seen together (``TotalGroups``). Gauges are levels, keyed by
 (series, time). A stale marker ends a gauge's level (0); on a counter it adds nothing.
 
 Series no rule could match (Prometheus sends every series it has) are skipped and counted, not
@@ -49,9 +50,9 @@ from meter_gateway.pipeline.cumulative import (
     Committer,
     ObservationSink,
     SeriesMappings,
-    StreamTable,
     TimeWindow,
     Total,
+    TotalGroups,
     Totals,
     series_id,
 )
@@ -372,7 +373,7 @@ class RemoteWriteReceiver:
             else None
         )
         self.totals = Totals(
-            StreamTable(store, STATE_PREFIX, max_cached_series),
+            TotalGroups(store, STATE_PREFIX, max_cached=max_cached_series),
             sink,
             committer,
             window=TimeWindow(clock, limits) if clock is not None else None,

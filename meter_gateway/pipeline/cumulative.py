@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import decimal
 import hashlib
+import secrets
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -603,6 +604,275 @@ class StreamGroups:
         return GroupChanges(writes, expect, after), n
 
 
+# A series' pointer to its group (``TotalGroups``): its old key, ``prefix + series id``, holding
+# "@" and the group id (a row of a single series' state begins with a digit).
+POINTER = b"@"
+
+
+class _Rows(NamedTuple):
+    """One group's committed row (``TotalGroups``): its bytes (None: no row yet), and per
+    series its state and its line of the row."""
+
+    raw: bytes | None
+    states: dict[str, StreamState]
+    lines: dict[str, str]
+
+
+_NO_ROWS = _Rows(None, {}, {})
+
+
+def _line(sid: str, s: StreamState) -> str:
+    """A series' line of a group row, as ``entry`` writes it."""
+    if s.sum is None:
+        return f"{sid}:{s.start}:{s.time} {s.value}"
+    return f"{sid}:{s.start}:{s.time} {s.value} {s.sum}"
+
+
+def _decode_rows(raw: bytes) -> _Rows:
+    states: dict[str, StreamState] = {}
+    lines: dict[str, str] = {}
+    for sid, e in decode_group(raw).items():
+        states[sid] = entry_state(e)
+        lines[sid] = e[4]
+    return _Rows(raw, states, lines)
+
+
+class TotalGroups:
+    """Committed state of running totals without start times (remote write), one row per
+    *group* of series, and a hold per group.
+
+    A remote-write sender carries no grouping a gateway could compute (Prometheus spreads a
+    target's series over its shards by a reference of its own), so a group is made of the
+    series first seen *together*: the new series of a request (up to ``group_size``) join a
+    group the request touches that has room, or a new one with a random id. The senders
+    usually send the same series together again, so a request commits a row per group (a
+    few), not one per series. Each series keeps a *pointer* to its group in its own row
+    (``prefix + series id`` = ``@`` + group id), written once, in the commit that first gives
+    the series a state, and never changed: what a replica or a restarted process learns of
+    a series' group stays true, and two replicas that first see one series at once both
+    write its pointer expecting none, so one conflicts and converts again into the other's
+    group. Group rows (``prefix + GROUP_KEY + group id``) are ``StreamGroups``' lines, and
+    are compare-and-set like them: a row's bytes as committed are what the next commit
+    expects.
+
+    State written one row per series (``StreamTable``, before groups) is read from that row,
+    and the commit that next moves the series puts it into a group and turns the row into its
+    pointer, expecting the old bytes.
+
+    Limits: a commit rewrites the whole row of every group it touches, so a sender that
+    regroups its series (Prometheus resharding) makes requests rewrite several rows partly;
+    two requests (or replicas) moving different series of one group wait for each other (or
+    conflict and convert again) where per-series state would not; series never leave their
+    group (nothing of remote write's state expires).
+    """
+
+    def __init__(
+        self,
+        reader: StateReader,
+        prefix: str,
+        group_size: int = 500,
+        max_cached: int = 1_000_000,
+        wait_s: float = 30.0,
+    ) -> None:
+        self.prefix = prefix
+        self._reader = reader
+        self._size = group_size
+        self._max_cached = max_cached  # series, over cached pointers and cached rows
+        self._holds = _Holds(wait_s)
+        self._home: dict[str, str] = {}  # series id → group id (committed pointers)
+        self._rows: dict[str, _Rows] = {}  # group id → committed row
+        self._cached = 0  # series in _rows
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def hold(self, sids: Iterable[str]) -> Iterator[HeldGroups]:
+        """Hold the groups of ``sids`` (new series get theirs); yields what converts them."""
+        held = self._plan(sids)
+        with self._holds.hold(set(held.members)):
+            yield held
+
+    def _plan(self, sids: Iterable[str]) -> HeldGroups:
+        home = self._home
+        members: dict[str, set[str]] = {}
+        unknown: list[str] = []
+        for sid in dict.fromkeys(sids):
+            gid = home.get(sid)
+            if gid is None:
+                unknown.append(sid)
+            elif gid in members:
+                members[gid].add(sid)
+            else:
+                members[gid] = {sid}
+        legacy: dict[str, tuple[StreamState, bytes]] = {}
+        pointers: dict[str, str] = {}  # new series → the group they join
+        if unknown:
+            prefix = self.prefix
+            rows = self._reader.state_get([prefix + sid for sid in unknown])
+            homeless: list[str] = []
+            learned: dict[str, str] = {}
+            for sid in unknown:
+                raw = rows.get(prefix + sid)
+                if raw is not None and raw.startswith(POINTER):
+                    gid = raw[1:].decode()
+                    learned[sid] = gid
+                    members.setdefault(gid, set()).add(sid)
+                    continue
+                if raw is not None:
+                    legacy[sid] = (decode_state(raw), raw)
+                homeless.append(sid)
+            if learned:
+                self._learn(learned)
+            # Into groups this request touches that have room (as last committed), then new ones.
+            room = [
+                (gid, self._size - len(r.lines))
+                for gid in members
+                if (r := self._rows.get(gid)) is not None and len(r.lines) < self._size
+            ]
+            room.reverse()
+            gid, free = room.pop() if room else ("", 0)
+            for sid in homeless:
+                if free <= 0:
+                    gid, free = room.pop() if room else (secrets.token_hex(8), self._size)
+                pointers[sid] = gid
+                members.setdefault(gid, set()).add(sid)
+                free -= 1
+        return HeldGroups(self, members, pointers, legacy)
+
+    def _learn(self, homes: dict[str, str]) -> None:
+        with self._lock:
+            if len(self._home) + len(homes) > self._max_cached:
+                self._home.clear()
+            self._home.update(homes)
+
+    def rows(self, gids: Iterable[str]) -> dict[str, _Rows]:
+        """The committed rows of held groups (cached, or read from the store)."""
+        cache = self._rows
+        out: dict[str, _Rows] = {}
+        missing: list[str] = []
+        for gid in gids:
+            known = cache.get(gid)
+            if known is None:
+                missing.append(gid)
+            else:
+                out[gid] = known
+        if missing:
+            keys = [self.prefix + GROUP_KEY + gid for gid in missing]
+            got = self._reader.state_get(keys)
+            fresh: dict[str, _Rows] = {}
+            for gid, key in zip(missing, keys, strict=True):
+                raw = got.get(key)
+                out[gid] = fresh[gid] = _NO_ROWS if raw is None else _decode_rows(raw)
+            self._remember(fresh)
+        return out
+
+    def _remember(self, rows: dict[str, _Rows]) -> None:
+        with self._lock:
+            cache = self._rows
+            n = sum(len(r.lines) for r in rows.values())
+            if self._cached + n > self._max_cached:
+                cache.clear()
+                self._cached = 0
+            for gid, r in rows.items():
+                old = cache.get(gid)
+                if old is not None:
+                    self._cached -= len(old.lines)
+                cache[gid] = r
+            self._cached += n
+
+    def committed(self, rows: dict[str, _Rows], pointers: dict[str, str]) -> None:
+        """Groups' rows and series' pointers after a successful commit."""
+        self._remember(rows)
+        if pointers:
+            self._learn(pointers)
+
+    def forget(self, gids: Iterable[str]) -> None:
+        """Rows another replica may have moved (pointers never change: they stay)."""
+        with self._lock:
+            for gid in gids:
+                old = self._rows.pop(gid, None)
+                if old is not None:
+                    self._cached -= len(old.lines)
+
+
+class HeldGroups:
+    """The groups one request holds (``TotalGroups.hold``): ``members``, group → its series
+    of the request; ``pointers``, series that get their group with this commit;
+    ``legacy``, series still in a row of their own: (state, its bytes)."""
+
+    def __init__(
+        self,
+        groups: TotalGroups,
+        members: dict[str, set[str]],
+        pointers: dict[str, str],
+        legacy: dict[str, tuple[StreamState, bytes]],
+    ) -> None:
+        self._groups = groups
+        self.members = members
+        self.pointers = pointers
+        self.legacy = legacy
+        self._read: dict[str, _Rows] = {}
+        self._after: tuple[dict[str, _Rows], dict[str, str]] = ({}, {})
+
+    def load(self) -> Mapping[str, StreamState]:
+        """The committed state of the request's series (absent: never seen)."""
+        members = self.members
+        self._read = rows = self._groups.rows(members)
+        if len(rows) == 1 and not self.legacy:  # the usual request: one group
+            return next(iter(rows.values())).states  # (read only: a committed row's)
+        merged: dict[str, StreamState] = {}
+        for r in rows.values():
+            merged.update(r.states)  # states of other series too: harmless
+        for sid, (s, _) in self.legacy.items():
+            merged[sid] = s
+        return merged
+
+    def changes(
+        self, changed: dict[str, StreamState]
+    ) -> tuple[dict[str, bytes | None], dict[str, bytes | None]]:
+        """``Batch.state`` and ``Batch.state_expect`` that commit ``changed`` (series of this
+        request, their new state): every group holding one is rewritten whole, expecting the
+        bytes it was read with; a series' pointer is written, expecting none (a new series)
+        or its old row's bytes (state kept per series before groups)."""
+        prefix, group_prefix = self._groups.prefix, self._groups.prefix + GROUP_KEY
+        writes: dict[str, bytes | None] = {}
+        expect: dict[str, bytes | None] = {}
+        after: dict[str, _Rows] = {}
+        pointers: dict[str, str] = {}
+        members, read = self.members, self._read
+        for gid, sids in members.items():
+            if len(members) == 1:
+                moved = changed  # every series of this request is in it
+            else:
+                moved = {sid: changed[sid] for sid in sids if sid in changed}
+            if not moved:
+                continue
+            old = read[gid]
+            states = {**old.states, **moved}
+            lines = dict(old.lines)
+            for sid, s in moved.items():
+                lines[sid] = _line(sid, s)
+            raw = LINE_END.join(lines.values()).encode()
+            key = group_prefix + gid
+            writes[key], expect[key] = raw, old.raw
+            after[gid] = _Rows(raw, states, lines)
+        if self.pointers:
+            legacy = self.legacy
+            for sid, gid in self.pointers.items():
+                if sid in changed:
+                    key = prefix + sid
+                    writes[key] = POINTER + gid.encode()
+                    expect[key] = legacy[sid][1] if sid in legacy else None
+                    pointers[sid] = gid
+        self._after = (after, pointers)
+        return writes, expect
+
+    def committed(self) -> None:
+        self._groups.committed(*self._after)
+
+    def forget(self) -> None:
+        self._groups.forget(self.members)
+
+
 def series_id(obs: Observation) -> str:
     """A series' identity: its name and every attribute (resource attributes included)."""
     identity = [obs.name, sorted(obs.attributes.items()), sorted(obs.resource_attributes.items())]
@@ -737,12 +1007,13 @@ class Totals:
     the series' new state in one transaction. An amount's natural key is (series, time), so a
     resent request adds nothing; a total that did not move adds no record. With a
     ``window``, a total the validator would refuse for its time is rejected before it converts;
-    with ``mappings``, amounts of known series skip the validator.
+    with ``mappings``, amounts of known series skip the validator. State is kept one row per
+    series (``StreamTable``) or one per group of series (``TotalGroups``).
     """
 
     def __init__(
         self,
-        table: StreamTable,
+        table: StreamTable | TotalGroups,
         sink: ObservationSink,
         committer: Committer,
         commit_timeout_s: float = 60.0,
@@ -760,20 +1031,19 @@ class Totals:
     def convert(
         self,
         batch: Batch,
-        sids: Sequence[str] | None = None,
+        held: Held,
+        sids: Sequence[str],
         totals: Sequence[Total] | None = None,
     ) -> dict[str, StreamState]:
         """Move ``batch.cumulative`` (or ``totals``) into records and errors (the caller holds
-        the series; ``sids`` are their ids as ``holding`` yielded them); returns the series
-        whose state moves with the batch, also set in ``batch.state``."""
+        the series, ``sids``: ``held``); returns the series whose state moves with the batch,
+        also set in ``batch.state``."""
         if totals is None:
             totals = [(i, o.timestamp_ns, o.value, o) for i, o in batch.cumulative]
-        if sids is None:
-            sids = [series_id(series) for _, _, _, series in totals]
         pairs = list(zip(totals, sids, strict=True))
         if len(set(sids)) < len(sids):  # several totals of one series: in time order
             pairs.sort(key=lambda p: p[0][1])
-        states = self.table.load(set(sids))
+        states = held.load()
         changed: dict[str, StreamState] = {}
         amounts: list[Observation] = []
         amount_sids: list[str] = []
@@ -849,18 +1119,21 @@ class Totals:
             batch.errors.extend(errors)
             batch.errors.sort(key=lambda e: e.index)
         batch.cumulative = []
-        batch.state.update(self.table.writes(changed))
-        batch.state_expect.update(self.table.expect(changed, states))
+        writes, expect = held.changes(changed)
+        batch.state.update(writes)
+        batch.state_expect.update(expect)
         return changed
 
     @contextmanager
-    def holding(self, batch: Batch, sids: list[str] | None = None) -> Iterator[list[str]]:
-        """Hold the series of ``batch.cumulative`` (for convert, then commit); yields their
-        ids, in ``batch.cumulative`` order, for ``convert`` (``sids``: known already)."""
-        if sids is None:
-            sids = [series_id(obs) for _, obs in batch.cumulative]
-        with self.table.hold(set(sids)):
-            yield sids
+    def holding(self, sids: Sequence[str]) -> Iterator[Held]:
+        """Hold the series ``sids`` (for ``convert``, then commit)."""
+        table = self.table
+        if isinstance(table, TotalGroups):
+            with table.hold(sids) as groups:
+                yield groups
+        else:
+            with table.hold(set(sids)):
+                yield _HeldSeries(table, sids)
 
     def commit(
         self,
@@ -877,23 +1150,70 @@ class Totals:
         ``batch.cumulative``, when the caller knows them; ``totals``: the totals to convert
         in place of ``batch.cumulative`` (``sids`` then required).
         """
-        with self.holding(batch, sids) as held:
-            cumulative, records = list(batch.cumulative), list(batch.records)
-            errors, state, expect = list(batch.errors), dict(batch.state), dict(batch.state_expect)
-            for _ in range(STATE_CONFLICT_RETRIES):
-                changed = self.convert(batch, held, totals)
+        if sids is None:
+            sids = [series_id(obs) for _, obs in batch.cumulative]
+        cumulative, records = list(batch.cumulative), list(batch.records)
+        errors, state, expect = list(batch.errors), dict(batch.state), dict(batch.state_expect)
+        for _ in range(STATE_CONFLICT_RETRIES):
+            # Held again on every try: after a conflict a new series may belong to a group
+            # another replica gave it.
+            with self.holding(sids) as held:
+                self.convert(batch, held, sids, totals)
                 if check is not None:
                     check(batch)
                 result = self._committer.submit_sync(batch, self._timeout)
                 if not result.conflict:
-                    self.table.committed(changed, batch.state)
+                    held.committed()
                     return result
                 # Another replica moved these series first: forget what we cached, convert again.
-                self.table.forget(held)
-                batch.cumulative, batch.records = list(cumulative), list(records)
-                batch.errors = list(errors)
-                batch.state, batch.state_expect = dict(state), dict(expect)
+                held.forget()
+            batch.cumulative, batch.records = list(cumulative), list(records)
+            batch.errors = list(errors)
+            batch.state, batch.state_expect = dict(state), dict(expect)
         raise StreamsBusy("cumulative series kept moving on other replicas; retry")
+
+
+class Held(Protocol):
+    """The held series of one request (``Totals.holding``): their committed state, the state
+    writes and expectations that move them, and what the cache learns from the outcome."""
+
+    def load(self) -> Mapping[str, StreamState]: ...
+
+    def changes(
+        self, changed: dict[str, StreamState]
+    ) -> tuple[dict[str, bytes | None], dict[str, bytes | None]]: ...
+
+    def committed(self) -> None: ...
+
+    def forget(self) -> None: ...
+
+
+class _HeldSeries:
+    """``Held`` over a ``StreamTable``: one row per series."""
+
+    def __init__(self, table: StreamTable, sids: Sequence[str]) -> None:
+        self._table = table
+        self._sids = sids
+        self._states: dict[str, StreamState] = {}
+        self._changed: dict[str, StreamState] = {}
+        self._writes: dict[str, bytes | None] = {}
+
+    def load(self) -> Mapping[str, StreamState]:
+        self._states = self._table.load(set(self._sids))
+        return self._states
+
+    def changes(
+        self, changed: dict[str, StreamState]
+    ) -> tuple[dict[str, bytes | None], dict[str, bytes | None]]:
+        self._changed = changed
+        self._writes = self._table.writes(changed)
+        return self._writes, self._table.expect(changed, self._states)
+
+    def committed(self) -> None:
+        self._table.committed(self._changed, self._writes)
+
+    def forget(self) -> None:
+        self._table.forget(self._sids)
 
 
 def _raw(series: Observation, value: Decimal, t: int) -> str:

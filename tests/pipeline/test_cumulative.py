@@ -32,6 +32,7 @@ from meter_gateway.pipeline.cumulative import (
     StreamState,
     StreamTable,
     TimeWindow,
+    TotalGroups,
     Totals,
     convert,
     decode_group,
@@ -428,3 +429,79 @@ def test_the_gateway_checks_vector_absolute_counters_against_the_window(tmp_path
         assert [r.value for r in later.records] == [Decimal(4)]
     finally:
         gw.close()
+
+
+# --- running totals kept one row per group (TotalGroups) ---------------------------------------
+
+
+def _grouped(store: DictState, sink: RecordingSink, clock: FixedClock) -> tuple[Totals, Committed]:
+    committer = Committed(store)
+    totals = Totals(
+        TotalGroups(store, "rw/", group_size=2),
+        sink,
+        committer,
+        window=TimeWindow(clock, IngestConfig()),
+    )
+    return totals, committer
+
+
+def _totals_of(*points: tuple[str, str, int]) -> Batch:
+    batch = Batch(Source.REMOTE_WRITE)
+    batch.cumulative = [
+        (
+            i,
+            Observation(
+                Source.REMOTE_WRITE, "x_total", {"t": t}, Decimal(v), ObservationKind.CUMULATIVE, ts
+            ),
+        )
+        for i, (t, v, ts) in enumerate(points)
+    ]
+    return batch
+
+
+def test_a_new_series_another_replica_gave_a_group_first_converts_into_that_group() -> None:
+    """Two replicas first see one series at once: both write its pointer expecting none, the
+    later commit conflicts, and the series converts again in the other replica's group."""
+    store, clock = DictState({}), FixedClock(NOW)
+    other, _ = _grouped(store, RecordingSink(object()), clock)
+    mine, committer = _grouped(store, RecordingSink(object()), clock)
+    t1, t2 = NOW - 2_000_000_000, NOW - 1_000_000_000
+    submit = committer.submit_sync
+    tries: list[bool] = []
+
+    def racing(batch: Batch, timeout: float | None = None) -> CommitResult:
+        if not tries:  # the other replica commits the same series' baseline and a step first
+            other.commit(_totals_of(("a", "10", t1)))
+            other.commit(_totals_of(("a", "13", t2)))
+        result = submit(batch, timeout)
+        tries.append(result.conflict)
+        return result
+
+    committer.submit_sync = racing  # type: ignore[method-assign]
+    batch = _totals_of(("a", "20", NOW))
+    mine.commit(batch)
+    assert tries == [True, False]
+    assert [r.value for r in batch.records] == [Decimal(7)]  # 20 - 13: counted once
+    pointers = {k: v for k, v in store.rows.items() if not k.startswith("rw/g/")}
+    groups = {k for k in store.rows if k.startswith("rw/g/")}
+    assert len(pointers) == 1
+    assert len(groups) == 1
+    assert {b"@" + k.removeprefix("rw/g/").encode() for k in groups} == set(pointers.values())
+
+
+def test_new_series_fill_groups_of_at_most_the_group_size_and_hold_them() -> None:
+    store, clock = DictState({}), FixedClock(NOW)
+    totals, _ = _grouped(store, RecordingSink(object()), clock)
+    t = NOW - 1_000_000_000
+    totals.commit(_totals_of(("a", "1", t), ("b", "1", t), ("c", "1", t)))
+    rows = {k: decode_group(v) for k, v in store.rows.items() if k.startswith("rw/g/")}
+    assert sorted(len(r) for r in rows.values()) == [1, 2]
+    # a series held holds its whole group: another series of it waits, one of another does not
+    pair, single = sorted(rows.values(), key=len, reverse=True)
+    table = TotalGroups(store, "rw/", group_size=2, wait_s=0.05)
+    first, second = sorted(pair)
+    with table.hold([first]):
+        with pytest.raises(StreamsBusy), table.hold([second]):
+            pass
+        with table.hold(list(single)):
+            pass
