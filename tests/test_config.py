@@ -18,12 +18,14 @@ from meter_gateway.config import (
     ConfigError,
     Customer,
     Dimension,
+    IngestConfig,
     Offering,
     format_duration,
     load_config,
     parse_config,
     parse_duration,
 )
+from meter_gateway.pipeline.admission import EXPANSION, Budget
 
 TESTDATA = Path(__file__).parent / "testdata" / "config"
 ROOT = Path(__file__).parent.parent
@@ -255,3 +257,14 @@ def test_checks_for_new_definitions_spare_what_the_store_already_holds() -> None
             model.model_validate(body, context=NEW_DEFINITION)
     with pytest.raises(ValidationError, match="unknown currency 'SVC'"):
         Offering.model_validate({"id": "o", "name": "O", "currency": "SVC"}, context=NEW_DEFINITION)
+
+
+def test_the_default_budget_takes_the_largest_default_body_alone() -> None:
+    # a body larger than ingest.max_inflight_bytes is refused 413 whatever the load; by default
+    # every body within max_body_bytes can be admitted (alone when its estimate exceeds the budget)
+    ingest = IngestConfig()
+    assert ingest.max_body_bytes <= ingest.max_inflight_bytes
+    budget = Budget(ingest.max_inflight_bytes, 1.0)
+    largest = ingest.max_body_bytes
+    with budget.reserve(largest * EXPANSION, wire_bytes=largest) as r:
+        assert r.nbytes == largest * EXPANSION
