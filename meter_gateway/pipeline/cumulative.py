@@ -17,7 +17,8 @@ pass 0: their first point is a baseline and a drop is a reset.
 has committed, so two requests touching one series never compute against the same old state.
 ``StreamGroups`` does the same with one state row (and one hold) per group of series (OTLP: a
 metric of one resource and scope), so a commit writes and compares a row per metric, not one
-per point.
+per point. ``TotalGroups`` keeps remote write's series that way too, in groups of the series
+first seen together (a sender gives no grouping of its own), each series pointing to its group.
 Across replicas the batch carries the state it converted against (``Batch.state_expect``); a
 replica that lost the race gets ``CommitResult.conflict``, with nothing written, and converts
 again against the state the other replica committed.
@@ -42,6 +43,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from decimal import Decimal
+from functools import partial
 from typing import Any, NamedTuple, Protocol
 
 import orjson
@@ -992,6 +994,11 @@ class SeriesMappings:
             )
 
 
+# StreamState((start, time, value, sum)) without NamedTuple's __new__ in Python.
+_NEW_STATE: Callable[[tuple[int, int, Decimal, Decimal | None]], StreamState] = partial(
+    tuple.__new__, StreamState
+)
+
 # A running total to convert: (ordinal in its request, time, value, its series: an observation
 # of the series' name and attributes, whose own value and time are not read).
 Total = tuple[int, int, Decimal, Observation]
@@ -1055,7 +1062,13 @@ class Totals:
         mappings = self.mappings
         snap = mappings.snapshot() if mappings is not None else (None, 0, 0)
         record = mappings.record if mappings is not None else None
+        # SeriesMappings.record's usual case, inline: a positive step of a known unscaled series
+        known = mappings._known if mappings is not None else {}
+        catalog, lo, hi = snap
+        key_hash = mappings._key_hash if mappings is not None else None
+        source = mappings._source if mappings is not None else batch.source
         records = batch.records
+        new_state = _NEW_STATE
         for (index, t, value, obs), sid in pairs:
             if window is not None and not oldest <= t <= newest:
                 refused = window.refusal(t, oldest, newest)
@@ -1072,7 +1085,32 @@ class Totals:
                 except decimal.Inexact:
                     delta = None
             if delta is not None:
-                changed[sid] = StreamState(0, t, value)
+                changed[sid] = new_state((0, t, value, None))
+                m = known.get(sid)
+                if (
+                    m is not None
+                    and m.catalog is catalog
+                    and m.scale is None
+                    and lo <= t <= hi
+                    and delta < MAX_ABS
+                    and key_hash is not None
+                ):
+                    h = key_hash.copy()
+                    h.update(f"{sid}:{t}".encode())
+                    records.append(
+                        UsageRecord(
+                            t,
+                            m.customer,
+                            m.dimension,
+                            delta,
+                            None,
+                            m.metadata,
+                            source,
+                            h.digest(),
+                            m.unique,
+                        )
+                    )
+                    continue
             else:
                 try:
                     step = convert(state, 0, t, value, None, True)
