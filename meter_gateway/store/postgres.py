@@ -194,10 +194,26 @@ ON CONFLICT (customer, dimension, bucket) DO UPDATE SET
 # A key not seen within the window (expired, not yet purged) counts as new: it is re-marked.
 _DEDUP_INSERT = """
 INSERT INTO dedup_keys AS d (key, seen_s)
-SELECT k, %(now)s FROM unnest(%(keys)s::bytea[]) AS k
+SELECT decode(k, 'hex'), %(now)s FROM unnest(string_to_array(%(keys)s, ',')) AS k
 ON CONFLICT (key) DO UPDATE SET seen_s = excluded.seen_s WHERE d.seen_s < %(cutoff)s
 RETURNING key
 """
+
+
+def _array(values: Sequence[int | Decimal]) -> str:
+    """Numbers as one array literal (``'{1,2.5}'``), cast by the statement: psycopg dumps a
+    list element by element in Python (4,000 decimals: 8.6 ms a round trip as a list, 1.9 as
+    a literal; the rollup upsert of a commit sends nine such columns)."""
+    return "{" + ",".join(map(str, values)) + "}"
+
+
+def _text_array(values: Sequence[str]) -> str:
+    """Strings as one array literal, each quoted (backslash and double quote escaped)."""
+    return (
+        '{"' + '","'.join([v.replace("\\", "\\\\").replace('"', '\\"') for v in values]) + '"}'
+        if values
+        else "{}"
+    )
 
 
 class SchemaTooNewError(RuntimeError):
@@ -301,7 +317,11 @@ class PostgresStore(SqlBilling):
         if in_group:
             cur.execute(
                 _DEDUP_INSERT,
-                {"now": now_s, "keys": sorted(in_group), "cutoff": now_s - self.dedup_window_s},
+                {
+                    "now": now_s,
+                    "keys": ",".join([k.hex() for k in sorted(in_group)]),
+                    "cutoff": now_s - self.dedup_window_s,
+                },
             )
             fresh = {bytes(row[0]) for row in cur.fetchall()}
         new_flags = [
@@ -382,9 +402,10 @@ class PostgresStore(SqlBilling):
         acc = rollup_partials(fresh, [r.value for r in fresh], seqs)
         # Sorted, so that concurrent commits lock rollup rows in one order.
         keys = sorted(acc)
-        cols: list[list[Any]] = [[k[0] for k in keys], [k[1] for k in keys], [k[2] for k in keys]]
-        for j in range(8):
-            cols.append([acc[k][j] for k in keys])
+        parts = [acc[k] for k in keys]
+        cols = [_text_array([k[0] for k in keys]), _text_array([k[1] for k in keys])]
+        cols.append(_array([k[2] for k in keys]))
+        cols.extend(_array([p[j] for p in parts]) for j in range(8))
         cur.execute(_ROLLUP_UPSERT, cols)
         if distinct:
             rows = sorted(distinct)
@@ -392,7 +413,12 @@ class PostgresStore(SqlBilling):
                 "INSERT INTO rollup_distinct "
                 "SELECT * FROM unnest(%s::text[], %s::text[], %s::int8[], %s::text[]) "
                 "ON CONFLICT DO NOTHING",
-                [[r[i] for r in rows] for i in range(4)],
+                (
+                    _text_array([r[0] for r in rows]),
+                    _text_array([r[1] for r in rows]),
+                    _array([r[2] for r in rows]),
+                    _text_array([r[3] for r in rows]),
+                ),
             )
 
     def _write_state(self, cur: psycopg.Cursor[Any], batches: Sequence[Batch]) -> set[int]:
