@@ -841,6 +841,7 @@ class HeldGroups:
         after: dict[str, _Rows] = {}
         pointers: dict[str, str] = {}
         members, read = self.members, self._read
+        times: dict[int, str] = {}
         for gid, sids in members.items():
             if len(members) == 1:
                 moved = changed  # every series of this request is in it
@@ -852,7 +853,14 @@ class HeldGroups:
             states = {**old.states, **moved}
             lines = dict(old.lines)
             for sid, s in moved.items():
-                lines[sid] = _line(sid, s)
+                if s.start or s.sum is not None:
+                    lines[sid] = _line(sid, s)
+                    continue
+                # _line's usual case: a request's totals share their time, written once
+                at = times.get(s.time)
+                if at is None:
+                    at = times[s.time] = f":0:{s.time} "
+                lines[sid] = sid + at + str(s.value)
             raw = LINE_END.join(lines.values()).encode()
             key = group_prefix + gid
             writes[key], expect[key] = raw, old.raw
