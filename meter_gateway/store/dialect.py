@@ -58,8 +58,8 @@ class Dialect(Protocol):
     for_update: str
     for_share: str
     #: The condition on ``records`` selecting the rows of one record id: ``?`` placeholders,
-    #: each bound to the id (both stores find ids through ``record_ids`` plus the records not
-    #: indexed there yet).
+    #: each bound to the id (SQLite finds ids through ``record_ids`` plus the records not
+    #: indexed there yet; PostgreSQL through an index on ``records``).
     record_id_match: str
 
     def reading(self) -> AbstractContextManager[Tx]:

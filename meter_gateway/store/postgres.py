@@ -60,16 +60,11 @@ NS = 1_000_000_000
 # Advisory lock ids (pg_advisory_lock's bigint space is shared by everything on the database).
 MIGRATION_LOCK = 0x6D67_0001  # "mg" 1
 PURGE_LOCK = 0x6D67_0002
-RECORD_IDS_LOCK = 0x6D67_0004  # one replica indexes record ids at a time
 # 0x6D67_0003: store.billing.CATALOG_LOCK, held around one catalog change
 STATE_LOCK_CLASS = 0x6D67  # pg_advisory_xact_lock(class, hashtext(key)) per receiver-state key
 PURGE_EVERY_S = 600
 PURGE_CHUNK = 50_000
 COMMIT_ATTEMPTS = 5
-# Record ids are indexed (``record_ids``) in one pass once a replica has committed this many
-# records since its last pass: a lookup scans the records after the mark, so the tail stays
-# a few of these long.
-RECORD_IDS_EVERY = 20_000
 
 MIGRATIONS: tuple[str, ...] = (
     # 1: the initial schema. Text keys are COLLATE "C": byte order, as in SQLite, and faster.
@@ -173,42 +168,6 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX cancelled_records_id ON cancelled_records (record_id);
     CREATE INDEX records_record_id ON records (record_id) WHERE record_id IS NOT NULL;
     """,
-    # 6: record ids leave the hot table's indexes: a commit's ids were random inserts into
-    # records_record_id. ``record_ids`` gets them in sorted batches behind the commits
-    # (``PostgresStore.index_record_ids``) and a lookup reads it plus the records after
-    # ``record_ids_upto.seq``, found through a BRIN index on seq (PostgresDialect.
-    # record_id_match). Seqs are taken before their commit ends, so the mark only passes a seq
-    # once every transaction that could hold a smaller one has ended: the first fill waits
-    # for the transactions running now (commits of replicas not upgraded yet), as CREATE
-    # INDEX CONCURRENTLY does, before it reads the records.
-    """
-    DO $$
-    DECLARE
-        last bigint;
-        snap pg_snapshot;
-        x xid8;
-    BEGIN
-        SELECT CASE WHEN is_called THEN last_value ELSE 0 END INTO last FROM records_seq;
-        snap := pg_current_snapshot();
-        FOR x IN SELECT pg_snapshot_xip(snap) LOOP
-            WHILE pg_xact_status(x) = 'in progress' LOOP
-                PERFORM pg_sleep(0.01);
-            END LOOP;
-        END LOOP;
-        CREATE TABLE record_ids (
-            record_id text COLLATE "C" NOT NULL, seq bigint NOT NULL,
-            PRIMARY KEY (record_id, seq));
-        INSERT INTO record_ids SELECT record_id, seq FROM records
-            WHERE record_id IS NOT NULL AND seq <= last ORDER BY 1, 2;
-        CREATE TABLE record_ids_upto (
-            one boolean PRIMARY KEY DEFAULT true CHECK (one), seq bigint NOT NULL,
-            pending_seq bigint, pending_xmax xid8);
-        INSERT INTO record_ids_upto (seq) VALUES (last);
-    END $$;
-    CREATE INDEX records_seq_brin ON records USING brin (seq)
-        WITH (pages_per_range = 32, autosummarize = on);
-    DROP INDEX records_record_id;
-    """,
 )
 
 
@@ -233,13 +192,6 @@ ON CONFLICT (customer, dimension, bucket) DO UPDATE SET
 """
 
 # A key not seen within the window (expired, not yet purged) counts as new: it is re-marked.
-# One indexing pass: the ids of the records between the mark and the pending seq, sorted.
-_INDEX_RECORD_IDS = """
-INSERT INTO record_ids SELECT record_id, seq FROM records
-WHERE seq > %s AND seq <= %s AND record_id IS NOT NULL ORDER BY 1, 2
-ON CONFLICT DO NOTHING
-"""
-
 _DEDUP_INSERT = """
 INSERT INTO dedup_keys AS d (key, seen_s)
 SELECT decode(k, 'hex'), %(now)s FROM unnest(string_to_array(%(keys)s, ',')) AS k
@@ -304,12 +256,9 @@ class PostgresStore(SqlBilling):
         self._dialect = PostgresDialect(self._pool)
         self._last_purge_s = now_ns // NS
         self._purge_lock = threading.Lock()
-        self._unindexed = 0  # records this store committed since its last indexing pass
-        self._indexing = threading.Lock()  # held while a pass runs in the background
 
     def close(self) -> None:
-        with self._indexing:  # the pass running, if any, ends first
-            self._pool.close()
+        self._pool.close()
 
     @contextmanager
     def _conn(self) -> Iterator[psycopg.Connection[Any]]:
@@ -342,64 +291,7 @@ class PostgresStore(SqlBilling):
                 raise Unstorable(f"PostgreSQL cannot store a value of the group: {exc}") from exc
         if now_ns // NS - self._last_purge_s >= PURGE_EVERY_S:
             self.purge_dedup(now_ns)
-        self._unindexed += sum(r.accepted for r in results)
-        if self._unindexed >= RECORD_IDS_EVERY and self._indexing.acquire(blocking=False):
-            self._unindexed = 0
-            threading.Thread(
-                target=self._index_in_background, name="meter-gateway-record-ids", daemon=True
-            ).start()
         return results
-
-    def _index_in_background(self) -> None:
-        try:
-            self.index_record_ids()
-        except Exception:  # the ids stay found through the tail; the next pass catches up
-            log.exception("indexing record ids failed")
-        finally:
-            self._indexing.release()
-
-    def index_record_ids(self) -> int:
-        """One indexing pass (one replica at a time; another's pass makes this one return
-        0): how many ids it added to ``record_ids``.
-
-        A pass indexes up to the seq the previous pass left pending, if every transaction that
-        was running when that one was set has ended since (a commit takes its seqs with an
-        xid, so none of them can still add a smaller seq), then sets the sequence's current
-        value pending with the snapshot's xmax; so the mark trails by about one pass."""
-        with self._conn() as conn, conn.transaction():
-            got = conn.execute(
-                "SELECT pg_try_advisory_xact_lock(%s)", (RECORD_IDS_LOCK,)
-            ).fetchone()
-            if not (got and got[0]):
-                return 0
-            row = conn.execute(
-                "SELECT seq, pending_seq, "
-                "coalesce(pg_snapshot_xmin(pg_current_snapshot()) >= pending_xmax, false) "
-                "FROM record_ids_upto"
-            ).fetchone()
-            assert row is not None
-            upto, pending, ready = int(row[0]), row[1], bool(row[2])
-            added = 0
-            if pending is not None and ready:
-                added = conn.execute(_INDEX_RECORD_IDS, (upto, pending)).rowcount
-                conn.execute(
-                    "UPDATE record_ids_upto SET seq = %s, pending_seq = NULL, pending_xmax = NULL",
-                    (pending,),
-                )
-                conn.execute("SELECT brin_summarize_new_values('records_seq_brin')")
-                upto, pending = int(pending), None
-            if pending is None:
-                # read the sequence first: the snapshot of the next statement comes after it
-                last = conn.execute(
-                    "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM records_seq"
-                ).fetchone()
-                if last is not None and int(last[0]) > upto:
-                    conn.execute(
-                        "UPDATE record_ids_upto SET pending_seq = %s, "
-                        "pending_xmax = pg_snapshot_xmax(pg_current_snapshot())",
-                        (int(last[0]),),
-                    )
-            return added
 
     def _commit(
         self, conn: psycopg.Connection[Any], batches: Sequence[Batch], now_ns: int
@@ -440,11 +332,7 @@ class PostgresStore(SqlBilling):
         n_new = sum(new_flags)
         if n_new:
             cur.execute(
-                # with an xid first: index_record_ids waits for the transactions holding seqs
-                "SELECT nextval('records_seq') FROM generate_series(1, %s) "
-                "WHERE pg_current_xact_id() IS NOT NULL",
-                (n_new,),
-                prepare=True,
+                "SELECT nextval('records_seq') FROM generate_series(1, %s)", (n_new,), prepare=True
             )
             seqs = sorted(int(row[0]) for row in cur.fetchall())
             self._write_records(cur, flat, new_flags, seqs, now_ns)
@@ -839,11 +727,7 @@ class PostgresDialect:
     single_owner = False
     for_update = " FOR UPDATE"
     for_share = " FOR SHARE"
-    record_id_match = (
-        "seq IN (SELECT seq FROM record_ids WHERE record_id = ? UNION ALL "
-        "SELECT seq FROM records WHERE seq > (SELECT seq FROM record_ids_upto) "
-        "AND record_id = ?)"
-    )
+    record_id_match = "record_id = ?"
 
     def __init__(self, pool: ConnectionPool[Any]) -> None:
         self._pool = pool
