@@ -12,8 +12,9 @@ Bulk path, one transaction per group commit: dedup keys as one sorted ``bytea[]`
 ``INSERT .. ON CONFLICT .. RETURNING``, the fresh records by ``COPY`` straight into ``records``,
 rollup deltas (merged per bucket in Python) as arrays through one sorted upsert. Every phase
 takes its row locks in key order, so concurrent commits wait for each other but never deadlock
-(a deadlock or serialization failure is retried anyway). Migrations are versioned and run under
-an advisory lock, so replicas that start together migrate once.
+(a deadlock or serialization failure is retried anyway). Bulk columns go as array literals
+written in one join (psycopg dumps a list element by element in Python). Migrations are
+versioned and run under an advisory lock, so replicas that start together migrate once.
 """
 
 from __future__ import annotations
