@@ -176,7 +176,7 @@ def scan(raw: bytes, known: Container[bytes] = ()) -> Scanned | None:
                 and raw[s] == _SAMPLE
                 and raw[s + 1] == end - s - 2
                 and raw[s + 2] == _VALUE
-                and raw[pos:s] in known
+                and (labels := raw[pos:s]) in known  # (bytes keep their hash: for the caller)
             ):
                 key = raw[tag + 1 : end]
                 got = times.get(key)
@@ -187,7 +187,7 @@ def scan(raw: bytes, known: Container[bytes] = ()) -> Scanned | None:
                     if got >= 1 << 63:
                         got -= _INT64
                     times[key] = got
-                out.append((raw[pos:s], [(unpack(raw, s + 3)[0], got)]))
+                out.append((labels, [(unpack(raw, s + 3)[0], got)]))
                 pos = end
                 continue
             p = pos

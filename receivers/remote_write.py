@@ -152,6 +152,7 @@ class _Series(NamedTuple):
     problem: tuple[Reason, str, str] | None  # why its samples are refused
     n_labels: int
     template: Observation  # its name and labels, for its totals (pipeline.cumulative.Total)
+    counter: bool  # wanted, valid, and a counter by its name (requests without metadata)
 
 
 def describe(pairs: Sequence[tuple[str, str]], wanted: _Wanted) -> _Series:
@@ -184,7 +185,8 @@ def describe(pairs: Sequence[tuple[str, str]], wanted: _Wanted) -> _Series:
     wants = problem is None and wanted(name)
     template = Observation(SOURCE, name, labels, ZERO, ObservationKind.CUMULATIVE, 0)
     sid = series_id(template) if wants else ""
-    return _Series(name, family, labels, sid, wants, problem, len(pairs), template)
+    counter = wants and family != name
+    return _Series(name, family, labels, sid, wants, problem, len(pairs), template, counter)
 
 
 class SeriesCache:
@@ -247,10 +249,13 @@ def observations(
     gauges: set[str],
     mappings: SeriesMappings | None = None,
     snap: tuple[object, int, int] | None = None,
+    out: Decoded | None = None,
 ) -> Decoded:
-    """Samples → observations (and records of levels of known series, with ``mappings``)."""
-    out = Decoded()
-    index = 0
+    """Samples → observations (and records of levels of known series, with ``mappings``),
+    added to ``out`` if given (its samples so far: the ordinal of the first here)."""
+    if out is None:
+        out = Decoded()
+    index = out.samples
     totals, total_sids = out.totals, out.total_sids
     record = mappings.record if mappings is not None and snap is not None else None
     for s, samples, histograms in series:
@@ -389,14 +394,7 @@ class RemoteWriteReceiver:
         if scanned is not None:
             n = sum(len(samples) for _, samples in scanned)
             self._check_size(n)
-            get = self.series.get
-            decoded = observations(
-                ((get(labels), samples, 0) for labels, samples in scanned),
-                set(),
-                set(),
-                mappings,
-                snap,
-            )
+            decoded = self._scanned(scanned, mappings, snap)
         else:
             req = parse(raw)
             self._check_size(sum(len(ts.samples) for ts in req.timeseries))
@@ -418,6 +416,41 @@ class RemoteWriteReceiver:
             batch = Batch(SOURCE, decoded.records)
         batch.errors.extend(decoded.errors)
         return batch, decoded
+
+    def _scanned(
+        self,
+        scanned: prompb.Scanned,
+        mappings: SeriesMappings | None,
+        snap: tuple[object, int, int] | None,
+    ) -> Decoded:
+        """``observations`` of a scanned request (no metadata: names say what is a counter),
+        the usual sample inline: the one sample of a counter series some rule may match, a
+        whole number at a valid time, is a running total as ``observations`` would make it.
+        Every other series goes through ``observations``."""
+        out = Decoded()
+        totals, sids = out.totals, out.total_sids
+        known, get = self.series.known.get, self.series.get
+        none: set[str] = set()
+        k = 0  # the ordinal of the next sample
+        for labels, samples in scanned:
+            s = known(labels) or get(labels)
+            if s.counter and len(samples) == 1:
+                v, t_ms = samples[0]
+                t_ns = t_ms * 1_000_000
+                if 0 < t_ns <= MAX_NS and -_EXACT_INT < v < _EXACT_INT and v.is_integer():
+                    totals.append((k, t_ns, Decimal(int(v)), s.template))
+                    sids.append(s.sid)
+                    k += 1
+                    continue
+            if s.problem is None and not s.wanted and samples:
+                out.skip(SKIP_UNMAPPED, len(samples))
+                k += len(samples)
+                continue
+            out.samples = k
+            observations(((s, samples, 0),), none, none, mappings, snap, out)
+            k = out.samples
+        out.samples = k
+        return out
 
     def _check_size(self, samples: int) -> None:
         if samples > self._limits.max_batch_records:

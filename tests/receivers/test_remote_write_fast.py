@@ -1,0 +1,89 @@
+"""Remote write's inline path for the usual sample (``RemoteWriteReceiver._scanned``) decodes
+exactly what the general path (``observations``) does, on generated requests: the same running
+totals (ordinal, time, exact value, series), levels, refusals, skips and sample count."""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from meter_gateway.config import IngestConfig, Rule
+from receivers import prompb
+from receivers.remote_write import Decoded, RemoteWriteReceiver, observations
+
+STALE = struct.unpack("<d", struct.pack("<Q", 0x7FF0000000000002))[0]
+RULES = [
+    Rule.model_validate({"match": {"source": "remote_write", "metric": m}, "dimension": "d"})
+    for m in ("app_bytes_total", "app_storage_bytes", "jobs_count")
+]
+NAMES = ["app_bytes_total", "app_storage_bytes", "jobs_count", "unmapped_total", "", "jobs"]
+
+values = st.one_of(
+    st.integers(-(2**60), 2**60).map(float),  # whole numbers, some past 2**53
+    st.floats(allow_nan=False),  # fractions, tiny and huge ones, infinities, -0.0
+    st.sampled_from([float("nan"), STALE, 0.0, -0.0, 2.0**53, -(2.0**53), 1e21, 0.1]),
+)
+times = st.one_of(
+    st.integers(1_600_000_000_000, 1_800_000_000_000),
+    st.sampled_from([0, -1, 1, 2**63 // 1_000_000, 2**63 // 1_000_000 + 1, 2**63 - 1]),
+)
+series = st.tuples(
+    st.sampled_from(NAMES),
+    st.lists(st.sampled_from([("tenant", "a"), ("pod", "p1"), ("pod", "p2")]), max_size=3),
+    st.lists(st.tuples(values, times), max_size=3),
+)
+
+
+def _request(spec: list[tuple[str, list[tuple[str, str]], list[tuple[float, int]]]]) -> bytes:
+    req = prompb.WriteRequest()
+    for name, labels, samples in spec:
+        ts = req.timeseries.add()
+        if name:
+            ts.labels.add(name="__name__", value=name)
+        for key, text in labels:
+            ts.labels.add(name=key, value=text)
+        for v, t in samples:
+            ts.samples.add(value=v, timestamp=t)
+    return bytes(req.SerializeToString())
+
+
+def _receiver() -> RemoteWriteReceiver:
+    none: Any = None
+    return RemoteWriteReceiver(RULES, none, none, none, IngestConfig(), none, 1.0)
+
+
+def _seen(d: Decoded) -> tuple[Any, ...]:
+    totals = [(k, t, str(v), id(obs)) for k, t, v, obs in d.totals]  # str: exact digits too
+    levels = [
+        (o.name, o.attributes, str(o.value), o.kind, o.timestamp_ns, o.natural_key)
+        for o in d.levels
+    ]
+    return (
+        totals,
+        d.total_sids,
+        levels,
+        d.level_index,
+        d.level_sids,
+        d.errors,
+        d.skipped,
+        d.samples,
+    )
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(series, max_size=8))
+def test_the_inline_path_decodes_as_the_general_one(
+    spec: list[tuple[str, list[tuple[str, str]], list[tuple[float, int]]]],
+) -> None:
+    rw = _receiver()
+    raw = _request(spec)
+    for _ in range(2):  # unknown series first, then known ones (read from their end)
+        scanned = prompb.scan(raw, rw.series.known)
+        assert scanned is not None
+        fast = rw._scanned(scanned, None, None)
+        get = rw.series.get
+        general = observations(((get(lb), s, 0) for lb, s in scanned), set(), set())
+        assert _seen(fast) == _seen(general)
