@@ -144,3 +144,65 @@ def test_on_commit_sees_every_committed_group(tmp_path: Path, pipelined: bool) -
     finally:
         ingestor.close()
         inner.close()
+
+
+class GatedPipeline:
+    """A real SQLite store on the two-stage path whose applies wait for a gate; it notes how
+    many batches each prepared group holds."""
+
+    def __init__(self, inner: SQLiteStore) -> None:
+        self.inner = inner
+        self.gate = threading.Event()
+        self.groups: list[int] = []
+
+    def prepare(self, batches: Sequence[Batch], now_ns: int) -> object:
+        self.groups.append(len(batches))
+        return self.inner.prepare(batches, now_ns)
+
+    def apply(self, prepared: object) -> list[CommitResult]:
+        assert self.gate.wait(10), "the test never opened the gate"
+        return self.inner.apply(prepared)  # type: ignore[arg-type]
+
+    def commit(self, batches: Sequence[Batch], now_ns: int) -> list[CommitResult]:
+        return self.apply(self.prepare(batches, now_ns))
+
+
+def test_the_next_group_is_formed_once_no_prepared_group_waits(tmp_path: Path) -> None:
+    """While one group is applied and the next waits prepared, batches that arrive are not cut
+    into a group of their own yet: they wait and go together, once the waiting group is taken
+    (larger groups cost less per record to apply)."""
+    store = GatedPipeline(SQLiteStore(str(tmp_path / "p.db"), 86400, ts("2026-05-01T12:00:00")))
+    ingestor = Ingestor(
+        store,  # type: ignore[arg-type]
+        FixedClock(ts("2026-05-01T12:00:00")),
+        Telemetry(),
+        1000,
+        1000,
+        1.0,
+    )
+    threads: list[threading.Thread] = []
+
+    def send(prefix: str) -> None:
+        t = threading.Thread(target=ingestor.submit_sync, args=(batch(2, prefix), 10))
+        t.start()
+        threads.append(t)
+
+    try:
+        send("a")
+        eventually(lambda: store.groups == [1], "the first group prepared and held in apply")
+        send("b")
+        eventually(lambda: store.groups == [1, 1], "the second group prepared, waiting")
+        send("c")
+        send("d")
+        eventually(lambda: ingestor.queued_records == 8, "c and d queued beside a and b")
+        assert store.groups == [1, 1]  # c and d wait: no group is cut while b waits
+        store.gate.set()
+        for t in threads:
+            t.join(10)
+        assert store.groups == [1, 1, 2]
+        stored = store.inner.records(None, None, 0, 2**62, None, 100)
+        assert len(stored) == 8
+    finally:
+        store.gate.set()
+        ingestor.close()
+        store.inner.close()
