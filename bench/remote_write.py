@@ -13,6 +13,13 @@ of each series is its baseline).
     python -m bench.remote_write                 # 8 threads × 25 requests × 2000 samples
     python -m bench.remote_write --quick
     python -m bench.remote_write --py-spy /tmp/rw.txt   # py-spy record the gateway (raw stacks)
+    python -m bench.remote_write --in-process    # the receiver alone: decode, convert
+
+``--in-process`` times the receiver's own CPU per sample in this process, no HTTP and no store
+commit (a committer that only answers; the server's GC thresholds): ``batch`` (snappy,
+decode, observations) and ``commit`` (hold, convert against the state, group rows) of every
+request after each thread's first two (baselines, new series), reported as the median
+request's and the mean. For measuring the receiver's steps; the full run is the figure.
 """
 
 from __future__ import annotations
@@ -37,6 +44,10 @@ if __package__ in (None, ""):  # run as ``python bench/remote_write.py``
 
 import cramjam
 
+from meter_gateway.config import Config
+from meter_gateway.model import Batch, CommitResult
+from meter_gateway.server import GC_THRESHOLDS
+from meter_gateway.service import Gateway
 from receivers import prompb
 from tests.gatewayproc import BASE_CONFIG, INGEST_KEY, GatewayProcess
 from tests.helpers import total
@@ -123,6 +134,62 @@ def start_py_spy(pid: int, out: str) -> subprocess.Popen[bytes] | None:
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
+class _Answering:
+    """A committer that commits nothing and answers at once (``--in-process``)."""
+
+    def submit_sync(self, batch: Batch, timeout: float | None = None) -> CommitResult:
+        return CommitResult(len(batch.records), 0, len(batch.errors))
+
+
+def in_process(args: argparse.Namespace, rules: list[dict[str, Any]]) -> int:
+    """The receiver's CPU per sample, in this process (see the module docstring)."""
+    import gc
+    import statistics
+
+    base_ms = int(time.time() * 1000) - (args.requests + 60) * 1000
+    bodies = build_bodies(args, base_ms)
+    with tempfile.TemporaryDirectory(prefix="bench-rw-") as tmp:
+        cfg = dict(BASE_CONFIG)
+        cfg["store"] = {"url": f"sqlite:///{tmp}/gateway.db"}
+        cfg["customers"] = _customers(args)
+        cfg["rules"] = rules
+        g = Gateway(Config.model_validate(cfg))
+        try:
+            rw = g.remote_write
+            rw.totals._committer = rw._committer = _Answering()
+            gc.collect()
+            gc.freeze()
+            gc.set_threshold(*GC_THRESHOLDS)
+            costs: list[tuple[float, float]] = []
+            for k in range(args.requests):
+                for thread in bodies:
+                    t0 = time.process_time()
+                    batch, decoded = rw.batch(thread[k])
+                    t1 = time.process_time()
+                    rw.commit(batch, decoded)
+                    if k >= 2:
+                        costs.append((t1 - t0, time.process_time() - t1))
+        finally:
+            g.close()
+    if not costs:
+        print("--in-process needs --requests 3 or more")
+        return 1
+    us = 1e6 / args.series
+    for i, part in enumerate(("batch", "commit")):
+        median = statistics.median(c[i] for c in costs) * us
+        mean = statistics.fmean(c[i] for c in costs) * us
+        print(f"{part:<7} median {median:.2f} us/sample, mean {mean:.2f}")
+    print(f"load average: {os.getloadavg()}")
+    return 0
+
+
+def _customers(args: argparse.Namespace) -> list[dict[str, str]]:
+    return [
+        {"id": f"cust-{i}", "name": f"Customer {i}", "offering": "pay-as-you-go"}
+        for i in range(args.customers)
+    ]
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--series", type=int, default=2000, help="series (= samples) per request")
@@ -133,9 +200,21 @@ def main() -> int:
     p.add_argument(
         "--py-spy", metavar="FILE", help="py-spy record the gateway while it is sent to (.txt: raw)"
     )
+    p.add_argument(
+        "--in-process", action="store_true", help="time the receiver alone, in this process"
+    )
     args = p.parse_args()
     if args.quick:
         args.series, args.requests, args.threads = 500, 10, 4
+    rules: list[dict[str, Any]] = [
+        {
+            "match": {"source": "remote_write", "metric": METRIC},
+            "dimension": "data-processed",
+            "customer_attribute": "tenant",
+        }
+    ]
+    if args.in_process:
+        return in_process(args, rules)
     samples = args.series * args.requests * args.threads
     base_ms = int(time.time() * 1000) - (args.requests + 60) * 1000
     print(f"building {args.threads * args.requests} requests of {args.series} samples ...")
@@ -166,17 +245,8 @@ def main() -> int:
         # The gateway.
         cfg = dict(BASE_CONFIG)
         cfg["server"] = {"otlp_grpc": {"enabled": False}, "otlp_http": {"enabled": False}}
-        cfg["customers"] = [
-            {"id": f"cust-{i}", "name": f"Customer {i}", "offering": "pay-as-you-go"}
-            for i in range(args.customers)
-        ]
-        cfg["rules"] = [
-            {
-                "match": {"source": "remote_write", "metric": METRIC},
-                "dimension": "data-processed",
-                "customer_attribute": "tenant",
-            }
-        ]
+        cfg["customers"] = _customers(args)
+        cfg["rules"] = rules
         (workdir / "gw").mkdir()
         gw = GatewayProcess(workdir / "gw", cfg).start()
         try:
