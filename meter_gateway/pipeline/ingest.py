@@ -122,12 +122,20 @@ class Ingestor:
                 target=self._apply_loop, name="meter-gateway-applier", daemon=True
             )
             self._applier.start()
-        self._thread = threading.Thread(
-            target=self._prepare_loop if pipelined else self._run,
-            name="meter-gateway-writer",
-            daemon=True,
-        )
-        self._thread.start()
+        # A store that takes concurrent commits (PostgreSQL: the database orders them, as it
+        # does across replicas) gets several writers, so one group's Python work overlaps
+        # another's transaction; a pipelined store overlaps them itself, with one writer.
+        writers = 1 if pipelined else max(1, int(getattr(store, "commit_threads", 1)))
+        self._threads = [
+            threading.Thread(
+                target=self._prepare_loop if pipelined else self._run,
+                name="meter-gateway-writer",
+                daemon=True,
+            )
+            for _ in range(writers)
+        ]
+        for t in self._threads:
+            t.start()
 
     @property
     def queued_records(self) -> int:
@@ -230,7 +238,9 @@ class Ingestor:
         with self._cond:
             self._closing = True
             self._cond.notify_all()
-        self._thread.join(timeout)
+        deadline = time.monotonic() + timeout
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.monotonic()))
         if self._applier is not None:
             self._applier.join(timeout)
 

@@ -326,7 +326,9 @@ class RejectedRow:
 
 
 class IngestStore(Protocol):
-    """Where usage is committed. One writer calls ``commit``; any thread may read state."""
+    """Where usage is committed. One writer calls ``commit`` (or ``commit_threads`` of them,
+    where a store sets that attribute: it then orders concurrent commits itself); any thread
+    may read state."""
 
     def commit(self, batches: Sequence[Batch], now_ns: int) -> list[CommitResult]:
         """Dedup, write records, update rollups and store rejected records in one transaction."""

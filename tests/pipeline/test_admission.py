@@ -104,10 +104,12 @@ def test_concurrent_reservations_never_overbook() -> None:
 
 class GatedStore:
     """A real store whose commits wait for a gate, so a test can hold the writer busy (one
-    transaction per group: the two-stage prepare/apply path is hidden)."""
+    transaction per group: the two-stage prepare/apply path is hidden, and so are PostgreSQL's
+    concurrent writers: one writer held busy holds every commit)."""
 
     prepare = None
     apply = None
+    commit_threads = 1
 
     def __init__(self, inner: Store) -> None:
         self.inner = inner
