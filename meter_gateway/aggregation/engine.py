@@ -18,7 +18,7 @@ from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterable, Sequence
 from decimal import ROUND_CEILING, ROUND_FLOOR, ROUND_HALF_EVEN, ROUND_HALF_UP, Decimal
 from itertools import chain
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 from zoneinfo import ZoneInfo
 
 from meter_gateway.aggregation.windows import (
@@ -43,6 +43,8 @@ RESULT_PLACES = Decimal("1e-18")
 _ROUNDING = {"ceil": ROUND_CEILING, "floor": ROUND_FLOOR, "round": ROUND_HALF_UP}
 _EPOCH_BUCKET = -(2**62)
 _ONE = Decimal(1)
+V = TypeVar("V")  # a rollup cell's value: a column's int or Decimal, a distinct value
+
 #: Seats (SPEC 11): the metadata key whose value ``remove`` ends a value's presence (any other
 #: value, or none, is an ``add``).
 OPERATION_KEY = "operation"
@@ -141,9 +143,7 @@ def _column_windows(
     method = cast(RollupColumn, dim.aggregation)
     lo, hi = windows[0][0], windows[-1][1]
     cells = store.rollup_column(customer, dim.id, floor_bucket(lo), ceil_bucket(hi), method)
-    # the tail's whole row is read only when the tail holds records ([]: it holds none)
-    in_tail = bool(cells) and cells[-1][0] == floor_bucket(hi)
-    whole = _whole_tail(store, customer, dim.id, bounds, hi, None if in_tail else [])
+    whole = _whole_column_tail(store, customer, dim.id, cells, bounds, hi)
     if whole is not None:
         split_buckets.remove(whole)
     skip = set(split_buckets)
@@ -507,16 +507,9 @@ def _column_intervals(
     they need (a row made whole is five decimals; most of a year's rating was making them)."""
     method = cast(RollupColumn, dim.aggregation)
     cells = store.rollup_column(customer, dim.id, floor_bucket(from_ns), ceil_bucket(hi), method)
-    in_tail = bool(cells) and cells[-1][0] == floor_bucket(hi)
-    whole = _whole_tail(store, customer, dim.id, {last_start}, hi, None if in_tail else [])
-    parts: dict[int, list[Any]] = {}
+    whole = _whole_column_tail(store, customer, dim.id, cells, {last_start}, hi)
+    parts, raw_buckets = _by_interval(cells, cut, whole, interval_of)
     points: dict[int, list[Decimal]] = {}
-    raw_buckets: list[int] = []
-    for b, v in cells:
-        if cut(b) and b != whole:
-            raw_buckets.append(b)
-        else:
-            parts.setdefault(interval_of(b), []).append(v)
     for p in _raw_in(store, customer, dim.id, raw_buckets, from_ns, hi, None):
         points.setdefault(interval_of(p.ts), []).append(p.value)
     usage = _column_value(method, chain(*parts.values()), chain(*points.values()))
@@ -524,6 +517,38 @@ def _column_intervals(
         _column_value(method, parts.get(k, ()), points.get(k, ())) for k in parts.keys() | points
     ]
     return usage, _total(values, dim)
+
+
+def _whole_column_tail(
+    store: UsageReader,
+    customer: str,
+    dimension: str,
+    cells: Sequence[tuple[int, Any]],
+    bounds: set[int],
+    hi: int,
+) -> int | None:
+    """``_whole_tail`` beside one rollup column's cells: the tail's whole row is read only
+    when the tail holds records (the cells end in its bucket), else it holds none."""
+    in_tail = bool(cells) and cells[-1][0] == floor_bucket(hi)
+    return _whole_tail(store, customer, dimension, bounds, hi, None if in_tail else [])
+
+
+def _by_interval(
+    cells: Iterable[tuple[int, V]],
+    cut: Callable[[int], bool],
+    whole: int | None,
+    interval_of: Callable[[int], int],
+) -> tuple[dict[int, list[V]], list[int]]:
+    """Cells (bucket, value) gathered per interval; the buckets an interval bound cuts (but
+    the whole tail) are left out and returned, in order, to be read raw."""
+    parts: dict[int, list[V]] = {}
+    raw_buckets: set[int] = set()
+    for b, v in cells:
+        if cut(b) and b != whole:
+            raw_buckets.add(b)
+        else:
+            parts.setdefault(interval_of(b), []).append(v)
+    return parts, sorted(raw_buckets)
 
 
 def _column_value(method: str, cells: Iterable[Any], raw: Iterable[Decimal]) -> Decimal | None:
@@ -581,14 +606,9 @@ def _unique_intervals(
 ) -> tuple[Decimal | None, Decimal]:
     pairs = store.distinct(customer, dim.id, floor_bucket(from_ns), ceil_bucket(hi))
     whole = _whole_tail(store, customer, dim.id, {last_start}, hi)
-    values: dict[int, set[str]] = {}
-    raw_buckets: set[int] = set()
-    for b, v in pairs:
-        if cut(b) and b != whole:
-            raw_buckets.add(b)
-        else:
-            values.setdefault(interval_of(b), set()).add(v)
-    for p in _raw_in(store, customer, dim.id, sorted(raw_buckets), from_ns, hi, dim.unique_key):
+    parts, raw_buckets = _by_interval(pairs, cut, whole, interval_of)
+    values = {k: set(v) for k, v in parts.items()}
+    for p in _raw_in(store, customer, dim.id, raw_buckets, from_ns, hi, dim.unique_key):
         if p.unique is not None:
             values.setdefault(interval_of(p.ts), set()).add(p.unique)
     usage = Decimal(len(set().union(*values.values())))
