@@ -314,7 +314,9 @@ def _assert_each_cycle_once_in_order(invoices: list[dict[str, Any]], expected: i
 def test_a_gateway_killed_while_closing_cycles_invoices_each_once_after_restart(
     tmp_path: Path,
 ) -> None:
-    customers, months = 3, 24
+    # enough overdue cycles that the job is still closing them when the first finalized one
+    # is seen (72 were all done between two polls once)
+    customers, months = 8, 60
     gw = GatewayProcess(tmp_path, _process_config(customers, months, None)).start()
     try:
         # SIGKILL as soon as the job has finalized some, long before it is through

@@ -24,8 +24,9 @@ from meter_gateway.pipeline.cumulative import (
 from meter_gateway.service import Gateway
 from receivers import prompb
 from receivers.remote_write import STATE_PREFIX
+from tests import pgdb
 from tests.gatewayproc import BASE_CONFIG
-from tests.pgdb import store_kind, store_url
+from tests.pgdb import store_url
 
 NOW = 1777637400000000000  # 2026-05-01T12:10:00Z
 T0_MS = (NOW - 600 * 1_000_000_000) // 1_000_000
@@ -194,10 +195,18 @@ def test_a_group_another_replica_moved_converts_again_against_its_row(gw: Gatewa
     assert totals(gw) == {"acme": Decimal(4 * 2 + 5 + 3 * 8)}
 
 
-@pytest.mark.skipif(store_kind() != "postgres", reason="replicas share a PostgreSQL database")
-def test_replicas_alternating_on_one_group_count_every_step_once(tmp_path: Path) -> None:
-    a = Gateway(_config(store_url(tmp_path)), clock=FixedClock(NOW))
-    b = Gateway(_config(store_url(tmp_path)), clock=FixedClock(NOW))
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A PostgreSQL database of its own, whichever store the suite runs on: replicas share
+    one (as tests/test_replicas.py does)."""
+    url = pgdb.create_database()
+    yield url
+    pgdb.drop_database(url)
+
+
+def test_replicas_alternating_on_one_group_count_every_step_once(pg_url: str) -> None:
+    a = Gateway(_config(pg_url), clock=FixedClock(NOW))
+    b = Gateway(_config(pg_url), clock=FixedClock(NOW))
     try:
         replicas = [a, b]
         for k in range(8):  # every request on the other replica than the last
