@@ -253,8 +253,12 @@ class StreamTable:
         self._holds = _Holds(wait_s)
         self._cache: dict[str, tuple[StreamState, bytes]] = {}  # sid → (state, its bytes)
 
-    def hold(self, sids: set[str]) -> AbstractContextManager[None]:
-        return self._holds.hold(sids)
+    @contextmanager
+    def hold(self, sids: Iterable[str]) -> Iterator[Held]:
+        """Hold ``sids``; yields what converts them (``Totals``)."""
+        held = set(sids)
+        with self._holds.hold(held):
+            yield _HeldSeries(self, held)
 
     def load(self, sids: Iterable[str]) -> dict[str, StreamState]:
         """The committed state of held series (absent: never seen). Series known here are not
@@ -343,12 +347,17 @@ class StreamTable:
 Entry = tuple[int, int, Decimal, Decimal | None, str]
 
 
-def entry(sid: str, start: int, t: int, value: Decimal, total: Decimal | None = None) -> Entry:
-    """A series' state as its group keeps it; its line is ``sid:start:time value [sum]``
-    (OTLP builds it from a point's natural key, which begins the same)."""
+def line(sid: str, start: int, t: int, value: Decimal, total: Decimal | None = None) -> str:
+    """A series' line of its group's row: ``sid:start:time value [sum]`` (OTLP builds it from a
+    point's natural key, which begins the same)."""
     if total is None:
-        return (start, t, value, None, f"{sid}:{start}:{t} {value}")
-    return (start, t, value, total, f"{sid}:{start}:{t} {value} {total}")
+        return f"{sid}:{start}:{t} {value}"
+    return f"{sid}:{start}:{t} {value} {total}"
+
+
+def entry(sid: str, start: int, t: int, value: Decimal, total: Decimal | None = None) -> Entry:
+    """A series' state as its group keeps it, with its ``line``."""
+    return (start, t, value, total, line(sid, start, t, value, total))
 
 
 # Between a group row's lines: not "\n", which the SQLite store's JSON would escape (and
@@ -623,13 +632,6 @@ class _Rows(NamedTuple):
 _NO_ROWS = _Rows(None, {}, {})
 
 
-def _line(sid: str, s: StreamState) -> str:
-    """A series' line of a group row, as ``entry`` writes it."""
-    if s.sum is None:
-        return f"{sid}:{s.start}:{s.time} {s.value}"
-    return f"{sid}:{s.start}:{s.time} {s.value} {s.sum}"
-
-
 def _decode_rows(raw: bytes) -> _Rows:
     states: dict[str, StreamState] = {}
     lines: dict[str, str] = {}
@@ -854,9 +856,9 @@ class HeldGroups:
             lines = dict(old.lines)
             for sid, s in moved.items():
                 if s.start or s.sum is not None:
-                    lines[sid] = _line(sid, s)
+                    lines[sid] = line(sid, *s)
                     continue
-                # _line's usual case: a request's totals share their time, written once
+                # line()'s usual case: a request's totals share their time, written once
                 at = times.get(s.time)
                 if at is None:
                     at = times[s.time] = f":0:{s.time} "
@@ -1070,11 +1072,6 @@ class Totals:
         mappings = self.mappings
         snap = mappings.snapshot() if mappings is not None else (None, 0, 0)
         record = mappings.record if mappings is not None else None
-        # SeriesMappings.record's usual case, inline: a positive step of a known unscaled series
-        known = mappings._known if mappings is not None else {}
-        catalog, lo, hi = snap
-        key_hash = mappings._key_hash if mappings is not None else None
-        source = mappings._source if mappings is not None else batch.source
         records = batch.records
         new_state = _NEW_STATE
         for (index, t, value, obs), sid in pairs:
@@ -1094,31 +1091,6 @@ class Totals:
                     delta = None
             if delta is not None:
                 changed[sid] = new_state((0, t, value, None))
-                m = known.get(sid)
-                if (
-                    m is not None
-                    and m.catalog is catalog
-                    and m.scale is None
-                    and lo <= t <= hi
-                    and delta < MAX_ABS
-                    and key_hash is not None
-                ):
-                    h = key_hash.copy()
-                    h.update(f"{sid}:{t}".encode())
-                    records.append(
-                        UsageRecord(
-                            t,
-                            m.customer,
-                            m.dimension,
-                            delta,
-                            None,
-                            m.metadata,
-                            source,
-                            h.digest(),
-                            m.unique,
-                        )
-                    )
-                    continue
             else:
                 try:
                     step = convert(state, 0, t, value, None, True)
@@ -1170,17 +1142,6 @@ class Totals:
         batch.state_expect.update(expect)
         return changed
 
-    @contextmanager
-    def holding(self, sids: Sequence[str]) -> Iterator[Held]:
-        """Hold the series ``sids`` (for ``convert``, then commit)."""
-        table = self.table
-        if isinstance(table, TotalGroups):
-            with table.hold(sids) as groups:
-                yield groups
-        else:
-            with table.hold(set(sids)):
-                yield _HeldSeries(table, sids)
-
     def commit(
         self,
         batch: Batch,
@@ -1203,7 +1164,7 @@ class Totals:
         for _ in range(STATE_CONFLICT_RETRIES):
             # Held again on every try: after a conflict a new series may belong to a group
             # another replica gave it.
-            with self.holding(sids) as held:
+            with self.table.hold(sids) as held:
                 self.convert(batch, held, sids, totals)
                 if check is not None:
                     check(batch)
@@ -1237,7 +1198,7 @@ class Held(Protocol):
 class _HeldSeries:
     """``Held`` over a ``StreamTable``: one row per series."""
 
-    def __init__(self, table: StreamTable, sids: Sequence[str]) -> None:
+    def __init__(self, table: StreamTable, sids: set[str]) -> None:
         self._table = table
         self._sids = sids
         self._states: dict[str, StreamState] = {}
@@ -1245,7 +1206,7 @@ class _HeldSeries:
         self._writes: dict[str, bytes | None] = {}
 
     def load(self) -> Mapping[str, StreamState]:
-        self._states = self._table.load(set(self._sids))
+        self._states = self._table.load(self._sids)
         return self._states
 
     def changes(
