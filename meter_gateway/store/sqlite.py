@@ -962,9 +962,10 @@ class SQLiteStore(SqlBilling):
         )
         args: list[Any] = []
 
-        def part(source: str, t: str, where: str) -> str:
+        def part(source: str, t: str, *conditions: str) -> str:
             """One SELECT over ``source`` in (ts, seq) order of its table ``t``, limited."""
-            sql = f"SELECT {cols} FROM {source} WHERE {where} AND {t}.ts >= ? AND {t}.ts < ?"
+            where = " AND ".join((*conditions, f"{t}.ts >= ?", f"{t}.ts < ?"))
+            sql = f"SELECT {cols} FROM {source} WHERE {where}"
             args.extend((from_ns, to_ns))
             sql += pair_filter(customer, dimension, args, "?")
             if after is not None:
@@ -974,9 +975,9 @@ class SQLiteStore(SqlBilling):
             return f"SELECT * FROM ({sql} ORDER BY {t}.ts, {t}.seq LIMIT ?)"
 
         if customer is not None:  # records_cdt holds a customer's records in time order
-            sql = part("records r", "r", "1")
+            sql = part("records r", "r")
         else:  # the times indexed behind the commits, then the records not indexed yet
-            indexed = part("record_times t JOIN records r ON r.seq = t.seq", "t", "1")
+            indexed = part("record_times t JOIN records r ON r.seq = t.seq", "t")
             recent = part("records r", "r", "r.seq > (SELECT seq FROM record_ids_upto)")
             sql = f"{indexed} UNION ALL {recent} ORDER BY 2, 1 LIMIT ?"
             args.append(limit)
