@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import sqlite3
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -15,11 +16,32 @@ import httpx
 from meter_gateway.model import Batch, Source, UsageRecord, dedup_key
 from meter_gateway.store import Store
 from meter_gateway.store import open_store as open_any_store
+from meter_gateway.store.sqlite import MIGRATIONS
 from tests.pgdb import store_url
 
 NS = 1_000_000_000
 
 T = TypeVar("T")
+
+
+def sqlite_at_version(
+    path: Path, version: int, records: list[tuple[int, int, str | None]]
+) -> sqlite3.Connection:
+    """A SQLite database as an older meter-gateway left it: the store's first ``version``
+    migrations and ``records`` (seq, ts, record id) of customer c1, dimension d1, value 1. The
+    caller may change more through the connection, then closes it."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    for script in MIGRATIONS[:version]:
+        for statement in script.split(";"):
+            if statement.strip():
+                conn.execute(statement)
+    conn.execute(f"PRAGMA user_version={version}")
+    conn.executemany(
+        "INSERT INTO records (seq, ts, customer, dimension, value, record_id, metadata, source, "
+        "received_ns) VALUES (?, ?, 'c1', 'd1', '1', ?, NULL, 'rest', 0)",
+        records,
+    )
+    return conn
 
 
 def eventually(check: Callable[[], T], what: str, timeout: float = 60.0) -> T:

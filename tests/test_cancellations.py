@@ -25,7 +25,7 @@ from meter_gateway.store import Store
 from meter_gateway.store import open_store as open_any_store
 from meter_gateway.store.base import InvoiceRow
 from tests.gatewayproc import READ_KEY, GatewayProcess
-from tests.helpers import next_id, now_iso, open_store, ts
+from tests.helpers import next_id, now_iso, open_store, sqlite_at_version, ts
 
 KINDS: tuple[str, ...] = get_args(Aggregation)
 NOW = "2026-05-02T00:00:00"
@@ -373,23 +373,10 @@ def test_sqlite_finds_ids_both_indexed_and_not_yet_indexed(
 
 def test_sqlite_version_7_database_gets_its_ids_indexed(tmp_path: Path) -> None:
     """Migration 8 moves the ids of an existing database into ``record_ids``."""
-    import sqlite3
-
-    from meter_gateway.store import sqlite
-
     path = tmp_path / "old.db"
-    conn = sqlite3.connect(path, isolation_level=None)
-    for script in sqlite.MIGRATIONS[:7]:
-        for statement in script.split(";"):
-            if statement.strip():
-                conn.execute(statement)
-    conn.execute("PRAGMA user_version=7")
-    conn.executemany(
-        "INSERT INTO records (seq, ts, customer, dimension, value, record_id, metadata, source, "
-        "received_ns) VALUES (?, ?, 'c1', 'd1', '1', ?, NULL, 'rest', 0)",
-        [(1, ts("2026-05-01T10:00:00"), "x"), (2, ts("2026-05-01T10:01:00"), None)],
-    )
-    conn.close()
+    sqlite_at_version(
+        path, 7, [(1, ts("2026-05-01T10:00:00"), "x"), (2, ts("2026-05-01T10:01:00"), None)]
+    ).close()
     s = open_any_store(f"sqlite:///{path}", 35 * 86400, ts(NOW))
     try:
         assert [r.status for r in s.cancel_records(["x"], None, ts(NOW), {})] == ["cancelled"]

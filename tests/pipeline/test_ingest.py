@@ -6,6 +6,7 @@ import asyncio
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -51,6 +52,25 @@ def make(store: GatedStore, max_queue: int = 100) -> Ingestor:
     return Ingestor(
         store, FixedClock(ts("2026-05-02T00:00:00")), Telemetry(), max_queue, 10_000, 1.0
     )  # type: ignore[arg-type]
+
+
+def ingestor_on(
+    store: object,
+    max_queue: int = 1000,
+    max_commit: int = 1000,
+    now: str = "2026-05-01T12:00:00",
+    **kwargs: Any,
+) -> Ingestor:
+    """An ingestor over any store (or stand-in), its clock fixed at ``now``."""
+    return Ingestor(
+        store,  # type: ignore[arg-type]
+        FixedClock(ts(now)),
+        Telemetry(),
+        max_queue,
+        max_commit,
+        1.0,
+        **kwargs,
+    )
 
 
 async def queued(ing: Ingestor, records: int) -> None:
@@ -126,15 +146,7 @@ def test_on_commit_sees_every_committed_group(tmp_path: Path, pipelined: bool) -
     def hook(batches: list[Batch], results: list[CommitResult]) -> None:
         seen.append((len(batches), sum(r.accepted for r in results)))
 
-    ingestor = Ingestor(
-        store,  # type: ignore[arg-type]
-        FixedClock(ts("2026-05-01T12:00:00")),
-        Telemetry(),
-        1000,
-        1000,
-        1.0,
-        on_commit=hook,
-    )
+    ingestor = ingestor_on(store, on_commit=hook)
     try:
         first = ingestor.submit_sync(batch(3, "a"), 10)
         assert seen == [(1, 3)]
@@ -172,14 +184,7 @@ def test_the_next_group_is_formed_once_no_prepared_group_waits(tmp_path: Path) -
     into a group of their own yet: they wait and go together, once the waiting group is taken
     (larger groups cost less per record to apply)."""
     store = GatedPipeline(SQLiteStore(str(tmp_path / "p.db"), 86400, ts("2026-05-01T12:00:00")))
-    ingestor = Ingestor(
-        store,  # type: ignore[arg-type]
-        FixedClock(ts("2026-05-01T12:00:00")),
-        Telemetry(),
-        1000,
-        1000,
-        1.0,
-    )
+    ingestor = ingestor_on(store)
     threads: list[threading.Thread] = []
 
     def send(prefix: str) -> None:
@@ -228,14 +233,8 @@ class ConcurrentStore:
 
 def test_a_store_with_two_commit_threads_gets_two_writers(tmp_path: Path) -> None:
     store = ConcurrentStore(SQLiteStore(str(tmp_path / "c.db"), 86400, ts("2026-05-01T12:00:00")))
-    ingestor = Ingestor(
-        store,  # type: ignore[arg-type]
-        FixedClock(ts("2026-05-01T12:00:00")),
-        Telemetry(),
-        1000,
-        2,  # a group is one batch of 2: the two batches go to the two writers
-        1.0,
-    )
+    # a group is one batch of 2: the two batches go to the two writers
+    ingestor = ingestor_on(store, max_commit=2)
     results: list[CommitResult] = []
     try:
         threads = [
@@ -260,9 +259,7 @@ def test_concurrent_senders_count_every_id_once(tmp_path: Path) -> None:
     with two writers at once, SQLite through its pipeline): every id is stored once and every
     answer says what it added."""
     inner = open_store(tmp_path)
-    ingestor = Ingestor(
-        inner, FixedClock(ts("2026-05-02T00:00:00")), Telemetry(), 100_000, 300, 1.0
-    )
+    ingestor = ingestor_on(inner, 100_000, 300, now="2026-05-02T00:00:00")
     answers: list[CommitResult] = []
     lock = threading.Lock()
 

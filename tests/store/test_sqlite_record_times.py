@@ -17,7 +17,7 @@ from meter_gateway.model import Batch, Source, UsageRecord, dedup_key
 from meter_gateway.store import open_store
 from meter_gateway.store import sqlite as sqlite_store
 from meter_gateway.store.base import StoredRecord
-from tests.helpers import ts
+from tests.helpers import sqlite_at_version, ts
 
 NOW = ts("2026-05-02T00:00:00")
 BASE = ts("2026-05-01T00:00:00")
@@ -169,16 +169,8 @@ def test_a_version_8_database_gets_its_times_indexed(tmp_path: Path) -> None:
     """Migration 9 fills ``record_times`` with the records up to ``record_ids_upto`` (the rest
     are read by seq) and drops the index on ``records.ts``."""
     path = tmp_path / "old.db"
-    conn = sqlite3.connect(path, isolation_level=None)
-    for script in sqlite_store.MIGRATIONS[:8]:
-        for statement in script.split(";"):
-            if statement.strip():
-                conn.execute(statement)
-    conn.execute("PRAGMA user_version=8")
-    conn.executemany(
-        "INSERT INTO records (seq, ts, customer, dimension, value, record_id, metadata, source, "
-        "received_ns) VALUES (?, ?, 'c1', 'd1', '1', ?, NULL, 'rest', 0)",
-        [(1, BASE + 5 * MIN, "x"), (2, BASE + 1 * MIN, "y"), (3, BASE + 3 * MIN, "z")],
+    conn = sqlite_at_version(
+        path, 8, [(1, BASE + 5 * MIN, "x"), (2, BASE + 1 * MIN, "y"), (3, BASE + 3 * MIN, "z")]
     )
     conn.execute("UPDATE record_ids_upto SET seq = 2")  # record 3 not indexed yet
     conn.close()
