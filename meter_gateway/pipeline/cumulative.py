@@ -1181,7 +1181,7 @@ class Totals:
 
 
 class Held(Protocol):
-    """The held series of one request (``Totals.holding``): their committed state, the state
+    """The held series of one request (a table's ``hold``): their committed state, the state
     writes and expectations that move them, and what the cache learns from the outcome."""
 
     def load(self) -> Mapping[str, StreamState]: ...
