@@ -391,4 +391,7 @@ def create_app(gw: ApiServices) -> Starlette:
     for kind in MODELS:
         routes.extend(catalog_routes(kind))
     routes.extend(billing_routes(gw, guarded))
-    return Starlette(routes=routes, exception_handlers=exception_handlers())
+    app = Starlette(routes=routes, exception_handlers=exception_handlers())
+    # no redirect for a trailing "/" (an id "%2F" decodes to one): every answer is the JSON shape
+    app.router.redirect_slashes = False
+    return app

@@ -389,3 +389,12 @@ def test_api_errors_carry_their_fields_and_headers() -> None:
     assert (r.status_code, r.headers["www-authenticate"]) == (401, "Bearer")
     assert orjson.loads(bytes(r.body)) == {"error": "no key", "parameter": "x"}
     assert shown("a" * 1000) == repr("a" * 80) + "… (1000 characters)"
+
+
+def test_a_trailing_slash_is_a_json_404_not_a_redirect(client: httpx.Client) -> None:
+    """An id "%2F" decodes to a path ending in "/": the answer is the JSON 404, never a
+    redirect without a body (found by the long read-parameter fuzz run)."""
+    for target in ("/v1/invoices/%2F", "/v1/usage/", "/v1/customers/"):
+        r = client.get(target, follow_redirects=False)
+        assert r.status_code == 404, (target, r.status_code, r.text[:200])
+        assert "no such path" in r.json()["error"], (target, r.text[:200])
