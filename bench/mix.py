@@ -35,6 +35,7 @@ what was accepted is verified as well.
     python -m bench.mix --store sqlite --order out --records 100000
     python -m bench.mix --store sqlite --seed-ids 10000000
     python -m bench.mix --store sqlite --with-best-case --overload
+    python -m bench.mix --store sqlite --order out --py-spy /tmp/mix   # raw stacks of the load
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ import multiprocessing as mp
 import os
 import random
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -71,6 +73,7 @@ from bench.ingest import (
     create_schema,
     run_load,
     seed_dedup,
+    start_py_spy,
 )
 from bench.ingest import phase as best_case_phase
 from bench.replicas import seed_pg
@@ -562,9 +565,17 @@ def run_phase(kind: str, order: str, args: argparse.Namespace, root: Path) -> Mi
         res.start_rss_mb = vm_kb(pid, "VmRSS") / 1024
         print(f"{tag} gateway ready in {res.startup_s:.1f}s, RSS {res.start_rss_mb:.0f} MB")
         try:
+            spy = None
+            if args.py_spy:
+                spy = start_py_spy(pid, f"{args.py_spy}-{kind}-{order}.txt", gil=False)
+                time.sleep(0.5)
             results, res.server_cpu_s, res.machine_cpu_s = run_load(
                 gw, plan, args.procs, args.connections
             )
+            if spy is not None:
+                spy.send_signal(signal.SIGINT)
+                spy.wait(60)
+                print(f"{tag} py-spy profile (raw): {args.py_spy}-{kind}-{order}.txt")
             res.wall_s = max(r.t1 for r in results) - min(r.t0 for r in results)
             res.latencies_ms = [1000 * x for r in results for x in r.latencies]
             res.accepted = sum(r.accepted for r in results)
@@ -858,6 +869,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--overload", action="store_true", help="2 x the sustained rate, open loop")
     ap.add_argument("--overload-s", type=float, default=30.0)
     ap.add_argument("--overload-connections", type=int, default=64)
+    ap.add_argument(
+        "--py-spy", metavar="PREFIX", help="py-spy record the server's load to PREFIX-<phase>.txt"
+    )
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
     args = ap.parse_args(argv)
     args.procs = max(1, min(args.procs, args.connections))
