@@ -20,6 +20,7 @@ ZERO = Decimal(0)
 ONE = Decimal(1)
 NS_PER_S = Decimal(1_000_000_000)
 _MAX_INT = 10**21
+_INF, _NEG_INF = float("inf"), float("-inf")
 
 EXPECTED = 'a decimal number or decimal string such as 0.8 or "1.5e3"'
 
@@ -60,6 +61,16 @@ def parse_value(raw: object) -> Decimal:
         if not _NUMBER.fullmatch(raw):
             raise DecimalError(f"{_show(raw)} is not a decimal number: expected {EXPECTED}")
         return _checked(_exact(raw), raw)
+    if type(raw) is float:
+        # repr is the shortest text that reads back as this double: for a JSON number (see
+        # pipeline.decode) it is what the sender wrote; for an OTLP double, its exact reading.
+        # Plain and not ending in ".0", it is within bounds and has no trailing zero to drop.
+        text = repr(raw)
+        if text[-2:] != ".0" and _PLAIN.fullmatch(text):
+            return Decimal(text)
+        if raw != raw or raw in (_INF, _NEG_INF):
+            raise DecimalError(f"{raw!r} is not finite: expected {EXPECTED}")
+        return _checked(Decimal(text), raw)
     if isinstance(raw, bool):
         raise DecimalError(f"{raw!r} is a boolean: expected {EXPECTED}")
     if isinstance(raw, int):
@@ -71,7 +82,7 @@ def parse_value(raw: object) -> Decimal:
     if isinstance(raw, Decimal):
         return _checked(raw, raw)
     if isinstance(raw, float):
-        if raw != raw or raw in (float("inf"), float("-inf")):
+        if raw != raw or raw in (_INF, _NEG_INF):
             raise DecimalError(f"{raw!r} is not finite: expected {EXPECTED}")
         # repr is the shortest text that reads back as this double: for a JSON number (see
         # pipeline.decode) it is what the sender wrote; for an OTLP double, its exact reading.

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from meter_gateway.decimals import DecimalError, check_value, parse_value
+from meter_gateway.decimals import DecimalError, _checked, check_value, parse_value
 from meter_gateway.pipeline.decode import loads
 from meter_gateway.pipeline.timestamps import parse_timestamp
 
@@ -190,6 +190,8 @@ def test_a_double_is_judged_by_its_shortest_round_trip_text(x: float) -> None:
     text = repr(x)
     if within_bounds(text):
         assert parse_value(x) == Decimal(text)
+        # the plain-text fast path keeps the digits the general rule keeps (stored as text)
+        assert str(parse_value(x)) == str(_checked(Decimal(text), x))
     else:
         with pytest.raises(DecimalError):
             parse_value(x)
