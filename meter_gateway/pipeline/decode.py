@@ -245,6 +245,23 @@ def parse_items(body: bytes, content_type: str | None, max_items: int) -> Parsed
                 single.single = True
                 return single
             raise DecodeError(400, f"expected a JSON object, array or NDJSON, got {_kind(doc)}")
+    # Fastest path, what senders write: each line one object with nothing around it, so every
+    # newline sits between "}" and "{". Then the body with commas for newlines is the array of
+    # its lines (stripping or dropping none), parsed once; else the lines are looked at below.
+    newlines = text.count(b"\n")
+    if (
+        newlines < max_items
+        and text[:1] == b"{"
+        and text[-1:] == b"}"
+        and text.count(b"}\n{") == newlines
+    ):
+        try:
+            docs = loads(b"[" + text.replace(b"\n", b",") + b"]")
+        except ValueError:
+            docs = None
+        ok = type(docs) is list and len(docs) == newlines + 1
+        if ok and all(type(d) is dict for d in docs):
+            return Parsed(docs)
     lines = [ln for ln in text.split(b"\n") if ln.strip()]
     if len(lines) > max_items:
         raise DecodeError(413, f"batch has {len(lines)} records; the limit is {max_items}")

@@ -9,6 +9,8 @@ from typing import Any
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from meter_gateway.catalog import build
 from meter_gateway.clock import FixedClock
@@ -154,6 +156,49 @@ def test_a_too_deep_ndjson_line_fails_alone() -> None:
     assert isinstance(items[0], dict)
     assert isinstance(items[1], ItemError)
     assert "nested too deeply" in items[1].error
+
+
+# Lines as senders write them, and the near misses a joined parse could misread: objects whose
+# strings hold "},{" or a newline escape, blank and padded lines, a line of two objects, an
+# object split over two lines, arrays, scalars and garbage.
+_TEXT = st.text(st.characters(blacklist_categories=["Cs"]), max_size=8)
+_LINE = st.one_of(
+    st.dictionaries(
+        _TEXT,
+        st.one_of(st.integers(-(2**63), 2**64 - 1), _TEXT, st.floats(allow_nan=False)),
+        max_size=3,
+    ).map(orjson.dumps),
+    st.sampled_from(
+        [b'{"a":"},{"}', b'{"a":1},{"b":2}', b'{"a":[1', b"2]}", b"", b"  ", b'\t{"a":1} \r',
+         b"[1]", b"7", b"{", b"}", b'{"x":"\\n"}', b"{}", b"{}{}", b'{"a":1e400}']
+    ),
+)  # fmt: skip
+
+
+@settings(max_examples=300)
+@given(st.lists(_LINE, min_size=1, max_size=8), st.integers(1, 10))
+def test_ndjson_is_read_as_its_lines_one_by_one(lines: list[bytes], limit: int) -> None:
+    """The one-parse fast path for well-formed NDJSON gives what reading each non-blank line
+    alone gives: the same objects, the same failing lines, the same 413."""
+    body = b"\n".join(lines)
+    kept = [ln.strip() for ln in lines if ln.strip()]
+    if len(kept) > limit:
+        with pytest.raises(DecodeError) as info:
+            parse_items(body, "application/x-ndjson", limit)
+        assert info.value.status == 413
+        return
+    got = parse_items(body, "application/x-ndjson", limit)
+    assert len(got) == len(kept)
+    for item, line in zip(got, kept, strict=True):
+        try:
+            one = loads(line)
+        except ValueError:
+            assert isinstance(item, ItemError)
+            continue
+        if isinstance(one, dict):
+            assert item == one
+        else:
+            assert isinstance(item, ItemError)
 
 
 # --- values and timestamps ------------------------------------------------------------------
