@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import mix
+from bench import mix, stages
 from bench.ingest import run_load
 from tests import pgdb
 from tests.gatewayproc import GatewayProcess
@@ -45,3 +45,11 @@ def test_the_command_runs_and_verifies() -> None:
     args = ["--store", pgdb.store_kind(), "--order", "in", "--records", "2000"]
     args += ["--customers", str(CUSTOMERS), "--read-customers", "3"]
     assert mix.main(args) == 0
+
+
+def test_the_stage_bench_stores_every_record(capsys: pytest.CaptureFixture[str]) -> None:
+    assert stages.main(["--records", "2000", "--batch", "500", "--customers", "20"]) == 0
+    out = capsys.readouterr().out
+    assert "verify: 2,000 accepted, 2,000 stored: ok" in out
+    for stage in ("decode+validate", "prepare", "apply"):
+        assert f"  {stage} " in out
