@@ -20,6 +20,7 @@ versioned and run under an advisory lock, so replicas that start together migrat
 from __future__ import annotations
 
 import logging
+import struct
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -66,6 +67,9 @@ STATE_LOCK_CLASS = 0x6D67  # pg_advisory_xact_lock(class, hashtext(key)) per rec
 PURGE_EVERY_S = 600
 PURGE_CHUNK = 50_000
 COMMIT_ATTEMPTS = 5
+# After a group whose dedup keys could not be copied (a key was there already), this many
+# commits of the store mark their keys with the upsert straight away (see _mark_keys).
+DEDUP_COPY_PAUSE = 8
 
 MIGRATIONS: tuple[str, ...] = (
     # 1: the initial schema. Text keys are COLLATE "C": byte order, as in SQLite, and faster.
@@ -201,6 +205,68 @@ RETURNING key
 """
 
 
+# Binary COPY framing (PostgreSQL's COPY BINARY: signature, flags, header extension; a row is
+# its field count and each field's length and bytes; -1 ends the data).
+_COPY_SIGNATURE = b"PGCOPY\n\xff\r\n\x00" + bytes(8)
+_COPY_TRAILER = b"\xff\xff"
+_KEY_FIELD = struct.pack(">hi", 2, 16)  # two fields, the first 16 bytes long
+_SEEN_FIELD = struct.pack(">i", 8)  # then an 8-byte bigint
+_NULL = "\\N"  # NULL in COPY text
+
+
+def _dedup_copy(keys: Sequence[bytes], now_s: int) -> bytes:
+    """Rows (key, seen_s) of 16-byte keys as one COPY BINARY stream, joined in C."""
+    tail = _SEEN_FIELD + struct.pack(">q", now_s)
+    return b"".join(
+        (_COPY_SIGNATURE, _KEY_FIELD, (tail + _KEY_FIELD).join(keys), tail, _COPY_TRAILER)
+    )
+
+
+def _copy_escape(s: str) -> str:
+    """A text field of COPY text format (backslash, tab, newline and return escaped)."""
+    return s.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+
+
+def _records_copy(records: Sequence[UsageRecord], seqs: Sequence[int], now_ns: int) -> str:
+    """Fresh records as the COPY text of ``records`` (seq, ts, customer, dimension, value,
+    record_id, metadata, source, received_ns), written in one join: ``write_row`` dumps each
+    field in Python (1.9 of the writer's 7.8 us a record). Usual fields need no escaping,
+    which the counts of separators and backslashes (one per NULL) prove; otherwise every text
+    field is escaped."""
+    metas = [encode_metadata(r.metadata).decode() if r.metadata else None for r in records]
+    # a None where the schema says NOT NULL goes as NULL, so PostgreSQL refuses it
+    nulls = metas.count(None) + sum(
+        (r.record_id is None) + (r.customer_id is None) + (r.dimension_id is None) for r in records
+    )
+    text = "".join(
+        [
+            f"{seq}\t{r.timestamp_ns}\t{_NULL if r.customer_id is None else r.customer_id}\t"
+            f"{_NULL if r.dimension_id is None else r.dimension_id}\t{r.value}\t"
+            f"{_NULL if r.record_id is None else r.record_id}\t{_NULL if m is None else m}\t"
+            f"{r.source}\t{now_ns}\n"
+            for r, seq, m in zip(records, seqs, metas, strict=True)
+        ]
+    )
+    n = len(records)
+    if (
+        text.count("\\") == nulls
+        and text.count("\t") == 8 * n
+        and text.count("\n") == n
+        and "\r" not in text
+    ):
+        return text
+    e = _copy_escape
+    return "".join(
+        [
+            f"{seq}\t{r.timestamp_ns}\t{_NULL if r.customer_id is None else e(r.customer_id)}\t"
+            f"{_NULL if r.dimension_id is None else e(r.dimension_id)}\t{r.value}\t"
+            f"{_NULL if r.record_id is None else e(r.record_id)}\t"
+            f"{_NULL if m is None else e(m)}\t{r.source}\t{now_ns}\n"
+            for r, seq, m in zip(records, seqs, metas, strict=True)
+        ]
+    )
+
+
 def _array(values: Sequence[int | Decimal]) -> str:
     """Numbers as one array literal (``'{1,2.5}'``), cast by the statement: psycopg dumps a
     list element by element in Python (4,000 decimals: 8.6 ms a round trip as a list, 1.9 as
@@ -263,6 +329,7 @@ class PostgresStore(SqlBilling):
         self._dialect = PostgresDialect(self._pool)
         self._last_purge_s = now_ns // NS
         self._purge_lock = threading.Lock()
+        self._copy_pause = 0  # commits left that mark dedup keys by upsert (_mark_keys)
 
     def close(self) -> None:
         self._pool.close()
@@ -320,17 +387,7 @@ class PostgresStore(SqlBilling):
             else:
                 in_group.add(k)
                 firsts.append(True)
-        fresh: set[bytes] = set()
-        if in_group:
-            cur.execute(
-                _DEDUP_INSERT,
-                {
-                    "now": now_s,
-                    "keys": ",".join([k.hex() for k in sorted(in_group)]),
-                    "cutoff": now_s - self.dedup_window_s,
-                },
-            )
-            fresh = {bytes(row[0]) for row in cur.fetchall()}
+        fresh = self._mark_keys(conn, sorted(in_group), now_s) if in_group else set()
         new_flags = [
             first and (r.dedup_key is None or r.dedup_key in fresh)
             for r, first in zip(flat, firsts, strict=True)
@@ -373,6 +430,42 @@ class PostgresStore(SqlBilling):
             results.append(CommitResult(accepted, len(b.records) - accepted, len(b.errors)))
         return results
 
+    def _mark_keys(
+        self, conn: psycopg.Connection[Any], keys: Sequence[bytes], now_s: int
+    ) -> set[bytes]:
+        """Mark the group's dedup keys (sorted) seen now; the ones that were not in the window.
+
+        Usually none is there yet, and a plain ``COPY`` of them costs the database 40% less
+        than the upsert (``ON CONFLICT`` inserts speculatively: a lock and a second WAL record
+        a key; 6.9 vs 11.4 ms for 2,300 keys). Its unique index still decides: a key committed
+        before, or by a replica committing it meanwhile (the copy waits for that transaction),
+        fails the copy with a unique violation; then the copy is rolled back to its savepoint
+        and the upsert marks the keys and says which are new (it also re-marks a key past the
+        window, not yet purged). Retries come in runs, so after a failed copy the next
+        ``DEDUP_COPY_PAUSE`` commits go to the upsert straight away."""
+        cur = conn.cursor()
+        if self._copy_pause > 0:
+            self._copy_pause -= 1
+        elif all(len(k) == 16 for k in keys):
+            try:
+                with (
+                    conn.transaction(),
+                    cur.copy("COPY dedup_keys (key, seen_s) FROM STDIN (FORMAT BINARY)") as cp,
+                ):
+                    cp.write(_dedup_copy(keys, now_s))
+                return set(keys)
+            except pg_errors.UniqueViolation:
+                self._copy_pause = DEDUP_COPY_PAUSE
+        cur.execute(
+            _DEDUP_INSERT,
+            {
+                "now": now_s,
+                "keys": ",".join([k.hex() for k in keys]),
+                "cutoff": now_s - self.dedup_window_s,
+            },
+        )
+        return {bytes(row[0]) for row in cur.fetchall()}
+
     def _write_records(
         self,
         cur: psycopg.Cursor[Any],
@@ -387,25 +480,12 @@ class PostgresStore(SqlBilling):
             for r in fresh
             if (u := r.unique_value) is not None
         }
+        # record ids are never altered: a NUL fails the commit (Unstorable), the record alone
         with cur.copy(
             "COPY records (seq, ts, customer, dimension, value, record_id, metadata, source, "
             "received_ns) FROM STDIN"
         ) as cp:
-            for r, seq in zip(fresh, seqs, strict=True):
-                cp.write_row(
-                    (
-                        seq,
-                        r.timestamp_ns,
-                        r.customer_id,
-                        r.dimension_id,
-                        r.value,
-                        # never altered: a NUL fails the commit (Unstorable), the record alone
-                        r.record_id,
-                        encode_metadata(r.metadata).decode() if r.metadata else None,
-                        r.source.value,
-                        now_ns,
-                    )
-                )
+            cp.write(_records_copy(fresh, seqs, now_ns))
         acc = rollup_partials(fresh, [r.value for r in fresh], seqs)
         # Sorted, so that concurrent commits lock rollup rows in one order.
         keys = sorted(acc)
