@@ -8,6 +8,7 @@ background refresh computed, never rating customers itself.
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -258,6 +259,34 @@ def test_a_scrape_never_rates_customers_itself() -> None:
     assert samples["meter_gateway_period_usage"] == 2.5
     assert samples["meter_gateway_period_margin"] == 0.15
     assert samples["meter_gateway_period_computed_timestamp_seconds"] > 0
+
+
+def test_the_background_refresh_takes_at_most_a_tenth_of_a_thread_even_past_its_interval() -> None:
+    """Rating every customer of a large store takes longer than a tenth of the interval: the
+    refresh then waits nine durations, not the interval, however often commits wake it (it
+    holds the GIL that ingest needs)."""
+    spans: list[tuple[float, float]] = []
+
+    def compute() -> list[PeriodUsage]:
+        t0 = time.monotonic()
+        time.sleep(0.1)  # a refresh of 0.1 s against an interval of 0.2 s
+        spans.append((t0, time.monotonic()))
+        return []
+
+    collector = PeriodUsageCollector(compute, interval_s=0.2, min_gap_s=0.01)
+    collector.start()
+    try:
+        until = time.monotonic() + 3.0
+        while time.monotonic() < until:
+            collector.wake()  # commits all the time
+            time.sleep(0.01)
+    finally:
+        collector.close()
+    gaps = [b[0] - a[1] for a, b in itertools.pairwise(spans)]
+    assert len(spans) >= 2
+    # nine times the last duration (>= 0.9 s), where the interval alone would give 0.2 s
+    assert min(gaps) >= 0.85, gaps
+    assert len(spans) <= 4
 
 
 def test_metrics_show_the_period_gauges_of_the_last_refresh(tmp_path: Path) -> None:
