@@ -36,6 +36,7 @@ what was accepted is verified as well.
     python -m bench.mix --store sqlite --seed-ids 10000000
     python -m bench.mix --store sqlite --with-best-case --overload
     python -m bench.mix --store sqlite --order out --py-spy /tmp/mix   # raw stacks of the load
+    python -m bench.mix --store sqlite --order out --py-spy /tmp/mix --py-spy-gil  # GIL holders
 """
 
 from __future__ import annotations
@@ -567,7 +568,7 @@ def run_phase(kind: str, order: str, args: argparse.Namespace, root: Path) -> Mi
         try:
             spy = None
             if args.py_spy:
-                spy = start_py_spy(pid, f"{args.py_spy}-{kind}-{order}.txt", gil=False)
+                spy = start_py_spy(pid, f"{args.py_spy}-{kind}-{order}.txt", gil=args.py_spy_gil)
                 time.sleep(0.5)
             results, res.server_cpu_s, res.machine_cpu_s = run_load(
                 gw, plan, args.procs, args.connections
@@ -871,6 +872,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--overload-connections", type=int, default=64)
     ap.add_argument(
         "--py-spy", metavar="PREFIX", help="py-spy record the server's load to PREFIX-<phase>.txt"
+    )
+    ap.add_argument(
+        "--py-spy-gil", action="store_true", help="only samples holding the GIL (its consumers)"
     )
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
     args = ap.parse_args(argv)
