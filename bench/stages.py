@@ -79,8 +79,9 @@ def main(argv: list[str] | None = None) -> int:
             n = plan.records_total
             stored = gw.store.stats().get("records")
             ok = accepted == n and stored == n
+            order = "out of order" if args.order == "out" else "in order"
             print(
-                f"bench.stages: {n:,} records ({args.order} of order), bodies of {args.batch}, "
+                f"bench.stages: {n:,} records ({order}), bodies of {args.batch}, "
                 f"groups of {args.group}; Python {sys.version.split()[0]}"
             )
             for stage, seconds in cpu.items():
