@@ -139,14 +139,17 @@ class Validator:
                 "recordValue",
                 "recordValue is required (a decimal number or string)",
             )
-        raw_ts = item.get("timestamp", item.get("@timestamp"))
+        if "timestamp" in item:
+            raw_ts, ts_field = item["timestamp"], "timestamp"
+        else:
+            raw_ts, ts_field = item.get("@timestamp"), "@timestamp"
         if raw_ts is None:
             raise _Reject(
                 Reason.MISSING_FIELD,
                 "timestamp",
                 "timestamp is required (RFC 3339, e.g. 2026-05-01T12:00:00Z)",
             )
-        ts = _timestamp(raw_ts, "timestamp" if "timestamp" in item else "@timestamp")
+        ts = _timestamp(raw_ts, ts_field)
         try:
             value = parse_value(item["recordValue"])
         except DecimalError as exc:
@@ -427,9 +430,12 @@ def _storable(metadata: dict[str, Any]) -> tuple[dict[str, Any], int]:
         except orjson.JSONEncodeError as again:
             _refuse_surrogates(again)
             raise
-    # Nesting needs as many brackets as levels, and orjson writes NUL as \u0000: most
-    # metadata is cleared by two counts and a search of what was written anyway.
-    if b"\\u0000" in text or text.count(b"{") + text.count(b"[") > MAX_METADATA_DEPTH:
+    # Nesting needs as many brackets as levels (two bytes each, with their closers), and
+    # orjson writes NUL as \u0000: most metadata is cleared by its length and one byte search.
+    if (b"\\" in text and b"\\u0000" in text) or (
+        len(text) > 2 * MAX_METADATA_DEPTH
+        and text.count(b"{") + text.count(b"[") > MAX_METADATA_DEPTH
+    ):
         _check_metadata(metadata)
     return metadata, len(text)
 
