@@ -249,11 +249,12 @@ class PeriodUsageCollector(Collector):
     Rating every customer takes seconds (tens of seconds with 1,000 customers on a busy
     PostgreSQL), far past a scrape timeout, so a scrape only reads what ``refresh`` computed
     last. A background thread (``start``) refreshes every ``interval_s``, and sooner after a
-    commit on this replica (``wake``), but never sooner than ``max(min_gap_s, 9 × the last
-    refresh's duration)`` after the previous one ended, so it takes at most a tenth of one
-    thread (of the GIL, which ingest needs under load) -- even when that gap is longer than
-    ``interval_s``: where rating every customer takes more than a tenth of the interval (a
-    large store), the gauges are refreshed every ten refresh durations instead, and
+    commit on this replica (``wake``), but never sooner than ``max(min_gap_s, 19 × the last
+    refresh's duration)`` after the previous one ended, so it takes at most a twentieth of one
+    thread (of the GIL, which ingest needs under load: a tenth cost bench.mix 9.8% of it) --
+    even when that gap is longer than ``interval_s``: where rating every customer takes more
+    than a twentieth of the interval (a large store), the gauges are refreshed every twenty
+    refresh durations instead, and
     ``meter_gateway_period_computed_timestamp_seconds`` shows how old they are. It runs under
     no lease: every replica exposes the gauges. All rows of one refresh are one rating at one
     instant; ``meter_gateway_period_computed_timestamp_seconds`` says which. Every replica
@@ -315,7 +316,7 @@ class PeriodUsageCollector(Collector):
             except Exception:  # the store may be down: keep the last values, try again
                 log.warning("the period gauges could not be refreshed", exc_info=True)
             took = 0.0 if self._last is None else self._last[2]
-            gap = max(self._min_gap, 9 * took)  # past the interval too: see the class
+            gap = max(self._min_gap, 19 * took)  # past the interval too: see the class
             deadline = time.monotonic() + self._interval
             with self._cv:
                 if self._cv.wait_for(lambda: self._stopping, gap):

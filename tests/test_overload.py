@@ -261,15 +261,15 @@ def test_a_scrape_never_rates_customers_itself() -> None:
     assert samples["meter_gateway_period_computed_timestamp_seconds"] > 0
 
 
-def test_the_background_refresh_takes_at_most_a_tenth_of_a_thread_even_past_its_interval() -> None:
-    """Rating every customer of a large store takes longer than a tenth of the interval: the
-    refresh then waits nine durations, not the interval, however often commits wake it (it
+def test_the_background_refresh_takes_a_twentieth_of_a_thread_even_past_its_interval() -> None:
+    """Rating every customer of a large store takes longer than a twentieth of the interval:
+    the refresh then waits 19 durations, not the interval, however often commits wake it (it
     holds the GIL that ingest needs)."""
     spans: list[tuple[float, float]] = []
 
     def compute() -> list[PeriodUsage]:
         t0 = time.monotonic()
-        time.sleep(0.1)  # a refresh of 0.1 s against an interval of 0.2 s
+        time.sleep(0.05)  # a refresh of 0.05 s against an interval of 0.2 s
         spans.append((t0, time.monotonic()))
         return []
 
@@ -284,8 +284,8 @@ def test_the_background_refresh_takes_at_most_a_tenth_of_a_thread_even_past_its_
         collector.close()
     gaps = [b[0] - a[1] for a, b in itertools.pairwise(spans)]
     assert len(spans) >= 2
-    # nine times the last duration (>= 0.9 s), where the interval alone would give 0.2 s
-    assert min(gaps) >= 0.85, gaps
+    # 19 times the last duration (>= 0.95 s), where the interval alone would give 0.2 s
+    assert min(gaps) >= 0.9, gaps
     assert len(spans) <= 4
 
 
