@@ -145,25 +145,30 @@ def records_json(rows: list[tuple[Any, ...]]) -> bytes:
 
 
 def rollups_json(merged: Mapping[RollupKey, RollupRow]) -> bytes:
-    """Rollup rows (ROLLUP) as ``APPLY`` takes them; decimals as exact text."""
-    return orjson.dumps(
-        [
+    """Rollup rows (ROLLUP) as ``APPLY`` takes them; decimals as exact text. A row of one
+    record (most rows of a group) has one value for its sum, min, max and last value: written
+    once (the rows hold the same ``Decimal``)."""
+    rows = []
+    for (c, d, _), row in merged.items():
+        s = row.sum
+        text = str(s)
+        mn, mx, last = row.min, row.max, row.last_value
+        rows.append(
             (
                 c,
                 d,
                 row.bucket_ns,
                 row.count,
-                str(row.sum),
-                str(row.min),
-                str(row.max),
+                text,
+                text if mn is s else str(mn),
+                text if mx is s else str(mx),
                 row.last_ts,
                 row.last_seq,
-                str(row.last_value),
+                text if last is s else str(last),
                 str(row.wsum),
             )
-            for (c, d, _), row in merged.items()
-        ]
-    )
+        )
+    return orjson.dumps(rows)
 
 
 def state_rows(state: Mapping[str, bytes | None]) -> list[tuple[str, str]]:
