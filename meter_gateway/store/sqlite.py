@@ -777,8 +777,9 @@ class SQLiteStore(SqlBilling):
             if old is None:
                 out[key] = RollupRow(key[2], n, s, mn, mx, lts, lseq, lv, w)
             else:
-                if (lts, lseq) <= (old.last_ts, old.last_seq):
-                    lts, lseq, lv = old.last_ts, old.last_seq, old.last_value
+                olts = old.last_ts
+                if lts < olts or (lts == olts and lseq <= old.last_seq):
+                    lts, lseq, lv = olts, old.last_seq, old.last_value
                 out[key] = RollupRow(
                     key[2],
                     old.count + n,
