@@ -121,6 +121,19 @@ def record_rows(
 ) -> list[tuple[Any, ...]]:
     """The record rows of a group: RECORD, then RECORD_OWN if ``full``, then RECORD_SOURCE
     unless the group's records share one source."""
+    if full and shared_source:  # the usual REST group: one pass
+        return [
+            (
+                r.timestamp_ns,  # RECORD
+                r.customer_id,
+                r.dimension_id,
+                v,
+                mid,
+                r.record_id,  # RECORD_OWN
+                None if type(r.metadata) is SeriesMetadata else r.metadata or None,
+            )
+            for r, v, mid in zip(records, values, meta_ids, strict=True)
+        ]
     rows: list[tuple[Any, ...]] = [
         (r.timestamp_ns, r.customer_id, r.dimension_id, v, mid)  # RECORD
         for r, v, mid in zip(records, values, meta_ids, strict=True)
