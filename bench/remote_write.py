@@ -117,12 +117,62 @@ def send_all(url: str, bodies: list[list[bytes]], headers: dict[str, str]) -> di
 
 
 def cpu_s(pid: int) -> float:
+    return sum(user_system_s(pid))
+
+
+def user_system_s(pid: int) -> tuple[float, float]:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
-def start_py_spy(pid: int, out: str) -> subprocess.Popen[bytes] | None:
+def thread_cpu_s(pid: int) -> dict[int, float]:
+    """CPU seconds of each thread of ``pid`` (by thread id)."""
+    out: dict[int, float] = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # ended meanwhile
+        out[int(tid)] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return out
+
+
+def thread_names(pid: int) -> dict[int, str]:
+    """Python thread names by thread id (``py-spy dump``; empty without py-spy)."""
+    exe = shutil.which("py-spy")
+    if exe is None:
+        return {}
+    try:
+        text = subprocess.run(
+            [exe, "dump", "-p", str(pid)], capture_output=True, text=True, timeout=30
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    names: dict[int, str] = {}
+    for line in text.splitlines():
+        if line.startswith("Thread "):
+            tid, _, rest = line[len("Thread ") :].partition(" ")
+            if tid.isdigit():
+                names[int(tid)] = rest.partition('"')[2].rstrip('"')
+    return names
+
+
+def by_thread(before: dict[int, float], after: dict[int, float], names: dict[int, str]) -> str:
+    """CPU per thread kind (names without their numbers), most first."""
+    kinds: dict[str, float] = {}
+    for tid, t in after.items():
+        name = names.get(tid, "(not Python)")
+        kind = name.rstrip("0123456789 _-()").removesuffix(" (") or name
+        if name.startswith("AnyIO worker"):
+            kind = "AnyIO worker threads"
+        kinds[kind] = kinds.get(kind, 0.0) + t - before.get(tid, 0.0)
+    return ", ".join(f"{k} {v:.2f}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1]))
+
+
+def start_py_spy(pid: int, out: str, extra: str = "") -> subprocess.Popen[bytes] | None:
     """py-spy record ``pid`` (every thread, idle ones left out) to ``out``: collapsed stacks
     for ``.txt``, else a flame graph."""
     exe = shutil.which("py-spy")
@@ -131,6 +181,7 @@ def start_py_spy(pid: int, out: str) -> subprocess.Popen[bytes] | None:
         return None
     fmt = "raw" if out.endswith(".txt") else "flamegraph"
     cmd = [exe, "record", "-p", str(pid), "-r", "200", "--nonblocking", "-f", fmt, "-o", out]
+    cmd += extra.split()
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
@@ -161,6 +212,7 @@ def in_process(args: argparse.Namespace, rules: list[dict[str, Any]]) -> int:
             gc.freeze()
             gc.set_threshold(*GC_THRESHOLDS)
             costs: list[tuple[float, float]] = []
+            first: list[float] = []  # every thread's first two requests, batch and commit
             for k in range(args.requests):
                 for thread in bodies:
                     t0 = time.process_time()
@@ -169,6 +221,8 @@ def in_process(args: argparse.Namespace, rules: list[dict[str, Any]]) -> int:
                     rw.commit(batch, decoded)
                     if k >= 2:
                         costs.append((t1 - t0, time.process_time() - t1))
+                    else:
+                        first.append(time.process_time() - t0)
         finally:
             g.close()
     if not costs:
@@ -179,6 +233,11 @@ def in_process(args: argparse.Namespace, rules: list[dict[str, Any]]) -> int:
         median = statistics.median(c[i] for c in costs) * us
         mean = statistics.fmean(c[i] for c in costs) * us
         print(f"{part:<7} median {median:.2f} us/sample, mean {mean:.2f}")
+    for k in range(min(2, args.requests)):
+        cost = statistics.fmean(first[k * args.threads : (k + 1) * args.threads]) * us
+        print(f"request {k + 1} of each thread (batch and commit): {cost:.2f} us/sample")
+    whole = (sum(first) + sum(a + b for a, b in costs)) / (args.requests * args.threads)
+    print(f"every request (batch and commit): mean {whole * us:.2f} us/sample")
     print(f"load average: {os.getloadavg()}")
     return 0
 
@@ -199,6 +258,12 @@ def main() -> int:
     p.add_argument("--quick", action="store_true")
     p.add_argument(
         "--py-spy", metavar="FILE", help="py-spy record the gateway while it is sent to (.txt: raw)"
+    )
+    p.add_argument(
+        "--py-spy-args",
+        default="",
+        metavar="ARGS",
+        help="more py-spy record arguments, e.g. '--gil' (only the thread holding the GIL)",
     )
     p.add_argument(
         "--in-process", action="store_true", help="time the receiver alone, in this process"
@@ -251,10 +316,12 @@ def main() -> int:
         gw = GatewayProcess(workdir / "gw", cfg).start()
         try:
             assert gw.proc is not None
-            spy = start_py_spy(gw.proc.pid, args.py_spy) if args.py_spy else None
+            spy = start_py_spy(gw.proc.pid, args.py_spy, args.py_spy_args) if args.py_spy else None
             if spy is not None:
                 time.sleep(0.5)
             cpu0 = cpu_s(gw.proc.pid)
+            split0 = user_system_s(gw.proc.pid)
+            threads0 = thread_cpu_s(gw.proc.pid)
             r = send_all(
                 f"{gw.url}/api/v1/write",
                 bodies,
@@ -266,6 +333,9 @@ def main() -> int:
                 },
             )
             r["server_cpu_s"] = cpu_s(gw.proc.pid) - cpu0
+            split = user_system_s(gw.proc.pid)
+            r["user_system"] = (split[0] - split0[0], split[1] - split0[1])
+            r["threads"] = by_thread(threads0, thread_cpu_s(gw.proc.pid), thread_names(gw.proc.pid))
             results["gateway"] = r
             if spy is not None:
                 spy.send_signal(signal.SIGINT)
@@ -307,6 +377,9 @@ def main() -> int:
         f"{per_cpu['prometheus']:,.0f} samples; gateway / prometheus = "
         f"{per_cpu['gateway'] / per_cpu['prometheus']:.3f} (issue 17 asks >= 0.25)"
     )
+    user, system = results["gateway"]["user_system"]
+    print(f"gateway CPU s: user {user:.2f}, system {system:.2f}")
+    print(f"gateway CPU s by thread: {results['gateway']['threads']}")
     print(f"load average: {os.getloadavg()}")
     for f in failed:
         print("FAILED:", f)

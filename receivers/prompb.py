@@ -158,12 +158,17 @@ def scan(raw: bytes, known: Container[bytes] = ()) -> Scanned | None:
     times: dict[bytes, int] = {}  # a request's samples share few timestamps
     unpack = _DOUBLE.unpack_from
     rfind = raw.rfind
+    append = out.append
     pos = 0
     try:
         while pos < end_all:
             if raw[pos] != _TIMESERIES:
                 return None
-            length, pos = _varint(raw, pos + 1)
+            length = raw[pos + 1]
+            if length < 0x80:  # the usual series: shorter than 128 bytes
+                pos += 2
+            else:
+                length, pos = _varint(raw, pos + 1)
             end = pos + length
             if end > end_all:
                 return None
@@ -187,7 +192,7 @@ def scan(raw: bytes, known: Container[bytes] = ()) -> Scanned | None:
                     if got >= 1 << 63:
                         got -= _INT64
                     times[key] = got
-                out.append((labels, [(unpack(raw, s + 3)[0], got)]))
+                append((labels, [(unpack(raw, s + 3)[0], got)]))
                 pos = end
                 continue
             p = pos

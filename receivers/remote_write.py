@@ -20,6 +20,7 @@ retries 5xx but, by default, not 429). Every error is JSON ``{"error": ...}`` (S
 from __future__ import annotations
 
 import struct
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from decimal import Decimal
@@ -371,6 +372,10 @@ class RemoteWriteReceiver:
         self._limits = limits
         self._telemetry = telemetry
         self._retry_after_s = retry_after_s
+        # Decoding and converting hold the GIL throughout: requests that take turns at them
+        # every switch interval only evict each other's data from the caches, so one computes
+        # at a time (commits, which wait, are not under it).
+        self._computing = threading.Lock()
         self.series = SeriesCache(self._wanted, max_cached_series)
         self.mappings = (
             SeriesMappings(SOURCE, Mapper(rules), catalog, clock, limits, max_cached_series)
@@ -383,10 +388,15 @@ class RemoteWriteReceiver:
             committer,
             window=TimeWindow(clock, limits) if clock is not None else None,
             mappings=self.mappings,
+            serial=self._computing,
         )
 
     def batch(self, body: bytes) -> tuple[Batch, Decoded]:
         """Decode and validate one request body (``DecodeError`` for a bad body)."""
+        with self._computing:
+            return self._batch(body)
+
+    def _batch(self, body: bytes) -> tuple[Batch, Decoded]:
         raw = decompress(body, self._limits.max_decompressed_bytes)
         mappings = self.mappings
         snap = mappings.snapshot() if mappings is not None else None

@@ -41,9 +41,10 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from decimal import Decimal
 from functools import partial
+from operator import itemgetter
 from typing import Any, NamedTuple, Protocol
 
 import orjson
@@ -798,6 +799,17 @@ class TotalGroups:
                     self._cached -= len(old.lines)
 
 
+def _moved(sids: set[str], changed: dict[str, StreamState]) -> dict[str, StreamState]:
+    """The entries of ``changed`` of the series ``sids`` (one group's of a request)."""
+    if len(sids) > 1:
+        keys = list(sids)
+        try:
+            return dict(zip(keys, itemgetter(*keys)(changed), strict=True))  # usually all moved
+        except KeyError:
+            pass
+    return {sid: changed[sid] for sid in sids if sid in changed}
+
+
 class HeldGroups:
     """The groups one request holds (``TotalGroups.hold``): ``members``, group → its series
     of the request; ``pointers``, series that get their group with this commit;
@@ -845,24 +857,22 @@ class HeldGroups:
         members, read = self.members, self._read
         times: dict[int, str] = {}
         for gid, sids in members.items():
-            if len(members) == 1:
-                moved = changed  # every series of this request is in it
-            else:
-                moved = {sid: changed[sid] for sid in sids if sid in changed}
+            # (one group: every series of this request is in it)
+            moved = changed if len(members) == 1 else _moved(sids, changed)
             if not moved:
                 continue
             old = read[gid]
             states = {**old.states, **moved}
             lines = dict(old.lines)
-            for sid, s in moved.items():
-                if s.start or s.sum is not None:
-                    lines[sid] = line(sid, *s)
+            for sid, (start, t, value, total) in moved.items():
+                if start or total is not None:
+                    lines[sid] = line(sid, start, t, value, total)
                     continue
                 # line()'s usual case: a request's totals share their time, written once
-                at = times.get(s.time)
+                at = times.get(t)
                 if at is None:
-                    at = times[s.time] = f":0:{s.time} "
-                lines[sid] = sid + at + str(s.value)
+                    at = times[t] = f":0:{t} "
+                lines[sid] = sid + at + str(value)
             raw = LINE_END.join(lines.values()).encode()
             key = group_prefix + gid
             writes[key], expect[key] = raw, old.raw
@@ -889,6 +899,10 @@ def series_id(obs: Observation) -> str:
     """A series' identity: its name and every attribute (resource attributes included)."""
     identity = [obs.name, sorted(obs.attributes.items()), sorted(obs.resource_attributes.items())]
     return hashlib.blake2b(orjson.dumps(identity), digest_size=16).hexdigest()
+
+
+# An amount a running total moved: (series id, amount, time, ordinal in its request, series).
+_Amount = tuple[str, Decimal, int, int, Observation]
 
 
 class SeriesMapping(NamedTuple):
@@ -967,6 +981,50 @@ class SeriesMappings:
             t, m.customer, m.dimension, v, None, m.metadata, self._source, h.digest(), m.unique
         )
 
+    def records(
+        self,
+        snap: tuple[object, int, int],
+        amounts: Sequence[_Amount],
+        into: list[UsageRecord],
+    ) -> list[_Amount]:
+        """``record`` of each (series id, amount, time, ...) of ``amounts`` (natural key
+        "series id:time"), appended to ``into`` in order; returns the amounts left to the
+        validator. One pass: a request's amounts are many, and share few times."""
+        catalog, lo, hi = snap
+        known = self._known.get
+        base = self._key_hash
+        source = self._source
+        append = into.append
+        tails: dict[int, str | None] = {}  # time → ":time" (None: outside lo..hi)
+        left: list[_Amount] = []
+        for a in amounts:
+            sid, value, t = a[0], a[1], a[2]
+            m = known(sid)
+            tail = tails.get(t, "")
+            if tail == "":
+                tail = tails[t] = f":{t}" if lo <= t <= hi else None
+            if m is None or m.catalog is not catalog or tail is None:
+                left.append(a)
+                continue
+            if m.scale is None:
+                v = value  # a parse_value'd total or a step between two: <= 18 places
+            else:
+                v = EXACT.multiply(value, m.scale)
+                if v.as_tuple().exponent < -MAX_PLACES:  # type: ignore[operator]
+                    left.append(a)
+                    continue
+            if not ZERO <= v < MAX_ABS:
+                left.append(a)
+                continue
+            h = base.copy()
+            h.update((sid + tail).encode())
+            append(
+                UsageRecord(
+                    t, m.customer, m.dimension, v, None, m.metadata, source, h.digest(), m.unique
+                )
+            )
+        return left
+
     def learn(
         self,
         snap: tuple[object, int, int],
@@ -1025,7 +1083,9 @@ class Totals:
     resent request adds nothing; a total that did not move adds no record. With a
     ``window``, a total the validator would refuse for its time is rejected before it converts;
     with ``mappings``, amounts of known series skip the validator. State is kept one row per
-    series (``StreamTable``) or one per group of series (``TotalGroups``).
+    series (``StreamTable``) or one per group of series (``TotalGroups``). With ``serial`` (a
+    lock the receiver also decodes under), one conversion runs at a time (see
+    ``receivers.remote_write.RemoteWriteReceiver``).
     """
 
     def __init__(
@@ -1037,6 +1097,7 @@ class Totals:
         *,
         window: TimeWindow | None = None,
         mappings: SeriesMappings | None = None,
+        serial: AbstractContextManager[object] | None = None,
     ) -> None:
         self.table = table
         self._sink = sink
@@ -1044,6 +1105,7 @@ class Totals:
         self._timeout = commit_timeout_s
         self._window = window
         self.mappings = mappings
+        self._serial = serial if serial is not None else nullcontext()
 
     def convert(
         self,
@@ -1057,59 +1119,62 @@ class Totals:
         also set in ``batch.state``."""
         if totals is None:
             totals = [(i, o.timestamp_ns, o.value, o) for i, o in batch.cumulative]
-        pairs = list(zip(totals, sids, strict=True))
-        if len(set(sids)) < len(sids):  # several totals of one series: in time order
-            pairs.sort(key=lambda p: p[0][1])
+        if len(totals) != len(sids):
+            raise ValueError(f"{len(totals)} totals but {len(sids)} series ids")
+        repeats = len(set(sids)) < len(sids)
+        if repeats:  # several totals of one series: in time order
+            given = totals
+            order = sorted(range(len(sids)), key=lambda i: given[i][1])
+            totals, sids = [given[i] for i in order], [sids[i] for i in order]
         states = held.load()
         changed: dict[str, StreamState] = {}
-        amounts: list[Observation] = []
-        amount_sids: list[str] = []
-        ordinals: list[int] = []
         errors: list[RecordError] = []
-        amount = ObservationKind.AMOUNT
         window = self._window
         oldest, newest = window.bounds() if window is not None else (0, 0)
-        mappings = self.mappings
-        snap = mappings.snapshot() if mappings is not None else (None, 0, 0)
-        record = mappings.record if mappings is not None else None
-        records = batch.records
+        if window is None:  # nothing is refused for its time: one comparison that always holds
+            oldest, newest = -(1 << 64), 1 << 64
         new_state = _NEW_STATE
-        for (index, t, value, obs), sid in pairs:
-            if window is not None and not oldest <= t <= newest:
+        get_state = states.get
+        steps: list[_Amount] = []  # what moved
+        for (index, t, value, obs), sid in zip(totals, sids, strict=True):
+            if not oldest <= t <= newest:
+                assert window is not None
                 refused = window.refusal(t, oldest, newest)
                 if refused is not None:
                     why, reason = refused[1], refused[0]
                     errors.append(RecordError(index, "timestamp", why, reason, _raw(obs, value, t)))
                     continue
-            state = changed.get(sid) or states.get(sid)
-            delta: Decimal | None = None
-            if state is not None and t > state.time and value > state.value and not state.start:
+            state = (changed.get(sid) or get_state(sid)) if repeats else get_state(sid)
+            if state is not None and t > state[1] and value > state[2] and not state[0]:
                 # convert()'s plain step, inline: the common case
                 try:
-                    delta = _STEPS.subtract(value, state.value)
+                    delta = _STEPS.subtract(value, state[2])
                 except decimal.Inexact:
-                    delta = None
-            if delta is not None:
-                changed[sid] = new_state((0, t, value, None))
-            else:
-                try:
-                    step = convert(state, 0, t, value, None, True)
-                except InexactStep as exc:
-                    why = str(exc)
-                    raw = _raw(obs, value, t)
-                    errors.append(RecordError(index, "value", why, Reason.INVALID_VALUE, raw))
+                    pass
+                else:
+                    changed[sid] = new_state((0, t, value, None))
+                    steps.append((sid, delta, t, index, obs))
                     continue
-                if step.state is not None:
-                    changed[sid] = step.state
-                if step.kind != "delta":
-                    continue
-                delta = step.delta
-            nk = f"{sid}:{t}"
-            if record is not None:
-                rec = record(snap, sid, delta, t, nk)
-                if rec is not None:
-                    records.append(rec)
-                    continue
+            try:
+                step = convert(state, 0, t, value, None, True)
+            except InexactStep as exc:
+                why = str(exc)
+                raw = _raw(obs, value, t)
+                errors.append(RecordError(index, "value", why, Reason.INVALID_VALUE, raw))
+                continue
+            if step.state is not None:
+                changed[sid] = step.state
+            if step.kind == "delta":
+                steps.append((sid, step.delta, t, index, obs))
+        amounts: list[Observation] = []
+        amount_sids: list[str] = []
+        ordinals: list[int] = []
+        mappings = self.mappings
+        snap = mappings.snapshot() if mappings is not None else (None, 0, 0)
+        records = batch.records
+        left = mappings.records(snap, steps, records) if mappings is not None else steps
+        amount = ObservationKind.AMOUNT
+        for sid, delta, t, index, obs in left:
             amounts.append(
                 Observation(
                     obs.source,
@@ -1118,7 +1183,7 @@ class Totals:
                     delta,
                     amount,
                     t,
-                    nk,
+                    f"{sid}:{t}",
                     obs.resource_attributes,
                 )
             )
@@ -1165,9 +1230,10 @@ class Totals:
             # Held again on every try: after a conflict a new series may belong to a group
             # another replica gave it.
             with self.table.hold(sids) as held:
-                self.convert(batch, held, sids, totals)
-                if check is not None:
-                    check(batch)
+                with self._serial:
+                    self.convert(batch, held, sids, totals)
+                    if check is not None:
+                        check(batch)
                 result = self._committer.submit_sync(batch, self._timeout)
                 if not result.conflict:
                     held.committed()

@@ -1,16 +1,21 @@
 """Remote write's inline path for the usual sample (``RemoteWriteReceiver._scanned``) decodes
 exactly what the general path (``observations``) does, on generated requests: the same running
-totals (ordinal, time, exact value, series), levels, refusals, skips and sample count."""
+totals (ordinal, time, exact value, series), levels, refusals, skips and sample count. And a
+request's amounts of known series become, in one pass (``SeriesMappings.records``), exactly the
+records ``SeriesMappings.record`` makes of each."""
 
 from __future__ import annotations
 
 import struct
+from decimal import Decimal
 from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from meter_gateway.config import IngestConfig, Rule
+from meter_gateway.model import SeriesMetadata, Source
+from meter_gateway.pipeline.cumulative import SeriesMapping, SeriesMappings
 from receivers import prompb
 from receivers.remote_write import Decoded, RemoteWriteReceiver, observations
 
@@ -87,3 +92,58 @@ def test_the_inline_path_decodes_as_the_general_one(
         get = rw.series.get
         general = observations(((get(lb), s, 0) for lb, s in scanned), set(), set())
         assert _seen(fast) == _seen(general)
+
+
+# --- amounts of known series as records in one pass (SeriesMappings.records) ------------------
+
+_CATALOG, _OLD_CATALOG = object(), object()
+_NOW = 1_750_000_000 * 10**9
+_SIDS = ["a" * 32, "b" * 32, "c" * 32, "d" * 32]
+
+
+class _Clock:
+    def now_ns(self) -> int:
+        return _NOW
+
+
+def _mappings() -> SeriesMappings:
+    none: Any = None
+    m = SeriesMappings(Source.REMOTE_WRITE, none, lambda: _CATALOG, _Clock(), IngestConfig())
+    meta = SeriesMetadata(job="j")
+    m._known.update(
+        {
+            _SIDS[0]: SeriesMapping(_CATALOG, "c1", "d", None, meta, None),
+            _SIDS[1]: SeriesMapping(_CATALOG, "c2", "d", Decimal("1e-9"), meta, "u"),
+            _SIDS[2]: SeriesMapping(_OLD_CATALOG, "c3", "d", None, meta, None),
+        }
+    )
+    return m
+
+
+amounts = st.lists(
+    st.tuples(
+        st.sampled_from(_SIDS),
+        st.one_of(
+            st.integers(-5, 2**60).map(Decimal),
+            st.decimals(allow_nan=False, allow_infinity=False, places=18),
+            st.sampled_from([Decimal("1e21"), Decimal("-0"), Decimal("0.1")]),
+        ),
+        st.sampled_from(
+            [_NOW, _NOW - 10**9, _NOW + 4 * 60 * 10**9, _NOW + 6 * 60 * 10**9, 1, -1, 2**63 - 1]
+        ),
+    ),
+    max_size=12,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(amounts)
+def test_records_in_one_pass_are_record_by_record(given: list[tuple[str, Decimal, int]]) -> None:
+    m = _mappings()
+    snap = m.snapshot()
+    items: list[Any] = [(sid, v, t, i, None) for i, (sid, v, t) in enumerate(given)]
+    made: list[Any] = []
+    left = m.records(snap, items, made)
+    one_by_one = [(a, m.record(snap, a[0], a[1], a[2], f"{a[0]}:{a[2]}")) for a in items]
+    assert made == [r for _, r in one_by_one if r is not None]
+    assert left == [a for a, r in one_by_one if r is None]
