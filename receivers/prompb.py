@@ -140,12 +140,21 @@ def _varint(raw: bytes, pos: int) -> tuple[int, int]:
             raise IndexError("varint longer than 10 bytes")
 
 
-Scanned = list[tuple[bytes, list[tuple[float, int]]]]
+# A scanned series: (label bytes, value, timestamp ms, None) when it has one sample (the usual
+# series: one tuple, no list), else (label bytes, 0.0, 0, [(value, timestamp ms), ...]).
+ScannedSeries = tuple[bytes, float, int, list[tuple[float, int]] | None]
+Scanned = list[ScannedSeries]
 
 
-def scan(raw: bytes, known: Container[bytes] = ()) -> Scanned | None:
-    """Each series of a serialized ``WriteRequest`` as (label bytes, [(value, timestamp ms)]),
-    or None when the request is not in the usual layout (parse it as messages then).
+def samples_of(series: ScannedSeries) -> list[tuple[float, int]]:
+    """A scanned series' samples as [(value, timestamp ms)]."""
+    _, value, t, more = series
+    return [(value, t)] if more is None else more
+
+
+def scan(raw: bytes, known: Container[bytes] = ()) -> tuple[Scanned, int] | None:
+    """Each series of a serialized ``WriteRequest`` (``ScannedSeries``) and how many samples
+    they hold, or None when the request is not in the usual layout (parse it as messages then).
 
     ``known``: label bytes seen before. A series of one sample (value, then timestamp) is
     read from its end: the bytes before that sample are its labels if they are ``known``,
@@ -159,6 +168,7 @@ def scan(raw: bytes, known: Container[bytes] = ()) -> Scanned | None:
     unpack = _DOUBLE.unpack_from
     rfind = raw.rfind
     append = out.append
+    extra = 0  # samples past each series' first (a series without samples: -1)
     pos = 0
     try:
         while pos < end_all:
@@ -192,7 +202,7 @@ def scan(raw: bytes, known: Container[bytes] = ()) -> Scanned | None:
                     if got >= 1 << 63:
                         got -= _INT64
                     times[key] = got
-                append((labels, [(unpack(raw, s + 3)[0], got)]))
+                append((labels, unpack(raw, s + 3)[0], got, None))
                 pos = end
                 continue
             p = pos
@@ -233,8 +243,12 @@ def scan(raw: bytes, known: Container[bytes] = ()) -> Scanned | None:
                         t = got
                 samples.append((value, t))
                 p = e
-            out.append((labels, samples))
+            if len(samples) == 1:
+                append((labels, *samples[0], None))
+            else:
+                append((labels, 0.0, 0, samples))
+                extra += len(samples) - 1
             pos = end
     except IndexError:
         return None
-    return out
+    return out, len(out) + extra

@@ -400,9 +400,9 @@ class RemoteWriteReceiver:
         raw = decompress(body, self._limits.max_decompressed_bytes)
         mappings = self.mappings
         snap = mappings.snapshot() if mappings is not None else None
-        scanned = prompb.scan(raw, self.series.known)
-        if scanned is not None:
-            n = sum(len(samples) for _, samples in scanned)
+        scan = prompb.scan(raw, self.series.known)
+        if scan is not None:
+            scanned, n = scan
             self._check_size(n)
             decoded = self._scanned(scanned, mappings, snap)
         else:
@@ -442,16 +442,19 @@ class RemoteWriteReceiver:
         known, get = self.series.known.get, self.series.get
         none: set[str] = set()
         k = 0  # the ordinal of the next sample
-        for labels, samples in scanned:
+        for labels, v, t_ms, more in scanned:
             s = known(labels) or get(labels)
-            if s.counter and len(samples) == 1:
-                v, t_ms = samples[0]
-                t_ns = t_ms * 1_000_000
-                if 0 < t_ns <= MAX_NS and -_EXACT_INT < v < _EXACT_INT and v.is_integer():
-                    totals.append((k, t_ns, Decimal(int(v)), s.template))
-                    sids.append(s.sid)
-                    k += 1
-                    continue
+            if more is None:
+                if s.counter:
+                    t_ns = t_ms * 1_000_000
+                    if 0 < t_ns <= MAX_NS and -_EXACT_INT < v < _EXACT_INT and v.is_integer():
+                        totals.append((k, t_ns, Decimal(int(v)), s.template))
+                        sids.append(s.sid)
+                        k += 1
+                        continue
+                samples = [(v, t_ms)]
+            else:
+                samples = more
             if s.problem is None and not s.wanted and samples:
                 out.skip(SKIP_UNMAPPED, len(samples))
                 k += len(samples)

@@ -359,9 +359,15 @@ def test_scan_reads_what_the_messages_hold_with_and_without_known_labels(
 ) -> None:
     raw = write_request(series)
     want = _as_messages(raw)
-    assert prompb.scan(raw) == want
-    # known labels: a one-sample series is read from its end
-    assert prompb.scan(raw, {labels for labels, _ in want}) == want
+    n = sum(len(samples) for _, samples in want)
+    for known in (set(), {labels for labels, _ in want}):  # known: read from its end
+        scan = prompb.scan(raw, known)
+        assert scan is not None
+        scanned, samples = scan
+        assert [(s[0], prompb.samples_of(s)) for s in scanned] == want
+        assert samples == n
+        # a series of one sample is one tuple, without a list
+        assert [s[3] is None for s in scanned] == [len(m) == 1 for _, m in want]
 
 
 @pytest.mark.parametrize(

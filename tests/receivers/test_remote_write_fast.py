@@ -86,11 +86,13 @@ def test_the_inline_path_decodes_as_the_general_one(
     rw = _receiver()
     raw = _request(spec)
     for _ in range(2):  # unknown series first, then known ones (read from their end)
-        scanned = prompb.scan(raw, rw.series.known)
-        assert scanned is not None
+        scan = prompb.scan(raw, rw.series.known)
+        assert scan is not None
+        scanned, n = scan
         fast = rw._scanned(scanned, None, None)
-        get = rw.series.get
-        general = observations(((get(lb), s, 0) for lb, s in scanned), set(), set())
+        get, samples = rw.series.get, prompb.samples_of
+        general = observations(((get(s[0]), samples(s), 0) for s in scanned), set(), set())
+        assert n == general.samples
         assert _seen(fast) == _seen(general)
 
 
