@@ -170,9 +170,10 @@ def bodies(draw: st.DrawFn, catalog: Catalog, other: str, now_ns: int) -> dict[s
             )
             if not well_formed(ev):
                 judged = RecordJudgement(Verdict.INVALID, None, "malformed JSON")
-            items.append(
-                Item(dumps(ev, ascii_only), judged, not well_formed(ev), ev["kind"] == "absolute")
-            )
+            # only an absolute counter is a running total; a gauge of either kind is a level,
+            # a sample with an identity (series, time, value) like an incremental counter's
+            total = ev["kind"] == "absolute" and "counter" in ev
+            items.append(Item(dumps(ev, ascii_only), judged, not well_formed(ev), total))
             continue
         rec = draw(records(catalog.customer, catalog.aliases[0], now_ns))
         judged = judge_record(rec, catalog, now_ns)
