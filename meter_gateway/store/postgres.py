@@ -23,6 +23,7 @@ import logging
 import struct
 import threading
 import time
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from decimal import Decimal
@@ -31,6 +32,8 @@ from typing import Any
 
 import psycopg
 from psycopg import errors as pg_errors
+from psycopg import pq
+from psycopg.pq.abc import PGresult
 from psycopg_pool import ConnectionPool
 
 from meter_gateway.model import Batch, CommitResult, UsageRecord
@@ -267,6 +270,27 @@ def _records_copy(records: Sequence[UsageRecord], seqs: Sequence[int], now_ns: i
     )
 
 
+# The reads rating runs per (customer, dimension): thousands a period-gauge refresh. They go
+# as named statements straight through libpq (PostgresStore._read): psycopg's cursor path
+# costs 57-68 us of Python a call, this one 29 (and the backend 26 us instead of 34-41).
+_ROLLUP_FIELDS = "bucket, count, sum, min, max, last_ts, last_seq, last_value, wsum"
+_PAIR_RANGE = "WHERE customer = $1 AND dimension = $2"
+_READS: dict[str, str] = {
+    "rollups": f"SELECT {_ROLLUP_FIELDS} FROM rollups {_PAIR_RANGE} "
+    "AND bucket >= $3 AND bucket < $4 ORDER BY bucket",
+    **{
+        f"rollup_{c}": f"SELECT bucket, {c} FROM rollups {_PAIR_RANGE} "
+        "AND bucket >= $3 AND bucket < $4 ORDER BY bucket"
+        for c in ROLLUP_COLUMNS
+    },
+    "raw": f"SELECT ts, seq, value FROM records {_PAIR_RANGE} AND ts >= $3 AND ts < $4 "
+    "ORDER BY ts, seq",
+    "raw_metadata": f"SELECT ts, seq, value, metadata FROM records {_PAIR_RANGE} "
+    "AND ts >= $3 AND ts < $4 ORDER BY ts, seq",
+}
+_READ_NAMES = {name: f"mg_{name}".encode() for name in _READS}
+
+
 def _array(values: Sequence[int | Decimal]) -> str:
     """Numbers as one array literal (``'{1,2.5}'``), cast by the statement: psycopg dumps a
     list element by element in Python (4,000 decimals: 8.6 ms a round trip as a list, 1.9 as
@@ -285,6 +309,16 @@ def _text_array(values: Sequence[str]) -> str:
 
 class SchemaTooNewError(RuntimeError):
     """The database was migrated by a newer meter-gateway than this one."""
+
+
+def _int(text: bytes | None) -> int:
+    """A ``bigint`` of a text-format result (never NULL where it is read)."""
+    return int(text or b"")
+
+
+def _decimal(text: bytes | None) -> Decimal:
+    """A ``numeric`` of a text-format result (never NULL where it is read)."""
+    return Decimal((text or b"").decode())
 
 
 def _text(s: str | None) -> str | None:
@@ -330,6 +364,10 @@ class PostgresStore(SqlBilling):
         self._last_purge_s = now_ns // NS
         self._purge_lock = threading.Lock()
         self._copy_pause = 0  # commits left that mark dedup keys by upsert (_mark_keys)
+        # the _READS statements prepared on each pooled connection so far
+        self._prepared: weakref.WeakKeyDictionary[psycopg.Connection[Any], set[str]] = (
+            weakref.WeakKeyDictionary()
+        )
 
     def close(self) -> None:
         self._pool.close()
@@ -628,45 +666,94 @@ class PostgresStore(SqlBilling):
 
     # --- reads -------------------------------------------------------------------------------
 
+    def _read(
+        self, name: str, customer: str, dimension: str, lo: int, hi: int
+    ) -> tuple[PGresult, str] | None:
+        """Run the read ``name`` of ``_READS`` for one (customer, dimension) and range, as a
+        statement prepared once per connection: its result (rows as text) and the client
+        encoding. None, without asking, for a key with NUL: no stored key holds one
+        (PostgreSQL text cannot), and libpq would cut a text parameter there."""
+        if "\x00" in customer or "\x00" in dimension:
+            return None
+        with self._conn() as conn:
+            pg, enc = conn.pgconn, conn.info.encoding
+            done = self._prepared.setdefault(conn, set())
+            if name not in done:
+                res = pg.prepare(_READ_NAMES[name], _READS[name].encode())
+                if res.status != pq.ExecStatus.COMMAND_OK:
+                    raise pg_errors.error_from_result(res, enc)
+                done.add(name)
+            res = pg.exec_prepared(
+                _READ_NAMES[name],
+                [customer.encode(enc), dimension.encode(enc), b"%d" % lo, b"%d" % hi],
+            )
+            if res.status != pq.ExecStatus.TUPLES_OK:
+                raise pg_errors.error_from_result(res, enc)
+        return res, enc
+
     def rollups(
         self, customer: str, dimension: str, from_bucket: int, to_bucket: int
     ) -> list[RollupRow]:
-        with self._conn() as conn:
-            rows = conn.execute(
-                "SELECT bucket, count, sum, min, max, last_ts, last_seq, last_value, wsum "
-                "FROM rollups WHERE customer = %s AND dimension = %s AND bucket >= %s "
-                "AND bucket < %s ORDER BY bucket",
-                (customer, dimension, from_bucket, to_bucket),
-            ).fetchall()
-        return [RollupRow(*r) for r in rows]
+        read = self._read("rollups", customer, dimension, from_bucket, to_bucket)
+        if read is None:
+            return []
+        res = read[0]
+        v = res.get_value
+        return [
+            RollupRow(
+                _int(v(i, 0)),
+                _int(v(i, 1)),
+                _decimal(v(i, 2)),
+                _decimal(v(i, 3)),
+                _decimal(v(i, 4)),
+                _int(v(i, 5)),
+                _int(v(i, 6)),
+                _decimal(v(i, 7)),
+                _decimal(v(i, 8)),
+            )
+            for i in range(res.ntuples)
+        ]
 
     def rollup_column(
         self, customer: str, dimension: str, from_bucket: int, to_bucket: int, column: RollupColumn
     ) -> list[tuple[int, Any]]:
         if column not in ROLLUP_COLUMNS:
             raise ValueError(f"not a rollup column: {column!r}")
-        with self._conn() as conn:
-            rows = conn.execute(
-                f"SELECT bucket, {column} FROM rollups WHERE customer = %s AND dimension = %s "
-                "AND bucket >= %s AND bucket < %s ORDER BY bucket",
-                (customer, dimension, from_bucket, to_bucket),
-            ).fetchall()
-        return [(int(b), v) for b, v in rows]
+        read = self._read(f"rollup_{column}", customer, dimension, from_bucket, to_bucket)
+        if read is None:
+            return []
+        res = read[0]
+        v = res.get_value
+        load: Any = _int if column == "count" else _decimal
+        return [(_int(v(i, 0)), load(v(i, 1))) for i in range(res.ntuples)]
 
     def raw(
         self, customer: str, dimension: str, from_ns: int, to_ns: int, unique_key: str | None = None
     ) -> list[RawPoint]:
-        cols = "ts, seq, value, metadata" if unique_key else "ts, seq, value, NULL"
-        with self._conn() as conn:
-            rows = conn.execute(
-                f"SELECT {cols} FROM records WHERE customer = %s AND dimension = %s "
-                "AND ts >= %s AND ts < %s ORDER BY ts, seq",
-                (customer, dimension, from_ns, to_ns),
-            ).fetchall()
-        return [
-            RawPoint(ts, seq, v, unique_of(read_metadata(m), unique_key) if m else None)
-            for ts, seq, v, m in rows
-        ]
+        read = self._read(
+            "raw_metadata" if unique_key else "raw", customer, dimension, from_ns, to_ns
+        )
+        if read is None:
+            return []
+        res, enc = read
+        v = res.get_value
+        if not unique_key:
+            return [
+                RawPoint(_int(v(i, 0)), _int(v(i, 1)), _decimal(v(i, 2)), None)
+                for i in range(res.ntuples)
+            ]
+        out = []
+        for i in range(res.ntuples):
+            m = v(i, 3)
+            out.append(
+                RawPoint(
+                    _int(v(i, 0)),
+                    _int(v(i, 1)),
+                    _decimal(v(i, 2)),
+                    unique_of(read_metadata(m.decode(enc)), unique_key) if m else None,
+                )
+            )
+        return out
 
     def distinct(
         self, customer: str, dimension: str, from_bucket: int, to_bucket: int
