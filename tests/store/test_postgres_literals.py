@@ -53,3 +53,14 @@ def test_awkward_customers_dimensions_and_distinct_values_commit_exactly(url: st
             assert store.distinct(s, s, bucket, bucket + BUCKET_NS) == [(bucket, s)]
     finally:
         store.close()
+
+
+@pytest.mark.parametrize("awkward", AWKWARD)
+def test_one_awkward_string_among_plain_ones_reads_back(url: str, awkward: str) -> None:
+    # plain strings skip the escaping; one that needs it must not slip through with them
+    values = ["cust-1", awkward, "cust-2"]
+    with psycopg.connect(url) as conn:
+        row = conn.execute(
+            "SELECT %s::text[], %s::text[]", (_text_array(values), _text_array(["a", "b"]))
+        ).fetchone()
+    assert row == (values, ["a", "b"])
