@@ -473,6 +473,17 @@ class RemoteWriteReceiver:
                 f"{self._limits.max_batch_records} per request",
             )
 
+    def receive(self, body: bytes) -> Batch:
+        """``batch`` and ``commit`` of one request body, counted (blocking; one worker thread
+        for both: every hop between the event loop and a worker costs both of them CPU)."""
+        batch, decoded = self.batch(body)
+        t = self._telemetry
+        t.received.labels(SOURCE.value).inc(decoded.samples)
+        for reason, n in decoded.skipped.items():
+            t.remote_write_skipped.labels(reason).inc(n)
+        self.commit(batch, decoded)
+        return batch
+
     def commit(self, batch: Batch, decoded: Decoded) -> CommitResult:
         """Convert the request's running totals and commit (blocking; on a worker thread)."""
         if decoded.totals:
@@ -487,19 +498,18 @@ class RemoteWriteReceiver:
                 request.headers.get("content-type"), request.headers.get("content-encoding")
             )
             body = await read_body(request, self._limits.max_body_bytes)
-            batch, decoded = await run_in_threadpool(self.batch, body)
         except DecodeError as exc:
             t.requests.labels(SOURCE.value, str(exc.status)).inc()
             return error_response(exc.status, exc.message)
         except ClientDisconnect:
             t.requests.labels(SOURCE.value, "499").inc()
             return error_response(400, "client disconnected before the body was complete")
-        t.received.labels(SOURCE.value).inc(decoded.samples)
-        for reason, n in decoded.skipped.items():
-            t.remote_write_skipped.labels(reason).inc(n)
         try:
-            await run_in_threadpool(self.commit, batch, decoded)
-        except outcomes.REFUSALS as exc:
+            batch = await run_in_threadpool(self.receive, body)
+        except DecodeError as exc:  # (raised by batch, before anything commits)
+            t.requests.labels(SOURCE.value, str(exc.status)).inc()
+            return error_response(exc.status, exc.message)
+        except outcomes.REFUSALS as exc:  # (raised by commit)
             # Only senders known to retry a 429 get one; Prometheus drops the data on a 429
             # unless retry_on_http_429 is set, but retries every 5xx.
             vector = request.headers.get("user-agent", "").startswith("Vector/")
