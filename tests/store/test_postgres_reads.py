@@ -1,6 +1,7 @@
-"""The PostgreSQL store's hot reads (rollups, a rollup column, raw points) go as statements
-prepared per connection straight through libpq: they must answer exactly what a query through
-psycopg answers, on every pooled connection, and nothing for keys no row can hold."""
+"""The PostgreSQL store's hot reads (rollups, a rollup column, raw points, distinct values) go
+as statements prepared per connection straight through libpq: they must answer exactly what a
+query through psycopg answers, on every pooled connection, and nothing for keys no row can
+hold."""
 
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ def store(url: str) -> Iterator[PostgresStore]:
     s = PostgresStore(url, WINDOW_S, NOW, pool_min=1, pool_max=4)
     records = [
         replace(
-            rec(f"2026-05-01T{10 + i % 2}:{i:02d}:00", v, customer="c é", unique=None),
+            rec(f"2026-05-01T{10 + i % 2}:{i:02d}:00", v, customer="c é", unique=f"u{i % 3} é"),
             metadata={"user": f"u{i % 3}"},
         )
         for i, v in enumerate(VALUES)
@@ -77,6 +78,15 @@ def test_reads_answer_what_psycopg_answers(store: PostgresStore, url: str) -> No
     assert [p.value for p in store.raw("c é", "d1", lo, hi)] == [
         Decimal(VALUES[i]) for i in by_time
     ]
+    hour = ts("2026-05-01T10:00:00")
+    assert sorted(store.distinct("c é", "d1", lo, hi)) == sorted(
+        through_psycopg(url, "SELECT bucket, value FROM rollup_distinct", ())  # type: ignore[arg-type]
+    )
+    assert sorted(store.distinct("c é", "d1", hour, hour + 3600 * 10**9)) == [
+        (hour, "u0 é"),
+        (hour, "u1 é"),
+        (hour, "u2 é"),
+    ]
     # the range is half open, on buckets and on times
     assert len(store.rollups("c é", "d1", lo, ts("2026-05-01T11:00:00"))) == 1
     assert len(store.raw("c é", "d1", lo, points[1][0])) == 1  # type: ignore[arg-type]
@@ -88,6 +98,7 @@ def test_keys_no_row_can_hold_find_nothing(store: PostgresStore) -> None:
         assert store.rollup_column(customer, dimension, 0, 2**62, "sum") == []
         assert store.raw(customer, dimension, 0, 2**62) == []
         assert store.raw(customer, dimension, 0, 2**62, "user") == []
+        assert store.distinct(customer, dimension, 0, 2**62) == []
 
 
 def test_every_pooled_connection_prepares_its_own_and_reads_run_concurrently(
