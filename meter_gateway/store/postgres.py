@@ -292,6 +292,7 @@ _READS: dict[str, str] = {
     "AND ts >= $3 AND ts < $4 ORDER BY ts, seq",
 }
 _READ_NAMES = {name: f"mg_{name}".encode() for name in _READS}
+_NO_SUCH_STATEMENT = b"26000"  # invalid_sql_statement_name
 
 
 def _array(values: Sequence[int | Decimal]) -> str:
@@ -683,18 +684,22 @@ class PostgresStore(SqlBilling):
         with self._conn() as conn:
             pg, enc = conn.pgconn, conn.info.encoding
             done = self._prepared.setdefault(conn, set())
-            if name not in done:
-                res = pg.prepare(_READ_NAMES[name], _READS[name].encode())
-                if res.status != pq.ExecStatus.COMMAND_OK:
-                    raise pg_errors.error_from_result(res, enc)
-                done.add(name)
-            res = pg.exec_prepared(
-                _READ_NAMES[name],
-                [customer.encode(enc), dimension.encode(enc), b"%d" % lo, b"%d" % hi],
-            )
-            if res.status != pq.ExecStatus.TUPLES_OK:
-                raise pg_errors.error_from_result(res, enc)
-        return res, enc
+            args = [customer.encode(enc), dimension.encode(enc), b"%d" % lo, b"%d" % hi]
+            for _ in range(2):
+                if name not in done:
+                    res = pg.prepare(_READ_NAMES[name], _READS[name].encode())
+                    if res.status != pq.ExecStatus.COMMAND_OK:
+                        raise pg_errors.error_from_result(res, enc)
+                    done.add(name)
+                res = pg.exec_prepared(_READ_NAMES[name], args)
+                if res.status == pq.ExecStatus.TUPLES_OK:
+                    return res, enc
+                if res.error_field(pq.DiagnosticField.SQLSTATE) != _NO_SUCH_STATEMENT:
+                    break
+                # psycopg deallocates every prepared statement of a connection after a
+                # ROLLBACK (to a savepoint too) or a DROP/ALTER: prepare again
+                done.clear()
+        raise pg_errors.error_from_result(res, enc)
 
     def rollups(
         self, customer: str, dimension: str, from_bucket: int, to_bucket: int

@@ -134,3 +134,24 @@ def test_a_database_error_in_a_read_is_psycopgs_error(store: PostgresStore, url:
                 PostgresStore.rollups(store, "c é", "d1", 0, 2**62)
         finally:
             conn.execute("ALTER TABLE rollups_gone RENAME TO rollups")
+
+
+def test_reads_prepare_again_after_their_statements_are_deallocated(url: str) -> None:
+    """psycopg deallocates every prepared statement of a connection after a ROLLBACK, a
+    rollback to a savepoint (a dedup copy that met a known key) included."""
+    store = PostgresStore(url, WINDOW_S, NOW, pool_min=1, pool_max=1)
+    try:
+        store.commit([Batch(Source.REST, [rec("2026-05-01T10:00:00", "1", rid="a")])], NOW)
+        want = store.rollups("c1", "d1", 0, 2**62)
+        assert [r.count for r in want] == [1]
+        with store._conn() as conn:
+            conn.execute("DEALLOCATE ALL")
+        assert store.rollups("c1", "d1", 0, 2**62) == want
+        # a known key: the copy rolls back to its savepoint, psycopg then deallocates all
+        [r] = store.commit([Batch(Source.REST, [rec("2026-05-01T10:00:00", "1", rid="a")])], NOW)
+        assert r.duplicates == 1
+        store.commit([Batch(Source.REST, [rec("2026-05-01T10:00:00", "2", rid="b")])], NOW)
+        assert [r.count for r in store.rollups("c1", "d1", 0, 2**62)] == [2]
+        assert [p.value for p in store.raw("c1", "d1", 0, 2**62)] == [1, 2]
+    finally:
+        store.close()
