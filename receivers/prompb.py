@@ -169,6 +169,7 @@ def scan(raw: bytes, known: Container[bytes] = ()) -> tuple[Scanned, int] | None
     rfind = raw.rfind
     append = out.append
     extra = 0  # samples past each series' first (a series without samples: -1)
+    last = 0  # bytes from the last one-sample series' sample to its end
     pos = 0
     try:
         while pos < end_all:
@@ -182,6 +183,22 @@ def scan(raw: bytes, known: Container[bytes] = ()) -> tuple[Scanned, int] | None
             end = pos + length
             if end > end_all:
                 return None
+            # One sample at the end, as long as the last one read (a request's samples share
+            # their times' varint length): a known time's bytes are one whole varint.
+            s = end - last
+            if (
+                last
+                and s > pos
+                and raw[s] == _SAMPLE
+                and raw[s + 1] == last - 2
+                and raw[s + 2] == _VALUE
+                and raw[s + 11] == _TIMESTAMP
+                and (got := times.get(raw[s + 12 : end])) is not None
+                and (labels := raw[pos:s]) in known
+            ):
+                append((labels, unpack(raw, s + 3)[0], got, None))
+                pos = end
+                continue
             # One sample at the end: tag, length, value (9 bytes), timestamp tag, varint (the
             # varint's bytes but its last have the high bit set, so its tag is the last 0x10).
             tag = rfind(b"\x10", end - 11, end - 1)
@@ -203,6 +220,7 @@ def scan(raw: bytes, known: Container[bytes] = ()) -> tuple[Scanned, int] | None
                         got -= _INT64
                     times[key] = got
                 append((labels, unpack(raw, s + 3)[0], got, None))
+                last = end - s
                 pos = end
                 continue
             p = pos

@@ -66,7 +66,8 @@ SOURCE = Source.REMOTE_WRITE
 STATE_PREFIX = "remote_write/"
 STALE_NAN_BITS = 0x7FF0000000000002
 MAX_NS = 2**63 - 1  # the latest time an int64 of nanoseconds holds
-_EXACT_INT = 2**53  # whole doubles below this are plain integers
+_EXACT_INT = float(2**53)  # whole doubles below this are plain integers (a float: compared
+# with doubles, an int costs a conversion every time)
 MAX_LABELS = 128
 MAX_LABEL_BYTES = 4096
 MAX_ERRORS = 100  # refused samples listed in a 400 answer (all are in /v1/rejected)
@@ -442,12 +443,16 @@ class RemoteWriteReceiver:
         known, get = self.series.known.get, self.series.get
         none: set[str] = set()
         k = 0  # the ordinal of the next sample
+        valid: dict[int, int] = {}  # a request's few times: ms → ns (0: out of range)
         for labels, v, t_ms, more in scanned:
             s = known(labels) or get(labels)
             if more is None:
                 if s.counter:
-                    t_ns = t_ms * 1_000_000
-                    if 0 < t_ns <= MAX_NS and -_EXACT_INT < v < _EXACT_INT and v.is_integer():
+                    t_ns = valid.get(t_ms)
+                    if t_ns is None:
+                        t_ns = t_ms * 1_000_000
+                        t_ns = valid[t_ms] = t_ns if 0 < t_ns <= MAX_NS else 0
+                    if t_ns and -_EXACT_INT < v < _EXACT_INT and v.is_integer():
                         totals.append((k, t_ns, Decimal(int(v)), s.template))
                         sids.append(s.sid)
                         k += 1

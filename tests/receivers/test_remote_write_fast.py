@@ -149,3 +149,33 @@ def test_records_in_one_pass_are_record_by_record(given: list[tuple[str, Decimal
     one_by_one = [(a, m.record(snap, a[0], a[1], a[2], f"{a[0]}:{a[2]}")) for a in items]
     assert made == [r for _, r in one_by_one if r is not None]
     assert left == [a for a, r in one_by_one if r is None]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(series, max_size=8))
+def test_scan_reads_what_the_messages_hold(
+    spec: list[tuple[str, list[tuple[str, str]], list[tuple[float, int]]]],
+) -> None:
+    """Unknown labels first (walked), then known (a one-sample series read from its end, with
+    the last sample's length or by its timestamp tag), as protobuf parses the request."""
+    raw = _request(spec)
+    req = prompb.WriteRequest.FromString(raw)
+    want = [
+        (
+            b"".join(prompb.TimeSeries(labels=[lb]).SerializeToString() for lb in ts.labels),
+            [(s.value, s.timestamp) for s in ts.samples],
+        )
+        for ts in req.timeseries
+    ]
+    known: set[bytes] = set()
+    for _ in range(2):
+        scan = prompb.scan(raw, known)
+        assert scan is not None
+        scanned, n = scan
+        got = [(s[0], prompb.samples_of(s)) for s in scanned]
+        # (NaN != NaN: compare the values' bits)
+        assert [(lb, [(struct.pack("<d", v), t) for v, t in m]) for lb, m in got] == [
+            (lb, [(struct.pack("<d", v), t) for v, t in m]) for lb, m in want
+        ]
+        assert n == sum(len(m) for _, m in want)
+        known = {lb for lb, _ in want}
