@@ -998,18 +998,20 @@ class SeriesMappings:
         tails: dict[int, str | None] = {}  # time → ":time" (None: outside lo..hi)
         left: list[_Amount] = []
         for a in amounts:
-            sid, value, t = a[0], a[1], a[2]
+            sid, v, t = a[0], a[1], a[2]
             m = known(sid)
+            if m is None:
+                left.append(a)
+                continue
+            cat, customer, dimension, scale, metadata, unique = m
             tail = tails.get(t, "")
             if tail == "":
                 tail = tails[t] = f":{t}" if lo <= t <= hi else None
-            if m is None or m.catalog is not catalog or tail is None:
+            if cat is not catalog or tail is None:
                 left.append(a)
                 continue
-            if m.scale is None:
-                v = value  # a parse_value'd total or a step between two: <= 18 places
-            else:
-                v = EXACT.multiply(value, m.scale)
+            if scale is not None:  # (without: a parse_value'd total or a step between two)
+                v = EXACT.multiply(v, scale)
                 if v.as_tuple().exponent < -MAX_PLACES:  # type: ignore[operator]
                     left.append(a)
                     continue
@@ -1019,9 +1021,7 @@ class SeriesMappings:
             h = base.copy()
             h.update((sid + tail).encode())
             append(
-                UsageRecord(
-                    t, m.customer, m.dimension, v, None, m.metadata, source, h.digest(), m.unique
-                )
+                UsageRecord(t, customer, dimension, v, None, metadata, source, h.digest(), unique)
             )
         return left
 
