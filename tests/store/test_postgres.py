@@ -13,7 +13,13 @@ import pytest
 
 from meter_gateway.decimals import EXACT
 from meter_gateway.model import Batch, Source
-from meter_gateway.store.postgres import MIGRATIONS, PostgresStore, SchemaTooNewError, migrate
+from meter_gateway.store.postgres import (
+    MIGRATIONS,
+    SEQ_BLOCK,
+    PostgresStore,
+    SchemaTooNewError,
+    migrate,
+)
 from tests import pgdb
 from tests.helpers import rec, ts
 
@@ -194,3 +200,54 @@ def test_catalog_changes_through_any_replica_move_the_one_catalog_version(url: s
     assert {s.catalog_version() for s in stores} == {v + 1 + 60 + 15}
     for s in stores:
         s.close()
+
+
+def test_seqs_come_in_blocks_after_migration_6_and_stay_unique_beside_an_older_replica(
+    url: str,
+) -> None:
+    # a database at version 5, with records whose seqs came one nextval a record
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(
+            "CREATE TABLE meter_gateway_schema "
+            "(version int PRIMARY KEY, applied_ns bigint NOT NULL)"
+        )
+        for i, script in enumerate(MIGRATIONS[:5], start=1):
+            conn.execute(script)
+            conn.execute("INSERT INTO meter_gateway_schema VALUES (%s, 0)", (i,))
+        old = [
+            r[0] for r in conn.execute("SELECT nextval('records_seq') FROM generate_series(1, 3)")
+        ]
+    assert old == [1, 2, 3]
+    store = PostgresStore(url, WINDOW_S, NOW)
+    try:
+        assert migrate(url) == 6
+        with psycopg.connect(url) as conn:
+            row = conn.execute(
+                "SELECT increment_by FROM pg_sequences WHERE sequencename = 'records_seq'"
+            ).fetchone()
+        assert row == (SEQ_BLOCK,)
+        seen: list[int] = []
+        for n in (1, SEQ_BLOCK - 1, SEQ_BLOCK + 1, 3):
+            batch = Batch(
+                Source.REST,
+                [rec(f"2026-05-01T10:{i % 60:02d}:00", "1", rid=f"{n}-{i}") for i in range(n)],
+            )
+            assert store.commit([batch], NOW)[0].accepted == n
+            # an older replica between commits: one nextval a record
+            with psycopg.connect(url) as conn:
+                seen.extend(
+                    r[0]
+                    for r in conn.execute(
+                        "SELECT nextval('records_seq') FROM generate_series(1, 2)"
+                    )
+                )
+        stored = [r.seq for r in store.records(None, None, 0, 2**62, None, 10_000)]
+        assert len(stored) == 1 + (SEQ_BLOCK - 1) + (SEQ_BLOCK + 1) + 3
+        assert len(set(stored) | set(seen) | set(old)) == len(stored) + len(seen) + len(old)
+        assert min(stored) > max(old)
+        # within a commit, seqs rise in ingest order
+        by_id = {r.record_id: r.seq for r in store.records(None, None, 0, 2**62, None, 10_000)}
+        n = SEQ_BLOCK + 1
+        assert [by_id[f"{n}-{i}"] for i in range(n)] == sorted(by_id[f"{n}-{i}"] for i in range(n))
+    finally:
+        store.close()
