@@ -42,7 +42,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from decimal import Decimal
+from decimal import Decimal, localcontext
 from functools import partial
 from operator import itemgetter
 from typing import Any, NamedTuple, Protocol
@@ -1136,36 +1136,39 @@ class Totals:
         new_state = _NEW_STATE
         get_state = states.get
         steps: list[_Amount] = []  # what moved
-        for (index, t, value, obs), sid in zip(totals, sids, strict=True):
-            if not oldest <= t <= newest:
-                assert window is not None
-                refused = window.refusal(t, oldest, newest)
-                if refused is not None:
-                    why, reason = refused[1], refused[0]
-                    errors.append(RecordError(index, "timestamp", why, reason, _raw(obs, value, t)))
-                    continue
-            state = (changed.get(sid) or get_state(sid)) if repeats else get_state(sid)
-            if state is not None and t > state[1] and value > state[2] and not state[0]:
-                # convert()'s plain step, inline: the common case
+        with localcontext(_STEPS):  # (the plain step below: its "-" is _STEPS.subtract)
+            for (index, t, value, obs), sid in zip(totals, sids, strict=True):
+                if not oldest <= t <= newest:
+                    assert window is not None
+                    refused = window.refusal(t, oldest, newest)
+                    if refused is not None:
+                        why, reason = refused[1], refused[0]
+                        errors.append(
+                            RecordError(index, "timestamp", why, reason, _raw(obs, value, t))
+                        )
+                        continue
+                state = (changed.get(sid) or get_state(sid)) if repeats else get_state(sid)
+                if state is not None and t > state[1] and value > state[2] and not state[0]:
+                    # convert()'s plain step, inline: the common case
+                    try:
+                        delta = value - state[2]
+                    except decimal.Inexact:
+                        pass
+                    else:
+                        changed[sid] = new_state((0, t, value, None))
+                        steps.append((sid, delta, t, index, obs))
+                        continue
                 try:
-                    delta = _STEPS.subtract(value, state[2])
-                except decimal.Inexact:
-                    pass
-                else:
-                    changed[sid] = new_state((0, t, value, None))
-                    steps.append((sid, delta, t, index, obs))
+                    step = convert(state, 0, t, value, None, True)
+                except InexactStep as exc:
+                    why = str(exc)
+                    raw = _raw(obs, value, t)
+                    errors.append(RecordError(index, "value", why, Reason.INVALID_VALUE, raw))
                     continue
-            try:
-                step = convert(state, 0, t, value, None, True)
-            except InexactStep as exc:
-                why = str(exc)
-                raw = _raw(obs, value, t)
-                errors.append(RecordError(index, "value", why, Reason.INVALID_VALUE, raw))
-                continue
-            if step.state is not None:
-                changed[sid] = step.state
-            if step.kind == "delta":
-                steps.append((sid, step.delta, t, index, obs))
+                if step.state is not None:
+                    changed[sid] = step.state
+                if step.kind == "delta":
+                    steps.append((sid, step.delta, t, index, obs))
         amounts: list[Observation] = []
         amount_sids: list[str] = []
         ordinals: list[int] = []
