@@ -13,13 +13,20 @@ of each series is its baseline).
     python -m bench.remote_write                 # 8 threads × 25 requests × 2000 samples
     python -m bench.remote_write --quick
     python -m bench.remote_write --py-spy /tmp/rw.txt   # py-spy record the gateway (raw stacks)
+    python -m bench.remote_write --py-spy /tmp/rw.txt --py-spy-args=--gil  # the GIL's holder
     python -m bench.remote_write --in-process    # the receiver alone: decode, convert
+
+Besides the rates it prints the gateway's CPU as user and system time and by thread (names from
+``py-spy dump``: the AnyIO workers decode and convert, ``meter-gateway-writer`` prepares the
+store's commits, ``meter-gateway-applier`` runs their transactions, MainThread is HTTP).
 
 ``--in-process`` times the receiver's own CPU per sample in this process, no HTTP and no store
 commit (a committer that only answers; the server's GC thresholds): ``batch`` (snappy,
 decode, observations) and ``commit`` (hold, convert against the state, group rows) of every
 request after each thread's first two (baselines, new series), reported as the median
-request's and the mean. For measuring the receiver's steps; the full run is the figure.
+request's and the mean; and each thread's first two requests (new series: baselines; then
+amounts the validator judges once per series) and the mean of every request. For measuring the
+receiver's steps; the full run is the figure.
 """
 
 from __future__ import annotations
