@@ -23,7 +23,6 @@ import logging
 import struct
 import threading
 import time
-import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from decimal import Decimal
@@ -378,10 +377,6 @@ class PostgresStore(SqlBilling):
         self._last_purge_s = now_ns // NS
         self._purge_lock = threading.Lock()
         self._copy_pause = 0  # commits left that mark dedup keys by upsert (_mark_keys)
-        # the _READS statements prepared on each pooled connection so far
-        self._prepared: weakref.WeakKeyDictionary[psycopg.Connection[Any], set[str]] = (
-            weakref.WeakKeyDictionary()
-        )
 
     def close(self) -> None:
         self._pool.close()
@@ -686,31 +681,30 @@ class PostgresStore(SqlBilling):
     def _read(
         self, name: str, customer: str, dimension: str, lo: int, hi: int
     ) -> tuple[PGresult, str] | None:
-        """Run the read ``name`` of ``_READS`` for one (customer, dimension) and range, as a
-        statement prepared once per connection: its result (rows as text) and the client
-        encoding. None, without asking, for a key with NUL: no stored key holds one
-        (PostgreSQL text cannot), and libpq would cut a text parameter there."""
+        """Run the read ``name`` of ``_READS`` for one (customer, dimension) and range as a
+        named prepared statement: its result (rows as text) and the client encoding. The
+        statement is prepared the first time a connection does not know it, which is also
+        after psycopg deallocated everything a connection had prepared (it does after a
+        ROLLBACK, to a savepoint too, or a DROP/ALTER). None, without asking, for a key with
+        NUL: no stored key holds one (PostgreSQL text cannot), and libpq would cut a text
+        parameter there."""
         if "\x00" in customer or "\x00" in dimension:
             return None
         with self._conn() as conn:
             pg, enc = conn.pgconn, conn.info.encoding
-            done = self._prepared.setdefault(conn, set())
             args = [customer.encode(enc), dimension.encode(enc), b"%d" % lo, b"%d" % hi]
-            for _ in range(2):
-                if name not in done:
-                    res = pg.prepare(_READ_NAMES[name], _READS[name].encode())
-                    if res.status != pq.ExecStatus.COMMAND_OK:
-                        raise pg_errors.error_from_result(res, enc)
-                    done.add(name)
+            res = pg.exec_prepared(_READ_NAMES[name], args)
+            if (
+                res.status != pq.ExecStatus.TUPLES_OK
+                and res.error_field(pq.DiagnosticField.SQLSTATE) == _NO_SUCH_STATEMENT
+            ):
+                prepared = pg.prepare(_READ_NAMES[name], _READS[name].encode())
+                if prepared.status != pq.ExecStatus.COMMAND_OK:
+                    raise pg_errors.error_from_result(prepared, enc)
                 res = pg.exec_prepared(_READ_NAMES[name], args)
-                if res.status == pq.ExecStatus.TUPLES_OK:
-                    return res, enc
-                if res.error_field(pq.DiagnosticField.SQLSTATE) != _NO_SUCH_STATEMENT:
-                    break
-                # psycopg deallocates every prepared statement of a connection after a
-                # ROLLBACK (to a savepoint too) or a DROP/ALTER: prepare again
-                done.clear()
-        raise pg_errors.error_from_result(res, enc)
+            if res.status != pq.ExecStatus.TUPLES_OK:
+                raise pg_errors.error_from_result(res, enc)
+        return res, enc
 
     def rollups(
         self, customer: str, dimension: str, from_bucket: int, to_bucket: int
