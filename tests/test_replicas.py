@@ -95,53 +95,58 @@ def test_three_replicas_count_every_id_once_while_one_is_killed(url: str, tmp_pa
     for i in range(3):
         (tmp_path / f"r{i}").mkdir()
         replicas.append(GatewayProcess(tmp_path / f"r{i}", config))
-    for r in replicas:
-        r.start()
-    urls = [r.url for r in replicas]
-    batches = _batches(n_batches=40, per_batch=100)  # 4,000 distinct ids
-    sent = threading.Event()
-    progress = {"n": 0}
-    lock = threading.Lock()
+    try:
+        for r in replicas:
+            r.start()
+        urls = [r.url for r in replicas]
+        batches = _batches(n_batches=40, per_batch=100)  # 4,000 distinct ids
+        sent = threading.Event()
+        progress = {"n": 0}
+        lock = threading.Lock()
 
-    def client(k: int) -> None:
-        rng = random.Random(k)
-        # every client sends every batch once, in its own order, and a third of them twice
-        order = list(range(len(batches)))
-        rng.shuffle(order)
-        order += rng.sample(order, len(order) // 3)
-        for b in order:
-            _send_until_accepted(urls, batches[b], rng)
-            with lock:
-                progress["n"] += 1
-                if progress["n"] >= 40:
-                    sent.set()
+        def client(k: int) -> None:
+            rng = random.Random(k)
+            # every client sends every batch once, in its own order, and a third of them twice
+            order = list(range(len(batches)))
+            rng.shuffle(order)
+            order += rng.sample(order, len(order) // 3)
+            for b in order:
+                _send_until_accepted(urls, batches[b], rng)
+                with lock:
+                    progress["n"] += 1
+                    if progress["n"] >= 40:
+                        sent.set()
 
-    clients = [threading.Thread(target=client, args=(k,)) for k in range(4)]
-    for t in clients:
-        t.start()
-    assert sent.wait(120)
-    replicas[1].kill()  # SIGKILL mid-way: no drain
-    for t in clients:
-        t.join()
+        clients = [threading.Thread(target=client, args=(k,), daemon=True) for k in range(4)]
+        for t in clients:
+            t.start()
+        assert sent.wait(120)
+        replicas[1].kill()  # SIGKILL mid-way: no drain
+        for t in clients:
+            t.join()
 
-    live = [replicas[0], replicas[2]]
-    n_ids = sum(len(b) for b in batches)
-    for r in live:
-        with r.client() as c:
-            assert total(c, "acme") + total(c, "dumm-ai") == Decimal("0.1") * n_ids
-    with psycopg.connect(url) as conn:
-        row = conn.execute(
-            "SELECT count(*), count(DISTINCT record_id), sum(value) FROM records"
-        ).fetchone()
-    assert row == (n_ids, n_ids, Decimal("0.1") * n_ids)
-    # per-customer period gauges come to the same values on every replica (so dashboards use
-    # max by); a replica refreshes them at once after its own commits, after others' within
-    # billing.period_gauges_interval (15 s)
-    want = {(c, "data-processed"): Decimal("0.1") * n_ids / 2 for c in ("acme", "dumm-ai")}
-    for r in live:
-        eventually(lambda r=r: _period_usage(r) == want, f"{r.url}'s period gauges at {want}")
-    for r in live:
-        assert r.stop() == 0
+        live = [replicas[0], replicas[2]]
+        n_ids = sum(len(b) for b in batches)
+        for r in live:
+            with r.client() as c:
+                assert total(c, "acme") + total(c, "dumm-ai") == Decimal("0.1") * n_ids
+        with psycopg.connect(url) as conn:
+            row = conn.execute(
+                "SELECT count(*), count(DISTINCT record_id), sum(value) FROM records"
+            ).fetchone()
+        assert row == (n_ids, n_ids, Decimal("0.1") * n_ids)
+        # per-customer period gauges come to the same values on every replica (so dashboards use
+        # max by); a replica refreshes them at once after its own commits, after others' within
+        # billing.period_gauges_interval (15 s)
+        want = {(c, "data-processed"): Decimal("0.1") * n_ids / 2 for c in ("acme", "dumm-ai")}
+        for r in live:
+            eventually(lambda r=r: _period_usage(r) == want, f"{r.url}'s period gauges at {want}")
+        for r in live:
+            assert r.stop() == 0
+    finally:  # a failed assertion must not leave replicas running (and writing)
+        for r in replicas:
+            if r.proc is not None and r.proc.poll() is None:
+                r.kill()
 
 
 def _period_usage(gw: GatewayProcess) -> dict[tuple[str, str], Decimal]:
