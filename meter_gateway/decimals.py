@@ -61,7 +61,7 @@ def parse_value(raw: object) -> Decimal:
         if not _NUMBER.fullmatch(raw):
             raise DecimalError(f"{_show(raw)} is not a decimal number: expected {EXPECTED}")
         return _checked(_exact(raw), raw)
-    if type(raw) is float:
+    if isinstance(raw, float):
         # repr is the shortest text that reads back as this double: for a JSON number (see
         # pipeline.decode) it is what the sender wrote; for an OTLP double, its exact reading.
         # Plain and not ending in ".0", it is within bounds and has no trailing zero to drop.
@@ -81,12 +81,6 @@ def parse_value(raw: object) -> Decimal:
         raise DecimalError(f"{_show(raw)} is out of range: expected |value| < 1e21")
     if isinstance(raw, Decimal):
         return _checked(raw, raw)
-    if isinstance(raw, float):
-        if raw != raw or raw in (_INF, _NEG_INF):
-            raise DecimalError(f"{raw!r} is not finite: expected {EXPECTED}")
-        # repr is the shortest text that reads back as this double: for a JSON number (see
-        # pipeline.decode) it is what the sender wrote; for an OTLP double, its exact reading.
-        return _checked(Decimal(repr(raw)), raw)
     if isinstance(raw, str):
         raise DecimalError(f"{_show(raw)} is not a decimal number: expected {EXPECTED}")
     raise DecimalError(f"got {_show(raw)}: expected {EXPECTED}")
