@@ -61,6 +61,7 @@ from meter_gateway.model import (
     RecordError,
     Source,
     UsageRecord,
+    dedup_prefix,
 )
 from meter_gateway.pipeline.decode import clip_json
 from meter_gateway.pipeline.mapping import Mapped, Mapper
@@ -947,7 +948,7 @@ class SeriesMappings:
         self._future_ns = int(limits.future_tolerance.total_seconds()) * 1_000_000_000
         self._known: dict[str, SeriesMapping] = {}
         # the validator's dedup digest, model.dedup_key(source, key), hashed on from a copy
-        self._key_hash = hashlib.blake2b(source.value.encode() + b"\x00", digest_size=16)
+        self._key_hash = dedup_prefix(source.value)
 
     def snapshot(self) -> tuple[object, int, int]:
         """The catalog snapshot and the times ``record`` takes, for one request."""
