@@ -327,7 +327,7 @@ def observations(
             nk = f"{sid}:{t_ns}"
             if record is not None:
                 assert snap is not None
-                rec = record(snap, sid, value, t_ns, nk)
+                rec = record(snap, sid, value, t_ns)  # its natural key is nk
                 if rec is not None:
                     out.records.append(rec)
                     continue

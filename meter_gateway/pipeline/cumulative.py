@@ -45,7 +45,7 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from decimal import Decimal, localcontext
 from functools import partial
 from operator import itemgetter
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 import orjson
 
@@ -904,6 +904,8 @@ def series_id(obs: Observation) -> str:
 
 # An amount a running total moved: (series id, amount, time, ordinal in its request, series).
 _Amount = tuple[str, Decimal, int, int, Observation]
+# what SeriesMappings.records reads of an amount: (series id, amount, time, ...)
+_A = TypeVar("_A", bound=tuple[Any, ...])
 
 
 class SeriesMapping(NamedTuple):
@@ -956,48 +958,31 @@ class SeriesMappings:
         return self._catalog(), now - self._late_ns, now + self._future_ns
 
     def record(
-        self,
-        snap: tuple[object, int, int],
-        sid: str,
-        value: Decimal,
-        t: int,
-        natural_key: str,
+        self, snap: tuple[object, int, int], sid: str, value: Decimal, t: int
     ) -> UsageRecord | None:
-        """The record of an amount of a known series, or None: leave it to the validator."""
-        m = self._known.get(sid)
-        catalog, lo, hi = snap
-        if m is None or m.catalog is not catalog or not lo <= t <= hi:
-            return None
-        if m.scale is None:
-            v = value  # a parse_value'd total or a step between two: <= 18 places
-        else:
-            v = EXACT.multiply(value, m.scale)
-            if v.as_tuple().exponent < -MAX_PLACES:  # type: ignore[operator]
-                return None
-        if not ZERO <= v < MAX_ABS:
-            return None
-        h = self._key_hash.copy()
-        h.update(natural_key.encode())
-        return UsageRecord(
-            t, m.customer, m.dimension, v, None, m.metadata, self._source, h.digest(), m.unique
-        )
+        """The record of one amount of a known series (natural key "series id:time"), or None:
+        leave it to the validator. ``records`` of one."""
+        made: list[UsageRecord] = []
+        self.records(snap, [(sid, value, t)], made)
+        return made[0] if made else None
 
     def records(
         self,
         snap: tuple[object, int, int],
-        amounts: Sequence[_Amount],
+        amounts: Sequence[_A],
         into: list[UsageRecord],
-    ) -> list[_Amount]:
-        """``record`` of each (series id, amount, time, ...) of ``amounts`` (natural key
-        "series id:time"), appended to ``into`` in order; returns the amounts left to the
-        validator. One pass: a request's amounts are many, and share few times."""
+    ) -> list[_A]:
+        """The record of each (series id, amount, time, ...) of ``amounts`` that is of a known
+        series (natural key "series id:time"), appended to ``into`` in order; returns the
+        amounts left to the validator. One pass: a request's amounts are many, and share few
+        times."""
         catalog, lo, hi = snap
         known = self._known.get
         base = self._key_hash
         source = self._source
         append = into.append
         tails: dict[int, str | None] = {}  # time → ":time" (None: outside lo..hi)
-        left: list[_Amount] = []
+        left: list[_A] = []
         for a in amounts:
             sid, v, t = a[0], a[1], a[2]
             m = known(sid)

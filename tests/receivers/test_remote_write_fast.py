@@ -146,7 +146,7 @@ def test_records_in_one_pass_are_record_by_record(given: list[tuple[str, Decimal
     items: list[Any] = [(sid, v, t, i, None) for i, (sid, v, t) in enumerate(given)]
     made: list[Any] = []
     left = m.records(snap, items, made)
-    one_by_one = [(a, m.record(snap, a[0], a[1], a[2], f"{a[0]}:{a[2]}")) for a in items]
+    one_by_one = [(a, m.record(snap, a[0], a[1], a[2])) for a in items]
     assert made == [r for _, r in one_by_one if r is not None]
     assert left == [a for a, r in one_by_one if r is None]
 
