@@ -245,37 +245,25 @@ def parse_items(body: bytes, content_type: str | None, max_items: int) -> Parsed
                 single.single = True
                 return single
             raise DecodeError(400, f"expected a JSON object, array or NDJSON, got {_kind(doc)}")
-    # Fastest path, what senders write: each line one object with nothing around it, so every
-    # newline sits between "}" and "{". Then the body with commas for newlines is the array of
-    # its lines (stripping or dropping none), parsed once; else the lines are looked at below.
+    # What senders write: each line one object with nothing around it, so every newline sits
+    # between "}" and "{"; the body with commas for newlines is then the array of its lines.
+    # Else the lines are stripped, blank ones dropped, and joined if each is "{...}". One parse
+    # of that array; any failure (a bad line, a line that is not one object) falls back to
+    # line by line, which says where.
     newlines = text.count(b"\n")
-    if (
-        newlines < max_items
-        and text[:1] == b"{"
-        and text[-1:] == b"}"
-        and text.count(b"}\n{") == newlines
-    ):
-        try:
-            docs = loads(b"[" + text.replace(b"\n", b",") + b"]")
-        except ValueError:
-            docs = None
-        ok = type(docs) is list and len(docs) == newlines + 1
-        if ok and all(type(d) is dict for d in docs):
-            return Parsed(docs)
+    tight = text[:1] == b"{" and text[-1:] == b"}" and text.count(b"}\n{") == newlines
+    if tight and newlines < max_items:
+        found = _objects(b"[" + text.replace(b"\n", b",") + b"]", newlines + 1)
+        if found is not None:
+            return found
     lines = [ln for ln in text.split(b"\n") if ln.strip()]
     if len(lines) > max_items:
         raise DecodeError(413, f"batch has {len(lines)} records; the limit is {max_items}")
-    # Fast path: every line an object → one parse of the lines as an array. Any failure (a bad
-    # line, or a line that is not one object) falls back to line by line, which says where.
-    docs = None
     lines = [ln.strip() for ln in lines]
-    if all(ln[:1] == b"{" and ln[-1:] == b"}" for ln in lines):
-        try:
-            docs = loads(b"[" + b",".join(lines) + b"]")
-        except ValueError:
-            docs = None
-    if isinstance(docs, list) and len(docs) == len(lines) and all(type(d) is dict for d in docs):
-        return Parsed(docs)
+    if not tight and all(ln[:1] == b"{" and ln[-1:] == b"}" for ln in lines):  # (tight: parsed)
+        found = _objects(b"[" + b",".join(lines) + b"]", len(lines))
+        if found is not None:
+            return found
     items = Parsed()
     for i, line in enumerate(lines):
         try:
@@ -293,6 +281,17 @@ def parse_items(body: bytes, content_type: str | None, max_items: int) -> Parsed
             else ItemError(i, f"expected a JSON object, got {_kind(doc)}", _clip(doc))
         )
     return items
+
+
+def _objects(array: bytes, n: int) -> Parsed | None:
+    """The items of a JSON array of ``n`` lines if it parses to ``n`` objects, else None."""
+    try:
+        docs = loads(array)
+    except ValueError:
+        return None
+    if type(docs) is list and len(docs) == n and all(type(d) is dict for d in docs):
+        return Parsed(docs)
+    return None
 
 
 # A string token, or one structural character outside strings.
