@@ -11,7 +11,8 @@ from dataclasses import replace
 import psycopg
 import pytest
 
-from meter_gateway.model import Batch, Source, dedup_key
+from meter_gateway.model import Batch, Source, UsageRecord, dedup_key
+from meter_gateway.store.base import StoredRecord
 from meter_gateway.store.postgres import DEDUP_COPY_PAUSE, PostgresStore
 from tests import pgdb
 from tests.helpers import rec, ts
@@ -91,42 +92,42 @@ def test_a_copy_waits_for_a_replica_marking_the_same_key_and_follows_its_outcome
         store.close()
 
 
-def test_awkward_record_ids_and_metadata_are_stored_as_sent(url: str) -> None:
+def _commit_and_list(url: str, records: list[UsageRecord]) -> tuple[int, list[StoredRecord]]:
+    """Commit ``records`` as one REST batch on a fresh store: accepted, and what it lists."""
     store = PostgresStore(url, WINDOW_S, NOW)
     try:
-        records = [
-            replace(
-                rec(f"2026-05-01T10:{i:02d}:00", "1", rid=s),
-                metadata={"k": s, s: i} if i % 2 else None,
-            )
-            for i, s in enumerate(AWKWARD)
-        ]
-        records.append(rec("2026-05-01T11:00:00", "2"))  # no id, no metadata: NULLs
         [r] = store.commit([Batch(Source.REST, records)], NOW)
-        assert r.accepted == len(records)
-        stored = store.records(None, None, 0, 2**62, None, 100)
-        assert [(s.record_id, s.metadata) for s in stored] == [
-            (x.record_id, x.metadata) for x in records
-        ]
+        return r.accepted, store.records(None, None, 0, 2**62, None, 100)
     finally:
         store.close()
+
+
+def test_awkward_record_ids_and_metadata_are_stored_as_sent(url: str) -> None:
+    records = [
+        replace(
+            rec(f"2026-05-01T10:{i:02d}:00", "1", rid=s),
+            metadata={"k": s, s: i} if i % 2 else None,
+        )
+        for i, s in enumerate(AWKWARD)
+    ]
+    records.append(rec("2026-05-01T11:00:00", "2"))  # no id, no metadata: NULLs
+    accepted, stored = _commit_and_list(url, records)
+    assert accepted == len(records)
+    assert [(s.record_id, s.metadata) for s in stored] == [
+        (x.record_id, x.metadata) for x in records
+    ]
 
 
 def test_plain_record_ids_and_metadata_take_the_unescaped_path_exactly(url: str) -> None:
-    store = PostgresStore(url, WINDOW_S, NOW)
-    try:
-        records = [
-            replace(
-                rec(f"2026-05-01T10:{i:02d}:00", f"{i}.5", rid=f"id-{i}"),
-                metadata={"user_id": f"u-{i}", "region": "eu"} if i % 3 else None,
-            )
-            for i in range(50)
-        ]
-        [r] = store.commit([Batch(Source.REST, records)], NOW)
-        assert r.accepted == 50
-        stored = store.records(None, None, 0, 2**62, None, 100)
-        assert [(s.record_id, s.metadata, s.value, s.timestamp_ns) for s in stored] == [
-            (x.record_id, x.metadata, x.value, x.timestamp_ns) for x in records
-        ]
-    finally:
-        store.close()
+    records = [
+        replace(
+            rec(f"2026-05-01T10:{i:02d}:00", f"{i}.5", rid=f"id-{i}"),
+            metadata={"user_id": f"u-{i}", "region": "eu"} if i % 3 else None,
+        )
+        for i in range(50)
+    ]
+    accepted, stored = _commit_and_list(url, records)
+    assert accepted == 50
+    assert [(s.record_id, s.metadata, s.value, s.timestamp_ns) for s in stored] == [
+        (x.record_id, x.metadata, x.value, x.timestamp_ns) for x in records
+    ]
