@@ -451,8 +451,8 @@ class GroupView:
                 moved = changed  # every series of this view is in it
             else:
                 moved = {sid: changed[sid] for sid in sids if sid in changed}
-            if legacy:
-                moved = {**moved, **{sid: e for sid, (g, e, _) in legacy.items() if g == gid}}
+            if legacy:  # into the group as they are, unless this commit moves them on
+                moved = {**{sid: e for sid, (g, e, _) in legacy.items() if g == gid}, **moved}
             if not moved:
                 continue
             old = self._groups[gid]

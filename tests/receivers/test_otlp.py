@@ -308,6 +308,9 @@ def test_state_kept_one_row_per_series_before_groups_is_continued(tmp_path: Path
         export(g, 12, 2)
         assert committed(g)["totals"] == {"acme/data-processed": "12"}
         assert list(g.store.state_scan("otlp/")) == [key]
+        # the metric's row holds the state the move committed (12), not the old row's (10)
+        export(g, 15, 3)
+        assert committed(g)["totals"] == {"acme/data-processed": "15"}
 
 
 def test_series_silent_past_the_late_arrival_limit_are_forgotten(gw: Gateway) -> None:
