@@ -57,16 +57,17 @@ from meter_gateway.model import (
 from meter_gateway.pipeline.cumulative import (
     STATE_CONFLICT_RETRIES,
     Committer,
-    Entry,
+    GroupEntry,
     InexactStep,
+    Level,
     ObservationSink,
     SeriesMapping,
     StateReader,
     StreamGroups,
     StreamsBusy,
     convert,
-    entry,
-    entry_state,
+    group_entry_state,
+    line,
 )
 from meter_gateway.pipeline.mapping import Mapped, Unmapped
 from meter_gateway.pipeline.validate import time_window_error
@@ -282,11 +283,11 @@ class _About(NamedTuple):
 
 
 # A cumulative point waiting for its series' state: (ordinal, series id, group (its state's
-# row: the metric's, ``StreamGroups``), start, time, value, sum (histograms), whether a
-# histogram, index of its ``_About`` in ``_Export.about``). Atoms only, on purpose: the garbage
-# collector stops tracking such a tuple at its first pass, while one holding the attributes
-# would be scanned, and promoted, until the request has committed.
-_Cumulative = tuple[int, str, str, int, int, Decimal, Decimal | None, bool, int]
+# row: the metric's, ``StreamGroups``), start, time, value (an int for an ``asInt``), sum
+# (histograms), whether a histogram, index of its ``_About`` in ``_Export.about``). Atoms
+# only, on purpose: the garbage collector stops tracking such a tuple at its first pass, while
+# one holding the attributes would be scanned, and promoted, until the request has committed.
+_Cumulative = tuple[int, str, str, int, int, Level, Decimal | None, bool, int]
 
 
 class _PointSeries(NamedTuple):
@@ -767,14 +768,15 @@ class OtlpMetrics:
                     continue
                 number = p.as_int if which == "as_int" else p.as_double
                 start, t = p.start_time_unix_nano, p.time_unix_nano
+            level: Level  # a running total stays an int (``StreamGroups``' plain step)
             if type(number) is int:
-                value = Decimal(number)
+                level = number
             elif number != number:  # NaN: no value
                 ex.skip(SKIP_NO_VALUE)
                 continue
             else:
                 try:
-                    value = parse_value(number)
+                    level = parse_value(number)
                 except DecimalError as exc:
                     why = str(exc)
                     ex.reject(ordinal, Reason.INVALID_VALUE, "asDouble", why, name, repr(number))
@@ -794,10 +796,11 @@ class OtlpMetrics:
             if cumulative:
                 if not oldest <= t <= newest and ex.out_of_time(ordinal, t, name):
                     continue
-                waiting((ordinal, sid, base_id, start, t, value, None, False, len(abouts)))
+                waiting((ordinal, sid, base_id, start, t, level, None, False, len(abouts)))
                 abouts.append(series.about)
                 in_group(sid)
                 continue
+            value = Decimal(level) if isinstance(level, int) else level
             if is_sum:
                 if monotonic and number < 0:
                     ex.reject(
@@ -897,15 +900,15 @@ class OtlpMetrics:
                 nk = f"{sid}:s:{start}:{t}"
                 self._emit(ex, sid + "s", sum_name, attrs, resource, total, AMOUNT, t, nk, ordinal)
 
-    def _convert(self, ex: _Export, states: Mapping[str, Entry]) -> dict[str, Entry]:
+    def _convert(self, ex: _Export, states: Mapping[str, GroupEntry]) -> dict[str, GroupEntry]:
         """Cumulative points → amounts; returns the series whose state moved (new entries)."""
         points = ex.cumulative
-        changed: dict[str, Entry] = {}
-        state_of: Callable[[str], Entry | None] = states.get
+        changed: dict[str, GroupEntry] = {}
+        state_of: Callable[[str], GroupEntry | None] = states.get
         if sum(map(len, ex.groups.values())) < len(points):
             points = sorted(points, key=lambda c: c[4])  # several points of one series, by time
 
-            def state_of(sid: str) -> Entry | None:
+            def state_of(sid: str) -> GroupEntry | None:
                 return changed.get(sid) or states.get(sid)
 
         emit, record, abouts = self._emit, self._record, ex.about
@@ -922,11 +925,16 @@ class OtlpMetrics:
                 and t > state[1]
                 and value > state[2]
             ):
-                # convert()'s plain step, inline: the common case (two parse_value'd
-                # totals: at most 39 digits, so the subtraction is exact).
-                delta = EXACT.subtract(value, state[2])
+                # convert()'s plain step, inline: the common case. Two ints (asInt totals)
+                # subtract as ints; anything else is two parse_value'd totals, at most 39
+                # digits, which the exact context subtracts exactly.
+                last = state[2]
+                if type(value) is int and type(last) is int:
+                    delta = Decimal(value - last)
+                else:
+                    delta = EXACT.subtract(value, last)
                 nk = f"{sid}:{span}"
-                changed[sid] = (start, t, value, None, f"{nk} {value}")  # entry()
+                changed[sid] = (start, t, value, None, f"{nk} {value}")  # line()'s entry
                 if not record(ex, sid, delta, t, nk):
                     a = abouts[k]
                     obs = Observation(OTLP, a.name, a.attrs, delta, AMOUNT, t, nk, a.resource)
@@ -935,19 +943,18 @@ class OtlpMetrics:
             a = abouts[k]
             try:
                 step = convert(
-                    None if state is None else entry_state(state),
+                    None if state is None else group_entry_state(state),
                     start,
                     t,
-                    value,
+                    Decimal(value) if isinstance(value, int) else value,
                     total,
                     a.monotonic,
                 )
             except InexactStep as exc:
                 ex.reject(ordinal, Reason.INVALID_VALUE, "value", str(exc), a.name)
                 continue
-            if step.state is not None:
-                new = step.state
-                changed[sid] = entry(sid, new.start, new.time, new.value, new.sum)
+            if step.state is not None:  # (start, t, value, total): kept as given, an int an int
+                changed[sid] = (start, t, value, total, line(sid, start, t, value, total))
             if step.kind != "delta":
                 if step.kind == "stale":
                     ex.reject(

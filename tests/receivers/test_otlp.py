@@ -289,6 +289,28 @@ def test_state_survives_a_restart(tmp_path: Path) -> None:
         assert committed(g)["totals"] == {"acme/data-processed": "20"}
 
 
+def test_int_and_double_totals_of_one_series_step_exactly(tmp_path: Path) -> None:
+    """A series' totals kept as ints (asInt) and as Decimals (asDouble) step into each other
+    exactly, in the cache and read back from the row by a new process."""
+
+    def export(g: Gateway, value: int | float, minute: int) -> None:
+        g.otlp.export(
+            request(sum_metric([point(value, T0 + minute * MIN, T0, tenant="acme")], temporality=2))
+        )
+
+    steps = [(10, 1), (12.25, 2), (14, 3), (14.0, 4), (20.5, 5), (23, 6)]
+    for g in _gateway(tmp_path):
+        for value, minute in steps[:3]:
+            export(g, value, minute)
+        assert committed(g)["totals"] == {"acme/data-processed": "14"}
+    for g in _gateway(tmp_path):  # its row read back: "14" an int, the rest as they were
+        for value, minute in steps[3:]:
+            export(g, value, minute)
+        assert committed(g)["totals"] == {"acme/data-processed": "23"}
+        values = [r["value"] for r in committed(g)["records"]]
+        assert values == ["10", "2.25", "1.75", "6.5", "2.5"]
+
+
 def test_state_kept_one_row_per_series_before_groups_is_continued(tmp_path: Path) -> None:
     """A gateway upgraded over state written one row per series (``otlp/<series>``) converts
     against it, and moves it into the metric's row in the commit that next touches it."""
