@@ -998,11 +998,12 @@ class SeriesMappings:
         snap: tuple[object, int, int],
         amounts: Sequence[_A],
         into: list[UsageRecord],
+        keyed: bool = True,
     ) -> list[_A]:
         """The record of each (series id, amount, time, ...) of ``amounts`` that is of a known
-        series (natural key "series id:time"), appended to ``into`` in order; returns the
-        amounts left to the validator. One pass: a request's amounts are many, and share few
-        times."""
+        series (natural key "series id:time", its dedup key unless not ``keyed``), appended to
+        ``into`` in order; returns the amounts left to the validator. One pass: a request's
+        amounts are many, and share few times."""
         catalog, lo, hi = snap
         known = self._known.get
         base = self._key_hash
@@ -1031,11 +1032,13 @@ class SeriesMappings:
             if not ZERO <= v < MAX_ABS:
                 left.append(a)
                 continue
-            h = base.copy()
-            h.update((sid + tail).encode())
-            append(
-                UsageRecord(t, customer, dimension, v, None, metadata, source, h.digest(), unique)
-            )
+            if keyed:
+                h = base.copy()
+                h.update((sid + tail).encode())
+                key: bytes | None = h.digest()
+            else:
+                key = None
+            append(UsageRecord(t, customer, dimension, v, None, metadata, source, key, unique))
         return left
 
     def learn(
@@ -1188,7 +1191,10 @@ class Totals:
         mappings = self.mappings
         snap = mappings.snapshot() if mappings is not None else (None, 0, 0)
         records = batch.records
-        left = mappings.records(snap, steps, records) if mappings is not None else steps
+        # An amount is deduplicated by its series' state, committed with it (a total at or
+        # before the committed time adds nothing): a dedup key per amount would only repeat
+        # that, and fill the dedup window with a key per sample.
+        left = steps if mappings is None else mappings.records(snap, steps, records, keyed=False)
         amount = ObservationKind.AMOUNT
         for sid, delta, t, index, obs in left:
             amounts.append(
@@ -1199,7 +1205,7 @@ class Totals:
                     delta,
                     amount,
                     t,
-                    f"{sid}:{t}",
+                    None,
                     obs.resource_attributes,
                 )
             )

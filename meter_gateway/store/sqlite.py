@@ -508,12 +508,11 @@ class SQLiteStore(SqlBilling):
         pending = [g.fresh_set for g in inflight]
         new_flags: list[bool] | None = None
         if (
-            len(keyed) == len(flat)
-            and not any(seen)
+            not any(seen)
             and len(set(keyed)) == len(keyed)
             and not any(not s.isdisjoint(keyed) for s in pending)
         ):
-            fresh = keyed  # the common case: every record new
+            fresh = keyed  # the common case: every record new (a record without a key is)
         else:
             fresh, new_flags = [], []
             in_group: set[bytes] = set()
