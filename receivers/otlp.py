@@ -3,7 +3,11 @@
 ``OtlpMetrics.export`` walks one ``ExportMetricsServiceRequest``: delta sums and histograms
 become amounts, gauges levels, and cumulative sums, histograms and summaries are turned into
 deltas per stream (``convert``) against state that commits in the same transaction as the
-records. Every point gets a natural key (stream identity + time), so a retried export counts once.
+records. Every point is identified by its stream and time, so a retried export counts once: a
+delta point by its dedup key, a cumulative point by its series' state, whose time it does not
+pass (a repeat adds nothing), committed in the same transaction as its amount. An amount of a
+running total carries no dedup key of its own: it would only repeat that, at the cost of a
+digest, a dedup probe and a key in the dedup window per point.
 
 Streams, as WIRE_FORMATS.md "OTLP metrics" defines them: resource, scope, metric name, unit,
 type, temporality, monotonicity and point attributes identify a *series*; its start time tells
@@ -83,6 +87,10 @@ NO_RECORDED_VALUE = 1  # DataPointFlags.DATA_POINT_FLAGS_NO_RECORDED_VALUE_MASK
 MAX_ATTRIBUTES = 128  # per point or resource; more is rejected as too_large
 MAX_ERROR_MESSAGES = 5  # distinct messages quoted in a partial success
 EXPIRY_INTERVAL_NS = 3600 * 1_000_000_000  # how often stale cumulative series are forgotten
+# How much longer than the late-arrival limit a series' state is kept: it is what makes a resent
+# total add nothing, so it outlives the oldest total any replica accepts (its clock may be
+# behind, and a request may wait for holds and its commit after its totals were checked).
+EXPIRY_MARGIN_NS = 3600 * 1_000_000_000
 WALKERS = 2  # exports walked at once (the rest wait for a turn, committing ones do not count)
 
 AMOUNT, LEVEL = ObservationKind.AMOUNT, ObservationKind.LEVEL
@@ -426,7 +434,7 @@ class OtlpMetrics:
             self._expired_at = now
             threading.Thread(
                 target=self._expire_quietly,
-                args=(now - self._expire_after_ns,),
+                args=(now - self._expire_after_ns - EXPIRY_MARGIN_NS,),
                 name="otlp-expire-streams",
                 daemon=True,
             ).start()
@@ -470,9 +478,10 @@ class OtlpMetrics:
     def expire_streams(self, before_ns: int, limit: int = 10_000) -> int:
         """Forget cumulative series whose last point is older than ``before_ns``.
 
-        Run hourly with ``before_ns`` = now − the late-arrival limit: no point that old would be
-        accepted anyway. (A series silent that long that comes back with the same start time
-        counts as a new series.) Returns how many were forgotten.
+        Run hourly with ``before_ns`` = now − the late-arrival limit − ``EXPIRY_MARGIN_NS``: no
+        point that old would be accepted anyway, so no resent one can count again. (A series
+        silent that long that comes back with the same start time counts as a new series.)
+        Returns how many were forgotten.
         """
         stale = self.streams.stale(before_ns, limit)
         if not stale:
@@ -568,16 +577,19 @@ class OtlpMetrics:
         value: Decimal,
         kind: ObservationKind,
         t: int,
-        natural_key: str,
+        natural_key: str | None,
         ordinal: int,
     ) -> None:
-        """A record of ``value``: at once when ``_record`` can make it, else by the validator."""
+        """A record of ``value``: at once when ``_record`` can make it, else by the validator;
+        deduplicated by ``natural_key`` (None: a cumulative point's, by its series' state)."""
         if not self._record(ex, key, value, t, natural_key):
             ex.validate(
                 key, Observation(OTLP, name, attrs, value, kind, t, natural_key, resource), ordinal
             )
 
-    def _record(self, ex: _Export, key: str, value: Decimal, t: int, natural_key: str) -> bool:
+    def _record(
+        self, ex: _Export, key: str, value: Decimal, t: int, natural_key: str | None
+    ) -> bool:
         """The fast path, the one place records skip the validator: a record straight from
         how the validator mapped the series ``key`` under this catalog, when the point is
         plainly acceptable (time well inside the accepted range; after the rule's scale,
@@ -594,10 +606,14 @@ class OtlpMetrics:
                 return False
         if not ZERO <= v < MAX_ABS:
             return False
-        h = _KEY_HASH.copy()
-        h.update(natural_key.encode())
+        if natural_key is None:
+            digest = None
+        else:
+            h = _KEY_HASH.copy()
+            h.update(natural_key.encode())
+            digest = h.digest()
         ex.records.append(
-            UsageRecord(t, m.customer, m.dimension, v, None, m.metadata, OTLP, h.digest(), m.unique)
+            UsageRecord(t, m.customer, m.dimension, v, None, m.metadata, OTLP, digest, m.unique)
         )
         return True
 
@@ -933,11 +949,10 @@ class OtlpMetrics:
                     delta = Decimal(value - last)
                 else:
                     delta = EXACT.subtract(value, last)
-                nk = f"{sid}:{span}"
-                changed[sid] = (start, t, value, None, f"{nk} {value}")  # line()'s entry
-                if not record(ex, sid, delta, t, nk):
+                changed[sid] = (start, t, value, None, f"{sid}:{span} {value}")  # line()'s
+                if not record(ex, sid, delta, t, None):
                     a = abouts[k]
-                    obs = Observation(OTLP, a.name, a.attrs, delta, AMOUNT, t, nk, a.resource)
+                    obs = Observation(OTLP, a.name, a.attrs, delta, AMOUNT, t, None, a.resource)
                     ex.validate(sid, obs, ordinal)
                 continue
             a = abouts[k]
@@ -970,19 +985,14 @@ class OtlpMetrics:
                 continue
             name, attrs, resource = a.name, a.attrs, a.resource
             if not histogram:
-                nk = f"{sid}:{span}"
-                emit(ex, sid, name, attrs, resource, step.delta, AMOUNT, t, nk, ordinal)
+                emit(ex, sid, name, attrs, resource, step.delta, AMOUNT, t, None, ordinal)
                 continue
             if a.want_count:
-                nk = f"{sid}:c:{span}"
-                count_name = f"{name}.count"
-                emit(ex, sid + "c", count_name, attrs, resource, step.delta, AMOUNT, t, nk, ordinal)
+                count = f"{name}.count"
+                emit(ex, sid + "c", count, attrs, resource, step.delta, AMOUNT, t, None, ordinal)
             if step.delta_sum is not None:
-                nk = f"{sid}:s:{span}"
-                sum_name = f"{name}.sum"
-                emit(
-                    ex, sid + "s", sum_name, attrs, resource, step.delta_sum, AMOUNT, t, nk, ordinal
-                )
+                sums = f"{name}.sum"
+                emit(ex, sid + "s", sums, attrs, resource, step.delta_sum, AMOUNT, t, None, ordinal)
         return changed
 
 

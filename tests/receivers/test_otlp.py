@@ -32,6 +32,8 @@ from meter_gateway.pipeline.cumulative import decode_group, encode_state, entry_
 from meter_gateway.pipeline.timestamps import format_timestamp
 from meter_gateway.service import Gateway
 from receivers.otlp import (
+    EXPIRY_INTERVAL_NS,
+    EXPIRY_MARGIN_NS,
     OtlpError,
     decode_json,
     decode_protobuf,
@@ -274,6 +276,28 @@ def test_retried_delta_export_counts_once(gw: Gateway) -> None:
     assert (second.accepted, second.duplicates) == (0, 1)
 
 
+def test_cumulative_points_are_deduplicated_by_their_series_state(tmp_path: Path) -> None:
+    """A cumulative point's amount keys nothing in the dedup window: its series' state, which
+    commits with it, makes a resent total add nothing, through the validator (a series' first
+    amounts) and the fast path, interleaved with newer totals, after a restart."""
+
+    def export(g: Gateway, value: int, minute: int) -> Any:
+        return g.otlp.export(
+            request(sum_metric([point(value, T0 + minute * MIN, T0, tenant="acme")], temporality=2))
+        )
+
+    for g in _gateway(tmp_path):
+        for value, minute in [(10, 1), (10, 1), (12, 2), (10, 1), (12, 2), (15, 3)]:
+            export(g, value, minute)
+        assert committed(g)["totals"] == {"acme/data-processed": "15"}
+        assert g.store.stats() == {"records": 3, "dedup_keys": 0}
+    for g in _gateway(tmp_path):
+        assert export(g, 15, 3).accepted == 0  # a retry of the last export
+        assert export(g, 19, 4).accepted == 1
+        assert committed(g)["totals"] == {"acme/data-processed": "19"}
+        assert g.store.stats() == {"records": 4, "dedup_keys": 0}
+
+
 def test_state_survives_a_restart(tmp_path: Path) -> None:
     def export(g: Gateway, value: int, minute: int) -> None:
         g.otlp.export(
@@ -350,6 +374,35 @@ def test_series_silent_past_the_late_arrival_limit_are_forgotten(gw: Gateway) ->
         "acme/data-processed": "22",
         "dumm-ai/data-processed": "12",
     }
+
+
+def test_the_hourly_expiry_keeps_state_an_hour_past_the_late_arrival_limit(gw: Gateway) -> None:
+    """The state is what makes a resent total add nothing, so the hourly expiry keeps it
+    ``EXPIRY_MARGIN_NS`` past the oldest total accepted (a replica's clock may lag)."""
+    limit = int(gw.config.ingest.late_arrival_limit.total_seconds()) * 10**9
+    forgotten = []
+    expire = gw.otlp.expire_streams
+    ran = threading.Event()
+
+    def recording(before_ns: int, n: int = 10_000) -> int:
+        forgotten.append(before_ns)
+        try:
+            return expire(before_ns, n)
+        finally:
+            ran.set()
+
+    gw.otlp.expire_streams = recording  # type: ignore[method-assign]
+    for minute, tenant in [(1, "acme"), (2, "dumm-ai")]:
+        t = T0 + minute * MIN
+        gw.otlp.export(request(sum_metric([point(10, t, T0, tenant=tenant)], temporality=2)))
+    assert isinstance(gw.clock, FixedClock)
+    half_hour = EXPIRY_INTERVAL_NS // 2
+    gw.clock.set(T0 + MIN + limit + half_hour)  # acme's last point: half an hour past the limit
+    gw.otlp.export(request())  # the first export an hour after the last expiry runs the next
+    assert ran.wait(10)
+    assert forgotten == [T0 + MIN + half_hour - EXPIRY_MARGIN_NS]
+    (row,) = gw.store.state_scan("otlp/").values()
+    assert len(decode_group(row)) == 2  # both series kept
 
 
 def test_concurrent_exports_of_one_stream_never_share_a_baseline(gw: Gateway) -> None:
