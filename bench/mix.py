@@ -49,6 +49,7 @@ import os
 import random
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import threading
@@ -56,7 +57,7 @@ import time
 import uuid
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import ROUND_CEILING, ROUND_HALF_EVEN, Context, Decimal
@@ -65,6 +66,7 @@ from typing import Any
 
 import httpx
 import orjson
+import psycopg
 
 if __package__ in (None, ""):  # run as ``python bench/mix.py``
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -72,6 +74,7 @@ if __package__ in (None, ""):  # run as ``python bench/mix.py``
 from bench.ingest import (
     commit_stats,
     create_schema,
+    proc_cpu_s,
     run_load,
     seed_dedup,
     start_py_spy,
@@ -506,6 +509,7 @@ class MixResult:
     retries_429: int = 0
     server_cpu_s: float = 0.0
     machine_cpu_s: float = 0.0
+    pg_cpu_s: float = 0.0  # the bench database's PostgreSQL backends (PostgreSQL phases)
     seed_s: float = 0.0
     startup_s: float = 0.0
     start_rss_mb: float = 0.0
@@ -526,8 +530,45 @@ class MixResult:
         return 1e6 * self.server_cpu_s / self.accepted if self.accepted else 0.0
 
     @property
+    def pg_cpu_us(self) -> float:
+        return 1e6 * self.pg_cpu_s / self.accepted if self.accepted else 0.0
+
+    @property
     def ok(self) -> bool:
         return not self.problems and self.checked > 0
+
+
+def pg_backends_cpu(url: str) -> dict[int, float]:
+    """CPU seconds so far of each PostgreSQL process serving the bench database (its
+    backends, autovacuum included) or the whole server (WAL writer, checkpointer, background
+    writer), read from /proc: PostgreSQL must run on this machine (else: empty)."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        pids = [
+            int(r[0])
+            for r in conn.execute(
+                "SELECT pid FROM pg_stat_activity WHERE pid <> pg_backend_pid() "
+                "AND (datname = current_database() OR backend_type IN "
+                "('walwriter', 'checkpointer', 'background writer'))"
+            ).fetchall()
+        ]
+    out = {}
+    for pid in pids:
+        with suppress(OSError):  # gone, or not on this machine
+            out[pid] = proc_cpu_s(pid)
+    return out
+
+
+def start_perf(out: str) -> subprocess.Popen[bytes] | None:
+    """``perf record`` of the whole machine (PostgreSQL's backends among it) to ``out``."""
+    exe = shutil.which("perf")
+    if exe is None:
+        print("perf not found; profiling skipped")
+        return None
+    return subprocess.Popen(
+        [exe, "record", "-a", "-F", "499", "-g", "-o", out],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 def start(workdir: Path, url: str, customers: int) -> tuple[GatewayProcess, float]:
@@ -570,13 +611,22 @@ def run_phase(kind: str, order: str, args: argparse.Namespace, root: Path) -> Mi
             if args.py_spy:
                 spy = start_py_spy(pid, f"{args.py_spy}-{kind}-{order}.txt", gil=args.py_spy_gil)
                 time.sleep(0.5)
+            perf = start_perf(f"{args.perf}-{kind}-{order}.data") if args.perf else None
+            pg0 = pg_backends_cpu(url) if kind == "postgres" else {}
             results, res.server_cpu_s, res.machine_cpu_s = run_load(
                 gw, plan, args.procs, args.connections
             )
+            if kind == "postgres":
+                pg1 = pg_backends_cpu(url)
+                res.pg_cpu_s = sum(t - pg0.get(pid, 0.0) for pid, t in pg1.items())
             if spy is not None:
                 spy.send_signal(signal.SIGINT)
                 spy.wait(60)
                 print(f"{tag} py-spy profile (raw): {args.py_spy}-{kind}-{order}.txt")
+            if perf is not None:
+                perf.send_signal(signal.SIGINT)
+                perf.wait(120)
+                print(f"{tag} perf profile: {args.perf}-{kind}-{order}.data")
             res.wall_s = max(r.t1 for r in results) - min(r.t0 for r in results)
             res.latencies_ms = [1000 * x for r in results for x in r.latencies]
             res.accepted = sum(r.accepted for r in results)
@@ -591,7 +641,12 @@ def run_phase(kind: str, order: str, args: argparse.Namespace, root: Path) -> Mi
                 f"p99 {pct(lat, 0.99):.0f} max {max(lat, default=0):.0f}; "
                 f"{res.retries_429} x 429; gateway CPU {res.server_cpu_s:.1f}s "
                 f"({res.cpu_us:.0f} us/record), "
-                f"machine {res.machine_cpu_s:.1f}s; peak RSS {res.peak_rss_mb:.0f} MB"
+                + (
+                    f"PostgreSQL {res.pg_cpu_s:.1f}s ({res.pg_cpu_us:.0f} us/record), "
+                    if kind == "postgres"
+                    else ""
+                )
+                + f"machine {res.machine_cpu_s:.1f}s; peak RSS {res.peak_rss_mb:.0f} MB"
             )
             print(f"{tag} {scrape_stats(gw)}")
             ok_batches = sorted(b for r in results for b in r.ok_batches)
@@ -876,6 +931,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--py-spy-gil", action="store_true", help="only samples holding the GIL (its consumers)"
     )
+    ap.add_argument(
+        "--perf",
+        metavar="PREFIX",
+        help="perf record the machine during the load to PREFIX-<phase>.data (then: perf "
+        "report -i FILE --comm postgres --no-children)",
+    )
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
     args = ap.parse_args(argv)
     args.procs = max(1, min(args.procs, args.connections))
@@ -910,13 +971,14 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(root, ignore_errors=True)
     print("\nsummary (the machine may be shared: compare ratios within this run, not absolutes):")
     print(
-        f"  {'store':<9}{'order':<6}{'rec/s':>9}{'us/rec':>8}{'p50 ms':>8}{'p99 ms':>8}"
+        f"  {'store':<9}{'order':<6}{'rec/s':>9}{'us/rec':>8}{'pg us':>7}{'p50 ms':>8}{'p99 ms':>8}"
         f"{'max ms':>8}{'peak MB':>9}{'month p50/p99 ms':>18}{'year p50/p99 ms':>17}  verify"
     )
     for r in results:
         lat = r.latencies_ms
         print(
-            f"  {r.store:<9}{r.order:<6}{r.rate:>9,.0f}{r.cpu_us:>8.1f}{pct(lat, 0.5):>8.0f}"
+            f"  {r.store:<9}{r.order:<6}{r.rate:>9,.0f}{r.cpu_us:>8.1f}{r.pg_cpu_us:>7.1f}"
+            f"{pct(lat, 0.5):>8.0f}"
             f"{pct(lat, 0.99):>8.0f}{max(lat, default=0):>8.0f}{r.peak_rss_mb:>9.0f}"
             f"{pct(r.month_ms, 0.5):>9.1f}/{pct(r.month_ms, 0.99):<8.1f}"
             f"{pct(r.year_ms, 0.5):>8.1f}/{pct(r.year_ms, 0.99):<8.1f}"
