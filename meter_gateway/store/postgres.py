@@ -23,11 +23,12 @@ import logging
 import struct
 import threading
 import time
+from bisect import bisect_left
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from decimal import Decimal
 from itertools import compress
-from typing import Any
+from typing import Any, NamedTuple
 
 import psycopg
 from psycopg import errors as pg_errors
@@ -56,6 +57,7 @@ from meter_gateway.store.base import (
 )
 from meter_gateway.store.billing import SqlBilling
 from meter_gateway.store.dialect import Row, positional
+from meter_gateway.telemetry import PERIOD_SWEEP
 from meter_gateway.timebuckets import BUCKET_NS
 
 log = logging.getLogger(__name__)
@@ -280,25 +282,34 @@ def _records_copy(records: Sequence[UsageRecord], seqs: Sequence[int], now_ns: i
 # The reads rating runs per (customer, dimension) and range: thousands a period-gauge
 # refresh. They go as named statements straight through libpq (PostgresStore._read):
 # psycopg's cursor path costs 52-63 us of Python a call, this one 31-34 (and the backend
-# 27-29 us instead of 31-36).
+# 27-29 us instead of 31-36). Each read: (select list, table, range column, order).
 _ROLLUP_FIELDS = "bucket, count, sum, min, max, last_ts, last_seq, last_value, wsum"
-_PAIR_RANGE = "WHERE customer = $1 AND dimension = $2"
-_READS: dict[str, str] = {
-    "rollups": f"SELECT {_ROLLUP_FIELDS} FROM rollups {_PAIR_RANGE} "
-    "AND bucket >= $3 AND bucket < $4 ORDER BY bucket",
-    **{
-        f"rollup_{c}": f"SELECT bucket, {c} FROM rollups {_PAIR_RANGE} "
-        "AND bucket >= $3 AND bucket < $4 ORDER BY bucket"
-        for c in ROLLUP_COLUMNS
-    },
-    "distinct": f"SELECT bucket, value FROM rollup_distinct {_PAIR_RANGE} "
-    "AND bucket >= $3 AND bucket < $4",
-    "raw": f"SELECT ts, seq, value FROM records {_PAIR_RANGE} AND ts >= $3 AND ts < $4 "
-    "ORDER BY ts, seq",
-    "raw_metadata": f"SELECT ts, seq, value, metadata FROM records {_PAIR_RANGE} "
-    "AND ts >= $3 AND ts < $4 ORDER BY ts, seq",
+_READ_SPECS: dict[str, tuple[str, str, str, str]] = {
+    "rollups": (_ROLLUP_FIELDS, "rollups", "bucket", "bucket"),
+    **{f"rollup_{c}": (f"bucket, {c}", "rollups", "bucket", "bucket") for c in ROLLUP_COLUMNS},
+    "distinct": ("bucket, value", "rollup_distinct", "bucket", ""),
+    "raw": ("ts, seq, value", "records", "ts", "ts, seq"),
+    "raw_metadata": ("ts, seq, value, metadata", "records", "ts", "ts, seq"),
 }
-_READ_NAMES = {name: f"mg_{name}".encode() for name in _READS}
+_READS: dict[str, str] = {
+    name: f"SELECT {cols} FROM {table} WHERE customer = $1 AND dimension = $2 "
+    f"AND {at} >= $3 AND {at} < $4" + (f" ORDER BY {order}" if order else "")
+    for name, (cols, table, at, order) in _READ_SPECS.items()
+}
+# The same reads for a block of customers of one dimension at once (a period sweep, see
+# _Sweep): the customer last, rows grouped by customer, at most $5 of them.
+_BULK_READS: dict[str, str] = {
+    f"bulk_{name}": f"SELECT {cols}, customer FROM {table} WHERE customer = ANY($1::text[]) "
+    f"AND dimension = $2 AND {at} >= $3 AND {at} < $4 "
+    f"ORDER BY customer{', ' + order if order else ''} LIMIT $5"
+    for name, (cols, table, at, order) in _READ_SPECS.items()
+}
+_READ_NAMES = {name: f"mg_{name}".encode() for name in (*_READS, *_BULK_READS)}
+_STATEMENTS = {**_READS, **_BULK_READS}
+# A sweep reads this many customers of a dimension in one statement, and at most this many
+# rows (a block's result is held until the sweep moves past it).
+SWEEP_CUSTOMERS = 200
+SWEEP_ROWS = 50_000
 _NO_SUCH_STATEMENT = b"26000"  # invalid_sql_statement_name
 
 
@@ -320,6 +331,30 @@ def _text_array(values: Sequence[str]) -> str:
     return '{"' + joined + '"}'
 
 
+def _spans(res: PGresult, enc: str, customers: Sequence[str], limit: int) -> dict[str, range]:
+    """Each customer's rows in a bulk read's result (grouped by customer, its last column),
+    for the customers it holds all rows of: every one asked (none for some), unless the
+    result reached ``limit`` rows, which may have cut the last customer and left out those
+    after it (byte order: Python's order of code points)."""
+    col, n = res.nfields - 1, res.ntuples
+    spans: dict[str, range] = {}
+    start, current = 0, None
+    for i in range(n):
+        c = res.get_value(i, col)
+        if c != current:
+            if current is not None:
+                spans[current.decode(enc)] = range(start, i)
+            start, current = i, c
+    if current is not None:
+        spans[current.decode(enc)] = range(start, n)
+    covered: Sequence[str] = customers
+    if n >= limit and current is not None:
+        last = current.decode(enc)
+        covered = [c for c in customers if c < last]
+    empty = range(0)
+    return {c: spans.get(c, empty) for c in covered}
+
+
 class SchemaTooNewError(RuntimeError):
     """The database was migrated by a newer meter-gateway than this one."""
 
@@ -339,6 +374,51 @@ def _text(s: str | None) -> str | None:
     if s is None or "\x00" not in s:
         return s
     return s.replace("\x00", "\ufffd")
+
+
+class _Rows(NamedTuple):
+    """Rows ``start`` to ``stop`` of a read's result (rows as text), in its client encoding."""
+
+    res: PGresult
+    enc: str
+    start: int
+    stop: int
+
+
+class _Pairs:
+    """The (customer, dimension) pairs with usage before one moment, as one query read them,
+    indexed the two ways a sweep asks."""
+
+    def __init__(self, pairs: list[tuple[str, str]]) -> None:
+        self.all = pairs  # in the query's order: customer, then dimension (byte order)
+        self.of_customer: dict[str, list[tuple[str, str]]] = {}
+        customers: dict[str, list[str]] = {}
+        for c, d in pairs:
+            self.of_customer.setdefault(c, []).append((c, d))
+            customers.setdefault(d, []).append(c)
+        # byte order of UTF-8 is code point order: Python's, and COLLATE "C"'s
+        self.customers = {d: sorted(cs) for d, cs in customers.items()}
+
+    def select(self, customer: str | None, dimension: str | None) -> list[tuple[str, str]]:
+        pairs = self.all if customer is None else self.of_customer.get(customer, [])
+        return pairs if dimension is None else [p for p in pairs if p[1] == dimension]
+
+
+class _Sweep:
+    """What one period sweep (``telemetry.PERIOD_SWEEP``: the period gauges rating every
+    customer) has read in bulk. Its first ``pairs()`` of all pairs is kept and answers the
+    per-customer ones; a read of a pair among them reads that dimension for the next
+    ``SWEEP_CUSTOMERS`` customers with usage of it, in one statement, and the following
+    customers' reads of the same read, dimension and range are answered from that block
+    (the latest block of each is kept). So a customer's rows are as of its block's read, as
+    each single read was as of its own; a pair the block does not cover (no usage when the
+    pairs were read, or past the rows a block may hold) is read alone."""
+
+    def __init__(self) -> None:
+        self.pairs: dict[int, _Pairs] = {}  # by before_ns
+        self.latest: _Pairs | None = None
+        # (read, dimension, lo, hi) -> the block's result and each customer's rows in it
+        self.blocks: dict[tuple[str, str, int, int], tuple[PGresult, str, dict[str, range]]] = {}
 
 
 class PostgresStore(SqlBilling):
@@ -680,33 +760,73 @@ class PostgresStore(SqlBilling):
 
     # --- reads -------------------------------------------------------------------------------
 
-    def _read(
-        self, name: str, customer: str, dimension: str, lo: int, hi: int
-    ) -> tuple[PGresult, str] | None:
-        """Run the read ``name`` of ``_READS`` for one (customer, dimension) and range as a
-        named prepared statement: its result (rows as text) and the client encoding. The
-        statement is prepared the first time a connection does not know it, which is also
-        after psycopg deallocated everything a connection had prepared (it does after a
-        ROLLBACK, to a savepoint too, or a DROP/ALTER). None, without asking, for a key with
-        NUL: no stored key holds one (PostgreSQL text cannot), and libpq would cut a text
-        parameter there."""
-        if "\x00" in customer or "\x00" in dimension:
+    def _sweep(self) -> _Sweep | None:
+        scratch = PERIOD_SWEEP.get()
+        if scratch is None:
             return None
+        sweep = scratch.get(self)
+        if sweep is None:
+            sweep = scratch[self] = _Sweep()
+        assert isinstance(sweep, _Sweep)
+        return sweep
+
+    def _exec(self, name: str, args: Sequence[str | int]) -> tuple[PGresult, str]:
+        """Run the named statement ``name`` (of ``_READS`` or ``_BULK_READS``), preparing it
+        the first time a connection does not know it, which is also after psycopg
+        deallocated everything a connection had prepared (it does after a ROLLBACK, to a
+        savepoint too, or a DROP/ALTER). Its result (rows as text) and the client encoding."""
         with self._conn() as conn:
             pg, enc = conn.pgconn, conn.info.encoding
-            args = [customer.encode(enc), dimension.encode(enc), b"%d" % lo, b"%d" % hi]
-            res = pg.exec_prepared(_READ_NAMES[name], args)
+            params = [a.encode(enc) if isinstance(a, str) else b"%d" % a for a in args]
+            res = pg.exec_prepared(_READ_NAMES[name], params)
             if (
                 res.status != pq.ExecStatus.TUPLES_OK
                 and res.error_field(pq.DiagnosticField.SQLSTATE) == _NO_SUCH_STATEMENT
             ):
-                prepared = pg.prepare(_READ_NAMES[name], _READS[name].encode())
+                prepared = pg.prepare(_READ_NAMES[name], _STATEMENTS[name].encode())
                 if prepared.status != pq.ExecStatus.COMMAND_OK:
                     raise pg_errors.error_from_result(prepared, enc)
-                res = pg.exec_prepared(_READ_NAMES[name], args)
+                res = pg.exec_prepared(_READ_NAMES[name], params)
             if res.status != pq.ExecStatus.TUPLES_OK:
                 raise pg_errors.error_from_result(res, enc)
         return res, enc
+
+    def _read(self, name: str, customer: str, dimension: str, lo: int, hi: int) -> _Rows | None:
+        """The rows of the read ``name`` of ``_READS`` for one (customer, dimension) and range:
+        in a period sweep from its block when one covers them, else as a statement of their
+        own. None, without asking, for a key with NUL: no stored key holds one (PostgreSQL
+        text cannot), and libpq would cut a text parameter there."""
+        if "\x00" in customer or "\x00" in dimension:
+            return None
+        sweep = self._sweep()
+        if (
+            sweep is not None
+            and (rows := self._swept(sweep, name, customer, dimension, lo, hi)) is not None
+        ):
+            return rows
+        res, enc = self._exec(name, (customer, dimension, lo, hi))
+        return _Rows(res, enc, 0, res.ntuples)
+
+    def _swept(
+        self, sweep: _Sweep, name: str, customer: str, dimension: str, lo: int, hi: int
+    ) -> _Rows | None:
+        """A sweep's rows of one pair (see ``_Sweep``), reading the block that starts with it
+        when no block of the sweep covers it; None when the pair is to be read alone."""
+        key = (name, dimension, lo, hi)
+        block = sweep.blocks.get(key)
+        if block is None or customer not in block[2]:
+            customers = sweep.latest.customers.get(dimension, []) if sweep.latest else []
+            i = bisect_left(customers, customer)
+            if i == len(customers) or customers[i] != customer:
+                return None
+            chunk = customers[i : i + SWEEP_CUSTOMERS]
+            res, enc = self._exec(
+                f"bulk_{name}", (_text_array(chunk), dimension, lo, hi, SWEEP_ROWS)
+            )
+            block = sweep.blocks[key] = (res, enc, _spans(res, enc, chunk, SWEEP_ROWS))
+        res, enc, spans = block
+        span = spans.get(customer)
+        return None if span is None else _Rows(res, enc, span.start, span.stop)
 
     def rollups(
         self, customer: str, dimension: str, from_bucket: int, to_bucket: int
@@ -714,8 +834,7 @@ class PostgresStore(SqlBilling):
         read = self._read("rollups", customer, dimension, from_bucket, to_bucket)
         if read is None:
             return []
-        res = read[0]
-        v = res.get_value
+        v = read.res.get_value
         return [
             RollupRow(
                 _int(v(i, 0)),
@@ -728,7 +847,7 @@ class PostgresStore(SqlBilling):
                 _decimal(v(i, 7)),
                 _decimal(v(i, 8)),
             )
-            for i in range(res.ntuples)
+            for i in range(read.start, read.stop)
         ]
 
     def rollup_column(
@@ -739,10 +858,9 @@ class PostgresStore(SqlBilling):
         read = self._read(f"rollup_{column}", customer, dimension, from_bucket, to_bucket)
         if read is None:
             return []
-        res = read[0]
-        v = res.get_value
+        v = read.res.get_value
         load: Any = _int if column == "count" else _decimal
-        return [(_int(v(i, 0)), load(v(i, 1))) for i in range(res.ntuples)]
+        return [(_int(v(i, 0)), load(v(i, 1))) for i in range(read.start, read.stop)]
 
     def raw(
         self, customer: str, dimension: str, from_ns: int, to_ns: int, unique_key: str | None = None
@@ -752,22 +870,21 @@ class PostgresStore(SqlBilling):
         )
         if read is None:
             return []
-        res, enc = read
-        v = res.get_value
+        v = read.res.get_value
         if not unique_key:
             return [
                 RawPoint(_int(v(i, 0)), _int(v(i, 1)), _decimal(v(i, 2)), None)
-                for i in range(res.ntuples)
+                for i in range(read.start, read.stop)
             ]
         out = []
-        for i in range(res.ntuples):
+        for i in range(read.start, read.stop):
             m = v(i, 3)
             out.append(
                 RawPoint(
                     _int(v(i, 0)),
                     _int(v(i, 1)),
                     _decimal(v(i, 2)),
-                    unique_of(read_metadata(m.decode(enc)), unique_key) if m else None,
+                    unique_of(read_metadata(m.decode(read.enc)), unique_key) if m else None,
                 )
             )
         return out
@@ -778,9 +895,8 @@ class PostgresStore(SqlBilling):
         read = self._read("distinct", customer, dimension, from_bucket, to_bucket)
         if read is None:
             return []
-        res, enc = read
-        v = res.get_value
-        return [(_int(v(i, 0)), (v(i, 1) or b"").decode(enc)) for i in range(res.ntuples)]
+        v, enc = read.res.get_value, read.enc
+        return [(_int(v(i, 0)), (v(i, 1) or b"").decode(enc)) for i in range(read.start, read.stop)]
 
     def last_before(self, customer: str, dimension: str, ts_ns: int) -> RawPoint | None:
         with self._conn() as conn:
@@ -794,12 +910,18 @@ class PostgresStore(SqlBilling):
     def pairs(
         self, customer: str | None, dimension: str | None, before_ns: int
     ) -> list[tuple[str, str]]:
+        sweep = self._sweep()
+        if sweep is not None and (known := sweep.pairs.get(before_ns)) is not None:
+            return known.select(customer, dimension)
         sql = "SELECT DISTINCT customer, dimension FROM rollups WHERE bucket < %s"
         args: list[Any] = [before_ns]
         sql += pair_filter(customer, dimension, args, "%s")
         with self._conn() as conn:
             rows = conn.execute(sql + " ORDER BY 1, 2", args).fetchall()
-        return [(c, d) for c, d in rows]
+        pairs = [(c, d) for c, d in rows]
+        if sweep is not None and customer is None and dimension is None:
+            sweep.pairs[before_ns] = sweep.latest = _Pairs(pairs)
+        return pairs
 
     def records(
         self,
@@ -918,6 +1040,7 @@ class PostgresDialect:
     for_update = " FOR UPDATE"
     for_share = " FOR SHARE"
     record_id_match = "record_id = ?"
+    series_match = "customer = ? AND dimension = ?"
 
     def __init__(self, pool: ConnectionPool[Any]) -> None:
         self._pool = pool
