@@ -189,11 +189,26 @@ def seed(db: Path, p: Params) -> None:
         values = [_milli(m) for m in recs.milli.tolist()]
         pairs_ur = zip(recs.user.tolist(), recs.region.tolist(), strict=True)
         metas = [meta_id(u, r) for u, r in pairs_ur]
+        # the store's series numbers (one per customer and dimension)
+        series = [c * len(DIM_IDS) + k + 1 for k in range(len(DIM_IDS))]
+        conn.executemany(
+            "INSERT INTO series (id, customer, dimension) VALUES (?, ?, ?)",
+            ((i, cust, d) for i, d in zip(series, DIM_IDS, strict=True)),
+        )
         conn.executemany(
             "INSERT INTO records (seq, ts, customer, dimension, value, source, received_ns, "
-            "meta_id) VALUES (?, ?, ?, ?, ?, 'rest', ?, ?)",
+            "meta_id, series) VALUES (?, ?, ?, ?, ?, 'rest', ?, ?, ?)",
             (
-                (seq + 1 + i, ts_ns[i], cust, DIM_IDS[dims[i]], values[i], ts_ns[i], metas[i])
+                (
+                    seq + 1 + i,
+                    ts_ns[i],
+                    cust,
+                    DIM_IDS[dims[i]],
+                    values[i],
+                    ts_ns[i],
+                    metas[i],
+                    series[dims[i]],
+                )
                 for i in range(n)
             ),
         )

@@ -122,7 +122,7 @@ def _recompute(
     tx.one(f"SELECT 1 FROM rollups WHERE {where}{dialect.for_update}", key)
     meta = metadata_sql if unique_key is not None else "NULL"
     rows = tx.all(
-        f"SELECT seq, ts, value, {meta} FROM records r WHERE customer = ? AND dimension = ? "
+        f"SELECT seq, ts, value, {meta} FROM records r WHERE {dialect.series_match} "
         "AND ts >= ? AND ts < ? ORDER BY ts, seq",
         (customer, dimension, bucket, bucket + BUCKET_NS),
     )

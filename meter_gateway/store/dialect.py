@@ -61,6 +61,10 @@ class Dialect(Protocol):
     #: each bound to the id (SQLite finds ids through ``record_ids`` plus the records not
     #: indexed there yet; PostgreSQL through an index on ``records``).
     record_id_match: str
+    #: The condition on ``records`` selecting one (customer, dimension)'s rows: two ``?``
+    #: placeholders, bound to the customer and the dimension (SQLite numbers the pairs in
+    #: ``series`` and indexes records by that number; PostgreSQL indexes the pair).
+    series_match: str
 
     def reading(self) -> AbstractContextManager[Tx]:
         """A connection for reads; each statement sees committed data."""

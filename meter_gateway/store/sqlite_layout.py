@@ -20,7 +20,7 @@ from meter_gateway.store.base import RollupKey, RollupRow
 # (``full``), then its source when the group's records do not share one. Names are columns of
 # ``records``. Rows carry only what varies: seq, receive time and a shared source come with the
 # group, because SQLite 3.40 parses a row again for every ``->>`` (no JSON cache).
-RECORD = ("ts", "customer", "dimension", "value", "meta_id")
+RECORD = ("ts", "customer", "dimension", "value", "meta_id", "series")
 RECORD_OWN = ("record_id", "metadata")
 RECORD_SOURCE = "source"
 # Rollup rows, one per (customer, dimension, bucket): the columns of ``rollups``.
@@ -116,6 +116,7 @@ def record_rows(
     records: Sequence[UsageRecord],
     values: Iterable[str],
     meta_ids: Iterable[int | None],
+    series: Iterable[int],
     full: bool,
     shared_source: bool,
 ) -> list[tuple[Any, ...]]:
@@ -129,14 +130,15 @@ def record_rows(
                 r.dimension_id,
                 v,
                 mid,
+                sid,
                 r.record_id,  # RECORD_OWN
                 None if type(r.metadata) is SeriesMetadata else r.metadata or None,
             )
-            for r, v, mid in zip(records, values, meta_ids, strict=True)
+            for r, v, mid, sid in zip(records, values, meta_ids, series, strict=True)
         ]
     rows: list[tuple[Any, ...]] = [
-        (r.timestamp_ns, r.customer_id, r.dimension_id, v, mid)  # RECORD
-        for r, v, mid in zip(records, values, meta_ids, strict=True)
+        (r.timestamp_ns, r.customer_id, r.dimension_id, v, mid, sid)  # RECORD
+        for r, v, mid, sid in zip(records, values, meta_ids, series, strict=True)
     ]
     if full:
         rows = [

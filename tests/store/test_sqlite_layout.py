@@ -78,7 +78,7 @@ def test_record_rows_land_in_the_columns_they_are_named_for(
         metadata=metadata,
         source=Source.OTLP,
     )
-    rows = record_rows([record], [str(record.value)], [4_444], full, shared_source)
+    rows = record_rows([record], [str(record.value)], [4_444], [5_555], full, shared_source)
     apply(
         db,
         records=records_json(rows),
@@ -93,6 +93,7 @@ def test_record_rows_land_in_the_columns_they_are_named_for(
         "dimension": "sentinel-dimension",
         "value": "2.25",
         "meta_id": 4_444,
+        "series": 5_555,
         "record_id": "sentinel-record-id" if full else None,
         "metadata": orjson.dumps(metadata) if full else None,
         RECORD_SOURCE: Source.VECTOR.value if shared_source else Source.OTLP.value,
@@ -107,7 +108,7 @@ def test_record_rows_follow_each_other_in_seq_order(db: sqlite3.Connection) -> N
         UsageRecord(timestamp_ns=t, customer_id=f"c{t}", dimension_id="d", value=Decimal(t))
         for t in (3, 1, 2)
     ]
-    rows = record_rows(records, ["3", "1", "2"], [None, None, None], False, True)
+    rows = record_rows(records, ["3", "1", "2"], [None, None, None], [7, 8, 9], False, True)
     apply(db, records=records_json(rows), source=Source.REST.value)
     got = db.execute("SELECT seq, ts, customer, value FROM records ORDER BY seq").fetchall()
     assert got == [
