@@ -244,10 +244,12 @@ _SOURCE = attrgetter("source")
 # autocommit mode that statement is its own transaction, fsync included, so applying a group
 # releases and retakes the GIL once, not once per statement: with receiver threads busy, every
 # retake waits up to the interpreter's switch interval (5 ms) for its turn.
-# The records of one (customer, dimension): bound to the two (migration 10).
-_SERIES = "series = (SELECT id FROM series WHERE customer = ? AND dimension = ?)"
 # A record's metadata: its own, or its series' shared one.
 _META = "coalesce(r.metadata, (SELECT body FROM metadata WHERE id = r.meta_id))"
+# The records of one (customer, dimension): bound to the two (migration 10).
+_SERIES = "series = (SELECT id FROM series WHERE customer = ? AND dimension = ?)"
+# Metadata digests a prepare looks up per query.
+_META_READ_BATCH = 500
 
 
 class _SharedMetadata:
@@ -261,23 +263,58 @@ class _SharedMetadata:
         self.p = p
         self.objs = [store._meta_objs, *(g.meta_objs for g in store._inflight), p.meta_objs]
         self.ids = [store._meta_ids, *(g.meta_ids for g in store._inflight), p.meta_ids]
+        self.looked: set[bytes] = set()  # digests ``read`` looked up in the database
+        self.stored: dict[bytes, int] = {}  # and those it found there
+        self.encoded: dict[int, tuple[bytes, bytes]] = {}  # id(m) → (body, digest)
 
-    def id_of(self, m: SeriesMetadata) -> int:
+    def _remembered(self, m: SeriesMetadata) -> int | None:
         for objs in self.objs:
             hit = objs.get(id(m))
             if hit is not None and hit[0] is m:
                 return hit[1]
-        body = encode_metadata(m)
-        digest = hashlib.blake2b(body, digest_size=16).digest()
+        return None
+
+    def _encoded(self, m: SeriesMetadata) -> tuple[bytes, bytes]:
+        got = self.encoded.get(id(m))
+        if got is None:
+            body = encode_metadata(m)
+            got = self.encoded[id(m)] = (body, hashlib.blake2b(body, digest_size=16).digest())
+        return got
+
+    def read(self, metas: Sequence[SeriesMetadata]) -> None:
+        """Look the digests of ``metas`` up in the database in a few queries, not one each (a
+        new sender's first request brings thousands of series)."""
+        wanted: dict[bytes, None] = {}
+        for m in metas:
+            if self._remembered(m) is None:
+                digest = self._encoded(m)[1]
+                if not any(digest in i for i in self.ids):
+                    wanted[digest] = None
+        keys = list(wanted)
+        self.looked.update(keys)
+        for i in range(0, len(keys), _META_READ_BATCH):
+            chunk = keys[i : i + _META_READ_BATCH]
+            marks = ",".join("?" * len(chunk))
+            for digest, mid in self.store._prep.execute(
+                f"SELECT digest, id FROM metadata WHERE digest IN ({marks})", chunk
+            ):
+                self.stored[bytes(digest)] = int(mid)
+
+    def id_of(self, m: SeriesMetadata) -> int:
+        mid = self._remembered(m)
+        if mid is not None:
+            return mid
+        body, digest = self._encoded(m)
         p = self.p
         mid = next((i[digest] for i in self.ids if digest in i), None)
         if mid is None:
-            row = self.store._prep.execute(
-                "SELECT id FROM metadata WHERE digest = ?", (digest,)
-            ).fetchone()
-            if row is not None:
-                mid = int(row[0])
-            else:
+            mid = self.stored.get(digest)
+            if mid is None and digest not in self.looked:
+                row = self.store._prep.execute(
+                    "SELECT id FROM metadata WHERE digest = ?", (digest,)
+                ).fetchone()
+                mid = None if row is None else int(row[0])
+            if mid is None:
                 mid = p.next_meta
                 p.next_meta += 1
                 p.meta_new.append((mid, digest, body))
@@ -642,10 +679,18 @@ class SQLiteStore(SqlBilling):
 
     def _metadata_ids(self, p: _Prepared, records: Sequence[UsageRecord]) -> list[int | None]:
         """Each record's shared metadata id (None: it has none, or its own)."""
-        meta_id = _SharedMetadata(self, p).id_of
+        shared = _SharedMetadata(self, p)
+        meta_id = shared.id_of
         metas = list(map(_METADATA, records))
         # The usual case: series seen before, found by the id of their metadata object.
-        hits = map(self._meta_objs.get, map(id, metas))
+        hits = list(map(self._meta_objs.get, map(id, metas)))
+        new = [
+            m
+            for m, hit in zip(metas, hits, strict=True)
+            if (hit is None or hit[0] is not m) and type(m) is SeriesMetadata
+        ]
+        if new:
+            shared.read(new)
         return [
             hit[1]
             if hit is not None and hit[0] is m

@@ -128,3 +128,38 @@ def test_every_row_layout_stores_every_field(store: SQLiteStore, layout: str) ->
             NOW,
         )
         assert (g.record_id, g.metadata) == (r.record_id, r.metadata)
+
+
+def test_a_reopened_store_finds_shared_metadata_in_a_few_queries(tmp_path: Path) -> None:
+    """Series metadata stored before is found by its digest, not stored twice, and a group of
+    many series seen before looks them up in batches (a query per 500), not one each."""
+    path = str(tmp_path / "m.db")
+    t = ts("2026-05-01T12:00:00")
+    metas = [SeriesMetadata(metric="m", attributes={"pod": f"p{i}"}) for i in range(1_200)]
+
+    def one(customer: str, value: int, meta: SeriesMetadata) -> UsageRecord:
+        # an equal copy: a new object, as a restarted receiver would hand
+        copy = SeriesMetadata(meta)
+        return UsageRecord(t, customer, "d", Decimal(value), None, copy, Source.REMOTE_WRITE)
+
+    def group(value: int) -> Batch:
+        return batch(*(one(f"c{i}", value, m) for i, m in enumerate(metas)))
+
+    s = SQLiteStore(path, 86400, NOW)
+    s.commit([group(1)], NOW)
+    s.close()
+    s = SQLiteStore(path, 86400, NOW)
+    try:
+        lookups: list[str] = []
+        s._prep.set_trace_callback(lambda sql: lookups.append(sql) if "metadata" in sql else None)
+        fresh = SeriesMetadata(metric="m", attributes={"pod": "new"})
+        s.commit([group(2), batch(one("c-new", 3, fresh))], NOW)
+        assert len(lookups) == 3  # 1,201 digests, 500 a query
+        rows = s._conn.execute("SELECT count(*), count(DISTINCT digest) FROM metadata")
+        assert rows.fetchone() == (1_201, 1_201)
+        pairs = s._conn.execute(
+            "SELECT count(DISTINCT meta_id), count(*) FROM records WHERE customer != 'c-new'"
+        ).fetchone()
+        assert pairs == (1_200, 2_400)  # each series' two records share its one row
+    finally:
+        s.close()
