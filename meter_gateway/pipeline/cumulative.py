@@ -390,12 +390,14 @@ def group_entry_state(e: GroupEntry) -> StreamState:
 
 
 def _decode_stream_group(raw: bytes) -> dict[str, GroupEntry]:
-    """A group's row as ``StreamGroups`` keeps it: ``decode_group``'s entries, with the whole
-    numbers among their values as ints (the same numbers: their lines do not change)."""
+    """A group's row as ``StreamGroups`` keeps it: ``decode_group``'s entries, with values
+    written as plain integers ("12", not "1.2E+1") as ints: an exponent-0 Decimal and its int
+    give the same steps to the digit, so what a series steps by never depends on whether its
+    state came from the cache or the store."""
     out: dict[str, GroupEntry] = {}
     for sid, e in decode_group(raw).items():
         value = e[2]
-        if e[3] is None and value == value.to_integral_value():
+        if e[3] is None and value.as_tuple().exponent == 0:  # (its steps: the same Decimals)
             out[sid] = (e[0], e[1], int(value), None, e[4])
         else:
             out[sid] = e

@@ -335,6 +335,30 @@ def test_int_and_double_totals_of_one_series_step_exactly(tmp_path: Path) -> Non
         assert values == ["10", "2.25", "1.75", "6.5", "2.5"]
 
 
+def test_a_series_steps_by_the_same_decimals_from_the_cache_or_from_its_row(
+    tmp_path: Path,
+) -> None:
+    """Totals kept as ints or as Decimals give steps equal to the digit ("1E+3" stays "1E+3")
+    whether the state was cached or read back from its row."""
+    totals: list[int | float] = [4000.0, 5000.0, 6000, 7000.0, 7000.5, 9000]
+
+    def steps(directory: Path, reload: bool) -> list[str]:
+        for g in _gateway(directory):
+            for minute, value in enumerate(totals, start=1):
+                if reload:  # the state as another process would read it
+                    g.otlp.streams.forget(k.rsplit("/", 1)[1] for k in g.store.state_scan("otlp/"))
+                t = T0 + minute * MIN
+                g.otlp.export(
+                    request(sum_metric([point(value, t, T0, tenant="acme")], temporality=2))
+                )
+            records = g.store.records(None, None, 0, 2**62, None, 10_000)
+        return [str(r.value) for r in sorted(records, key=lambda r: r.timestamp_ns)]
+
+    cached = steps(tmp_path / "cached", reload=False)
+    assert cached == ["4E+3", "1E+3", "1000", "1000", "0.5", "1999.5"]
+    assert steps(tmp_path / "reloaded", reload=True) == cached
+
+
 def test_state_kept_one_row_per_series_before_groups_is_continued(tmp_path: Path) -> None:
     """A gateway upgraded over state written one row per series (``otlp/<series>``) converts
     against it, and moves it into the metric's row in the commit that next touches it."""
