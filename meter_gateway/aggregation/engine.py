@@ -143,9 +143,10 @@ def _column_windows(
     method = cast(RollupColumn, dim.aggregation)
     lo, hi = windows[0][0], windows[-1][1]
     cells = store.rollup_column(customer, dim.id, floor_bucket(lo), ceil_bucket(hi), method)
-    whole = _whole_column_tail(store, customer, dim.id, cells, bounds, hi)
-    if whole is not None:
-        split_buckets.remove(whole)
+    tail = _column_tail(store, customer, dim.id, method, cells, bounds, hi)
+    if tail is not None:
+        split_buckets.remove(tail[0])
+        cells = _with_tail(cells, tail)
     skip = set(split_buckets)
     cells = [c for c in cells if c[0] not in skip]
     raw = _raw_in(store, customer, dim.id, split_buckets, lo, hi, None)
@@ -507,7 +508,10 @@ def _column_intervals(
     they need (a row made whole is five decimals; most of a year's rating was making them)."""
     method = cast(RollupColumn, dim.aggregation)
     cells = store.rollup_column(customer, dim.id, floor_bucket(from_ns), ceil_bucket(hi), method)
-    whole = _whole_column_tail(store, customer, dim.id, cells, {last_start}, hi)
+    tail = _column_tail(store, customer, dim.id, method, cells, {last_start}, hi)
+    if tail is not None:
+        cells = _with_tail(cells, tail)
+    whole = None if tail is None else tail[0]
     parts, raw_buckets = _by_interval(cells, cut, whole, interval_of)
     points: dict[int, list[Decimal]] = {}
     for p in _raw_in(store, customer, dim.id, raw_buckets, from_ns, hi, None):
@@ -519,18 +523,51 @@ def _column_intervals(
     return usage, _total(values, dim)
 
 
-def _whole_column_tail(
+def _column_tail(
     store: UsageReader,
     customer: str,
     dimension: str,
+    method: RollupColumn,
     cells: Sequence[tuple[int, Any]],
     bounds: set[int],
     hi: int,
-) -> int | None:
-    """``_whole_tail`` beside one rollup column's cells: the tail's whole row is read only
-    when the tail holds records (the cells end in its bucket), else it holds none."""
-    in_tail = bool(cells) and cells[-1][0] == floor_bucket(hi)
-    return _whole_tail(store, customer, dimension, bounds, hi, None if in_tail else [])
+) -> tuple[int, Any] | None:
+    """The bucket ``hi`` (the end of the last window, often ``as_of`` = now) splits, when no
+    other bound splits it, and one column's value of its records before ``hi`` taken from the
+    bucket's cell: the cell less the records at or after ``hi`` (a sender's clock ahead: few),
+    read with it in one snapshot, instead of every record before ``hi`` (the current hour, at
+    every rating). A sum and a count subtract; a max (min) stands when the later records'
+    max (min) is below (above) it, else the bucket is read raw (None). Value None: the bucket
+    holds no record."""
+    if not hi % BUCKET_NS:
+        return None
+    b = floor_bucket(hi)
+    if any(b < x < hi for x in bounds):
+        return None
+    if not cells or cells[-1][0] != b:
+        return b, None  # no row: no record in the bucket
+    got = store.split_tail(customer, dimension, b, hi, method)
+    if got is None:
+        return b, None  # (cancelled since the cells were read)
+    cell, later = got
+    if not later:
+        return b, cell
+    if method == "count":
+        return b, cell - len(later)
+    if method == "sum":
+        for v in later:
+            cell = EXACT.subtract(cell, v)
+        return b, cell
+    if method == "max":
+        return (b, cell) if max(later) < cell else None
+    return (b, cell) if min(later) > cell else None
+
+
+def _with_tail(cells: list[tuple[int, Any]], tail: tuple[int, Any]) -> list[tuple[int, Any]]:
+    """``cells`` with the tail bucket's cell (the last, if any) replaced by ``tail``'s value."""
+    b, value = tail
+    kept = cells[:-1] if cells and cells[-1][0] == b else cells
+    return kept if value is None else [*kept, (b, value)]
 
 
 def _by_interval(

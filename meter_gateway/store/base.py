@@ -360,6 +360,14 @@ class UsageReader(Protocol):
         most of what a long rating costs."""
         ...
 
+    def split_tail(
+        self, customer: str, dimension: str, bucket: int, at: int, column: RollupColumn
+    ) -> tuple[Any, list[Decimal]] | None:
+        """One rollup column's cell of ``bucket`` and the values of the bucket's records at or
+        after ``at``, read in one statement (one snapshot: the cell holds exactly those records
+        and the ones before ``at``); None when the bucket has no row."""
+        ...
+
     def raw(
         self, customer: str, dimension: str, from_ns: int, to_ns: int, unique_key: str | None = None
     ) -> list[RawPoint]:

@@ -304,8 +304,16 @@ _BULK_READS: dict[str, str] = {
     f"ORDER BY customer{', ' + order if order else ''} LIMIT $5"
     for name, (cols, table, at, order) in _READ_SPECS.items()
 }
-_READ_NAMES = {name: f"mg_{name}".encode() for name in (*_READS, *_BULK_READS)}
-_STATEMENTS = {**_READS, **_BULK_READS}
+# A rollup column's cell of one bucket ($4) and the values of its records at or after $3, in one
+# statement (one snapshot), tagged 0 and 1 (PostgresStore.split_tail).
+_TAIL_READS: dict[str, str] = {
+    f"tail_{c}": f"SELECT 0, {c}::text FROM rollups WHERE customer = $1 AND dimension = $2 "
+    f"AND bucket = $4 UNION ALL SELECT 1, value::text FROM records WHERE customer = $1 "
+    f"AND dimension = $2 AND ts >= $3 AND ts < $4 + {BUCKET_NS}"
+    for c in ROLLUP_COLUMNS
+}
+_READ_NAMES = {name: f"mg_{name}".encode() for name in (*_READS, *_BULK_READS, *_TAIL_READS)}
+_STATEMENTS = {**_READS, **_BULK_READS, **_TAIL_READS}
 # A sweep reads this many customers of a dimension in one statement, and at most this many
 # rows (a block's result is held until the sweep moves past it).
 SWEEP_CUSTOMERS = 200
@@ -861,6 +869,24 @@ class PostgresStore(SqlBilling):
         v = read.res.get_value
         load: Any = _int if column == "count" else _decimal
         return [(_int(v(i, 0)), load(v(i, 1))) for i in range(read.start, read.stop)]
+
+    def split_tail(
+        self, customer: str, dimension: str, bucket: int, at: int, column: RollupColumn
+    ) -> tuple[Any, list[Decimal]] | None:
+        if column not in ROLLUP_COLUMNS:
+            raise ValueError(f"not a rollup column: {column!r}")
+        if "\x00" in customer or "\x00" in dimension:
+            return None  # (no stored key holds one: see _read)
+        res, _ = self._exec(f"tail_{column}", (customer, dimension, at, bucket))
+        v = res.get_value
+        cell: Any = None
+        later: list[Decimal] = []
+        for i in range(res.ntuples):
+            if v(i, 0) == b"0":
+                cell = _int(v(i, 1)) if column == "count" else _decimal(v(i, 1))
+            else:
+                later.append(_decimal(v(i, 1)))
+        return None if cell is None else (cell, later)
 
     def raw(
         self, customer: str, dimension: str, from_ns: int, to_ns: int, unique_key: str | None = None

@@ -1018,6 +1018,26 @@ class SQLiteStore(SqlBilling):
             return cur.fetchall()
         return [(b, Decimal(v)) for b, v in cur]
 
+    def split_tail(
+        self, customer: str, dimension: str, bucket: int, at: int, column: RollupColumn
+    ) -> tuple[Any, list[Decimal]] | None:
+        if column not in ROLLUP_COLUMNS:
+            raise ValueError(f"not a rollup column: {column!r}")
+        rows = (
+            self._reader()
+            .execute(
+                f"SELECT 0, {column} FROM rollups WHERE customer=? AND dimension=? AND bucket=? "
+                f"UNION ALL SELECT 1, value FROM records WHERE {_SERIES} AND ts>=? AND ts<?",
+                (customer, dimension, bucket, customer, dimension, at, bucket + BUCKET_NS),
+            )
+            .fetchall()
+        )
+        cell = [v for tag, v in rows if tag == 0]
+        if not cell:
+            return None
+        later = [Decimal(v) for tag, v in rows if tag == 1]
+        return (int(cell[0]) if column == "count" else Decimal(cell[0])), later
+
     def raw(
         self, customer: str, dimension: str, from_ns: int, to_ns: int, unique_key: str | None = None
     ) -> list[RawPoint]:
