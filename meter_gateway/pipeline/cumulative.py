@@ -348,8 +348,8 @@ class StreamTable:
 # collector stops tracking those, so the cache of every series does not make it scan more.
 Entry = tuple[int, int, Decimal, Decimal | None, str]
 
-# A running total as ``StreamGroups`` keeps it: an ``int`` when it is a whole number (OTLP's
-# ``asInt``, and any integer line of a row), else a ``Decimal``. Both are exact and compare
+# A running total as ``StreamGroups`` keeps it: an ``int`` for an ``asInt`` total and a row's
+# value written as a plain integer, else a ``Decimal``. Both are exact and compare
 # exactly with each other; two ints subtract in a few nanoseconds where Decimals, under the
 # exact context, take a quarter of a microsecond, and an int formats its line text as fast.
 Level = Decimal | int
