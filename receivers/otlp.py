@@ -71,6 +71,7 @@ from meter_gateway.pipeline.cumulative import (
     StreamsBusy,
     convert,
     group_entry_state,
+    level_decimal,
     line,
 )
 from meter_gateway.pipeline.mapping import Mapped, Unmapped
@@ -816,7 +817,7 @@ class OtlpMetrics:
                 abouts.append(series.about)
                 in_group(sid)
                 continue
-            value = Decimal(level) if isinstance(level, int) else level
+            value = level_decimal(level)
             if is_sum:
                 if monotonic and number < 0:
                     ex.reject(
@@ -961,7 +962,7 @@ class OtlpMetrics:
                     None if state is None else group_entry_state(state),
                     start,
                     t,
-                    Decimal(value) if isinstance(value, int) else value,
+                    level_decimal(value),
                     total,
                     a.monotonic,
                 )

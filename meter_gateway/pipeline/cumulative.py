@@ -383,10 +383,14 @@ def entry_state(e: Entry) -> StreamState:
     return StreamState(e[0], e[1], e[2], e[3])
 
 
+def level_decimal(level: Level) -> Decimal:
+    """A ``Level`` as the ``Decimal`` ``convert`` and the validator take."""
+    return Decimal(level) if isinstance(level, int) else level
+
+
 def group_entry_state(e: GroupEntry) -> StreamState:
     """A ``GroupEntry``'s state for ``convert`` (its value a ``Decimal``)."""
-    value = e[2]
-    return StreamState(e[0], e[1], Decimal(value) if isinstance(value, int) else value, e[3])
+    return StreamState(e[0], e[1], level_decimal(e[2]), e[3])
 
 
 def _decode_stream_group(raw: bytes) -> dict[str, GroupEntry]:
