@@ -33,6 +33,7 @@ from meter_gateway.pipeline.mapping import Mapper
 from meter_gateway.pipeline.validate import Validator
 from meter_gateway.scheduler import Scheduler
 from meter_gateway.store import Store, open_store
+from meter_gateway.store.base import sweeping
 from meter_gateway.telemetry import (
     BillingCollector,
     BillingGauges,
@@ -88,7 +89,7 @@ class Gateway:
             lambda: self.catalog.current, lambda: self.scheduler.wake(meters.JOB_NAME)
         )
         self.period_gauges = PeriodUsageCollector(
-            self._period_gauges, config.billing.period_gauges_interval.total_seconds()
+            self._swept_period_gauges, config.billing.period_gauges_interval.total_seconds()
         )
         self.ingestor = Ingestor(
             self.store,
@@ -315,6 +316,12 @@ class Gateway:
         """Start background work (the server calls this once it is listening)."""
         self.scheduler.start()
         self.period_gauges.start()
+
+    def _swept_period_gauges(self) -> list[PeriodUsage]:
+        """``_period_gauges`` as one sweep of the store (every customer's period, read in bulk
+        where the store can)."""
+        with sweeping():
+            return list(self._period_gauges())
 
     def _period_gauges(self) -> Iterable[PeriodUsage]:
         """The current billing period of every customer with usage, as the rating path has it

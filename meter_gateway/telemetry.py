@@ -10,9 +10,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
-from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import GaugeMetricFamily
@@ -188,16 +186,6 @@ class Telemetry:
         self.registry.register(collector)
 
 
-#: Set while the period gauges are computed (``PeriodUsageCollector.refresh``), to a scratch
-#: dict that lives as long as that one computation, in that context only (its thread). Its
-#: reads sweep every customer's current period, so a store may answer them in bulk and keep
-#: what it read there, under a key of its own: ``store.postgres`` reads a block of customers
-#: in one statement (one refresh was 18,000 single reads). Reads elsewhere never see it.
-PERIOD_SWEEP: ContextVar[dict[Any, Any] | None] = ContextVar(
-    "meter_gateway_period_sweep", default=None
-)
-
-
 @dataclass(frozen=True, slots=True)
 class PeriodUsage:
     """One customer's and dimension's current billing period so far (exact decimal text), as
@@ -297,11 +285,7 @@ class PeriodUsageCollector(Collector):
             with self._cv:
                 self._dirty = False
             started, t0 = time.time(), time.perf_counter()
-            token = PERIOD_SWEEP.set({})
-            try:
-                rows = list(self._compute())
-            finally:
-                PERIOD_SWEEP.reset(token)
+            rows = list(self._compute())
             self._last = (rows, started, time.perf_counter() - t0)
 
     def wake(self) -> None:

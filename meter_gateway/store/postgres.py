@@ -39,6 +39,7 @@ from psycopg_pool import ConnectionPool
 from meter_gateway.model import Batch, CommitResult, UsageRecord
 from meter_gateway.store import corrections
 from meter_gateway.store.base import (
+    READ_SWEEP,
     ROLLUP_COLUMNS,
     CancelledRecord,
     CancelResult,
@@ -57,7 +58,6 @@ from meter_gateway.store.base import (
 )
 from meter_gateway.store.billing import SqlBilling
 from meter_gateway.store.dialect import Row, positional
-from meter_gateway.telemetry import PERIOD_SWEEP
 from meter_gateway.timebuckets import BUCKET_NS
 
 log = logging.getLogger(__name__)
@@ -413,7 +413,7 @@ class _Pairs:
 
 
 class _Sweep:
-    """What one period sweep (``telemetry.PERIOD_SWEEP``: the period gauges rating every
+    """What one period sweep (``store.base.READ_SWEEP``: the period gauges rating every
     customer) has read in bulk. Its first ``pairs()`` of all pairs is kept and answers the
     per-customer ones; a read of a pair among them reads that dimension for the next
     ``SWEEP_CUSTOMERS`` customers with usage of it, in one statement, and the following
@@ -769,7 +769,7 @@ class PostgresStore(SqlBilling):
     # --- reads -------------------------------------------------------------------------------
 
     def _sweep(self) -> _Sweep | None:
-        scratch = PERIOD_SWEEP.get()
+        scratch = READ_SWEEP.get()
         if scratch is None:
             return None
         sweep = scratch.get(self)

@@ -1,4 +1,4 @@
-"""A period sweep (``telemetry.PERIOD_SWEEP``: the period gauges rating every customer) reads
+"""A period sweep (``store.base.sweeping``: the period gauges rating every customer) reads
 the PostgreSQL store in blocks of customers: every read must answer exactly what it answers
 alone, whatever a block holds, cuts or leaves out, and only in the sweep's own context."""
 
@@ -13,8 +13,8 @@ import pytest
 
 from meter_gateway.model import Batch, Source
 from meter_gateway.store import postgres
+from meter_gateway.store.base import READ_SWEEP
 from meter_gateway.store.postgres import PostgresStore
-from meter_gateway.telemetry import PERIOD_SWEEP
 from tests import pgdb
 from tests.helpers import rec, ts
 
@@ -75,12 +75,12 @@ def sweep(store: PostgresStore, keys: list[tuple[str, str]]) -> tuple[list[Any],
         return exec_(*args)
 
     store._exec = counted  # type: ignore[method-assign]
-    token = PERIOD_SWEEP.set({})
+    token = READ_SWEEP.set({})
     try:
         assert store.pairs(None, None, HI) == sorted(store.pairs(None, None, HI))
         return [reads(store, c, d) for c, d in keys], calls
     finally:
-        PERIOD_SWEEP.reset(token)
+        READ_SWEEP.reset(token)
         del store._exec  # type: ignore[method-assign]
 
 
@@ -113,7 +113,7 @@ def test_blocks_cut_by_their_row_limit_or_size_still_answer_exactly(
 
 
 def test_a_pair_the_sweep_did_not_know_is_read_alone(store: PostgresStore) -> None:
-    token = PERIOD_SWEEP.set({})
+    token = READ_SWEEP.set({})
     try:
         assert ("late", "d1") not in store.pairs(None, None, HI)
         assert store.rollups("a", "d1", LO, HI)  # a block of d1 read
@@ -122,13 +122,13 @@ def test_a_pair_the_sweep_did_not_know_is_read_alone(store: PostgresStore) -> No
         # what the sweep read stays its answer: one rating at one instant
         assert store.pairs("late", None, HI) == []
     finally:
-        PERIOD_SWEEP.reset(token)
+        READ_SWEEP.reset(token)
     assert store.pairs("late", None, HI) == [("late", "d1")]
 
 
 def test_reads_outside_the_sweeps_context_see_every_commit(store: PostgresStore) -> None:
     seen: list[Any] = []
-    token = PERIOD_SWEEP.set({})
+    token = READ_SWEEP.set({})
     try:
         store.pairs(None, None, HI)
         before = store.rollups("a", "d1", LO, HI)
@@ -143,7 +143,7 @@ def test_reads_outside_the_sweeps_context_see_every_commit(store: PostgresStore)
         t.join()
         assert store.rollups("a", "d1", LO, HI) == before  # the sweep's block
     finally:
-        PERIOD_SWEEP.reset(token)
+        READ_SWEEP.reset(token)
     assert seen[0][0].count == before[0].count + 1
     assert seen[0] == store.rollups("a", "d1", LO, HI)
     assert seen[1] == [("a", "d1"), ("a", "d2")]
