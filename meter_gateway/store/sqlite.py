@@ -250,6 +250,7 @@ _META = "coalesce(r.metadata, (SELECT body FROM metadata WHERE id = r.meta_id))"
 _SERIES = "series = (SELECT id FROM series WHERE customer = ? AND dimension = ?)"
 # Metadata digests a prepare looks up per query.
 _META_READ_BATCH = 500
+_UNKNOWN = object()  # a record's shared metadata not remembered by its object (_metadata_ids)
 
 
 class _SharedMetadata:
@@ -679,24 +680,21 @@ class SQLiteStore(SqlBilling):
 
     def _metadata_ids(self, p: _Prepared, records: Sequence[UsageRecord]) -> list[int | None]:
         """Each record's shared metadata id (None: it has none, or its own)."""
-        shared = _SharedMetadata(self, p)
-        meta_id = shared.id_of
         metas = list(map(_METADATA, records))
-        # The usual case: series seen before, found by the id of their metadata object.
-        hits = list(map(self._meta_objs.get, map(id, metas)))
-        new = [
-            m
-            for m, hit in zip(metas, hits, strict=True)
-            if (hit is None or hit[0] is not m) and type(m) is SeriesMetadata
-        ]
-        if new:
-            shared.read(new)
-        return [
+        # The usual case, one pass: series seen before, found by the id of their metadata
+        # object. Metadata not found so (_UNKNOWN) is looked up in batches, then numbered.
+        hits = map(self._meta_objs.get, map(id, metas))
+        ids: list[Any] = [
             hit[1]
             if hit is not None and hit[0] is m
-            else (meta_id(m) if type(m) is SeriesMetadata else None)
+            else (_UNKNOWN if type(m) is SeriesMetadata else None)
             for m, hit in zip(metas, hits, strict=True)
         ]
+        if _UNKNOWN in ids:
+            shared = _SharedMetadata(self, p)
+            shared.read([m for m, i in zip(metas, ids, strict=True) if i is _UNKNOWN])
+            ids = [shared.id_of(m) if i is _UNKNOWN else i for m, i in zip(metas, ids, strict=True)]
+        return ids
 
     def _series_ids(self, p: _Prepared, records: Sequence[UsageRecord]) -> list[int]:
         """Each record's series number: remembered, in a group still in flight, stored, or
