@@ -305,15 +305,23 @@ _BULK_READS: dict[str, str] = {
     for name, (cols, table, at, order) in _READ_SPECS.items()
 }
 # A rollup column's cell of one bucket ($4) and the values of its records at or after $3, in one
-# statement (one snapshot), tagged 0 and 1 (PostgresStore.split_tail).
-_TAIL_READS: dict[str, str] = {
-    f"tail_{c}": f"SELECT 0, {c}::text FROM rollups WHERE customer = $1 AND dimension = $2 "
-    f"AND bucket = $4 UNION ALL SELECT 1, value::text FROM records WHERE customer = $1 "
+# statement (one snapshot), tagged 0 and 1 (PostgresStore.split_tail); in a sweep, for a block
+# of customers like the reads above (the customer last, grouped, at most $5 rows).
+_TAIL = (
+    "SELECT 0, {c}::text{also} FROM rollups WHERE customer {who} AND dimension = $2 "
+    "AND bucket = $4 UNION ALL SELECT 1, value::text{also} FROM records WHERE customer {who} "
     f"AND dimension = $2 AND ts >= $3 AND ts < $4 + {BUCKET_NS}"
-    for c in ROLLUP_COLUMNS
+)
+_TAIL_READS: dict[str, str] = {
+    **{f"tail_{c}": _TAIL.format(c=c, also="", who="= $1") for c in ROLLUP_COLUMNS},
+    **{
+        f"bulk_tail_{c}": _TAIL.format(c=c, also=", customer", who="= ANY($1::text[])")
+        + " ORDER BY customer LIMIT $5"
+        for c in ROLLUP_COLUMNS
+    },
 }
-_READ_NAMES = {name: f"mg_{name}".encode() for name in (*_READS, *_BULK_READS, *_TAIL_READS)}
 _STATEMENTS = {**_READS, **_BULK_READS, **_TAIL_READS}
+_READ_NAMES = {name: f"mg_{name}".encode() for name in _STATEMENTS}
 # A sweep reads this many customers of a dimension in one statement, and at most this many
 # rows (a block's result is held until the sweep moves past it).
 SWEEP_CUSTOMERS = 200
@@ -800,9 +808,9 @@ class PostgresStore(SqlBilling):
         return res, enc
 
     def _read(self, name: str, customer: str, dimension: str, lo: int, hi: int) -> _Rows | None:
-        """The rows of the read ``name`` of ``_READS`` for one (customer, dimension) and range:
-        in a period sweep from its block when one covers them, else as a statement of their
-        own. None, without asking, for a key with NUL: no stored key holds one (PostgreSQL
+        """The rows of the read ``name`` (of ``_READS`` or ``_TAIL_READS``) for one (customer,
+        dimension) and range: in a period sweep from its block when one covers them, else as a
+        statement of their own. None, without asking, for a key with NUL: no stored key holds one (PostgreSQL
         text cannot), and libpq would cut a text parameter there."""
         if "\x00" in customer or "\x00" in dimension:
             return None
@@ -875,13 +883,13 @@ class PostgresStore(SqlBilling):
     ) -> tuple[Any, list[Decimal]] | None:
         if column not in ROLLUP_COLUMNS:
             raise ValueError(f"not a rollup column: {column!r}")
-        if "\x00" in customer or "\x00" in dimension:
-            return None  # (no stored key holds one: see _read)
-        res, _ = self._exec(f"tail_{column}", (customer, dimension, at, bucket))
-        v = res.get_value
+        read = self._read(f"tail_{column}", customer, dimension, at, bucket)
+        if read is None:
+            return None
+        v = read.res.get_value
         cell: Any = None
         later: list[Decimal] = []
-        for i in range(res.ntuples):
+        for i in range(read.start, read.stop):
             if v(i, 0) == b"0":
                 cell = _int(v(i, 1)) if column == "count" else _decimal(v(i, 1))
             else:

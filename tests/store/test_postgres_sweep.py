@@ -13,7 +13,7 @@ import pytest
 
 from meter_gateway.model import Batch, Source
 from meter_gateway.store import postgres
-from meter_gateway.store.base import READ_SWEEP
+from meter_gateway.store.base import READ_SWEEP, sweeping
 from meter_gateway.store.postgres import PostgresStore
 from tests import pgdb
 from tests.helpers import rec, ts
@@ -147,3 +147,40 @@ def test_reads_outside_the_sweeps_context_see_every_commit(store: PostgresStore)
     assert seen[0][0].count == before[0].count + 1
     assert seen[0] == store.rollups("a", "d1", LO, HI)
     assert seen[1] == [("a", "d1"), ("a", "d2")]
+
+
+def test_a_split_hour_is_read_in_blocks_and_answers_what_it_answers_alone(
+    store: PostgresStore,
+) -> None:
+    """``split_tail`` (the hour ``as_of`` cuts: its cell and its later records) goes through the
+    sweep's blocks like the other reads: the same answers, a statement per block."""
+    hour = CUT - CUT % 3_600_000_000_000
+
+    def tails(s: PostgresStore) -> list[Any]:
+        return [
+            s.split_tail(c, d, hour, CUT, column)
+            for column in ("count", "sum", "max")
+            for c, d in KEYS
+        ]
+
+    alone = tails(store)
+    assert any(t is not None and t[1] for t in alone)  # some hour has records after CUT
+    calls = 0
+    exec_ = store._exec
+
+    def counted(*args: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        return exec_(*args)
+
+    store._exec = counted  # type: ignore[method-assign]
+    try:
+        with sweeping():
+            store.pairs(None, None, HI)
+            assert tails(store) == alone
+    finally:
+        del store._exec  # type: ignore[method-assign]
+    # per column, one block each for d1 and d2, and the nine pairs without usage alone (as the
+    # other reads: see the first test), against 22 statements each without the sweep
+    assert calls == 3 * (2 + 9)
+    assert len(alone) == 3 * 22
