@@ -810,8 +810,8 @@ class PostgresStore(SqlBilling):
     def _read(self, name: str, customer: str, dimension: str, lo: int, hi: int) -> _Rows | None:
         """The rows of the read ``name`` (of ``_READS`` or ``_TAIL_READS``) for one (customer,
         dimension) and range: in a period sweep from its block when one covers them, else as a
-        statement of their own. None, without asking, for a key with NUL: no stored key holds one (PostgreSQL
-        text cannot), and libpq would cut a text parameter there."""
+        statement of their own. None, without asking, for a key with NUL: no stored key holds
+        one (PostgreSQL text cannot), and libpq would cut a text parameter there."""
         if "\x00" in customer or "\x00" in dimension:
             return None
         sweep = self._sweep()
