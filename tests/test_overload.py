@@ -289,6 +289,35 @@ def test_the_background_refresh_takes_a_twentieth_of_a_thread_even_past_its_inte
     assert len(spans) <= 4
 
 
+def test_the_refresh_waits_for_commits_to_settle_or_the_interval() -> None:
+    """While commits keep coming the gauges are refreshed every interval, not after each
+    commit (every refresh rates every customer, in the database too); once commits stop, a
+    refresh follows ``settle_s`` after the last one."""
+    ends: list[float] = []
+    collector = PeriodUsageCollector(
+        lambda: ends.append(time.monotonic()) or [], interval_s=1.0, min_gap_s=0.01, settle_s=0.2
+    )
+    collector.start()
+    try:
+        time.sleep(0.1)  # the first refresh, at start
+        busy_from = time.monotonic()
+        until = busy_from + 3.0
+        while time.monotonic() < until:
+            collector.wake()  # a commit every 10 ms
+            time.sleep(0.01)
+        last_wake = time.monotonic()
+        time.sleep(0.7)
+    finally:
+        collector.close()
+    busy = [t for t in ends if busy_from < t <= last_wake]
+    # every interval (3 or 4 in 3 s, where a refresh after every commit would give hundreds)
+    assert 2 <= len(busy) <= 4, busy
+    assert min(b - a for a, b in itertools.pairwise(busy)) >= 0.9, busy
+    settled = [t for t in ends if t > last_wake]
+    assert len(settled) == 1, (settled, last_wake)
+    assert 0.15 <= settled[0] - last_wake <= 0.6, settled[0] - last_wake
+
+
 def test_metrics_show_the_period_gauges_of_the_last_refresh(tmp_path: Path) -> None:
     with serve(tmp_path, {}) as (gw, _store, url):
         r = post(url, body("p", 5))
