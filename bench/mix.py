@@ -592,6 +592,32 @@ def check_after_load(
         res.problems.append("ids seeded before start-up did not come back all duplicates")
 
 
+def pg_wal(url: str) -> tuple[int, int, int]:
+    """The server's WAL bytes, full-page images and checkpoints so far (``pg_stat_wal``,
+    PostgreSQL 14+; zeros before)."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        try:
+            row = conn.execute(
+                "SELECT w.wal_bytes, w.wal_fpi, b.checkpoints_timed + b.checkpoints_req "
+                "FROM pg_stat_wal w, pg_stat_bgwriter b"
+            ).fetchone()
+        except psycopg.Error:
+            return 0, 0, 0
+    return (int(row[0]), int(row[1]), int(row[2])) if row else (0, 0, 0)
+
+
+def wal_line(before: tuple[int, int, int], after: tuple[int, int, int], records: int) -> str:
+    """What the load wrote to PostgreSQL's WAL, per record: a B-tree page first written
+    after a checkpoint goes to the WAL whole (a full-page image), so an index on random keys
+    (dedup keys) writes about a page per record until the next checkpoint."""
+    wal, fpi, ckpt = (a - b for a, b in zip(after, before, strict=True))
+    n = max(records, 1)
+    return (
+        f"WAL {wal / n:,.0f} bytes/record, {1000 * fpi / n:,.0f} full-page images per 1,000 "
+        f"records, {ckpt} checkpoints during the load"
+    )
+
+
 def run_phase(kind: str, order: str, args: argparse.Namespace, root: Path) -> MixResult:
     tag = f"[{kind} {order}-of-order]" if order == "out" else f"[{kind} in-order]"
     workdir = root / f"{kind}-{order}"
@@ -613,12 +639,15 @@ def run_phase(kind: str, order: str, args: argparse.Namespace, root: Path) -> Mi
                 time.sleep(0.5)
             perf = start_perf(f"{args.perf}-{kind}-{order}.data") if args.perf else None
             pg0 = pg_backends_cpu(url) if kind == "postgres" else {}
+            wal0 = pg_wal(url) if kind == "postgres" else (0, 0, 0)
             results, res.server_cpu_s, res.machine_cpu_s = run_load(
                 gw, plan, args.procs, args.connections
             )
+            wal = ""
             if kind == "postgres":
                 pg1 = pg_backends_cpu(url)
                 res.pg_cpu_s = sum(t - pg0.get(pid, 0.0) for pid, t in pg1.items())
+                wal = wal_line(wal0, pg_wal(url), sum(r.accepted for r in results))
             if spy is not None:
                 spy.send_signal(signal.SIGINT)
                 spy.wait(60)
@@ -648,6 +677,8 @@ def run_phase(kind: str, order: str, args: argparse.Namespace, root: Path) -> Mi
                 )
                 + f"machine {res.machine_cpu_s:.1f}s; peak RSS {res.peak_rss_mb:.0f} MB"
             )
+            if wal:
+                print(f"{tag} {wal}")
             print(f"{tag} {scrape_stats(gw)}")
             ok_batches = sorted(b for r in results for b in r.ok_batches)
             check_after_load(gw, plan, ok_batches, known, res)
