@@ -270,7 +270,8 @@ class TaxRate(_Model):
 class BillingConfig(_Model):
     timezone: str = "UTC"
     # How often the meter_gateway_period_* gauges are recomputed (in the background, by
-    # rating every customer with usage); scrapes read the last result.
+    # rating every customer with usage; sooner once this replica's commits have settled, and
+    # only this often while they keep coming); scrapes read the last result.
     period_gauges_interval: Duration = Field(default=timedelta(seconds=15), gt=timedelta(0))
     issuer: Issuer | None = None
     # Net payment terms: an invoice is due this many days after its issue date.
