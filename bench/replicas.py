@@ -94,7 +94,7 @@ def seed_pg(url: str, n: int) -> list[str]:
             "FROM generate_series(1, %s) AS i",
             (uuid.uuid4().hex, now_s, n - len(known)),
         )
-        conn.execute("ALTER TABLE dedup_keys ADD PRIMARY KEY (key)")
+        conn.execute("ALTER TABLE dedup_keys ADD PRIMARY KEY (prefix)")  # (migration 7)
         conn.execute("VACUUM ANALYZE dedup_keys")
     return known
 
