@@ -4,11 +4,14 @@ group holding several of them, keys past the window) and across the migration.""
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 from dataclasses import replace
 
 import psycopg
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from meter_gateway.model import Batch, Source
 from meter_gateway.store.postgres import MIGRATIONS, PostgresStore
@@ -128,3 +131,59 @@ def test_migration_7_keeps_every_key_of_the_window_including_colliding_ones(url:
         assert store.stats()["dedup_keys"] == 4
     finally:
         store.close()
+
+
+# Generated runs against a model: a key is new when it was never marked or last marked before
+# the window; marking a duplicate does not move its time. Keys come from two prefixes and four
+# tails, so most of a run's keys share a prefix with another; the copy is tried or skipped at
+# random, and purges come in between.
+TAILS = ("11", "22", "33", "44")
+FORWARD = st.sampled_from([0, 1, WINDOW_S // 2, WINDOW_S // 2 + 1, WINDOW_S, WINDOW_S + 1])  # s
+STEP = st.one_of(
+    st.tuples(
+        st.just("commit"),
+        st.lists(st.tuples(st.integers(0, 1), st.sampled_from(TAILS)), min_size=1, max_size=5),
+        FORWARD,
+        st.booleans(),  # try the copy first
+    ),
+    st.tuples(st.just("purge"), st.just([]), FORWARD, st.just(False)),
+)
+
+
+@pytest.fixture(scope="module")
+def shared_store() -> Iterator[PostgresStore]:
+    u = pgdb.create_database()
+    store = PostgresStore(u, WINDOW_S, NOW)
+    yield store
+    store.close()
+    pgdb.drop_database(u)
+
+
+@settings(
+    max_examples=300,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+    database=None,
+)
+@given(steps=st.lists(STEP, min_size=1, max_size=12))
+def test_marking_keys_that_share_prefixes_agrees_with_a_model(
+    shared_store: PostgresStore,
+    steps: list[tuple[str, list[tuple[int, str]], int, bool]],
+) -> None:
+    store = shared_store
+    salt = uuid.uuid4().bytes[:7]  # keys of this example only (the store is shared)
+    now_s = NOW_S
+    marked: dict[bytes, int] = {}  # the model: key -> when it was last marked new
+    for op, picks, forward, copy in steps:
+        now_s += forward
+        if op == "purge":
+            store.purge_dedup(now_s * 10**9)
+            continue
+        keys = sorted({salt + bytes([p]) + bytes.fromhex(t * 8) for p, t in picks})
+        want_new = {k for k in keys if k not in marked or marked[k] < now_s - WINDOW_S}
+        store._copy_pause = 0 if copy else 1
+        r = rec("2026-05-01T10:00:00", "1")
+        batch = Batch(Source.REST, [replace(r, record_id=k.hex(), dedup_key=k) for k in keys])
+        [got] = store.commit([batch], now_s * 10**9)
+        assert (got.accepted, got.duplicates) == (len(want_new), len(keys) - len(want_new))
+        marked.update(dict.fromkeys(want_new, now_s))
