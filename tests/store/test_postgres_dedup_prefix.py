@@ -4,6 +4,8 @@ group holding several of them, keys past the window) and across the migration.""
 
 from __future__ import annotations
 
+import random
+import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import replace
@@ -187,3 +189,38 @@ def test_marking_keys_that_share_prefixes_agrees_with_a_model(
         [got] = store.commit([batch], now_s * 10**9)
         assert (got.accepted, got.duplicates) == (len(want_new), len(keys) - len(want_new))
         marked.update(dict.fromkeys(want_new, now_s))
+
+
+def test_replicas_marking_keys_that_share_prefixes_at_once_accept_each_key_once(url: str) -> None:
+    """Two replicas commit groups drawn from twelve keys on two prefixes at the same time: the
+    slots, the collision rows and the copies race, and every key is accepted exactly once."""
+    stores = [PostgresStore(url, WINDOW_S, NOW) for _ in range(2)]
+    pool = [
+        bytes([p]) * 8 + bytes.fromhex(t * 8)
+        for p in (1, 2)
+        for t in ("a1", "b2", "c3", "d4", "e5", "f6")
+    ]
+    accepted = [0, 0]
+
+    def replica(n: int) -> None:
+        rnd = random.Random(n)
+        for _ in range(40):
+            keys = sorted(set(rnd.sample(pool, rnd.randint(1, 5))))
+            stores[n]._copy_pause = rnd.choice((0, 1))
+            r = rec("2026-05-01T10:00:00", "1")
+            batch = Batch(Source.REST, [replace(r, record_id=k.hex(), dedup_key=k) for k in keys])
+            [got] = stores[n].commit([batch], NOW)
+            accepted[n] += got.accepted
+
+    threads = [threading.Thread(target=replica, args=(n,)) for n in range(2)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert sum(accepted) == len(pool)
+        assert stores[0].stats() == {"records": len(pool), "dedup_keys": len(pool)}
+        assert len(table(url, "dedup_keys")) == 2  # one slot a prefix, the rest collisions
+    finally:
+        for s in stores:
+            s.close()
