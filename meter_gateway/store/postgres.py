@@ -647,7 +647,6 @@ class PostgresStore(SqlBilling):
         another key holds fails the copy too, and one kept in ``dedup_collisions`` would not:
         while that table has rows, a copy is checked against it before it stands."""
         cur = conn.cursor()
-        hexes = ",".join([k.hex() for k in keys])
         cutoff = now_s - self.dedup_window_s
         if self._copy_pause > 0:
             self._copy_pause -= 1
@@ -656,7 +655,7 @@ class PostgresStore(SqlBilling):
                 with conn.transaction():
                     with cur.copy("COPY dedup_keys (key, seen_s) FROM STDIN (FORMAT BINARY)") as cp:
                         cp.write(_dedup_copy(keys, now_s))
-                    if self._collisions_live(cur, hexes, cutoff):
+                    if self._collisions_live(cur, keys, cutoff):
                         raise _Collided
                 return set(keys)
             except pg_errors.UniqueViolation:
@@ -666,13 +665,15 @@ class PostgresStore(SqlBilling):
         return self._mark_slow(cur, keys, now_s, cutoff)
 
     @staticmethod
-    def _collisions_live(cur: psycopg.Cursor[Any], hexes: str, cutoff: int) -> set[bytes]:
-        """Keys (hex, comma-separated) that ``dedup_collisions`` holds within the window (the
-        table is empty but for keys sharing a prefix with another: one statement usually)."""
+    def _collisions_live(
+        cur: psycopg.Cursor[Any], keys: Sequence[bytes], cutoff: int
+    ) -> set[bytes]:
+        """Those of ``keys`` that ``dedup_collisions`` holds within the window (the table is
+        empty but for keys sharing a prefix with another: one statement usually)."""
         row = cur.execute("SELECT EXISTS (SELECT 1 FROM dedup_collisions)").fetchone()
         if not (row and row[0]):
             return set()
-        cur.execute(_COLLISIONS_LIVE, {"keys": hexes, "cutoff": cutoff})
+        cur.execute(_COLLISIONS_LIVE, {"keys": ",".join([k.hex() for k in keys]), "cutoff": cutoff})
         return {bytes(r[0]) for r in cur.fetchall()}
 
     def _mark_slow(
@@ -683,7 +684,7 @@ class PostgresStore(SqlBilling):
         slot holds another key within the window goes to ``dedup_collisions``. Keys sharing a
         prefix within the group go to the slot one at a time (an upsert may not touch a row
         twice), the others after it as collisions or repeats."""
-        seen = self._collisions_live(cur, ",".join([k.hex() for k in keys]), cutoff)
+        seen = self._collisions_live(cur, keys, cutoff)
         first: dict[bytes, bytes] = {}
         later: list[bytes] = []
         for k in keys:
