@@ -73,3 +73,18 @@ def store_url(workdir: Path, file: str = "gateway.db") -> str:
     if store_kind() == "postgres":
         return database_for(workdir)
     return f"sqlite:///{workdir / file}"
+
+
+def schema_at(url: str, version: int) -> None:
+    """Bring a fresh database to ``version`` of the PostgreSQL store's migrations, as a
+    gateway of that version left it (to test the migrations after it)."""
+    from meter_gateway.store.postgres import MIGRATIONS
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(
+            "CREATE TABLE meter_gateway_schema "
+            "(version int PRIMARY KEY, applied_ns bigint NOT NULL)"
+        )
+        for i, script in enumerate(MIGRATIONS[:version], start=1):
+            conn.execute(script)
+            conn.execute("INSERT INTO meter_gateway_schema VALUES (%s, 0)", (i,))

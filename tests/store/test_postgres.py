@@ -206,14 +206,8 @@ def test_seqs_come_in_blocks_after_migration_6_and_stay_unique_beside_an_older_r
     url: str,
 ) -> None:
     # a database at version 5, with records whose seqs came one nextval a record
+    pgdb.schema_at(url, 5)
     with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute(
-            "CREATE TABLE meter_gateway_schema "
-            "(version int PRIMARY KEY, applied_ns bigint NOT NULL)"
-        )
-        for i, script in enumerate(MIGRATIONS[:5], start=1):
-            conn.execute(script)
-            conn.execute("INSERT INTO meter_gateway_schema VALUES (%s, 0)", (i,))
         old = [
             r[0] for r in conn.execute("SELECT nextval('records_seq') FROM generate_series(1, 3)")
         ]

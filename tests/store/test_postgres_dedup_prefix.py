@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from meter_gateway.model import Batch, Source
-from meter_gateway.store.postgres import MIGRATIONS, PostgresStore
+from meter_gateway.store.postgres import PostgresStore
 from tests import pgdb
 from tests.helpers import rec, ts
 
@@ -113,14 +113,8 @@ def test_keys_past_the_window_give_up_their_slot_and_count_as_new(url: str) -> N
 
 def test_migration_7_keeps_every_key_of_the_window_including_colliding_ones(url: str) -> None:
     a, b, other = key("aa"), key("bb"), bytes(range(16))
+    pgdb.schema_at(url, 6)
     with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute(
-            "CREATE TABLE meter_gateway_schema "
-            "(version int PRIMARY KEY, applied_ns bigint NOT NULL)"
-        )
-        for i, script in enumerate(MIGRATIONS[:6], start=1):
-            conn.execute(script)
-            conn.execute("INSERT INTO meter_gateway_schema VALUES (%s, 0)", (i,))
         conn.execute(
             "INSERT INTO dedup_keys (key, seen_s) VALUES (%s, %s), (%s, %s), (%s, %s)",
             (a, NOW_S - 10, b, NOW_S - 5, other, NOW_S),

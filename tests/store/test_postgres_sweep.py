@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
 
@@ -64,24 +65,32 @@ def reads(store: PostgresStore, customer: str, dimension: str) -> list[Any]:
     ]
 
 
-def sweep(store: PostgresStore, keys: list[tuple[str, str]]) -> tuple[list[Any], int]:
-    """``reads`` of each key inside a sweep (after its pairs() of all pairs); statements run."""
-    calls = 0
+@contextmanager
+def counting(store: PostgresStore) -> Iterator[list[int]]:
+    """The statements ``store`` runs meanwhile: ``[n]``, read after the block."""
+    calls = [0]
     exec_ = store._exec
 
     def counted(*args: Any) -> Any:
-        nonlocal calls
-        calls += 1
+        calls[0] += 1
         return exec_(*args)
 
     store._exec = counted  # type: ignore[method-assign]
-    token = READ_SWEEP.set({})
     try:
-        assert store.pairs(None, None, HI) == sorted(store.pairs(None, None, HI))
-        return [reads(store, c, d) for c, d in keys], calls
+        yield calls
     finally:
-        READ_SWEEP.reset(token)
         del store._exec  # type: ignore[method-assign]
+
+
+def sweep(store: PostgresStore, keys: list[tuple[str, str]]) -> tuple[list[Any], int]:
+    """``reads`` of each key inside a sweep (after its pairs() of all pairs); statements run."""
+    with counting(store) as calls:
+        token = READ_SWEEP.set({})
+        try:
+            assert store.pairs(None, None, HI) == sorted(store.pairs(None, None, HI))
+            return [reads(store, c, d) for c, d in keys], calls[0]
+        finally:
+            READ_SWEEP.reset(token)
 
 
 KEYS = [(c, d) for c in sorted(CUSTOMERS) for d in ("d1", "d2", "d3")] + [("nobody", "d1")]
@@ -165,22 +174,10 @@ def test_a_split_hour_is_read_in_blocks_and_answers_what_it_answers_alone(
 
     alone = tails(store)
     assert any(t is not None and t[1] for t in alone)  # some hour has records after CUT
-    calls = 0
-    exec_ = store._exec
-
-    def counted(*args: Any) -> Any:
-        nonlocal calls
-        calls += 1
-        return exec_(*args)
-
-    store._exec = counted  # type: ignore[method-assign]
-    try:
-        with sweeping():
-            store.pairs(None, None, HI)
-            assert tails(store) == alone
-    finally:
-        del store._exec  # type: ignore[method-assign]
+    with counting(store) as calls, sweeping():
+        store.pairs(None, None, HI)
+        assert tails(store) == alone
     # per column, one block each for d1 and d2, and the nine pairs without usage alone (as the
     # other reads: see the first test), against 22 statements each without the sweep
-    assert calls == 3 * (2 + 9)
+    assert calls[0] == 3 * (2 + 9)
     assert len(alone) == 3 * 22
