@@ -70,7 +70,6 @@ print(buf.value.decode().count("<heap nr="))
 """
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc arenas")
 def test_the_server_keeps_glibc_to_two_malloc_arenas() -> None:
     env = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"}
 
