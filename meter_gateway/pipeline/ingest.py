@@ -318,6 +318,9 @@ class Ingestor:
 
     def _apply_loop(self) -> None:
         store: PipelinedStore = self._store  # type: ignore[assignment]
+        # Work a store does behind its commits (SQLite writes merged rollups), once a group's
+        # answers are out.
+        behind: Callable[[], None] | None = getattr(store, "write_behind", None)
         while (item := self._prepared.get()) is not None:
             group, prepared, spent = item
             start = time.perf_counter()
@@ -335,6 +338,8 @@ class Ingestor:
                 with self._cond:
                     self._in_pipeline -= 1
                     self._cond.notify_all()
+            if behind is not None:
+                behind()
 
     def _hand_back(self, group: list[_Pending], split: bool) -> None:
         with self._cond:

@@ -217,8 +217,19 @@ class RollupRow:
     wsum: Decimal
 
 
+class Bucketed(Protocol):
+    """What ``rollup_partials`` reads of a record: a ``UsageRecord``, or one read back."""
+
+    @property
+    def timestamp_ns(self) -> int: ...
+    @property
+    def customer_id(self) -> str: ...
+    @property
+    def dimension_id(self) -> str: ...
+
+
 def rollup_partials(
-    records: Sequence[UsageRecord], values: Sequence[Decimal], seqs: Sequence[int]
+    records: Sequence[Bucketed], values: Sequence[Decimal], seqs: Sequence[int]
 ) -> dict[RollupKey, list[Any]]:
     """A commit's new records per (customer, dimension, bucket): [count, sum, min, max, last
     ts, last seq, last value, wsum] (``RollupRow``'s fields), for a store to merge into its rows.
