@@ -436,20 +436,20 @@ class SQLiteStore(SqlBilling):
         self._readers: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
         self._local = threading.local()
-        # Rollups are merged after each commit and written behind it (``_flush_rollups``):
-        # ``_dirty`` holds the rows merged since the last flush, ``_cache`` rows as written
-        # (about 700 bytes each: the keys being merged are the current hours of the series
-        # sending; a miss is read in a batch of 500). ``_merged_upto`` is the seq up to which
-        # the rows hold the records, ``_flushed_upto`` what the database's rows hold
-        # (``rollups_upto``). All under ``_conn_lock``, which also serializes the writer
-        # connection: a group's commit and its merge happen under one hold, so a flush never
-        # writes rows behind the records a read can see.
+        # Rollups are written behind the commits: ``_dirty`` holds the partials of the groups
+        # committed since the last flush (``rollup_partials``' lists, one per key, added up in
+        # place), ``_cache`` rows as written (about 700 bytes each: the keys being written are
+        # the current hours of the series sending; a miss is read in a batch of 500).
+        # ``_merged_upto`` is the seq up to which ``_dirty`` and the rows hold the records,
+        # ``_flushed_upto`` what the database's rows hold (``rollups_upto``). All under
+        # ``_conn_lock``, which also serializes the writer connection: a group's commit and its
+        # fold happen under one hold, so a flush never writes rows behind the records a read
+        # can see.
         self._conn_lock = threading.Lock()
-        self._dirty: dict[RollupKey, RollupRow] = {}
+        self._dirty: dict[RollupKey, list[Any]] = {}
         self._dirty_since = 0.0  # monotonic time of the oldest row in _dirty
         self._cache: dict[RollupKey, RollupRow] = {}
         self._cache_size = rollup_cache_size
-        self._rollups_stale = False  # a merge failed: replay the records past the mark
         # A cancelled record's seq is never given again (the audit list keeps it).
         row = self._conn.execute(
             "SELECT max(coalesce((SELECT max(seq) FROM records), 0), "
@@ -811,7 +811,7 @@ class SQLiteStore(SqlBilling):
                 p.committed = True
                 self._next_apply += 1
                 # Under the same hold as the commit: a flush never writes the rows without a
-                # group whose records a read could already see.
+                # group whose records a read could already see. Only the fold: no row is read.
                 self._merge_committed(p)
                 if p.now_s - self._last_purge_s >= 600:
                     self._purge_dedup_log(p.now_s)
@@ -835,36 +835,46 @@ class SQLiteStore(SqlBilling):
     # --- rollups, written behind the commits ---------------------------------------------------
 
     def _merge_committed(self, p: _Prepared) -> None:
-        """Merge a committed group's rollup partials into ``_dirty`` (under ``_conn_lock``).
-        A failure (reading a row it merges with) is the rows', not the group's: the group
-        stays committed, and the rows are rebuilt from the records past the mark before the
-        next read or flush (``_replay_rollups``)."""
-        if self._rollups_stale or not p.partials:
-            return
-        try:
-            merged = self._merge_rollups(p.partials)
-        except sqlite3.Error:
-            log.exception("merging rollups failed; they are rebuilt from the records")
-            self._rollups_stale = True
-            return
-        if not self._dirty:
-            self._dirty_since = time.monotonic()
-        self._dirty.update(merged)
+        """Fold a committed group's rollup partials into ``_dirty`` (under ``_conn_lock``):
+        a key new since the last flush takes the group's partial as it is, a known one adds
+        it in place. No row is read or built here; that happens once a flush
+        (``_flush_rollups``)."""
+        if p.partials:
+            self._fold_partials(p.partials)
         self._merged_upto = max(self._merged_upto, p.next_seq - 1)
 
+    def _fold_partials(self, partials: dict[RollupKey, list[Any]]) -> None:
+        dirty = self._dirty
+        if not dirty:
+            self._dirty_since = time.monotonic()
+        add = EXACT.add
+        for key, b in partials.items():
+            a = dirty.get(key)
+            if a is None:
+                dirty[key] = b  # the group's own list: nothing else holds it after the commit
+                continue
+            # b's records all come after a's (higher seqs): the rules of _merge_rollups
+            a[0] += b[0]
+            a[1] = add(a[1], b[1])
+            if b[2] < a[2]:
+                a[2] = b[2]
+            if b[3] > a[3]:
+                a[3] = b[3]
+            if b[4] > a[4] or (b[4] == a[4] and b[5] > a[5]):
+                a[4], a[5], a[6] = b[4], b[5], b[6]
+            a[7] = add(a[7], b[7])
+
     def _merge_rollups(self, acc: dict[RollupKey, list[Any]]) -> dict[RollupKey, RollupRow]:
-        """``acc``'s partials merged with each key's row now: merged since the last flush,
-        cached as written, else the database's (read in batches: at every new hour, every
-        series' key is new, and one query each cost more than the rest of the merge)."""
-        dirty_get, cache_get = self._dirty.get, self._cache.get
+        """``acc``'s partials merged with each key's row as written: cached, else the
+        database's (read in batches: at every new hour, every series' key is new, and one
+        query each cost more than the rest of the merge)."""
+        cache_get = self._cache.get
         olds: dict[RollupKey, RollupRow | None] = {}
         missing: list[RollupKey] = []
         for key in acc:
-            row = dirty_get(key)
+            row = cache_get(key)
             if row is None:
-                row = cache_get(key)
-                if row is None:
-                    missing.append(key)
+                missing.append(key)
             olds[key] = row
         for i in range(0, len(missing), _ROLLUP_READ_BATCH):
             chunk = missing[i : i + _ROLLUP_READ_BATCH]
@@ -900,12 +910,7 @@ class SQLiteStore(SqlBilling):
         return out
 
     def _replay_rollups(self) -> None:
-        """Merge the records after ``_merged_upto`` into the rows (under ``_conn_lock``, or
-        at open): those a crash left unflushed, or all since the mark once a merge failed."""
-        if self._rollups_stale:
-            self._dirty.clear()
-            self._cache.clear()
-            self._merged_upto = self._flushed_upto
+        """At open: fold in the records after the mark, those a crash left unwritten."""
         last = self._merged_upto
         while True:
             rows = self._conn.execute(
@@ -917,22 +922,18 @@ class SQLiteStore(SqlBilling):
                 break
             records = [_Replayed(ts, c, d) for _, ts, c, d, _ in rows]
             values = [Decimal(v) for *_, v in rows]
-            merged = self._merge_rollups(rollup_partials(records, values, [r[0] for r in rows]))
-            if not self._dirty:
-                self._dirty_since = time.monotonic()
-            self._dirty.update(merged)
+            self._fold_partials(rollup_partials(records, values, [r[0] for r in rows]))
             last = rows[-1][0]
         self._merged_upto = last
-        self._rollups_stale = False
 
     def _flush_rollups(self) -> None:
-        """Write the rows merged since the last flush and move the mark (under
-        ``_conn_lock``). A failure leaves them merged, for the next flush."""
-        if self._rollups_stale:
-            self._replay_rollups()
-        rows = self._dirty
-        if not rows and self._merged_upto == self._flushed_upto:
+        """Merge the partials folded since the last flush with the rows as written, write
+        them and move the mark (under ``_conn_lock``). A failure (reading the rows, writing
+        them) leaves the partials folded, for the next flush."""
+        parts = self._dirty
+        if not parts and self._merged_upto == self._flushed_upto:
             return
+        rows = self._merge_rollups(parts)
         with self._write_txn(self._conn):
             if rows:
                 self._conn.execute(APPLY, _ROLLUPS_ONLY._replace(rollups=rollups_json(rows)))
@@ -945,22 +946,21 @@ class SQLiteStore(SqlBilling):
 
     def _settle_rollups(self) -> None:
         """Before a read of rollups: the database's rows hold every committed group that has
-        been answered (each merged before its ``apply`` returned)."""
-        if self._flushed_upto >= self._merged_upto and not self._dirty and not self._rollups_stale:
+        been answered (each folded in before its ``apply`` returned)."""
+        if self._flushed_upto >= self._merged_upto and not self._dirty:
             return
         with self._conn_lock:
             self._flush_rollups()
 
     def write_behind(self) -> None:
-        """After a commit's answer (``Ingestor``): write the merged rollups once
-        _ROLLUP_FLUSH_ROWS wait or the oldest has waited _ROLLUP_FLUSH_S. A failure is logged;
-        the rows stay merged, and a read that needs them tries again."""
-        if not (self._dirty or self._rollups_stale):
+        """After a commit's answer (``Ingestor``): write the folded rollups once
+        _ROLLUP_FLUSH_ROWS keys wait or the oldest has waited _ROLLUP_FLUSH_S. A failure is
+        logged; the partials stay folded, and a read that needs them tries again."""
+        if not self._dirty:
             return
         if (
             len(self._dirty) < _ROLLUP_FLUSH_ROWS
             and time.monotonic() - self._dirty_since < _ROLLUP_FLUSH_S
-            and not self._rollups_stale
         ):
             return
         try:
