@@ -4,7 +4,9 @@ Records are appended in ingest order (integer primary key), so writes go to the 
 every B-tree. Dedup keys are persisted append-only as one blob per commit in ``dedup_log`` and
 looked up in the in-memory ``DedupIndex``; an exclusive lock file keeps a second process off the
 database, which is what makes the in-memory index authoritative. Decimals are stored as exact
-text; rollups are merged in Python and written back.
+text; rollups are added up in Python after each commit and written behind the commits
+(``SQLiteStore._flush_rollups``: reads write them first, a crash folds the records past the mark
+in again at open).
 """
 
 from __future__ import annotations
@@ -238,7 +240,7 @@ _WRITER_CACHE_KIB = 32 * 1024
 _READER_CACHE_KIB = 4 * 1024
 # Rollup rows a merge reads per query (3 parameters each, under SQLite's 32,766).
 _ROLLUP_READ_BATCH = 500
-# Rollup rows merged since the last flush are written once this many are waiting, or once the
+# Rollup keys folded since the last flush are written once this many are waiting, or once the
 # oldest has waited this long, after a commit (a read that needs them writes them first).
 _ROLLUP_FLUSH_ROWS = 20_000
 _ROLLUP_FLUSH_S = 2.0
@@ -702,7 +704,7 @@ class SQLiteStore(SqlBilling):
             source=p.source,
             seen_s=p.now_s,
             dedup_keys=b"".join(p.fresh) if p.fresh else None,
-            rollups=None,  # merged after the commit, written behind it (_flush_rollups)
+            rollups=None,  # folded after the commit, written behind it (_flush_rollups)
             distinct_values=orjson.dumps(sorted(p.distinct)) if p.distinct else None,
             state=orjson.dumps(text) if text else None,
             gone=orjson.dumps(gone) if gone else None,
@@ -759,12 +761,12 @@ class SQLiteStore(SqlBilling):
         return ids  # type: ignore[return-value]
 
     def apply(self, p: _Prepared) -> list[CommitResult]:
-        """Commit a prepared group (in ``prepare`` order), fsynced, and merge its rollups.
+        """Commit a prepared group (in ``prepare`` order), fsynced, and fold in its rollups.
 
-        Only the transaction and the merge happen here, one statement for the usual group: the
+        Only the transaction and the fold happen here, one statement for the usual group: the
         other in-memory views move at the next ``prepare`` (``_fold``), which meanwhile reads
         this group as one still in flight. So the applying thread goes from one commit to the
-        next without waiting for a ``prepare`` to let go of ``_mem``. The merged rollups are
+        next without waiting for a ``prepare`` to let go of ``_mem``. The folded rollups are
         written behind (``write_behind``).
         """
         try:
@@ -1059,7 +1061,7 @@ class SQLiteStore(SqlBilling):
     def _quiet(self) -> Iterator[None]:
         """Held while a write outside the ingest pipeline touches rollups: no group is in
         flight (each prepared one has been applied or voided) and none can be prepared until
-        the block ends, so no group's merged rows, computed before the write, overwrite it,
+        the block ends, so no group's rollups, folded before the write, overwrite it,
         and the rollup cache can be brought in step under ``_mem``. Waits without ``_mem``:
         a failing ``apply`` takes it to void the groups behind."""
         while True:
