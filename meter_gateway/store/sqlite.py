@@ -442,8 +442,9 @@ class SQLiteStore(SqlBilling):
         # committed since the last flush (``rollup_partials``' lists, one per key, added up in
         # place), ``_cache`` rows as written (about 700 bytes each: the keys being written are
         # the current hours of the series sending; a miss is read in a batch of 500).
-        # ``_merged_upto`` is the seq up to which ``_dirty`` and the rows hold the records,
-        # ``_flushed_upto`` what the database's rows hold (``rollups_upto``). All under
+        # ``_merged_upto`` is the seq up to which ``_dirty`` and the rows hold the records
+        # (the database's rows hold them up to ``rollups_upto``; all, once ``_dirty`` is
+        # empty: every record leaves a partial). All under
         # ``_conn_lock``, which also serializes the writer connection: a group's commit and its
         # fold happen under one hold, so a flush never writes rows behind the records a read
         # can see.
@@ -484,7 +485,7 @@ class SQLiteStore(SqlBilling):
         self._ids_upto = int(row[0])
         self._prep = self._connect()  # prepare's reads: committed data only
         row = self._conn.execute("SELECT seq FROM rollups_upto").fetchone()
-        self._flushed_upto = self._merged_upto = int(row[0])
+        self._merged_upto = int(row[0])
         self._replay_rollups()  # records committed after the last flush (a crash)...
         self._flush_rollups()  # ...written at once, so another crash does not replay them
         self.dedup = DedupIndex(dedup_window_s)
@@ -777,36 +778,10 @@ class SQLiteStore(SqlBilling):
     def _apply(self, p: _Prepared) -> list[CommitResult]:
         if p.epoch != self._epoch or p.number != self._next_apply:
             raise GroupVoided("an earlier group failed to commit; this one was void")
-        params = p.params
-        assert params is not None  # set by _prepare
-        conn = self._conn
         failure: BaseException | None = None
         with self._conn_lock:
-            if self._reread_schema:
-                # After a failure: a statement that fails to compile (the schema changed under
-                # it) never rereads the schema, so read it first, as the database is now.
-                with suppress(sqlite3.Error):
-                    conn.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
-                    self._reread_schema = False
             try:
-                if not (p.meta_new or p.series_new or p.rejected or p.state_binary):
-                    conn.execute(APPLY, params)  # the usual group: one statement, one transaction
-                else:
-                    with self._write_txn(conn):
-                        if p.meta_new:
-                            conn.executemany("INSERT INTO metadata VALUES (?, ?, ?)", p.meta_new)
-                        if p.series_new:
-                            conn.executemany("INSERT INTO series VALUES (?, ?, ?)", p.series_new)
-                        conn.execute(APPLY, params)
-                        if p.rejected:
-                            conn.executemany(
-                                "INSERT INTO rejected VALUES (?,?,?,?,?,?,?)", p.rejected
-                            )
-                        if p.state_binary:
-                            conn.executemany(
-                                "INSERT OR REPLACE INTO receiver_state VALUES (?, ?)",
-                                p.state_binary,
-                            )
+                self._write_group(p)
             except BaseException as exc:
                 failure = exc
             else:
@@ -834,6 +809,33 @@ class SQLiteStore(SqlBilling):
             raise failure
         return p.results
 
+    def _write_group(self, p: _Prepared) -> None:
+        """The group's transaction (under ``_conn_lock``)."""
+        params = p.params
+        assert params is not None  # set by _prepare
+        conn = self._conn
+        if self._reread_schema:
+            # After a failure: a statement that fails to compile (the schema changed under
+            # it) never rereads the schema, so read it first, as the database is now.
+            with suppress(sqlite3.Error):
+                conn.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
+                self._reread_schema = False
+        if not (p.meta_new or p.series_new or p.rejected or p.state_binary):
+            conn.execute(APPLY, params)  # the usual group: one statement, one transaction
+            return
+        with self._write_txn(conn):
+            if p.meta_new:
+                conn.executemany("INSERT INTO metadata VALUES (?, ?, ?)", p.meta_new)
+            if p.series_new:
+                conn.executemany("INSERT INTO series VALUES (?, ?, ?)", p.series_new)
+            conn.execute(APPLY, params)
+            if p.rejected:
+                conn.executemany("INSERT INTO rejected VALUES (?,?,?,?,?,?,?)", p.rejected)
+            if p.state_binary:
+                conn.executemany(
+                    "INSERT OR REPLACE INTO receiver_state VALUES (?, ?)", p.state_binary
+                )
+
     # --- rollups, written behind the commits ---------------------------------------------------
 
     def _merge_committed(self, p: _Prepared) -> None:
@@ -849,22 +851,12 @@ class SQLiteStore(SqlBilling):
         dirty = self._dirty
         if not dirty:
             self._dirty_since = time.monotonic()
-        add = EXACT.add
         for key, b in partials.items():
             a = dirty.get(key)
             if a is None:
                 dirty[key] = b  # the group's own list: nothing else holds it after the commit
-                continue
-            # b's records all come after a's (higher seqs): the rules of _merge_rollups
-            a[0] += b[0]
-            a[1] = add(a[1], b[1])
-            if b[2] < a[2]:
-                a[2] = b[2]
-            if b[3] > a[3]:
-                a[3] = b[3]
-            if b[4] > a[4] or (b[4] == a[4] and b[5] > a[5]):
-                a[4], a[5], a[6] = b[4], b[5], b[6]
-            a[7] = add(a[7], b[7])
+            else:
+                _add_later(a, b)
 
     def _merge_rollups(self, acc: dict[RollupKey, list[Any]]) -> dict[RollupKey, RollupRow]:
         """``acc``'s partials merged with each key's row as written: cached, else the
@@ -889,26 +881,14 @@ class SQLiteStore(SqlBilling):
             ):
                 olds[(r[0], r[1], r[2])] = _rollup(r[2], r[3:])
         out: dict[RollupKey, RollupRow] = {}
-        add = EXACT.add
-        for key, (n, s, mn, mx, lts, lseq, lv, w) in acc.items():
+        for key, part in acc.items():
             old = olds[key]
-            if old is None:
-                out[key] = RollupRow(key[2], n, s, mn, mx, lts, lseq, lv, w)
-            else:
-                olts = old.last_ts
-                if lts < olts or (lts == olts and lseq <= old.last_seq):
-                    lts, lseq, lv = olts, old.last_seq, old.last_value
-                out[key] = RollupRow(
-                    key[2],
-                    old.count + n,
-                    add(old.sum, s),
-                    mn if mn < old.min else old.min,
-                    mx if mx > old.max else old.max,
-                    lts,
-                    lseq,
-                    lv,
-                    add(old.wsum, w),
-                )
+            if old is not None:  # the row as written, then the partial's later records
+                merged: list[Any] = [old.count, old.sum, old.min, old.max]
+                merged += [old.last_ts, old.last_seq, old.last_value, old.wsum]
+                _add_later(merged, part)
+                part = merged
+            out[key] = RollupRow(key[2], *part)
         return out
 
     def _replay_rollups(self) -> None:
@@ -933,14 +913,12 @@ class SQLiteStore(SqlBilling):
         them and move the mark (under ``_conn_lock``). A failure (reading the rows, writing
         them) leaves the partials folded, for the next flush."""
         parts = self._dirty
-        if not parts and self._merged_upto == self._flushed_upto:
+        if not parts:
             return
         rows = self._merge_rollups(parts)
         with self._write_txn(self._conn):
-            if rows:
-                self._conn.execute(APPLY, _ROLLUPS_ONLY._replace(rollups=rollups_json(rows)))
+            self._conn.execute(APPLY, _ROLLUPS_ONLY._replace(rollups=rollups_json(rows)))
             self._conn.execute("UPDATE rollups_upto SET seq = ?", (self._merged_upto,))
-        self._flushed_upto = self._merged_upto
         self._dirty = {}
         if len(self._cache) + len(rows) > self._cache_size:
             self._cache.clear()
@@ -949,7 +927,7 @@ class SQLiteStore(SqlBilling):
     def _settle_rollups(self) -> None:
         """Before a read of rollups: the database's rows hold every committed group that has
         been answered (each folded in before its ``apply`` returned)."""
-        if self._flushed_upto >= self._merged_upto and not self._dirty:
+        if not self._dirty:
             return
         with self._conn_lock:
             self._flush_rollups()
@@ -1302,6 +1280,20 @@ class _Replayed(NamedTuple):
 
 # APPLY's parameters for a flush: the rollup rows (set) and nothing else.
 _ROLLUPS_ONLY = ApplyParams(None, 0, 0, False, None, 0, None, None, None, None, None)
+
+
+def _add_later(a: list[Any], b: Sequence[Any]) -> None:
+    """Add partial ``b`` (``rollup_partials``' layout) into ``a`` in place; ``b``'s records
+    all come after ``a``'s (higher seqs), so on a tie in time its last record is the last."""
+    a[0] += b[0]
+    a[1] = EXACT.add(a[1], b[1])
+    if b[2] < a[2]:
+        a[2] = b[2]
+    if b[3] > a[3]:
+        a[3] = b[3]
+    if b[4] > a[4] or (b[4] == a[4] and b[5] > a[5]):
+        a[4], a[5], a[6] = b[4], b[5], b[6]
+    a[7] = EXACT.add(a[7], b[7])
 
 
 def _rollup(bucket: int, r: Sequence[Any]) -> RollupRow:
