@@ -4,6 +4,7 @@ timestamps (pipeline.timestamps), with the hostile inputs of issue 13 kept as ca
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal, InvalidOperation
 from fractions import Fraction
@@ -15,7 +16,7 @@ from hypothesis import strategies as st
 
 from meter_gateway.decimals import DecimalError, _checked, check_value, parse_value
 from meter_gateway.pipeline.decode import loads
-from meter_gateway.pipeline.timestamps import parse_timestamp
+from meter_gateway.pipeline.timestamps import _parse_in_full, parse_timestamp
 
 # RFC 8259's number, written out again here so the test does not trust the code's regex.
 JSON_NUMBER = re.compile(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?")
@@ -237,6 +238,39 @@ def test_rfc3339_in_every_allowed_spelling_reads_to_the_exact_nanosecond(
     day = f"{local.year:04d}-{local.month:02d}-{local.day:02d}"  # %Y does not pad year 999
     text = day + local.strftime(f"{sep}%H:%M:%S") + (f".{frac}" if digits else "") + off
     assert parse_timestamp(text) == ns_total
+    assert parse_timestamp(text) == ns_total  # its second and the rest remembered
+
+
+def _outcome(parse: Callable[[str], int], text: str) -> tuple[str, object]:
+    try:
+        return "read", parse(text)
+    except ValueError as exc:
+        return "refused", str(exc)
+
+
+@given(
+    st.datetimes(
+        min_value=datetime(1, 1, 2),  # noqa: DTZ001 - hypothesis bounds are naive
+        max_value=datetime(9999, 12, 30),  # noqa: DTZ001
+        timezones=st.just(UTC),
+    ),
+    st.text(".0123456789Zz+-:T \n\u0661", max_size=22),
+    st.sampled_from(["", ".5Z", ".123456789Z", "+02:00", "-23:59", "Z"]),
+)
+@example(datetime(2026, 11, 29, 16, 29, 12, tzinfo=UTC), ".1234567891Z", "")
+@example(datetime(2026, 11, 29, 16, 29, 12, tzinfo=UTC), "+24:00", "")
+@example(datetime(2026, 11, 29, 16, 29, 12, tzinfo=UTC), "", "")
+def test_a_remembered_second_reads_what_follows_it_as_a_full_read_does(
+    when: datetime, rest: str, known_rest: str
+) -> None:
+    """After a timestamp was read, any text with its first 19 characters (and any rest, valid
+    or not, remembered or not) is read or refused exactly as reading it in full does."""
+    second = f"{when.year:04d}-{when.month:02d}-{when.day:02d}T{when:%H:%M:%S}"
+    parse_timestamp(second + "Z")
+    if known_rest:
+        parse_timestamp(second + known_rest)
+    for text in (second + rest, second + known_rest, second[:-1] + "9" + rest):
+        assert _outcome(parse_timestamp, text) == _outcome(_parse_in_full, text)
 
 
 @pytest.mark.parametrize(
