@@ -16,13 +16,11 @@ then finds the record and rejects it alone); any other failure is the store's ow
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from decimal import Decimal, localcontext
-from itertools import islice
-from operator import mul
 from typing import Any, Literal, Protocol
 
 import orjson
@@ -229,50 +227,51 @@ class Bucketed(Protocol):
 
 
 def rollup_partials(
-    records: Sequence[Bucketed], values: Sequence[Decimal], seqs: Sequence[int]
+    records: Sequence[Bucketed], values: Sequence[Decimal], seqs: Iterable[int]
 ) -> dict[RollupKey, list[Any]]:
     """A commit's new records per (customer, dimension, bucket): [count, sum, min, max, last
     ts, last seq, last value, wsum] (``RollupRow``'s fields), for a store to merge into its rows.
+    ``fold_records`` into nothing."""
+    out: dict[RollupKey, list[Any]] = {}
+    fold_records(out, records, values, seqs)
+    return out
+
+
+def fold_records(
+    into: dict[RollupKey, list[Any]],
+    records: Sequence[Bucketed],
+    values: Sequence[Decimal],
+    seqs: Iterable[int],
+) -> None:
+    """Add each record to its key's partial in ``into`` (``rollup_partials``' layout), making
+    the partial of a key ``into`` does not hold.
 
     ``values`` are the records' values and ``seqs`` their sequence numbers, rising in ingest
-    order. The record with the latest time is the last, the later one on a tie. Sums add in
-    record order, exactly; the passes run in C (sum, min, max, map) rather than per record.
+    order and after those of the records folded into ``into`` before. The record with the
+    latest time is the last, the later one on a tie. Sums and products are exact. One pass, in
+    place: most keys of a group have one record (1,000 customers × 6 dimensions), and grouping
+    the records by key first, then summing each key's in C, cost 1.7 against 0.8-1.1 us a
+    record there (the same, 0.9, with 40 records a key).
     """
-    members: dict[RollupKey, list[int]] = {}
-    times = [r.timestamp_ns for r in records]
-    for i, r in enumerate(records):
-        t = times[i]
-        key = (r.customer_id, r.dimension_id, t - t % BUCKET_NS)
-        found = members.get(key)
-        if found is None:
-            members[key] = [i]
-        else:
-            found.append(i)
-    out: dict[RollupKey, list[Any]] = {}
-    with localcontext(EXACT):  # for sum() and mul below
-        for key, idx in members.items():
-            if len(idx) == 1:  # the usual key when customers x dimensions outnumber a group
-                i = idx[0]
-                v, t = values[i], times[i]
-                out[key] = [1, v, v, v, t, seqs[i], v, v * (key[2] + BUCKET_NS - t)]
+    get = into.get
+    with localcontext(EXACT):  # the sums and products below are exact
+        for r, v, seq in zip(records, values, seqs, strict=True):
+            t = r.timestamp_ns
+            bucket = t - t % BUCKET_NS
+            key = (r.customer_id, r.dimension_id, bucket)
+            a = get(key)
+            if a is None:
+                into[key] = [1, v, v, v, t, seq, v, v * (bucket + BUCKET_NS - t)]
                 continue
-            vs = [values[i] for i in idx]
-            at = [times[i] for i in idx]
-            latest = max(at)
-            last = len(at) - 1 - at[::-1].index(latest)
-            end = key[2] + BUCKET_NS
-            weighted = map(mul, vs, [end - t for t in at])
-            out[key] = [
-                len(vs),
-                sum(islice(vs, 1, None), vs[0]),
-                min(vs),
-                max(vs),
-                latest,
-                seqs[idx[last]],
-                vs[last],
-                sum(weighted, next(weighted)),
-            ]
-    return out
+            a[0] += 1
+            a[1] += v
+            if v < a[2]:
+                a[2] = v
+            elif v > a[3]:
+                a[3] = v
+            if t >= a[4]:  # the later record on a tie in time
+                a[4], a[5], a[6] = t, seq, v
+            a[7] += v * (bucket + BUCKET_NS - t)
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,7 +21,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
-from decimal import Decimal, localcontext
+from decimal import Decimal
 from itertools import compress, islice
 from operator import attrgetter
 from pathlib import Path
@@ -46,6 +46,7 @@ from meter_gateway.store.base import (
     StoredRecord,
     Unstorable,
     encode_metadata,
+    fold_records,
     pair_filter,
     printable_text,
     read_metadata,
@@ -851,33 +852,13 @@ class SQLiteStore(SqlBilling):
     def _fold_records(
         self, records: Sequence[Bucketed], values: Sequence[Decimal], seqs: Iterable[int]
     ) -> None:
-        """Add each record (seqs rising, after every one folded before) to its key's partial
-        in ``_dirty`` (``rollup_partials``' layout), making the partial of a key new since the
-        last flush. One pass, in place: computing a group's partials first and then adding
-        them up key by key took twice the GIL's time (3 against 1.5 us a record in bench.mix's
-        groups, where most keys have one record a group)."""
-        dirty = self._dirty
-        if not dirty:
+        """``fold_records`` into ``_dirty``: each record added in place to its key's partial,
+        in one pass. Computing a group's partials in ``prepare`` and adding them up key by key
+        here had taken twice the GIL's time (3 against 1.5 us a record in bench.mix's groups,
+        where most keys have one record a group)."""
+        if not self._dirty:
             self._dirty_since = time.monotonic()
-        get = dirty.get
-        with localcontext(EXACT):  # the sums and products below are exact
-            for r, v, seq in zip(records, values, seqs, strict=True):
-                t = r.timestamp_ns
-                bucket = t - t % BUCKET_NS
-                key = (r.customer_id, r.dimension_id, bucket)
-                a = get(key)
-                if a is None:
-                    dirty[key] = [1, v, v, v, t, seq, v, v * (bucket + BUCKET_NS - t)]
-                    continue
-                a[0] += 1
-                a[1] += v
-                if v < a[2]:
-                    a[2] = v
-                elif v > a[3]:
-                    a[3] = v
-                if t >= a[4]:  # the later record on a tie in time
-                    a[4], a[5], a[6] = t, seq, v
-                a[7] += v * (bucket + BUCKET_NS - t)
+        fold_records(self._dirty, records, values, seqs)
 
     def _merge_rollups(self, acc: dict[RollupKey, list[Any]]) -> dict[RollupKey, RollupRow]:
         """``acc``'s partials merged with each key's row as written: cached, else the
