@@ -6,9 +6,10 @@ go through the stages the REST receiver and the writer run, one thread, no HTTP:
 
 * ``decode+validate`` -- ``receivers.rest._decode``: NDJSON to a validated ``Batch``;
 * ``prepare`` -- ``SQLiteStore.prepare`` of a group of ``--group`` batches: dedup decisions,
-  rows, rollup partials merged with the current rows, the statement's JSON;
+  rows, the statement's JSON;
 * ``apply`` -- ``SQLiteStore.apply``: the one-statement transaction (SQLite's own CPU; the
-  fsync's wait is not CPU and is not counted).
+  fsync's wait is not CPU and is not counted), then the fold of the group's records into the
+  rollup partials written behind (their flushes are not counted).
 
 Thread CPU time (``time.thread_time``) per record, so other load on the machine changes it less
 than it changes a rate. The whole server spends more per record than the sum (HTTP, asyncio,
