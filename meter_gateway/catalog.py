@@ -18,6 +18,7 @@ they are stored bytes.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 from collections.abc import Callable, Mapping
@@ -90,6 +91,10 @@ class CatalogError(ValueError):
         self.status = status
 
 
+# Serial numbers of snapshots (``Catalog.serial``); next() on a count is atomic under the GIL.
+_SERIALS = itertools.count(1)
+
+
 @dataclass(frozen=True)
 class Catalog:
     dimensions: Mapping[str, Dimension] = field(default_factory=dict)
@@ -98,6 +103,11 @@ class Catalog:
     meters: Mapping[str, Meter] = field(default_factory=dict)
     # every customer id and alias → customer id
     names: Mapping[str, str] = field(default_factory=dict)
+    # Which snapshot this is, unique in the process. What is learned under a snapshot (how a
+    # series maps) is tagged with its serial, never with the snapshot itself: one held per
+    # cached series kept every version of the catalog alive, each with every customer in it
+    # (2.8 GB after 6,000 customers were created one at a time under OTLP traffic).
+    serial: int = field(default_factory=lambda: next(_SERIALS), compare=False)
 
     def customer_id(self, name: str) -> str | None:
         return self.names.get(name)

@@ -44,6 +44,7 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
     ExportMetricsServiceRequest,
 )
 
+from meter_gateway.catalog import Catalog
 from meter_gateway.clock import Clock
 from meter_gateway.config import IngestConfig, Rule
 from meter_gateway.decimals import EXACT, MAX_ABS, MAX_PLACES, ZERO, DecimalError, parse_value
@@ -311,9 +312,9 @@ class _Export:
     """What one request turns into: records, observations still to validate, errors."""
 
     def __init__(
-        self, catalog: object, lo: int, hi: int, oldest: int, newest: int, limits: IngestConfig
+        self, serial: int, lo: int, hi: int, oldest: int, newest: int, limits: IngestConfig
     ) -> None:
-        self.catalog = catalog
+        self.serial = serial  # of the catalog snapshot (catalog.Catalog.serial)
         self.lo, self.hi = lo, hi  # times the fast path takes (inside the validator's)
         self.oldest, self.newest = oldest, newest  # times the validator accepts
         self._limits = limits
@@ -384,7 +385,7 @@ class OtlpMetrics:
         rules: RuleMatcher,
         committer: Committer,
         state: StateReader,
-        catalog: Callable[[], object],
+        catalog: Callable[[], Catalog],
         clock: Clock,
         limits: IngestConfig,
         telemetry: Telemetry,
@@ -440,7 +441,7 @@ class OtlpMetrics:
                 daemon=True,
             ).start()
         ex = _Export(
-            self._catalog(),
+            self._catalog().serial,
             now - self._late_ns,
             now + self._future_ns,
             now - self._expire_after_ns,
@@ -553,14 +554,15 @@ class OtlpMetrics:
                 continue
             record = next(records)
             key = ex.slow_keys[i]
-            if key in mapped or record.value < 0:
+            m = mapped.get(key)
+            if (m is not None and m.serial == ex.serial) or record.value < 0:
                 continue
             rule = self._rules.map(obs)
             if not isinstance(rule, Mapped):
                 continue
             scale = self._rules.rules[rule.rule_index].scale
             mapped[key] = SeriesMapping(
-                ex.catalog,
+                ex.serial,
                 record.customer_id,
                 record.dimension_id,
                 None if scale == 1 else scale,
@@ -597,7 +599,7 @@ class OtlpMetrics:
         0 <= value < 1e21 with at most 18 places). False leaves the point to the validator,
         which says what is wrong with it."""
         m = self._mapped.get(key)
-        if m is None or m.catalog is not ex.catalog or not ex.lo <= t <= ex.hi:
+        if m is None or m.serial != ex.serial or not ex.lo <= t <= ex.hi:
             return False
         if m.scale is None:
             v = value  # an int, a parse_value'd double or a step between two: ≤ 18 places

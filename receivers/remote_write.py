@@ -32,6 +32,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
+from meter_gateway.catalog import Catalog
 from meter_gateway.clock import Clock
 from meter_gateway.config import IngestConfig, Rule
 from meter_gateway.decimals import ZERO, DecimalError, parse_value
@@ -51,6 +52,7 @@ from meter_gateway.pipeline.cumulative import (
     Committer,
     ObservationSink,
     SeriesMappings,
+    Snap,
     TimeWindow,
     Total,
     TotalGroups,
@@ -250,7 +252,7 @@ def observations(
     counters: set[str],
     gauges: set[str],
     mappings: SeriesMappings | None = None,
-    snap: tuple[object, int, int] | None = None,
+    snap: Snap | None = None,
     out: Decoded | None = None,
 ) -> Decoded:
     """Samples → observations (and records of levels of known series, with ``mappings``),
@@ -363,7 +365,7 @@ class RemoteWriteReceiver:
         telemetry: Any,
         retry_after_s: float,
         *,
-        catalog: Callable[[], object] | None = None,
+        catalog: Callable[[], Catalog] | None = None,
         clock: Clock | None = None,
         max_cached_series: int = 250_000,
     ) -> None:
@@ -432,7 +434,7 @@ class RemoteWriteReceiver:
         self,
         scanned: prompb.Scanned,
         mappings: SeriesMappings | None,
-        snap: tuple[object, int, int] | None,
+        snap: Snap | None,
     ) -> Decoded:
         """``observations`` of a scanned request (no metadata: names say what is a counter),
         the usual sample inline: the one sample of a counter series some rule may match, a

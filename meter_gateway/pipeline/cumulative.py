@@ -49,6 +49,7 @@ from typing import Any, NamedTuple, Protocol, TypeVar
 
 import orjson
 
+from meter_gateway.catalog import Catalog
 from meter_gateway.clock import Clock
 from meter_gateway.config import IngestConfig
 from meter_gateway.decimals import EXACT, MAX_ABS, MAX_PLACES, ZERO, DecimalError
@@ -945,12 +946,16 @@ class SeriesMapping(NamedTuple):
     """How every amount of one series maps, learned from validating one of them (remote
     write's series here, OTLP's in ``receivers.otlp``)."""
 
-    catalog: object  # the catalog snapshot it was validated against
+    serial: int  # of the catalog snapshot it was validated against (catalog.Catalog.serial)
     customer: str
     dimension: str
     scale: Decimal | None  # None: 1
     metadata: dict[str, Any]
     unique: str | None
+
+
+# What one request's records are made under: (catalog serial, earliest time, latest time).
+Snap = tuple[int, int, int]
 
 
 class SeriesMappings:
@@ -967,7 +972,7 @@ class SeriesMappings:
         self,
         source: Source,
         mapper: Mapper,
-        catalog: Callable[[], object],
+        catalog: Callable[[], Catalog],
         clock: Clock,
         limits: IngestConfig,
         max_series: int = 250_000,
@@ -985,14 +990,12 @@ class SeriesMappings:
         # the validator's dedup digest, model.dedup_key(source, key), hashed on from a copy
         self._key_hash = dedup_prefix(source.value)
 
-    def snapshot(self) -> tuple[object, int, int]:
-        """The catalog snapshot and the times ``record`` takes, for one request."""
+    def snapshot(self) -> Snap:
+        """The catalog snapshot's serial and the times ``record`` takes, for one request."""
         now = self._clock.now_ns()
-        return self._catalog(), now - self._late_ns, now + self._future_ns
+        return self._catalog().serial, now - self._late_ns, now + self._future_ns
 
-    def record(
-        self, snap: tuple[object, int, int], sid: str, value: Decimal, t: int
-    ) -> UsageRecord | None:
+    def record(self, snap: Snap, sid: str, value: Decimal, t: int) -> UsageRecord | None:
         """The record of one amount of a known series (natural key "series id:time"), or None:
         leave it to the validator. ``records`` of one."""
         made: list[UsageRecord] = []
@@ -1001,7 +1004,7 @@ class SeriesMappings:
 
     def records(
         self,
-        snap: tuple[object, int, int],
+        snap: Snap,
         amounts: Sequence[_A],
         into: list[UsageRecord],
         keyed: bool = True,
@@ -1010,7 +1013,7 @@ class SeriesMappings:
         series (natural key "series id:time", its dedup key unless not ``keyed``), appended to
         ``into`` in order; returns the amounts left to the validator. One pass: a request's
         amounts are many, and share few times."""
-        catalog, lo, hi = snap
+        serial, lo, hi = snap
         known = self._known.get
         base = self._key_hash
         source = self._source
@@ -1023,11 +1026,11 @@ class SeriesMappings:
             if m is None:
                 left.append(a)
                 continue
-            cat, customer, dimension, scale, metadata, unique = m
+            learned, customer, dimension, scale, metadata, unique = m
             tail = tails.get(t, "")
             if tail == "":
                 tail = tails[t] = f":{t}" if lo <= t <= hi else None
-            if cat is not catalog or tail is None:
+            if learned != serial or tail is None:
                 left.append(a)
                 continue
             if scale is not None:  # (without: a parse_value'd total or a step between two)
@@ -1049,7 +1052,7 @@ class SeriesMappings:
 
     def learn(
         self,
-        snap: tuple[object, int, int],
+        snap: Snap,
         sids: Sequence[str],
         observations: Sequence[Observation],
         checked: Batch,
@@ -1061,21 +1064,21 @@ class SeriesMappings:
         known = self._known
         if len(known) >= self._max:
             known.clear()
-        catalog = snap[0]
+        serial = snap[0]
         for i, obs in enumerate(observations):
             if i in refused:
                 continue
             record = next(records)
             sid = sids[i]
             m = known.get(sid)
-            if (m is not None and m.catalog is catalog) or record.value < 0:
+            if (m is not None and m.serial == serial) or record.value < 0:
                 continue
             rule = self._mapper.map(obs)
             if not isinstance(rule, Mapped):
                 continue
             scale = self._mapper.rules[rule.rule_index].scale
             known[sid] = SeriesMapping(
-                catalog,
+                serial,
                 record.customer_id,
                 record.dimension_id,
                 None if scale == 1 else scale,
@@ -1195,7 +1198,7 @@ class Totals:
         amount_sids: list[str] = []
         ordinals: list[int] = []
         mappings = self.mappings
-        snap = mappings.snapshot() if mappings is not None else (None, 0, 0)
+        snap = mappings.snapshot() if mappings is not None else (0, 0, 0)
         records = batch.records
         # An amount is deduplicated by its series' state, committed with it (a total at or
         # before the committed time adds nothing): a dedup key per amount would only repeat

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import threading
+import weakref
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -10,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from meter_gateway.catalog import Catalog
 from meter_gateway.clock import FixedClock
 from meter_gateway.config import Config, IngestConfig, Rule
 from meter_gateway.decimals import DecimalError, parse_value
@@ -243,7 +246,7 @@ NOW = 1_800_000_000 * 1_000_000_000
 class RecordingSink:
     """The validator's part: every amount becomes a record of customer c1 / dimension d."""
 
-    def __init__(self, catalog: object) -> None:
+    def __init__(self, catalog: Catalog) -> None:
         self.catalog = catalog
         self.seen: list[Observation] = []
 
@@ -321,7 +324,7 @@ def test_a_total_out_of_the_time_window_is_refused_before_it_converts(
     offset_s: int, reason: Reason, wording: str
 ) -> None:
     store, clock = DictState({}), FixedClock(NOW)
-    totals, _ = _totals(store, RecordingSink(object()), clock)
+    totals, _ = _totals(store, RecordingSink(Catalog()), clock)
     bad = _send(totals, ("1000", NOW + offset_s * 1_000_000_000))
     assert [(e.reason, e.field) for e in bad.errors] == [(reason, "timestamp")]
     assert wording in bad.errors[0].error  # the validator's wording (validate.time_window_error)
@@ -340,7 +343,7 @@ def test_a_step_the_exact_context_would_round_is_refused_not_stored() -> None:
     with pytest.raises(InexactStep):
         convert(S(0, 1, "1E-200"), 0, 2, Decimal(5), None, True)
     store, clock = DictState({}), FixedClock(NOW)
-    totals, _ = _totals(store, RecordingSink(object()), clock)
+    totals, _ = _totals(store, RecordingSink(Catalog()), clock)
     _send(totals, ("1E-200", NOW - 3_000_000_000))  # the baseline
     before = dict(store.rows)
     batch = _send(totals, ("5", NOW - 2_000_000_000))
@@ -352,7 +355,7 @@ def test_a_step_the_exact_context_would_round_is_refused_not_stored() -> None:
 
 def test_a_known_series_converts_against_its_version_without_reading_the_store() -> None:
     store, clock = DictState({}), FixedClock(NOW)
-    totals, committer = _totals(store, RecordingSink(object()), clock)
+    totals, committer = _totals(store, RecordingSink(Catalog()), clock)
     _send(totals, ("10", NOW - 3_000_000_000))
     reads = store.reads
     batch = _send(totals, ("15", NOW - 2_000_000_000))
@@ -370,7 +373,7 @@ def test_a_known_series_converts_against_its_version_without_reading_the_store()
 
 def test_known_series_skip_the_validator_until_the_catalog_changes() -> None:
     store, clock = DictState({}), FixedClock(NOW)
-    sink = RecordingSink(object())
+    sink = RecordingSink(Catalog())
     totals, _ = _totals(store, sink, clock, mappings=True)
     _send(totals, ("10", NOW - 4_000_000_000))
     _send(totals, ("15", NOW - 3_000_000_000))  # validated: its mapping is learned
@@ -385,9 +388,14 @@ def test_known_series_skip_the_validator_until_the_catalog_changes() -> None:
     assert sink.seen[0].natural_key is None
     again = _send(totals, ("17", NOW - 2_000_000_000))
     assert again.records == []
-    sink.catalog = object()  # a catalog change (an alias added, a customer replaced)
+    old = weakref.ref(sink.catalog)
+    sink.catalog = Catalog()  # a catalog change (an alias added, a customer replaced)
+    gc.collect()
+    assert old() is None, "a learned series mapping keeps an old catalog snapshot alive"
     _send(totals, ("20", NOW - 1_000_000_000))
     assert len(sink.seen) == 2  # validated again under the new snapshot
+    _send(totals, ("22", NOW - 500_000_000))
+    assert len(sink.seen) == 2  # learned again: made directly
 
 
 def test_the_gateway_checks_vector_absolute_counters_against_the_window(tmp_path: Path) -> None:
@@ -462,8 +470,8 @@ def test_a_new_series_another_replica_gave_a_group_first_converts_into_that_grou
     """Two replicas first see one series at once: both write its pointer expecting none, the
     later commit conflicts, and the series converts again in the other replica's group."""
     store, clock = DictState({}), FixedClock(NOW)
-    other, _ = _grouped(store, RecordingSink(object()), clock)
-    mine, committer = _grouped(store, RecordingSink(object()), clock)
+    other, _ = _grouped(store, RecordingSink(Catalog()), clock)
+    mine, committer = _grouped(store, RecordingSink(Catalog()), clock)
     t1, t2 = NOW - 2_000_000_000, NOW - 1_000_000_000
     submit = committer.submit_sync
     tries: list[bool] = []
@@ -490,7 +498,7 @@ def test_a_new_series_another_replica_gave_a_group_first_converts_into_that_grou
 
 def test_new_series_fill_groups_of_at_most_the_group_size_and_hold_them() -> None:
     store, clock = DictState({}), FixedClock(NOW)
-    totals, _ = _grouped(store, RecordingSink(object()), clock)
+    totals, _ = _grouped(store, RecordingSink(Catalog()), clock)
     t = NOW - 1_000_000_000
     totals.commit(_totals_of(("a", "1", t), ("b", "1", t), ("c", "1", t)))
     rows = {k: decode_group(v) for k, v in store.rows.items() if k.startswith("rw/g/")}

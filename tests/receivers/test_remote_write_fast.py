@@ -13,6 +13,7 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from meter_gateway.catalog import Catalog
 from meter_gateway.config import IngestConfig, Rule
 from meter_gateway.model import SeriesMetadata, Source
 from meter_gateway.pipeline.cumulative import SeriesMapping, SeriesMappings
@@ -98,7 +99,7 @@ def test_the_inline_path_decodes_as_the_general_one(
 
 # --- amounts of known series as records in one pass (SeriesMappings.records) ------------------
 
-_CATALOG, _OLD_CATALOG = object(), object()
+_CATALOG, _OLD_CATALOG = Catalog(), Catalog()
 _NOW = 1_750_000_000 * 10**9
 _SIDS = ["a" * 32, "b" * 32, "c" * 32, "d" * 32]
 
@@ -114,9 +115,9 @@ def _mappings() -> SeriesMappings:
     meta = SeriesMetadata(job="j")
     m._known.update(
         {
-            _SIDS[0]: SeriesMapping(_CATALOG, "c1", "d", None, meta, None),
-            _SIDS[1]: SeriesMapping(_CATALOG, "c2", "d", Decimal("1e-9"), meta, "u"),
-            _SIDS[2]: SeriesMapping(_OLD_CATALOG, "c3", "d", None, meta, None),
+            _SIDS[0]: SeriesMapping(_CATALOG.serial, "c1", "d", None, meta, None),
+            _SIDS[1]: SeriesMapping(_CATALOG.serial, "c2", "d", Decimal("1e-9"), meta, "u"),
+            _SIDS[2]: SeriesMapping(_OLD_CATALOG.serial, "c3", "d", None, meta, None),
         }
     )
     return m
