@@ -107,7 +107,7 @@ class Catalog:
     # series maps) is tagged with its serial, never with the snapshot itself: one held per
     # cached series kept every version of the catalog alive, each with every customer in it
     # (2.8 GB after 6,000 customers were created one at a time under OTLP traffic).
-    serial: int = field(default_factory=lambda: next(_SERIALS), compare=False)
+    serial: int = field(default_factory=lambda: next(_SERIALS), init=False, compare=False)
 
     def customer_id(self, name: str) -> str | None:
         return self.names.get(name)
