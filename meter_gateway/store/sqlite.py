@@ -62,7 +62,6 @@ from meter_gateway.store.sqlite_layout import (
     APPLY_VIEW,
     ApplyParams,
     record_rows,
-    records_json,
     rollups_json,
     state_rows,
 )
@@ -355,6 +354,9 @@ class _Prepared:
     next_rejected: int = 0
     next_meta: int = 0
     records_json: bytes | None = None  # rows as sqlite_layout.APPLY_TRIGGER reads them
+    times: bytes | None = None  # and their times and ids (sqlite_layout.record_rows)
+    times_at: int = 0
+    ids: bytes | None = None
     first_seq: int = 0
     full: bool = False  # rows carry record id and metadata
     source: str | None = None  # every row's, when they share one (else each row says)
@@ -646,12 +648,13 @@ class SQLiteStore(SqlBilling):
         p.full, p.source = _row_layout(records)
         meta_ids = self._metadata_ids(p, records)
         series = self._series_ids(p, records)
+        if p.series_new and b"\\u0000" in orjson.dumps(p.series_new):  # (and surrogates raise)
+            _refuse_nul(records)  # a record's customer and dimension are its series row's
         values = [r.value for r in records]
-        rows = record_rows(
-            records, map(str, values), meta_ids, series, p.full, p.source is not None
-        )
-        if rows:
-            p.records_json = records_json(rows)
+        if records:
+            p.records_json, p.times, p.times_at, p.ids = record_rows(
+                records, list(map(str, values)), meta_ids, series, p.full, p.source is not None
+            )
             # SQLite would cut text at a NUL; a backslash (memchr) is rare in rows, so the
             # search for the escape runs only where JSON escaped something
             if b"\\" in p.records_json and b"\\u0000" in p.records_json:
@@ -702,6 +705,9 @@ class SQLiteStore(SqlBilling):
         gone = [k for k, v in state.items() if v is None]
         p.params = ApplyParams(
             records=p.records_json,
+            times=p.times,
+            times_at=p.times_at,
+            ids=p.ids,
             first_seq=p.first_seq,
             received_ns=p.now_ns,
             full=p.full,
@@ -1281,7 +1287,7 @@ class _Replayed(NamedTuple):
 
 
 # APPLY's parameters for a flush: the rollup rows (set) and nothing else.
-_ROLLUPS_ONLY = ApplyParams(None, 0, 0, False, None, 0, None, None, None, None, None)
+_ROLLUPS_ONLY = ApplyParams(None, None, 0, None, 0, 0, False, None, 0, None, None, None, None, None)
 
 
 def _add_later(a: list[Any], b: Sequence[Any]) -> None:
