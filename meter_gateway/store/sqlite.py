@@ -358,6 +358,7 @@ class _Prepared:
     times_at: int = 0
     ids: bytes | None = None
     first_seq: int = 0
+    has_ids: bool = False  # some record has an id (for record_ids)
     full: bool = False  # rows carry record id and metadata
     source: str | None = None  # every row's, when they share one (else each row says)
     fresh: list[bytes] = field(default_factory=list)
@@ -384,16 +385,17 @@ class _Prepared:
         self.now_s = self.now_ns // NS
 
 
-def _row_layout(records: Sequence[UsageRecord]) -> tuple[bool, str | None]:
-    """Whether a group's rows need record ids and metadata of their own, and the one source
-    they share (None: each row says); see sqlite_layout.RECORD."""
-    full = list(map(_RECORD_ID, records)).count(None) != len(records)
+def _row_layout(records: Sequence[UsageRecord]) -> tuple[bool, bool, str | None]:
+    """Whether some record of a group has an id, whether its rows need record ids and metadata
+    of their own, and the one source they share (None: each row says); see
+    sqlite_layout.RECORD_WIDE."""
+    has_ids = full = list(map(_RECORD_ID, records)).count(None) != len(records)
     if not full:
         metas = list(map(_METADATA, records))
         if not {type(m) for m in metas} <= {SeriesMetadata, type(None)}:
             full = any(m and type(m) is not SeriesMetadata for m in metas)
     sources = set(map(_SOURCE, records))
-    return full, sources.pop().value if len(sources) == 1 else None
+    return has_ids, full, sources.pop().value if len(sources) == 1 else None
 
 
 def _refuse_nul(records: Sequence[UsageRecord]) -> None:
@@ -488,6 +490,9 @@ class SQLiteStore(SqlBilling):
         self._dialect = SqliteDialect(self._reader)
         row = self._conn.execute("SELECT seq FROM record_ids_upto").fetchone()
         self._ids_upto = int(row[0])
+        # The last record of a committed group with record ids (at open: any after the mark):
+        # a span of records without ids is not scanned for them.
+        self._ids_last = self._next_seq - 1
         self._prep = self._connect()  # prepare's reads: committed data only
         row = self._conn.execute("SELECT seq FROM rollups_upto").fetchone()
         self._merged_upto = int(row[0])
@@ -645,7 +650,7 @@ class SQLiteStore(SqlBilling):
         records = flat if new_flags is None else list(compress(flat, new_flags))
         p.first_seq = p.next_seq
         p.next_seq += len(records)
-        p.full, p.source = _row_layout(records)
+        p.has_ids, p.full, p.source = _row_layout(records)
         meta_ids = self._metadata_ids(p, records)
         series = self._series_ids(p, records)
         if p.series_new and b"\\u0000" in orjson.dumps(p.series_new):  # (and surrogates raise)
@@ -801,6 +806,8 @@ class SQLiteStore(SqlBilling):
                 self._merge_committed(p)
                 if p.now_s - self._last_purge_s >= 600:
                     self._purge_dedup_log(p.now_s)
+                if p.has_ids:
+                    self._ids_last = p.next_seq - 1
                 if p.next_seq - 1 - self._ids_upto >= _IDS_BATCH:
                     self._index_behind(p.next_seq - 1)
         if failure is not None:
@@ -965,11 +972,13 @@ class SQLiteStore(SqlBilling):
         span = (self._ids_upto, upto)
         try:
             with self._write_txn(self._conn):
-                self._conn.execute(
-                    "INSERT OR IGNORE INTO record_ids SELECT record_id, seq FROM records "
-                    "WHERE seq > ? AND seq <= ? AND record_id IS NOT NULL ORDER BY record_id, seq",
-                    span,
-                )
+                if self._ids_last > self._ids_upto:
+                    self._conn.execute(
+                        "INSERT OR IGNORE INTO record_ids SELECT record_id, seq FROM records "
+                        "WHERE seq > ? AND seq <= ? AND record_id IS NOT NULL "
+                        "ORDER BY record_id, seq",
+                        span,
+                    )
                 self._conn.execute(
                     "INSERT OR IGNORE INTO record_times SELECT ts, seq FROM records "
                     "WHERE seq > ? AND seq <= ? ORDER BY ts, seq",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from itertools import chain
+from operator import attrgetter
 from typing import Any, NamedTuple
 
 import orjson
@@ -36,6 +37,7 @@ MAX_ID = 9 * _ID_BASE - 1
 _TIME_WIDTH = 20  # a time's stride in ``times``: 19 digits and a comma, or %020d
 _ORJSON_TIMES = range(10**18, 1 << 63)  # 19 digits each
 _INT64 = range(-(1 << 63), 1 << 63)
+_TIME = attrgetter("timestamp_ns")
 # Rollup rows, one per (customer, dimension, bucket): the columns of ``rollups``.
 ROLLUP = (
     "customer",
@@ -160,7 +162,7 @@ def record_rows(
     """The record rows of a group as ``APPLY`` takes them: ``records``, ``times``, ``times_at``
     and ``ids``. Rows are narrow (the value alone) unless ``full`` or the rows do not share a
     source (RECORD_WIDE). ``ValueError`` for a time outside int64 or an id above MAX_ID."""
-    ts = [r.timestamp_ns for r in records]
+    ts = list(map(_TIME, records))
     ids = list(chain.from_iterable(zip(series, [m or 0 for m in meta_ids], strict=True)))
     if ids and not 0 <= min(ids) <= max(ids) <= MAX_ID:
         raise ValueError(f"a series or metadata id is outside 0..{MAX_ID}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Iterator
+from dataclasses import replace
 from decimal import Decimal
 from pathlib import Path
 
@@ -180,5 +181,48 @@ def test_a_version_8_database_gets_its_times_indexed(tmp_path: Path) -> None:
         times = s._conn.execute("SELECT ts, seq FROM record_times").fetchall()
         assert times == [(BASE + 1 * MIN, 2), (BASE + 5 * MIN, 1)]
         assert [r.record_id for r in s.records(None, None, 0, 2**62, None, 10)] == ["y", "z", "x"]
+    finally:
+        s.close()
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(groups=st.lists(st.tuples(st.booleans(), st.integers(1, 6)), min_size=1, max_size=15))
+def test_record_ids_are_indexed_whichever_groups_carry_them(
+    tmp_path_factory: pytest.TempPathFactory,
+    small_batches: None,
+    groups: list[tuple[bool, int]],
+) -> None:
+    """Spans of records without ids are not scanned for ids (remote write, OTLP): the ids of
+    the groups that have them are indexed all the same, and every id is found."""
+    path = tmp_path_factory.mktemp("ids") / "t.db"
+    s = open_store(f"sqlite:///{path}", 35 * 86400, NOW)
+    assert isinstance(s, sqlite_store.SQLiteStore)
+    scans: list[str] = []
+    s._conn.set_trace_callback(
+        lambda sql: (
+            scans.append(sql) if sql.startswith("INSERT OR IGNORE INTO record_ids") else None
+        )
+    )
+    try:
+        n, sent = 0, []
+        for with_ids, size in groups:
+            batch = [rec(n + i, i, "c1", "d1") for i in range(size)]
+            if not with_ids:
+                batch = [replace(r, record_id=None, dedup_key=None) for r in batch]
+            sent += [r.record_id for r in batch if r.record_id is not None]
+            n += size
+            s.commit([Batch(Source.REST, batch)], NOW)
+        upto = s._conn.execute("SELECT seq FROM record_ids_upto").fetchone()[0]
+        indexed = {r[0] for r in s._conn.execute("SELECT record_id FROM record_ids")}
+        stored = s._conn.execute(
+            "SELECT record_id FROM records WHERE seq <= ? AND record_id IS NOT NULL", (upto,)
+        ).fetchall()
+        assert indexed == {r[0] for r in stored}
+        if not sent:
+            assert scans == []  # nothing had an id: no span was scanned for one
+        results = s.cancel_records(sent, None, NOW, {})
+        assert [r.status for r in results] == ["cancelled"] * len(sent)
     finally:
         s.close()
