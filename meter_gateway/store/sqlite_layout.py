@@ -10,7 +10,6 @@ and the builders below fill rows in the same order, so no other code writes a po
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from itertools import chain
 from operator import attrgetter
 from typing import Any, NamedTuple
 
@@ -27,13 +26,14 @@ from meter_gateway.store.base import RollupKey, RollupRow
 # are its series' (the ``series`` row, inserted before).
 # SQLite 3.40 parses a row again for every ``->>`` (about 0.5 us each, no JSON cache): six
 # fields read from a row array took 3.7 us a record, the value and substr of two blobs 0.6.
-# Both blobs are JSON arrays of integers, as orjson writes them fast, when their digits are
-# equally many: a time since 2001 has 19 (``times_at`` 2), ids are written plus _ID_BASE.
-# Other times are written as %020d (``times_at`` 1).
+# Times are a JSON array of integers, as orjson writes them fast, when their digits are equally
+# many (a time since 2001 has 19: ``times_at`` 2), else %020d each (``times_at`` 1). Ids are
+# %012d each, formatted once per distinct (series, metadata) pair of the group.
 RECORD_WIDE = ("value", "record_id", "metadata", "source")
 RECORD_IDS = ("series", "meta_id")  # meta_id 0: none
-_ID_BASE = 10**11  # ids below 9 * 10^11 are written plus this: 12 digits each
-MAX_ID = 9 * _ID_BASE - 1
+_ID_WIDTH = 12
+MAX_ID = 10**_ID_WIDTH - 1
+_IDS_FORMAT = b"%012d" * len(RECORD_IDS)
 _TIME_WIDTH = 20  # a time's stride in ``times``: 19 digits and a comma, or %020d
 _ORJSON_TIMES = range(10**18, 1 << 63)  # 19 digits each
 _INT64 = range(-(1 << 63), 1 << 63)
@@ -69,7 +69,7 @@ class ApplyParams(NamedTuple):
     records: bytes | None  # record rows (values, or RECORD_WIDE), wrapped at RECORDS_PATH
     times: bytes | None  # the rows' times (see RECORD_WIDE)
     times_at: int  # where the first time's digits start in ``times`` (1-based)
-    ids: bytes | None  # the rows' RECORD_IDS, plus _ID_BASE, as a JSON array
+    ids: bytes | None  # the rows' RECORD_IDS, %012d each
     first_seq: int  # seq of the first record row; the others follow
     received_ns: int
     full: bool  # record rows carry their own record_id and metadata (RECORD_WIDE)
@@ -98,9 +98,8 @@ def _time() -> str:
 
 def _id(name: str) -> str:
     """The SQL reading RECORD_IDS field ``name`` of the row at ``j.key``."""
-    width = len(str(_ID_BASE)) + 1  # and a comma
-    at = f"(j.key * {len(RECORD_IDS)} + {RECORD_IDS.index(name)}) * {width} + 2"
-    return f"(CAST(substr(NEW.ids, {at}, {width - 1}) AS INTEGER) - {_ID_BASE})"
+    at = f"(j.key * {len(RECORD_IDS)} + {RECORD_IDS.index(name)}) * {_ID_WIDTH} + 1"
+    return f"CAST(substr(NEW.ids, {at}, {_ID_WIDTH}) AS INTEGER)"
 
 
 def _wide(name: str, cast: bool = False) -> str:
@@ -163,9 +162,6 @@ def record_rows(
     and ``ids``. Rows are narrow (the value alone) unless ``full`` or the rows do not share a
     source (RECORD_WIDE). ``ValueError`` for a time outside int64 or an id above MAX_ID."""
     ts = list(map(_TIME, records))
-    ids = list(chain.from_iterable(zip(series, [m or 0 for m in meta_ids], strict=True)))
-    if ids and not 0 <= min(ids) <= max(ids) <= MAX_ID:
-        raise ValueError(f"a series or metadata id is outside 0..{MAX_ID}")
     lo, hi = (min(ts), max(ts)) if ts else (10**18, 10**18)
     if lo in _ORJSON_TIMES and hi in _ORJSON_TIMES:
         times, times_at = orjson.dumps(ts), 2
@@ -173,7 +169,13 @@ def record_rows(
         times, times_at = b"%020d" * len(ts) % tuple(ts), 1
     else:
         raise ValueError("a timestamp is outside the 64-bit nanosecond range")
-    ids_json = orjson.dumps(list(map(_ID_BASE.__add__, ids)))
+    pairs = list(zip(series, meta_ids, strict=True))
+    pieces: dict[tuple[int, int | None], bytes] = dict.fromkeys(pairs, b"")
+    for sid, mid in pieces:
+        if not (0 <= sid <= MAX_ID and 0 <= (mid or 0) <= MAX_ID):
+            raise ValueError(f"a series or metadata id is outside 0..{MAX_ID}")
+        pieces[sid, mid] = _IDS_FORMAT % (sid, mid or 0)
+    ids = b"".join(map(pieces.__getitem__, pairs))
     if full:
         rows: list[Any] = [
             (
@@ -188,7 +190,7 @@ def record_rows(
         rows = [(v, None, None, r.source) for r, v in zip(records, values, strict=True)]
     else:
         rows = values
-    return orjson.dumps((rows,), default=str), times, times_at, ids_json
+    return orjson.dumps((rows,), default=str), times, times_at, ids
 
 
 def rollups_json(merged: Mapping[RollupKey, RollupRow]) -> bytes:
