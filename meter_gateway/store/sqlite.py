@@ -477,6 +477,8 @@ class SQLiteStore(SqlBilling):
         # Series numbers (migration 10) committed and remembered (a miss is read, or numbered
         # anew with its group).
         self._series: dict[tuple[str, str], int] = {}
+        # The text of (series, metadata id) pairs in a group's rows (sqlite_layout.record_rows).
+        self._id_pieces: dict[tuple[int, int | None], bytes] = {}
         row = self._conn.execute("SELECT coalesce(max(id), 0) FROM series").fetchone()
         self._next_series = int(row[0]) + 1
         # Groups prepared but not committed yet, oldest first; an epoch voids them on failure.
@@ -658,8 +660,16 @@ class SQLiteStore(SqlBilling):
         values = [r.value for r in records]
         if records:
             p.records_json, p.times, p.times_at, p.ids = record_rows(
-                records, list(map(str, values)), meta_ids, series, p.full, p.source is not None
+                records,
+                list(map(str, values)),
+                meta_ids,
+                series,
+                p.full,
+                p.source is not None,
+                self._id_pieces,
             )
+            if len(self._id_pieces) > _MAX_SERIES_REMEMBERED:
+                self._id_pieces.clear()
             # SQLite would cut text at a NUL; a backslash (memchr) is rare in rows, so the
             # search for the escape runs only where JSON escaped something
             if b"\\" in p.records_json and b"\\u0000" in p.records_json:

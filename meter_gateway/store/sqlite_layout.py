@@ -28,7 +28,7 @@ from meter_gateway.store.base import RollupKey, RollupRow
 # fields read from a row array took 3.7 us a record, the value and substr of two blobs 0.6.
 # Times are a JSON array of integers, as orjson writes them fast, when their digits are equally
 # many (a time since 2001 has 19: ``times_at`` 2), else %020d each (``times_at`` 1). Ids are
-# %012d each, formatted once per distinct (series, metadata) pair of the group.
+# %012d each, formatted once per (series, metadata) pair and remembered (``record_rows``).
 RECORD_WIDE = ("value", "record_id", "metadata", "source")
 RECORD_IDS = ("series", "meta_id")  # meta_id 0: none
 _ID_WIDTH = 12
@@ -157,10 +157,13 @@ def record_rows(
     series: Iterable[int],
     full: bool,
     shared_source: bool,
+    pieces: dict[tuple[int, int | None], bytes] | None = None,
 ) -> tuple[bytes, bytes, int, bytes]:
     """The record rows of a group as ``APPLY`` takes them: ``records``, ``times``, ``times_at``
     and ``ids``. Rows are narrow (the value alone) unless ``full`` or the rows do not share a
-    source (RECORD_WIDE). ``ValueError`` for a time outside int64 or an id above MAX_ID."""
+    source (RECORD_WIDE). ``ValueError`` for a time outside int64 or an id above MAX_ID.
+    ``pieces``: the ids' text by (series, metadata id), kept by the caller from group to group
+    (a remote-write group's 2,000 records have as many metadata ids), filled in here."""
     ts = list(map(_TIME, records))
     lo, hi = (min(ts), max(ts)) if ts else (10**18, 10**18)
     if lo in _ORJSON_TIMES and hi in _ORJSON_TIMES:
@@ -170,12 +173,16 @@ def record_rows(
     else:
         raise ValueError("a timestamp is outside the 64-bit nanosecond range")
     pairs = list(zip(series, meta_ids, strict=True))
-    pieces: dict[tuple[int, int | None], bytes] = dict.fromkeys(pairs, b"")
-    for sid, mid in pieces:
-        if not (0 <= sid <= MAX_ID and 0 <= (mid or 0) <= MAX_ID):
-            raise ValueError(f"a series or metadata id is outside 0..{MAX_ID}")
-        pieces[sid, mid] = _IDS_FORMAT % (sid, mid or 0)
-    ids = b"".join(map(pieces.__getitem__, pairs))
+    if pieces is None:
+        pieces = {}
+    got = list(map(pieces.get, pairs))
+    if None in got:
+        for i in [i for i, piece in enumerate(got) if piece is None]:
+            sid, mid = pair = pairs[i]
+            if not (0 <= sid <= MAX_ID and 0 <= (mid or 0) <= MAX_ID):
+                raise ValueError(f"a series or metadata id is outside 0..{MAX_ID}")
+            got[i] = pieces[pair] = _IDS_FORMAT % (sid, mid or 0)
+    ids = b"".join(got)  # type: ignore[arg-type]
     if full:
         rows: list[Any] = [
             (
