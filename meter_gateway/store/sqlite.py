@@ -253,6 +253,9 @@ _DIMENSION = attrgetter("dimension_id")
 # Series numbers kept in memory (about 200 bytes each); past this they are read again.
 _MAX_SERIES_REMEMBERED = 500_000
 _METADATA = attrgetter("metadata")
+# (series, metadata id) pairs whose text is kept (about 150 bytes each); past this, formatted
+# again (a remote-write group's records have a metadata id each: one per Prometheus series).
+_ID_PIECES_REMEMBERED = 100_000
 _SOURCE = attrgetter("source")
 
 # A group's writes as one statement: an INSERT into a TEMP view (per connection) whose trigger
@@ -668,7 +671,7 @@ class SQLiteStore(SqlBilling):
                 p.source is not None,
                 self._id_pieces,
             )
-            if len(self._id_pieces) > _MAX_SERIES_REMEMBERED:
+            if len(self._id_pieces) > _ID_PIECES_REMEMBERED:
                 self._id_pieces.clear()
             # SQLite would cut text at a NUL; a backslash (memchr) is rare in rows, so the
             # search for the escape runs only where JSON escaped something

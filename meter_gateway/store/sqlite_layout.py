@@ -33,7 +33,7 @@ RECORD_WIDE = ("value", "record_id", "metadata", "source")
 RECORD_IDS = ("series", "meta_id")  # meta_id 0: none
 _ID_WIDTH = 12
 MAX_ID = 10**_ID_WIDTH - 1
-_IDS_FORMAT = b"%012d" * len(RECORD_IDS)
+_IDS_FORMAT = f"%0{_ID_WIDTH}d".encode() * len(RECORD_IDS)
 _TIME_WIDTH = 20  # a time's stride in ``times``: 19 digits and a comma, or %020d
 _ORJSON_TIMES = range(10**18, 1 << 63)  # 19 digits each
 _INT64 = range(-(1 << 63), 1 << 63)
@@ -67,9 +67,9 @@ class ApplyParams(NamedTuple):
     """One group's parameters of ``APPLY``: the columns of the ``apply_group`` view."""
 
     records: bytes | None  # record rows (values, or RECORD_WIDE), wrapped at RECORDS_PATH
-    times: bytes | None  # the rows' times (see RECORD_WIDE)
+    times: bytes | None  # the rows' times (the layout is described above RECORD_WIDE)
     times_at: int  # where the first time's digits start in ``times`` (1-based)
-    ids: bytes | None  # the rows' RECORD_IDS, %012d each
+    ids: bytes | None  # the rows' RECORD_IDS, _ID_WIDTH digits each
     first_seq: int  # seq of the first record row; the others follow
     received_ns: int
     full: bool  # record rows carry their own record_id and metadata (RECORD_WIDE)

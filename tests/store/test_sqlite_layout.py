@@ -294,3 +294,21 @@ def test_layout_names_are_columns_of_their_tables(db: sqlite3.Connection) -> Non
     assert list(STATE) == columns("receiver_state")
     assert list(DISTINCT) == columns("rollup_distinct")
     assert [r[1] for r in db.execute("PRAGMA table_info(apply_group)")] == list(ApplyParams._fields)
+
+
+def test_the_text_of_id_pairs_is_remembered_from_group_to_group() -> None:
+    records = [
+        UsageRecord(timestamp_ns=10**18 + t, customer_id="c", dimension_id="d", value=Decimal(t))
+        for t in range(3)
+    ]
+    pieces: dict[tuple[int, int | None], bytes] = {}
+    first = record_rows(records, ["0", "1", "2"], [None, 9, 9], [7, 7, 8], False, True, pieces)
+    assert pieces == {
+        (7, None): b"%012d%012d" % (7, 0),
+        (7, 9): b"%012d%012d" % (7, 9),
+        (8, 9): b"%012d%012d" % (8, 9),
+    }
+    assert first[3] == b"".join(pieces[p] for p in ((7, None), (7, 9), (8, 9)))
+    pieces[7, 9] = b"remembered"  # a second group takes the text it finds
+    again = record_rows(records, ["0", "1", "2"], [None, 9, 9], [7, 7, 8], False, True, pieces)
+    assert again[3] == pieces[7, None] + b"remembered" + pieces[8, 9]
