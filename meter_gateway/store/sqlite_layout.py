@@ -82,10 +82,11 @@ class ApplyParams(NamedTuple):
     gone: bytes | None  # receiver state keys to delete
 
 
-def _at(layout: Sequence[str], name: str, cast: bool = False) -> str:
-    """The SQL reading field ``name`` of a ``json_each`` row laid out as ``layout``; ``cast``
-    for a blob column (``->>`` gives text, as orjson.dumps or the receiver wrote it)."""
-    get = f"value->>{layout.index(name)}"
+def _at(layout: Sequence[str], name: str, cast: bool = False, row: str = "value") -> str:
+    """The SQL reading field ``name`` of a ``json_each`` row (its column ``row``) laid out as
+    ``layout``; ``cast`` for a blob column (``->>`` gives text, as orjson.dumps or the
+    receiver wrote it)."""
+    get = f"{row}->>{layout.index(name)}"
     return f"CAST({get} AS BLOB)" if cast else get
 
 
@@ -103,9 +104,8 @@ def _id(name: str) -> str:
 
 
 def _wide(name: str, cast: bool = False) -> str:
-    """The SQL reading RECORD_WIDE field ``name`` of the row ``j`` (see ``_at``)."""
-    get = f"j.value->>{RECORD_WIDE.index(name)}"
-    return f"CAST({get} AS BLOB)" if cast else get
+    """The SQL reading RECORD_WIDE field ``name`` of the row ``j``."""
+    return _at(RECORD_WIDE, name, cast, row="j.value")
 
 
 _WIDE = "(NEW.full OR NEW.source IS NULL)"
